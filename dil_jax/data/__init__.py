@@ -1,0 +1,1 @@
+"""Datasets, formats, batching and resumable iteration."""

@@ -1,0 +1,1 @@
+"""Flax ports of Hugging Face causal LMs, one family per file."""

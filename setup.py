@@ -1,0 +1,43 @@
+"""dil_jax: aligning language models from preferences and demonstrations, in JAX.
+
+Install for use:          pip install -e .
+Install for development:  pip install -e ".[test]"
+Accelerators: the core install pulls the CPU jaxlib. For GPUs install the CUDA build first
+(`pip install -U "jax[cuda12]"`, the `[gpu]` extra), for TPU VMs `pip install -U "jax[tpu]"`
+(the `[tpu]` extra); the rest of the package is the same on every backend.
+"""
+
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax>=0.10,<0.11",
+    "flax>=0.12,<0.13",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12,<0.13",
+    "ml-collections>=1.1",
+    "absl-py>=2.1",
+    "transformers>=5.0",
+    "datasets>=4.0",
+    "safetensors>=0.5",
+    "tokenizers>=0.21",
+    "numpy>=2.0",
+    "tqdm>=4.66",
+    "matplotlib>=3.9",
+    "tensorboardX>=2.6",
+]
+
+setup(
+    name="dil_jax",
+    version="0.1.0",
+    description="Imitation-learning view of LLM alignment (DIL, DPO family, AfD) in JAX",
+    long_description=__doc__,
+    python_requires=">=3.11",
+    packages=find_packages(include=["dil_jax", "dil_jax.*"]),
+    install_requires=CORE,
+    extras_require={
+        # torch==2.13.0 is the CPU build available offline; used only by parity tests.
+        "test": ["pytest>=8", "ruff>=0.6", "torch==2.13.0"],
+        "gpu": ["jax[cuda12]>=0.10,<0.11"],
+        "tpu": ["jax[tpu]>=0.10,<0.11"],
+    },
+)
