@@ -23,18 +23,49 @@ def shared_data():
 
 
 def pytest_collection_modifyitems(config, items):
-    try:
-        import torch  # noqa: F401
+    import importlib.util
 
-        has_torch = True
-    except ImportError:
-        has_torch = False
-    import jax
-
-    has_gpu = any(d.platform == "gpu" for d in jax.devices()) if "cpu" not in os.environ.get(
-        "JAX_PLATFORMS", "") else False
+    has_torch = importlib.util.find_spec("torch") is not None
+    # Tests force JAX_PLATFORMS=cpu unless the caller set it (e.g. JAX_PLATFORMS=cuda on a GPU).
+    has_gpu = os.environ.get("JAX_PLATFORMS", "") in ("cuda", "gpu")
     for item in items:
         if "torch" in item.keywords and not has_torch:
-            item.add_marker(pytest.mark.skip(reason="PyTorch not installed: pip install torch==2.13.0"))
+            item.add_marker(pytest.mark.skip(
+                reason="PyTorch not installed: pip install torch==2.13.0"))
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(pytest.mark.skip(reason="no GPU visible to JAX on this machine"))
+
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def make_tiny_config(**overrides):
+    """configs/base.py shrunk for tests: a few steps on the gold task, no sampling evaluation."""
+    from dil_jax import config_files
+
+    config = config_files.load(REPO / "configs" / "base.py").get_config()
+    config.data.num_train = 256
+    config.data.num_eval = 64
+    config.train.steps = 6
+    config.train.global_batch_size = 16
+    config.train.log_every = 1
+    config.train.progress_bar = False
+    config.train.tensorboard = False
+    config.eval.every_steps = 0
+    config.eval.batch_size = 16
+    config.eval.gold_prompts = 0
+    config.checkpoint.every_steps = 3
+    config.checkpoint.async_save = False
+    config.mesh.shape = (1, 1, 1)
+    for dotted, value in overrides.items():
+        node = config
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+@pytest.fixture
+def tiny_config():
+    return make_tiny_config

@@ -1,1 +1,58 @@
-"""Flax ports of Hugging Face causal LMs, one family per file."""
+"""Flax ports of Hugging Face causal LMs, one family per file.
+
+Each family module exposes a frozen config dataclass, a ``flax.linen`` module with the
+``__call__(input_ids, attention_mask, positions, cache, *, output)`` / ``init_cache`` contract,
+``lm_head_kernel(params)`` and ``partition_rules()``. This registry maps ``config.model.family``
+to them so the trainer, sampler and converters never special-case a family.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from types import ModuleType
+from typing import Any
+
+import jax.numpy as jnp
+
+# family name -> (module path, config class, model class)
+FAMILIES: dict[str, tuple[str, str, str]] = {
+    "llama": ("dil_jax.models.llama", "LlamaConfig", "LlamaForCausalLM"),
+}
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# config.model keys that are not architecture fields
+RUNTIME_KEYS = ("family", "dtype", "param_dtype", "remat", "scan_layers")
+
+
+def get_family(name: str) -> ModuleType:
+    if name not in FAMILIES:
+        raise ValueError(f"model.family={name!r} is not one of {sorted(FAMILIES)}")
+    return importlib.import_module(FAMILIES[name][0])
+
+
+def architecture_config(model_cfg) -> Any:
+    """``config.model`` -> the family's frozen config dataclass (unknown keys raise)."""
+    path, config_cls, _ = FAMILIES[model_cfg.family]
+    cls = getattr(get_family(model_cfg.family), config_cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    arch = {k: v for k, v in model_cfg.items() if k not in RUNTIME_KEYS}
+    unknown = sorted(set(arch) - fields)
+    if unknown:
+        raise ValueError(f"config.model has fields {unknown} that {cls.__name__} does not know")
+    return cls(**arch)
+
+
+def build_model(model_cfg):
+    """Returns ``(module, family)`` for ``config.model``."""
+    for key in ("dtype", "param_dtype"):
+        if model_cfg[key] not in DTYPES:
+            raise ValueError(f"config.model.{key}={model_cfg[key]!r} is not one of "
+                             f"{sorted(DTYPES)}")
+    family = get_family(model_cfg.family)
+    model_cls = getattr(family, FAMILIES[model_cfg.family][2])
+    module = model_cls(architecture_config(model_cfg), dtype=DTYPES[model_cfg.dtype],
+                       param_dtype=DTYPES[model_cfg.param_dtype], remat=model_cfg.remat,
+                       scan_layers=model_cfg.scan_layers)
+    return module, family

@@ -1,0 +1,128 @@
+"""Base configuration of every dil_jax run; derived files override fields, never copy them.
+
+Launch (any derived file works the same way):
+
+  python -m dil_jax.main --config=configs/base.py --workdir=/tmp/dil_base \
+      --config.loss.name=dil_lsif --config.train.steps=200
+
+Fields are grouped as model, data, loss, reference, optim, mesh, checkpoint, train, eval, init.
+A field left at ``None`` means "the component's documented default" (e.g. a loss's own β).
+"""
+
+from ml_collections import ConfigDict
+from ml_collections.config_dict import placeholder
+
+
+def get_config() -> ConfigDict:
+    config = ConfigDict()
+    config.seed = 0  # parameter init and per-step randomness (fold_in(rng, step))
+
+    # ---- model: the policy (and the reference, which shares its architecture) ----
+    config.model = ConfigDict()
+    config.model.family = "llama"  # a file in dil_jax/models/
+    config.model.vocab_size = 32
+    config.model.hidden_size = 64
+    config.model.intermediate_size = 256
+    config.model.num_hidden_layers = 2
+    config.model.num_attention_heads = 4
+    config.model.num_key_value_heads = 2  # grouped-query attention
+    config.model.max_position_embeddings = 64
+    config.model.rope_theta = 10000.0
+    config.model.rms_norm_eps = 1e-6
+    config.model.tie_word_embeddings = False
+    config.model.dtype = "float32"  # compute dtype; 'bfloat16' for bf16 compute ...
+    config.model.param_dtype = "float32"  # ... with float32 master weights
+    config.model.remat = False  # recompute each layer in the backward pass (memory for FLOPs)
+    config.model.scan_layers = True  # one compiled layer body: fast compiles for deep models
+
+    # ---- data ----
+    config.data = ConfigDict()
+    config.data.source = "gold_task"  # the built-in synthetic task (dil_jax/data/gold_task.py)
+    config.data.format = "preference"  # 'preference' (chosen/rejected pairs) or 'sft' (N=1)
+    config.data.response_source = "base"  # gold task: which distribution the responses come from
+    config.data.num_train = 4096
+    config.data.num_eval = 256
+    config.data.seed = 1234  # data generation / shuffling seed (separate from config.seed)
+
+    # ---- loss: a primary objective plus optional extra weighted terms ----
+    config.loss = ConfigDict()
+    config.loss.name = "dil_lsif"  # see dil_jax.objectives.LOSSES
+    config.loss.weight = 1.0
+    config.loss.beta = placeholder(float)  # DPO-family temperature; DIL: optional temperature on Δ
+    config.loss.reduction = placeholder(str)  # 'sum' (papers' equations) or 'mean' (DIL code)
+    config.loss.label_smoothing = placeholder(float)  # cdpo / robust
+    config.loss.gamma = placeholder(float)  # simpo margin
+    config.loss.lam = placeholder(float)  # cpo / orpo NLL weight
+    config.loss.alpha = placeholder(float)  # dil_basu power, fdpo α-divergence
+    config.loss.divergence = placeholder(str)  # fdpo: reverse_kl | forward_kl | js | alpha
+    config.loss.max_log_ratio = placeholder(float)  # DIL overflow guard on |Δ|
+    config.loss.sft_weight = 0.0  # > 0 adds sft (NLL on chosen) with this weight
+    config.loss.extra_terms = ()  # more terms: ({'name': 'ipo', 'weight': 0.5, 'beta': 0.1},)
+
+    # ---- reference model ----
+    config.reference = ConfigDict()
+    # 'inline': frozen reference params evaluated inside the step (stop-gradient, never donated);
+    # 'precomputed': one sharded pass over the data before training, cached on disk.
+    config.reference.mode = "inline"
+    config.reference.cache_dir = ""  # '' -> <workdir>/../reference_cache
+    config.reference.batch_size = 64  # global batch of the precompute pass
+
+    # ---- log-prob computation ----
+    config.logprobs = ConfigDict()
+    config.logprobs.seq_chunk = 0  # > 0: chunk the LM head over the sequence (no [B,N,T,V] logits)
+    config.logprobs.vocab_chunk = 0  # > 0: online log-sum-exp over vocabulary chunks
+
+    # ---- optimiser: AdamW, warmup + decay, clipping ----
+    config.optim = ConfigDict()
+    config.optim.learning_rate = 1e-3
+    config.optim.schedule = "cosine"  # 'cosine' | 'linear' | 'constant' (after warmup)
+    config.optim.warmup_ratio = 0.1  # fraction of train.steps
+    config.optim.end_lr_factor = 0.0  # final lr = learning_rate * end_lr_factor
+    config.optim.weight_decay = 0.0
+    config.optim.b1 = 0.9
+    config.optim.b2 = 0.999
+    config.optim.eps = 1e-8
+    config.optim.grad_clip = 1.0  # global-norm clipping; 0 disables
+    config.optim.grad_accum_steps = 1  # micro-batches per global batch
+
+    # ---- device mesh (data, fsdp, tensor); one -1 takes the remaining devices ----
+    config.mesh = ConfigDict()
+    config.mesh.shape = (-1, 1, 1)
+    config.mesh.coordinator_address = placeholder(str)  # multi-host: host:port of process 0
+    config.mesh.num_processes = placeholder(int)
+    config.mesh.process_id = placeholder(int)
+
+    # ---- checkpoints (orbax) ----
+    config.checkpoint = ConfigDict()
+    config.checkpoint.every_steps = 100
+    config.checkpoint.keep = 3  # keep the last N
+    config.checkpoint.async_save = True
+
+    # ---- training loop ----
+    config.train = ConfigDict()
+    config.train.steps = 200
+    config.train.global_batch_size = 64
+    config.train.log_every = 10
+    config.train.progress_bar = True
+    config.train.tensorboard = True
+
+    # ---- evaluation ----
+    config.eval = ConfigDict()
+    config.eval.every_steps = 100  # held-out pairs: loss and reward metrics
+    config.eval.batch_size = 64
+    config.eval.num_batches = 4
+    config.eval.gold_prompts = 256  # gold-task sampling evaluation at the end; 0 disables
+    config.eval.temperature = 1.0  # 1.0 so the KL estimate is of the policy itself
+    config.eval.top_p = 1.0
+    config.eval.top_k = 0
+
+    # ---- where the initial policy (and the reference) come from ----
+    # Resume order: latest checkpoint in the workdir, else init.mode:
+    # 'scratch' (random init by seed), 'checkpoint' (params of the latest checkpoint in
+    # init.checkpoint_dir), 'pretrain' (first run the run described by init.pretrain in
+    # <workdir>/base, then start from its final params).
+    config.init = ConfigDict()
+    config.init.mode = "scratch"
+    config.init.checkpoint_dir = ""
+    config.init.pretrain = placeholder(ConfigDict)
+    return config

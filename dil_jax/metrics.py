@@ -1,0 +1,46 @@
+"""Metric sinks: ``metrics.jsonl`` in the workdir (one JSON object per logged step) and
+TensorBoard event files (``<workdir>/tensorboard``). Only process 0 writes."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+
+import jax
+
+
+class MetricWriter:
+    def __init__(self, workdir: str, *, tensorboard: bool = True):
+        self.enabled = jax.process_index() == 0
+        self._jsonl = None
+        self._tb = None
+        if not self.enabled:
+            return
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+        if tensorboard:
+            from tensorboardX import SummaryWriter  # noqa: PLC0415
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in metrics.items():
+                self._tb.add_scalar(k, float(v), int(step))
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """The records of ``<workdir>/metrics.jsonl`` (for plots and tables)."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,100 @@
+"""Reference log-probs precomputed once in a sharded pass and cached on disk.
+
+The alternative to evaluating frozen reference params inside every step (``reference.mode =
+'inline'``): one forward pass of the reference over the dataset, stored as ``ref_logps [n, N]``
+(summed over response tokens) under a content hash of (token arrays — which capture the data and
+its tokenisation —, the reference weights' fingerprint, the architecture). A later run over the
+same data and reference reuses the file instead of recomputing, and the step then needs no
+reference params at all (half the forward FLOPs, no second model in memory).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from dil_jax import sharding
+
+TOKEN_KEYS = ("input_ids", "attention_mask", "loss_mask")
+
+
+@jax.jit
+def _leaf_fingerprint(x):
+    """Three float32 moments of a parameter; with its path and shape, a practical identity."""
+    x = x.astype(jnp.float32).ravel()
+    wave = jnp.sin(jnp.arange(x.shape[0], dtype=jnp.float32) * 0.61803)
+    return jnp.stack([jnp.sum(x), jnp.sum(x * x), jnp.sum(x * wave)])
+
+
+def params_fingerprint(params) -> str:
+    """Hash of the parameters computed on their devices (no host copy of the model)."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        moments = np.asarray(jax.device_get(_leaf_fingerprint(leaf)), np.float64)
+        # Rounded so that a different mesh (another reduction order) finds the same cache file.
+        h.update(f"{sharding.path_str(path)}:{leaf.shape}:{leaf.dtype}:"
+                 f"{np.array2string(moments, precision=5)}".encode())
+    return h.hexdigest()
+
+
+def content_key(arrays, params, model_cfg) -> str:
+    h = hashlib.sha256()
+    for k in TOKEN_KEYS:
+        a = np.ascontiguousarray(arrays[k])
+        h.update(f"{k}:{a.shape}:{a.dtype}".encode())
+        h.update(a.tobytes())
+    h.update(params_fingerprint(params).encode())
+    h.update(json.dumps(model_cfg.to_dict(), sort_keys=True, default=str).encode())
+    return h.hexdigest()[:32]
+
+
+def compute_reference_logps(trainer, ref_params, arrays, batch_size: int) -> np.ndarray:
+    """[n, N] summed reference log-probs in one sharded pass (tail padded by repetition)."""
+    from dil_jax.train import sequence_logps  # noqa: PLC0415 (train imports this module lazily)
+
+    n = len(arrays["input_ids"])
+    fn = jax.jit(lambda p, b: sequence_logps(trainer.model, trainer.family, p, b,
+                                             **trainer.chunks).sum_logps)
+    local = batch_size // jax.process_count()
+    out = []
+    with jax.set_mesh(trainer.mesh):
+        for start in range(0, n, batch_size):
+            rows = np.arange(start, start + batch_size) % n  # wrap the tail: fixed shape
+            rows = rows[jax.process_index() * local:(jax.process_index() + 1) * local]
+            batch = trainer.put_batch({k: arrays[k][rows] for k in TOKEN_KEYS})
+            logps = fn(ref_params, batch)
+            out.append(np.asarray(multihost_utils.process_allgather(logps, tiled=True)
+                                  if jax.process_count() > 1 else jax.device_get(logps)))
+    return np.concatenate(out)[:n].astype(np.float32)
+
+
+def with_reference_logps(trainer, ref_params, arrays, config, workdir: str) -> dict:
+    """``arrays`` plus ``ref_logps [n, N]``, from the on-disk cache when present."""
+    cache_dir = config.reference.cache_dir or os.path.join(
+        os.path.dirname(os.path.abspath(workdir)), "reference_cache")
+    key = content_key(arrays, ref_params, config.model)
+    path = os.path.join(cache_dir, f"ref_logps-{key}.npy")
+    expected = arrays["input_ids"].shape[:2]
+    if os.path.exists(path):
+        ref = np.load(path)
+        if ref.shape != expected:
+            raise ValueError(f"reference cache {path} has shape {ref.shape}, expected {expected}")
+        logging.info("reference log-probs loaded from %s", path)
+    else:
+        ref = compute_reference_logps(trainer, ref_params, arrays, config.reference.batch_size)
+        if jax.process_index() == 0:
+            os.makedirs(cache_dir, exist_ok=True)
+            tmp = f"{path}.tmp-{os.getpid()}.npy"
+            np.save(tmp, ref)
+            os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache
+        logging.info("reference log-probs computed and cached at %s", path)
+    return dict(arrays, ref_logps=ref)
+
+

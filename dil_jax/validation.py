@@ -1,0 +1,89 @@
+"""Config checks that run before anything is compiled, each error naming the offending field.
+
+Unknown keys are already rejected by ``ml_collections`` (a locked ConfigDict and the
+``--config.a.b=value`` flag parser); this module checks values and their combinations.
+"""
+
+from __future__ import annotations
+
+from dil_jax import objectives, sharding
+from dil_jax.models import DTYPES, FAMILIES
+
+LOSS_PARAM_KEYS = ("beta", "reduction", "label_smoothing", "gamma", "lam", "alpha", "divergence",
+                   "max_log_ratio")
+REFERENCE_MODES = ("inline", "precomputed")
+INIT_MODES = ("scratch", "pretrain", "checkpoint")
+
+
+def loss_terms(loss_cfg) -> tuple[objectives.LossTerm, ...]:
+    """``config.loss`` -> validated loss terms (primary + optional sft + extra terms)."""
+    primary = {"name": loss_cfg.name, "weight": loss_cfg.weight}
+    primary.update({k: loss_cfg[k] for k in LOSS_PARAM_KEYS if loss_cfg.get(k) is not None})
+    terms = [primary]
+    if loss_cfg.sft_weight:
+        terms.append({"name": "sft", "weight": loss_cfg.sft_weight})
+    terms += [dict(t) for t in loss_cfg.extra_terms]
+    try:
+        return objectives.parse_loss_terms(terms)
+    except ValueError as e:
+        raise ValueError(f"config.loss: {e}") from e
+
+
+def _require(ok: bool, field: str, value, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"config.{field}={value!r}: {expected}")
+
+
+def validate_config(config, *, num_devices: int, process_count: int = 1) -> None:
+    """Raises ValueError naming the field of the first invalid value."""
+    m = config.model
+    _require(m.family in FAMILIES, "model.family", m.family, f"expected one of {sorted(FAMILIES)}")
+    for key in ("dtype", "param_dtype"):
+        _require(m[key] in DTYPES, f"model.{key}", m[key], f"expected one of {sorted(DTYPES)}")
+    terms = loss_terms(config.loss)
+    mesh_shape = sharding.resolve_mesh_shape(config.mesh.shape, num_devices)
+    dp = mesh_shape[0] * mesh_shape[1]
+
+    t, o = config.train, config.optim
+    _require(t.steps > 0, "train.steps", t.steps, "must be positive")
+    _require(o.grad_accum_steps >= 1, "optim.grad_accum_steps", o.grad_accum_steps, "must be >= 1")
+    unit = dp * o.grad_accum_steps
+    _require(t.global_batch_size > 0 and t.global_batch_size % unit == 0,
+             "train.global_batch_size", t.global_batch_size,
+             f"must be a positive multiple of data-parallel size ({dp} = mesh data x fsdp) times "
+             f"optim.grad_accum_steps ({o.grad_accum_steps})")
+    _require(t.global_batch_size % process_count == 0, "train.global_batch_size",
+             t.global_batch_size, f"must divide evenly over {process_count} processes")
+    _require(o.learning_rate > 0, "optim.learning_rate", o.learning_rate, "must be positive")
+    _require(0 <= o.warmup_ratio < 1, "optim.warmup_ratio", o.warmup_ratio, "must be in [0, 1)")
+    _require(o.schedule in ("cosine", "linear", "constant"), "optim.schedule", o.schedule,
+             "expected cosine, linear or constant")
+    _require(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables)")
+    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    _require(config.reference.mode in REFERENCE_MODES, "reference.mode", config.reference.mode,
+             f"expected one of {REFERENCE_MODES}")
+    if objectives.needs_reference(terms) and config.reference.mode == "precomputed":
+        _require(config.reference.batch_size % dp == 0, "reference.batch_size",
+                 config.reference.batch_size, f"must be a multiple of data-parallel size {dp}")
+    for key in ("seq_chunk", "vocab_chunk"):
+        _require(config.logprobs[key] >= 0, f"logprobs.{key}", config.logprobs[key], "must be >= 0")
+    c = config.checkpoint
+    _require(c.every_steps > 0, "checkpoint.every_steps", c.every_steps, "must be positive")
+    _require(c.keep >= 1, "checkpoint.keep", c.keep, "must be >= 1")
+    e = config.eval
+    if e.every_steps:
+        _require(e.batch_size % dp == 0, "eval.batch_size", e.batch_size,
+                 f"must be a multiple of data-parallel size {dp}")
+    _require(e.temperature >= 0, "eval.temperature", e.temperature, "must be >= 0")
+    _require(0 < e.top_p <= 1, "eval.top_p", e.top_p, "must be in (0, 1]")
+    i = config.init
+    _require(i.mode in INIT_MODES, "init.mode", i.mode, f"expected one of {INIT_MODES}")
+    if i.mode == "pretrain":
+        _require(i.pretrain is not None, "init.pretrain", i.pretrain,
+                 "init.mode='pretrain' needs the pretraining run's config")
+        validate_config(i.pretrain, num_devices=num_devices, process_count=process_count)
+        _require(i.pretrain.model.to_dict() == m.to_dict(), "init.pretrain.model",
+                 "(differs)", "must equal config.model: the pretrained params become the policy")
+    if i.mode == "checkpoint":
+        _require(bool(i.checkpoint_dir), "init.checkpoint_dir", i.checkpoint_dir,
+                 "init.mode='checkpoint' needs a workdir to load params from")
