@@ -98,6 +98,9 @@ def path_str(path) -> str:
 def match_partition_rules(rules: Sequence[tuple[str, P]], tree, mesh: Mesh | None = None):
     """Maps every leaf of ``tree`` (arrays or ShapeDtypeStructs) to a PartitionSpec.
 
+    A rule applies when its regex matches the leaf's path or any suffix of it, so the same
+    parameter rules shard a train state's params and the optimiser moments that mirror them.
+
     Scalars and size-1 leaves are replicated. When ``mesh`` is given, a dimension that the
     mesh axes of its spec do not divide evenly is replicated along that dimension instead
     (e.g. GPT-2's vocabulary of 50,257): correctness over a failed compile.
@@ -113,8 +116,12 @@ def match_partition_rules(rules: Sequence[tuple[str, P]], tree, mesh: Mesh | Non
         shape = tuple(getattr(leaf, "shape", ()))
         if len(shape) == 0 or int(np.prod(shape)) == 1:
             return P()
+        parts = name.split("/")
+        # Rules are written for parameter paths; a state tree nests them (params/..., or
+        # opt_state/1/0/mu/...), so every suffix of the path is tried.
+        suffixes = ["/".join(parts[i:]) for i in range(len(parts))]
         for pattern, spec in compiled:
-            if pattern.search(name):
+            if any(pattern.search(sfx) for sfx in suffixes):
                 if len(spec) > len(shape):
                     raise ValueError(f"partition rule {pattern.pattern!r} -> {spec} has more "
                                      f"entries than parameter {name} of shape {shape}")

@@ -217,7 +217,10 @@ class Trainer:
         if params is None:
             init = jax.jit(self._init_state, out_shardings=self.state_sharding)
             return init(jax.random.key(seed))
-        params = jax.device_put(params, self.params_sharding)
+        # A fresh copy: the state is donated to the step, while `params` may live on as the
+        # frozen reference.
+        params = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
+                         out_shardings=self.params_sharding)(params)
         opt_init = jax.jit(self.tx.init, out_shardings=self.state_sharding.opt_state)
         step = jax.device_put(jnp.zeros((), jnp.int32), self.replicated)
         return TrainState(step=step, params=params, opt_state=opt_init(params))

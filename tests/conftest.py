@@ -56,7 +56,7 @@ def make_tiny_config(**overrides):
     config.eval.gold_prompts = 0
     config.checkpoint.every_steps = 3
     config.checkpoint.async_save = False
-    config.mesh.shape = (1, 1, 1)
+    config.mesh.shape = (-1, 1, 1)
     for dotted, value in overrides.items():
         node = config
         *parents, leaf = dotted.split(".")
