@@ -80,7 +80,7 @@ def sequence_logps(model, family, params, batch, *, seq_chunk: int = 0,
                             batch["attention_mask"].reshape(b * n, t), output="hidden")
     hidden = hidden.reshape(b, n, t, -1)  # [B, N, T, D]
     return logprobs.response_logprobs(
-        hidden, family.lm_head_kernel(params), ids, batch["loss_mask"],
+        hidden, family.lm_head_kernel(params).astype(hidden.dtype), ids, batch["loss_mask"],
         seq_chunk=seq_chunk or None, vocab_chunk=vocab_chunk or None,
         logit_softcap=getattr(model, "logit_softcap", None))
 
