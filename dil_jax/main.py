@@ -10,10 +10,10 @@ numbers whatever the sharding) and, with ``--debug_nans``, NaN checks.
 from __future__ import annotations
 
 import json
-import logging
 
 import jax
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.",
@@ -26,7 +26,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.getLogger().setLevel(logging.INFO)
+    if flags.FLAGS["verbosity"].using_default_value:
+        absl_logging.set_verbosity(absl_logging.WARNING)  # orbax is chatty at INFO; -v 0 for it
     jax.config.update("jax_threefry_partitionable", True)
     if _DEBUG_NANS.value:
         jax.config.update("jax_debug_nans", True)
