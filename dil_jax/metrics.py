@@ -11,13 +11,22 @@ import jax
 
 
 class MetricWriter:
-    def __init__(self, workdir: str, *, tensorboard: bool = True):
+    """Appends to ``metrics.jsonl``; on resume, first drops the records of steps after the
+    checkpoint (they are about to be recomputed), so the file never holds a step twice."""
+
+    def __init__(self, workdir: str, *, tensorboard: bool = True, resume_step: int = 0):
         self.enabled = jax.process_index() == 0
         self._jsonl = None
         self._tb = None
         if not self.enabled:
             return
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+        path = os.path.join(workdir, "metrics.jsonl")
+        if os.path.exists(path):
+            kept = [r for r in read_metrics(workdir) if r["step"] <= resume_step]
+            with open(path + ".tmp", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+            os.replace(path + ".tmp", path)
+        self._jsonl = open(path, "a")  # noqa: SIM115
         if tensorboard:
             from tensorboardX import SummaryWriter  # noqa: PLC0415
 

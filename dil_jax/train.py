@@ -155,8 +155,8 @@ def train_step(state: TrainState, batch, ref_params, *, model, family, tx, terms
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     params = jax.tree.map(lambda new, old: new.astype(old.dtype), params, state.params)
-    metrics = dict(sums, loss=loss, grad_norm=optax.global_norm(grads),
-                   param_norm=optax.global_norm(params), response_tokens=n_tok)
+    metrics = dict(sums, loss=loss, grad_norm=optax.tree.norm(grads),
+                   param_norm=optax.tree.norm(params), response_tokens=n_tok)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -342,8 +342,8 @@ def train_and_evaluate(config, workdir: str, *, mesh=None, max_steps: int | None
     if ref_params is None:
         ref_params = state.params  # placeholder argument; no loss term reads it
 
-    writer = MetricWriter(workdir, tensorboard=cfg.train.tensorboard)
     start = int(state.step)
+    writer = MetricWriter(workdir, tensorboard=cfg.train.tensorboard, resume_step=start)
     end = cfg.train.steps if max_steps is None else min(cfg.train.steps, start + max_steps)
     last_metrics, eval_metrics = {}, {}
     bar = _progress(start, cfg.train.steps, cfg.train.progress_bar)
