@@ -18,6 +18,15 @@ import jax.numpy as jnp
 # family name -> (module path, config class, model class)
 FAMILIES: dict[str, tuple[str, str, str]] = {
     "llama": ("dil_jax.models.llama", "LlamaConfig", "LlamaForCausalLM"),
+    "gpt_neox": ("dil_jax.models.gpt_neox", "GPTNeoXConfig", "GPTNeoXForCausalLM"),
+    "gpt2": ("dil_jax.models.gpt2", "GPT2Config", "GPT2LMHeadModel"),
+    "gemma": ("dil_jax.models.gemma", "GemmaConfig", "GemmaForCausalLM"),
+}
+
+# Hugging Face config.json `model_type` -> our family (one module where architectures coincide).
+HF_MODEL_TYPES: dict[str, str] = {
+    "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
+    "gpt_neox": "gpt_neox", "gpt2": "gpt2", "gemma": "gemma", "gemma2": "gemma",
 }
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
