@@ -102,7 +102,7 @@ def get_config() -> ConfigDict:
     config.train = ConfigDict()
     config.train.steps = 200
     config.train.global_batch_size = 64
-    config.train.log_every = 10
+    config.train.log_every = 1  # metrics.jsonl every step; raise to cut host syncs on big runs
     config.train.progress_bar = True
     config.train.tensorboard = True
 

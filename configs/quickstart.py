@@ -22,11 +22,11 @@ def pretrain_config():
     config.loss.name = "sft"
     config.optim.learning_rate = 3e-3
     config.optim.warmup_ratio = 0.05
-    config.train.steps = 400
-    config.train.global_batch_size = 64
-    config.eval.every_steps = 200
+    config.train.steps = 600
+    config.train.global_batch_size = 128
+    config.eval.every_steps = 300
     config.eval.gold_prompts = 0
-    config.checkpoint.every_steps = 200
+    config.checkpoint.every_steps = 300
     return config
 
 
