@@ -1,0 +1,351 @@
+"""Alignment from demonstrations (Sun & van der Schaar, arXiv 2405.15624): reward-model
+extrapolation with Best-of-N, the paper's practical algorithm (objectives.md §3).
+
+Stages, each in its own sub-directory of the workdir and each resumable:
+
+1. ``base/`` — the initial policy π_0 (``config.init``: 'pretrain' runs ``init.pretrain`` there;
+   'checkpoint' reads ``init.checkpoint_dir``).
+2. ``sft/`` — forward KL: SFT of π_0 on the demonstrations with the core trainer
+   (``data.format='sft'``, ``loss.name='sft'``; the sequence-level forward-KL gradient *is* the
+   token-level SFT gradient, claim C1, tests/test_afd.py) → π_SFT.
+3. ``samples.npz`` — one response per training prompt from π_0 and from π_SFT (KV-cache sampler).
+4. ``rm_<name>/`` — reward models (dil_jax/reward_model.py), each a backbone + scalar head:
+   **init_sft** (π_SFT samples 1 vs π_0 samples 0: homogeneous, the paper's proposal),
+   **init_demo** (demonstrations vs π_0 samples), **sft_demo** (demonstrations vs π_SFT samples)
+   — the two heterogeneous ones can key on the demonstrator's style rather than quality — and
+   **bt** (Bradley–Terry on preference pairs, ``afd.preference_source``). The training-free
+   **log_ratio** reward ``log π_SFT(y|x) − log π_0(y|x)`` is the optimum the Init-SFT
+   classifier approximates (summed over response tokens).
+5. Best-of-N from π_SFT on held-out prompts for N in ``afd.bon.n_values``, each reward choosing
+   among the same candidates; :func:`best_of_n_metrics` reports the gold reward of the choice
+   normalised so that the demonstrations score 1.0, its win rate against an independent random
+   π_SFT sample (0.5 at N = 1; ties count ½), and the Best-of-N KL ``log N − (N − 1)/N`` nats.
+
+A gold reward is needed only for step 5's metrics: the built-in gold-reward task supplies one;
+for real data the candidates and each reward's choices are saved for an external judge.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from dil_jax import adversarial, checkpointing, reward_model, rollouts
+from dil_jax import train as core
+from dil_jax.data import pipeline
+
+REWARD_MODELS = ("init_sft", "init_demo", "sft_demo", "bt", "log_ratio")
+LEARNED = ("init_sft", "init_demo", "sft_demo", "bt")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The ``config.afd`` section (see configs/afd_gold.py for the commented experiment)."""
+    c = ml_collections.ConfigDict()
+    c.demonstrations = ml_collections.ConfigDict()
+    c.demonstrations.source = "expert"  # gold task: which expert writes the demonstrations
+    c.demonstrations.num_train = 4096
+    c.sft = ml_collections.ConfigDict()  # forward KL: SFT of π_0 on the demonstrations
+    c.sft.steps = 300
+    c.sft.learning_rate = 1e-3
+    c.sft.global_batch_size = 64
+    c.sft.reduction = "mean"  # 'sum' is the sequence forward KL; 'mean' normalises per token
+    c.rm_prompts = 1024  # training prompts sampled from π_0 and π_SFT for the classifiers
+    c.rm_backbone = "init"  # reward models start from π_0 ('init') or π_SFT ('sft') weights
+    c.reward_models = REWARD_MODELS
+    c.preference_source = "base"  # gold task: responses of the Bradley–Terry pairs
+    c.num_preference_pairs = 1024
+    c.reward_model = reward_model.default_config()
+    c.bon = ml_collections.ConfigDict()
+    c.bon.n_values = (1, 5, 10, 30, 50)  # the paper's N
+    c.bon.num_prompts = 128  # held-out prompts
+    c.bon.subsets = 8  # random size-N subsets of the candidate pool averaged per prompt
+    c.sampling = rollouts.default_config()
+    c.adversarial = adversarial.default_config()
+    return c
+
+
+# ----------------------------------------------------------------------------- Best-of-N maths
+
+def bon_kl(n: int) -> float:
+    """KL of the Best-of-N distribution from the sampling policy: ``log N − (N − 1)/N`` nats."""
+    if n < 1:
+        raise ValueError(f"Best-of-N needs N >= 1, got {n}")
+    return math.log(n) - (n - 1) / n
+
+
+def best_of_n_metrics(rewards: np.ndarray, gold: np.ndarray, random_gold: np.ndarray,
+                      n_values: Sequence[int], *, demo_gold: float, subsets: int = 8,
+                      seed: int = 0) -> list[dict]:
+    """Best-of-N by a proxy reward, judged by the gold reward.
+
+    Args:
+      rewards: [n, K] proxy rewards of K candidates per prompt.
+      gold: [n, K] their gold rewards.
+      random_gold: [n] gold reward of one independent random sample per prompt.
+      n_values: the N to evaluate, each <= K.
+      demo_gold: mean gold reward of the demonstrations (normalises to 1.0).
+      subsets: random size-N subsets of the K candidates averaged per prompt (N = K: one).
+    Returns:
+      One dict per N: ``n``, ``kl``, ``gold`` (mean), ``gold_normalised``, ``win_rate`` and the
+      per-prompt values ``gold_per_prompt`` / ``win_per_prompt`` (averaged over subsets) for
+      confidence intervals.
+    """
+    rewards, gold = np.asarray(rewards, np.float64), np.asarray(gold, np.float64)
+    n, k = rewards.shape
+    rng = np.random.default_rng(seed)
+    out = []
+    for big_n in n_values:
+        if big_n > k:
+            raise ValueError(f"afd.bon.n_values has N={big_n} but only {k} candidates per "
+                             "prompt were sampled")
+        reps = 1 if big_n == k else subsets
+        g_sum = np.zeros(n)
+        w_sum = np.zeros(n)
+        for _ in range(reps):
+            idx = np.argsort(rng.random((n, k)), axis=1)[:, :big_n]  # [n, N] random subset
+            r_sub = np.take_along_axis(rewards, idx, axis=1)
+            best = np.take_along_axis(idx, r_sub.argmax(axis=1)[:, None], axis=1)[:, 0]
+            g = gold[np.arange(n), best]
+            g_sum += g
+            w_sum += (g > random_gold) + 0.5 * (g == random_gold)
+        g_pp, w_pp = g_sum / reps, w_sum / reps
+        out.append({"n": int(big_n), "kl": bon_kl(big_n), "gold": float(g_pp.mean()),
+                    "gold_normalised": float(g_pp.mean() / demo_gold),
+                    "win_rate": float(w_pp.mean()),
+                    "gold_per_prompt": g_pp.tolist(), "win_per_prompt": w_pp.tolist()})
+    return out
+
+
+# ----------------------------------------------------------------------------- stages
+
+def stage_config(config, *, data_format: str, source: str, loss: str, steps: int,
+                 learning_rate: float, batch_size: int, num_train: int, init_dir: str,
+                 reduction: str | None = None, beta: float | None = None):
+    """A core-trainer run derived from ``config`` (SFT or a DPO baseline) starting at
+    ``init_dir``'s params."""
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.data.format = data_format
+    c.data.response_source = source
+    c.data.num_train = num_train
+    c.loss.name = loss
+    c.loss.reduction = reduction
+    c.loss.beta = beta
+    c.loss.sft_weight = 0.0
+    c.loss.extra_terms = ()
+    c.train.steps = steps
+    c.train.global_batch_size = batch_size
+    c.optim.learning_rate = learning_rate
+    c.checkpoint.every_steps = max(steps // 2, 1)
+    c.eval.every_steps = 0
+    c.eval.gold_prompts = 0
+    c.init.mode = "checkpoint"
+    c.init.checkpoint_dir = init_dir
+    c.init.pretrain = None
+    if "afd" in c:
+        del c["afd"]
+    return c
+
+
+def initial_policy(config, workdir: str, *, mesh=None):
+    """π_0 and the workdir holding its checkpoint (``config.init``: 'pretrain' or 'checkpoint')."""
+    trainer = core.Trainer(config, mesh=mesh)
+    init = config.init
+    if init.mode == "pretrain":
+        base_dir = os.path.join(workdir, "base")
+        summary = core.train_and_evaluate(init.pretrain, base_dir, mesh=mesh)
+        del summary["state"]
+    elif init.mode == "checkpoint":
+        base_dir = init.checkpoint_dir
+    else:
+        raise ValueError(f"config.init.mode={init.mode!r}: AfD needs π_0 from 'pretrain' or "
+                         "'checkpoint' (its checkpoint seeds the SFT stage)")
+    return trainer, checkpointing.load_params(base_dir, trainer.abstract_params()), base_dir
+
+
+def train_sft(config, workdir: str, base_dir: str, *, mesh=None):
+    """Forward KL: SFT of π_0 on the demonstrations with the core trainer -> π_SFT params."""
+    afd = config.afd
+    sft_cfg = stage_config(config, data_format="sft", source=afd.demonstrations.source,
+                           loss="sft", steps=afd.sft.steps, learning_rate=afd.sft.learning_rate,
+                           batch_size=afd.sft.global_batch_size,
+                           num_train=afd.demonstrations.num_train, init_dir=base_dir,
+                           reduction=afd.sft.reduction)
+    sft_dir = os.path.join(workdir, "sft")
+    summary = core.train_and_evaluate(sft_cfg, sft_dir, mesh=mesh)
+    del summary["state"]
+    trainer = core.Trainer(sft_cfg, mesh=mesh)
+    return checkpointing.load_params(sft_dir, trainer.abstract_params()), sft_cfg
+
+
+def demonstration_arrays(sft_cfg) -> tuple[dict, dict]:
+    """(train, held-out) demonstrations ``[n, 1, T]`` through the data pipeline."""
+    train, held_out, _ = pipeline.build_datasets(sft_cfg)
+    for name, arrays in (("training", train), ("held-out", held_out)):
+        adversarial.check_demonstrations(arrays, name=f"{name} demonstrations")
+    return train, held_out
+
+
+def response_tokens(arrays: Mapping[str, np.ndarray], width: int) -> np.ndarray:
+    """The response tokens of ``[n, N, T]`` arrays, left-aligned into ``[n, N, width]``."""
+    ids, mask = np.asarray(arrays["input_ids"]), np.asarray(arrays["loss_mask"]) != 0
+    out = np.zeros(ids.shape[:2] + (width,), np.int32)
+    for i, j in np.ndindex(*ids.shape[:2]):
+        tokens = ids[i, j][mask[i, j]][:width]
+        out[i, j, :len(tokens)] = tokens
+    return out
+
+
+def log_ratio_scores(trainer, sft_params, init_params, arrays, batch_size: int = 256
+                     ) -> np.ndarray:
+    """The training-free reward ``log π_SFT(y|x) − log π_0(y|x)`` of ``[n, N, T]`` arrays."""
+    score = jax.jit(lambda p, b: core.sequence_logps(trainer.model, trainer.family, p, b,
+                                                     **trainer.chunks).sum_logps)
+    n = len(arrays["input_ids"])
+    dp = trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"]
+    bs = max(dp, min(batch_size, -(-n // dp) * dp) // dp * dp)
+    out = []
+    with jax.set_mesh(trainer.mesh):
+        for start in range(0, n, bs):
+            rows = np.arange(start, start + bs) % n
+            batch = trainer.put_batch({k: arrays[k][rows] for k in
+                                       ("input_ids", "attention_mask", "loss_mask")})
+            out.append(np.asarray(score(sft_params, batch)) - np.asarray(score(init_params,
+                                                                             batch)))
+    return np.concatenate(out)[:n]
+
+
+def classifier_datasets(demos, init_samples, sft_samples, preference_pairs) -> dict[str, dict]:
+    """The four reward models' training sets (see module doc)."""
+    return {
+        "init_sft": reward_model.labelled_pairs(sft_samples, init_samples),
+        "init_demo": reward_model.labelled_pairs(demos, init_samples),
+        "sft_demo": reward_model.labelled_pairs(demos, sft_samples),
+        "bt": dict(preference_pairs),
+    }
+
+
+def _pick(arrays, rows, keys=("input_ids", "attention_mask", "loss_mask")):
+    return {k: np.asarray(arrays[k])[rows] for k in keys}
+
+
+def run_extrapolation(config, workdir: str, *, mesh=None,
+                      gold_fn: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+                      ) -> dict:
+    """The whole reward-model extrapolation pipeline (module doc); resumable stage by stage.
+
+    Args:
+      config: a run config with an ``afd`` section (configs/afd_gold.py).
+      gold_fn: ``(prompts [n, P], responses [n, R]) -> [n]`` gold rewards; for the gold task
+        the task's own ``gold_reward`` is used when omitted. None for real data: candidates and
+        choices are saved (``bon_candidates.npz``) instead of scored.
+    Returns:
+      ``{'reward_models': {name: held-out metrics}, 'bon': {name: [per-N metrics]},
+      'demo_gold', 'sft_gold'}`` (also written to ``<workdir>/afd_results.json``).
+    """
+    afd = config.afd
+    unknown = sorted(set(afd.reward_models) - set(REWARD_MODELS))
+    if unknown:
+        raise ValueError(f"afd.reward_models has unknown entries {unknown}; expected a subset of "
+                         f"{REWARD_MODELS}")
+    if not afd.bon.n_values or min(afd.bon.n_values) < 1:
+        raise ValueError(f"afd.bon.n_values={tuple(afd.bon.n_values)}: needs N >= 1")
+    reward_model.check_compatible(config.model, config.model)
+    os.makedirs(workdir, exist_ok=True)
+    trainer, init_params, base_dir = initial_policy(config, workdir, mesh=mesh)
+    mesh = trainer.mesh
+    sft_params, sft_cfg = train_sft(config, workdir, base_dir, mesh=mesh)
+    demos, held_out = demonstration_arrays(sft_cfg)
+    task = None
+    if config.data.source == "gold_task":
+        from dil_jax.data.gold_task import GoldTask  # noqa: PLC0415
+
+        task = GoldTask()
+        gold_fn = gold_fn or task.gold_reward
+    sampling = afd.sampling
+    width = sampling.max_new_tokens
+
+    # -- samples of π_0 and π_SFT on the training prompts (cached).
+    n_rm = min(afd.rm_prompts, len(demos["input_ids"]))
+    demos_rm = _pick(demos, np.arange(n_rm))
+    sample_path = os.path.join(workdir, "samples.npz")
+    if os.path.exists(sample_path):
+        cached = np.load(sample_path)
+        init_samples = {k[5:]: cached[k] for k in cached.files if k.startswith("init/")}
+        sft_samples = {k[4:]: cached[k] for k in cached.files if k.startswith("sft/")}
+    else:
+        prompts, prompt_mask = rollouts.prompts_from_arrays(demos_rm)
+        key = jax.random.key(config.seed + 101)
+        init_samples = rollouts.sample(trainer.model, init_params, prompts, prompt_mask, 1,
+                                       jax.random.fold_in(key, 0), sampling, mesh=mesh)
+        sft_samples = rollouts.sample(trainer.model, sft_params, prompts, prompt_mask, 1,
+                                      jax.random.fold_in(key, 1), sampling, mesh=mesh)
+        np.savez(sample_path + ".tmp.npz", **{f"init/{k}": v for k, v in init_samples.items()},
+                 **{f"sft/{k}": v for k, v in sft_samples.items()})
+        os.replace(sample_path + ".tmp.npz", sample_path)
+
+    pref_cfg = stage_config(config, data_format="preference", source=afd.preference_source,
+                            loss="dpo", steps=1, learning_rate=1e-3, batch_size=8,
+                            num_train=afd.num_preference_pairs, init_dir=base_dir)
+    pairs = _pick(pipeline.build_datasets(pref_cfg)[0], slice(None))
+    datasets = classifier_datasets(demos_rm, init_samples, sft_samples, pairs)
+
+    # -- reward models.
+    backbone = init_params if afd.rm_backbone == "init" else sft_params
+    rm_results, rms, rm_params = {}, {}, {}
+    for name in [m for m in afd.reward_models if m in LEARNED]:
+        rm_cfg = ml_collections.ConfigDict(afd.reward_model.to_dict())
+        if name == "bt":
+            rm_cfg.loss = "bradley_terry"
+        rm = reward_model.RewardModel(config.model, rm_cfg, mesh=mesh, seed=config.seed)
+        out = reward_model.train_reward_model(rm, datasets[name],
+                                              os.path.join(workdir, f"rm_{name}"),
+                                              backbone_params=backbone, data_description=name)
+        rms[name], rm_params[name], rm_results[name] = rm, out["params"], out["eval"]
+
+    # -- Best-of-N from π_SFT on held-out prompts.
+    n_max = int(max(afd.bon.n_values))
+    n_eval = min(afd.bon.num_prompts, len(held_out["input_ids"]))
+    eval_demos = _pick(held_out, np.arange(n_eval))
+    prompts, prompt_mask = rollouts.prompts_from_arrays(eval_demos)
+    key = jax.random.key(config.seed + 202)
+    pool = rollouts.sample(trainer.model, sft_params, prompts, prompt_mask, n_max,
+                           jax.random.fold_in(key, 0), sampling, mesh=mesh,
+                           field="afd.bon.n_values (max N)")
+    extra = rollouts.sample(trainer.model, sft_params, prompts, prompt_mask, 1,
+                            jax.random.fold_in(key, 1), sampling, mesh=mesh)
+    scores = {}
+    for name in afd.reward_models:
+        if name == "log_ratio":
+            scores[name] = log_ratio_scores(trainer, sft_params, init_params, pool)
+        else:
+            scores[name] = rms[name].score(rm_params[name], pool)
+    results = {"reward_models": rm_results, "bon": {}, "n_prompts": int(n_eval)}
+    np.savez(os.path.join(workdir, "bon_candidates.npz"), prompts=prompts, tokens=pool["tokens"],
+             **{f"score/{k}": v for k, v in scores.items()})
+    if gold_fn is not None:
+        flat = np.repeat(prompts, n_max, axis=0)
+        gold = gold_fn(flat, pool["tokens"].reshape(n_eval * n_max, -1)).reshape(n_eval, n_max)
+        random_gold = gold_fn(prompts, extra["tokens"][:, 0])
+        demo_resp = response_tokens(eval_demos, width)[:, 0]
+        demo_gold = float(np.mean(gold_fn(prompts, demo_resp)))
+        results.update(demo_gold=demo_gold, sft_gold=float(np.mean(gold)),
+                       init_sample_gold=float(np.mean(gold_fn(
+                           rollouts.prompts_from_arrays(demos_rm)[0],
+                           init_samples["tokens"][:, 0]))))
+        for name, s in scores.items():
+            results["bon"][name] = best_of_n_metrics(s, gold, random_gold, afd.bon.n_values,
+                                                     demo_gold=demo_gold,
+                                                     subsets=afd.bon.subsets, seed=config.seed)
+    with open(os.path.join(workdir, "afd_results.json"), "w") as f:
+        json.dump(results, f)
+    logging.info("AfD results written to %s", workdir)
+    results["params"] = {"init": init_params, "sft": sft_params}
+    results["trainer"] = trainer
+    return results
