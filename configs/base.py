@@ -35,14 +35,54 @@ def get_config() -> ConfigDict:
     config.model.remat = False  # recompute each layer in the backward pass (memory for FLOPs)
     config.model.scan_layers = True  # one compiled layer body: fast compiles for deep models
 
-    # ---- data ----
+    # ---- data: the gold task, or real data from files / the hub (dil_jax/data/) ----
     config.data = ConfigDict()
-    config.data.source = "gold_task"  # the built-in synthetic task (dil_jax/data/gold_task.py)
-    config.data.format = "preference"  # 'preference' (chosen/rejected pairs) or 'sft' (N=1)
+    # 'gold_task' (built-in synthetic task, dil_jax/data/gold_task.py), 'files' (local
+    # .jsonl/.json/.parquet, optionally .gz) or 'hub' (datasets.load_dataset).
+    config.data.source = "gold_task"
+    # 'preference' (N=2 chosen/rejected) or 'sft' (N=1); real data: the format is detected within
+    # that kind, or 'auto', or named: prompt_chosen_rejected, chat_pairs, hh_transcripts,
+    # comparison, demonstration_pairs, prompt_response, chat_messages (dil_jax/data/formats.py).
+    config.data.format = "preference"
     config.data.response_source = "base"  # gold task: which distribution the responses come from
-    config.data.num_train = 4096
+    config.data.num_train = 4096  # gold task: examples generated
+    # gold task: held-out examples generated; real data without an eval source: examples held
+    # out of the training set (0: no evaluation data).
     config.data.num_eval = 256
-    config.data.seed = 1234  # data generation / shuffling seed (separate from config.seed)
+    config.data.seed = 1234  # data generation / shuffling / hold-out seed (not config.seed)
+    # real data sources
+    config.data.train_files = ()  # local files, read in order
+    config.data.eval_files = ()  # () -> hold out num_eval training examples
+    config.data.rejected_files = ()  # 'demonstration_pairs': the weaker model's demonstrations
+    config.data.hub_id = ""  # source 'hub': a hub dataset id (or a local dataset directory)
+    config.data.hub_config = ""
+    config.data.hub_revision = ""  # pin it: the tokenisation cache is keyed on it
+    config.data.train_split = "train"
+    config.data.eval_split = ""  # '' -> hold out num_eval training examples
+    config.data.max_records = 0  # read at most this many records per split (0: all)
+    # canonical field -> dotted path in the records ('' = the format's default names)
+    config.data.field_map = ConfigDict({k: "" for k in (
+        "prompt", "chosen", "rejected", "response", "messages", "responses", "response_text",
+        "choice")})
+    # tokenisation (dil_jax/data/tokenize.py)
+    config.data.tokenizer = ""  # local dir, tokenizer.json path or hub id
+    config.data.eos_token = ""  # overrides/supplies the EOS token ('<|endoftext|>' for GPT-2)
+    config.data.chat_template = "auto"  # 'auto' | 'chat' (tokenizer's template) | 'plain'
+    config.data.prompt_template = "{prompt}"  # plain rendering of a string prompt
+    config.data.response_template = "{response}"  # plain rendering, directly after the prompt
+    config.data.max_length = 512  # tokens of prompt + response
+    config.data.max_prompt_length = 256  # longer prompts are cut per truncation_mode
+    config.data.truncation_mode = "keep_end"  # prompt cut: 'keep_end' (DIL/TRL) | 'keep_start'
+    config.data.too_long = "truncate"  # 'truncate' (counted) | 'drop' records that need a cut
+    config.data.boundary_mismatch = "repair"  # prompt tokens not a prefix: 'repair' | 'reject'
+    config.data.on_bad_record = "error"  # 'error' (stop, naming file:line field) | 'skip'
+    # batching: padded lengths (each batch uses the smallest that fits; max_length is always
+    # the last), so the step compiles at most len(buckets) times; or pack examples into rows of
+    # max_length tokens with segment_ids/positions (sft losses only).
+    config.data.buckets = (128, 256, 512)
+    config.data.packing = False
+    config.data.cache_dir = ""  # tokenised-data cache; '' -> <workdir>/../data_cache
+    config.data.num_proc = 1  # tokenisation processes (datasets.map)
 
     # ---- loss: a primary objective plus optional extra weighted terms ----
     config.loss = ConfigDict()

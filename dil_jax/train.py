@@ -35,7 +35,8 @@ from dil_jax.data import pipeline
 from dil_jax.metrics import MetricWriter
 from dil_jax.models import build_model
 
-STEP_KEYS = ("input_ids", "attention_mask", "loss_mask", "ref_logps")  # batch keys the step reads
+# Batch keys the step reads; segment_ids/positions [B, N, T] come with packed data.
+STEP_KEYS = ("input_ids", "attention_mask", "loss_mask", "ref_logps", "segment_ids", "positions")
 
 
 @flax.struct.dataclass
@@ -76,8 +77,10 @@ def sequence_logps(model, family, params, batch, *, seq_chunk: int = 0,
     """Response log-probs of every sequence of a ``[B, N, T]`` batch in one forward pass."""
     ids = batch["input_ids"]  # [B, N, T]
     b, n, t = ids.shape
+    # Packed rows: per-example segments (attention stays inside one) and restarting positions.
+    packed = {k: batch[k].reshape(b * n, t) for k in ("segment_ids", "positions") if k in batch}
     hidden, _ = model.apply({"params": params}, ids.reshape(b * n, t),
-                            batch["attention_mask"].reshape(b * n, t), output="hidden")
+                            batch["attention_mask"].reshape(b * n, t), output="hidden", **packed)
     hidden = hidden.reshape(b, n, t, -1)  # [B, N, T, D]
     return logprobs.response_logprobs(
         hidden, family.lm_head_kernel(params).astype(hidden.dtype), ids, batch["loss_mask"],
@@ -184,6 +187,9 @@ class Trainer:
         self.model, self.family = build_model(config.model)
         self.terms = validation.loss_terms(config.loss)
         self.needs_reference = objectives.needs_reference(self.terms)
+        # Frozen reference params enter the step only in 'inline' mode; otherwise the argument
+        # is None and no second model is held on the devices.
+        self.reference_inline = self.needs_reference and config.reference.mode == "inline"
         self.tx, self.schedule = make_optimizer(config.optim, total_steps or config.train.steps)
         self.seq_len = config.model.max_position_embeddings
         self.chunks = {"seq_chunk": config.logprobs.seq_chunk,
@@ -246,7 +252,7 @@ class Trainer:
                 return step(state, batch, ref_params)
 
             self._train_step = jax.jit(
-                counted, in_shardings=(self.state_sharding, None, self.params_sharding),
+                counted, in_shardings=(self.state_sharding, None, self._ref_sharding),
                 out_shardings=(self.state_sharding, self.replicated), donate_argnums=(0,))
         return self._train_step
 
@@ -256,9 +262,13 @@ class Trainer:
             step = functools.partial(eval_step, model=self.model, family=self.family,
                                      terms=self.terms, chunks=self.chunks)
             self._eval_step = jax.jit(step, in_shardings=(self.params_sharding, None,
-                                                          self.params_sharding),
+                                                          self._ref_sharding),
                                       out_shardings=self.replicated)
         return self._eval_step
+
+    @property
+    def _ref_sharding(self):
+        return self.params_sharding if self.reference_inline else None
 
     def run_step(self, state, batch, ref_params):
         with jax.set_mesh(self.mesh):
@@ -317,19 +327,23 @@ def train_and_evaluate(config, workdir: str, *, mesh=None, max_steps: int | None
     os.makedirs(workdir, exist_ok=True)
     trainer = Trainer(config, mesh=mesh)
     cfg = config
-    train_data, eval_data, task = pipeline.build_datasets(cfg)
+    train_data, eval_data, task = pipeline.build_datasets(cfg, workdir=workdir)
     train_iter = pipeline.make_iterator(train_data, cfg.train.global_batch_size, seed=cfg.data.seed)
 
     init_params = _initial_params(trainer, workdir)  # the reference, and the policy's start
-    ref_params = init_params if trainer.needs_reference else None
-    if trainer.needs_reference and cfg.reference.mode == "precomputed":
+    ref_params = init_params if trainer.reference_inline else None
+    if trainer.needs_reference and not trainer.reference_inline:
         from dil_jax import reference  # noqa: PLC0415 (only this mode needs it)
 
-        train_data = reference.with_reference_logps(trainer, init_params, train_data, cfg, workdir)
-        eval_data = reference.with_reference_logps(trainer, init_params, eval_data, cfg, workdir)
+        def add_reference(arrays):
+            return reference.with_reference_logps(trainer, init_params, arrays, cfg, workdir)
+
+        # Tokenised real data goes through the reference one bucket length at a time.
+        train_data = pipeline.with_reference(train_data, add_reference)
+        if eval_data is not None:
+            eval_data = pipeline.with_reference(eval_data, add_reference)
         train_iter = pipeline.make_iterator(train_data, cfg.train.global_batch_size,
                                             seed=cfg.data.seed)
-        ref_params = init_params  # unused by the step, but keeps one jitted signature
 
     manager = checkpointing.make_manager(workdir, cfg.checkpoint)
     restored = checkpointing.restore_latest(manager, trainer, cfg)
@@ -339,8 +353,8 @@ def train_and_evaluate(config, workdir: str, *, mesh=None, max_steps: int | None
         logging.info("resumed from step %d", int(state.step))
     else:
         state = trainer.init_state(cfg.seed, params=init_params)
-    if ref_params is None:
-        ref_params = state.params  # placeholder argument; no loss term reads it
+    if task is None or not cfg.eval.gold_prompts:
+        init_params = None  # only the gold-task evaluation needs the initial policy again
 
     start = int(state.step)
     writer = MetricWriter(workdir, tensorboard=cfg.train.tensorboard, resume_step=start)

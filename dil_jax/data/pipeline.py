@@ -1,31 +1,273 @@
-"""From ``config.data`` to example arrays and resumable iterators.
+"""From ``config.data`` to datasets and resumable iterators.
 
-A dataset here is a dict of numpy arrays in the trainer's pair layout: ``input_ids``,
-``attention_mask``, ``loss_mask`` ``[n, N, T]`` (N = 2: chosen, rejected; N = 1: demonstrations)
-and ``example_id [n]``. Loss masks are explicit and never derived from ``ids != pad`` (the pad id
-may equal EOS).
+Two kinds of dataset come out of :func:`build_datasets`:
+
+- the built-in gold task (``source='gold_task'``): a dict of fixed-shape numpy arrays in the
+  trainer's pair layout, ``input_ids``, ``attention_mask``, ``loss_mask`` ``[n, N, T]``
+  (N = 2: chosen, rejected; N = 1: demonstrations) and ``example_id [n]``;
+- real data (``source='files'`` or ``'hub'``): a ragged
+  :class:`~dil_jax.data.batching.TokenizedDataset`, read (:mod:`~dil_jax.data.sources`), parsed
+  (:mod:`~dil_jax.data.formats`), tokenised (:mod:`~dil_jax.data.tokenize`) and cached on disk
+  (:mod:`~dil_jax.data.cache`), whose batches are bucketed or packed at iteration time
+  (:mod:`~dil_jax.data.batching`).
+
+:func:`make_iterator` returns the matching resumable iterator for either. Loss masks are
+explicit and never derived from ``ids != pad`` (the pad id may equal EOS).
+
+The report. Every real-data build writes ``<workdir>/data_report.json``: per split the records
+read, kept and rejected (by reason, with the first few quoted as ``file:line: field``), the
+truncations, EOS appends, token-boundary repairs, the HH quirks met, token statistics, the
+cache file; and for the run, the padding fraction of exactly the batches its steps will
+consume (per bucket and overall), which is also logged.
+
+Multi-process runs: every process builds (or loads from the shared cache) the same tokenised
+data, so all of them compute the same batch plan; each then materialises only its own rows of
+each global batch (``jax.process_index`` / ``jax.process_count``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+import inspect
+import itertools
+import logging
+import os
+import string
+import zlib
+from collections.abc import Callable, Mapping
 
 import jax
 import numpy as np
 
+from dil_jax import models, objectives, validation
+from dil_jax.data import cache, formats, sources, tokenize
+from dil_jax.data.batching import TokenizedDataset, normalise_buckets
 from dil_jax.data.gold_task import GoldTask
-from dil_jax.data.iterator import BatchIterator
+from dil_jax.data.iterator import BatchIterator, BucketIterator
+from dil_jax.data.report import DataError, SplitReport, write_report
 
-FORMATS = ("preference", "sft")
+SOURCES = ("gold_task", "files", "hub")
+GOLD_FORMATS = ("preference", "sft")
 
 
-def build_datasets(config):
-    """Returns ``(train_arrays, eval_arrays, task)``; ``task`` is the GoldTask when applicable."""
+def build_datasets(config, workdir: str | None = None):
+    """Returns ``(train, eval, task)``; ``task`` is the GoldTask when applicable.
+
+    Args:
+      config: the run config (``config.data`` describes the data; model, loss and train
+        sections are checked for consistency with it).
+      workdir: where ``data_report.json`` goes (real data); ``None`` writes no report and,
+        unless ``config.data.cache_dir`` is set, uses no cache.
+
+    Returns:
+      Gold task: dicts of arrays. Real data: :class:`TokenizedDataset` s (eval may be ``None``
+      when ``num_eval`` is 0 and there is no eval source).
+    """
     data = config.data
-    if data.format not in FORMATS:
-        raise ValueError(f"config.data.format={data.format!r}: expected one of {FORMATS}")
-    if data.source != "gold_task":
-        raise ValueError(f"config.data.source={data.source!r}: only 'gold_task' is built in")
+    if data.source not in SOURCES:
+        raise ValueError(f"config.data.source={data.source!r}: expected one of {SOURCES}")
+    if data.source == "gold_task":
+        return _gold_task(config)
+    validate_data_config(config)
+    tok = tokenize.load_tokenizer(data.tokenizer, data.eos_token)
+    if len(tok) > config.model.vocab_size:
+        raise DataError(f"config.model.vocab_size={config.model.vocab_size} is smaller than the "
+                        f"tokenizer's vocabulary ({len(tok)} tokens, {data.tokenizer})")
+    cache_dir = data.cache_dir or (os.path.join(os.path.dirname(os.path.abspath(workdir)),
+                                                "data_cache") if workdir else "")
+    tok_digest = tokenize.tokenizer_digest(tok)
+    buckets = normalise_buckets(data.buckets, data.max_length)
+
+    train, train_report = _build_split("train", config, tok, tok_digest, cache_dir)
+    has_eval_source = bool(data.eval_files if data.source == "files" else data.eval_split)
+    if has_eval_source:
+        held_out, eval_report = _build_split("eval", config, tok, tok_digest, cache_dir)
+    else:
+        train, held_out = _hold_out(train, data.num_eval, data.seed)
+        eval_report = None
+    train.buckets = buckets
+    train.packing = data.packing
+    if held_out is not None:
+        held_out.buckets, held_out.packing = buckets, data.packing
+        if config.eval.every_steps and len(held_out) < config.eval.batch_size:
+            raise DataError(f"the evaluation split has {len(held_out)} examples, fewer than "
+                            f"config.eval.batch_size={config.eval.batch_size}")
+
+    report = {"train": train_report.to_dict(),
+              "eval": eval_report.to_dict() if eval_report else
+              {"held_out_from_train": 0 if held_out is None else len(held_out)},
+              "tokenizer": {"name": data.tokenizer, "vocab": len(tok), "eos_id": tok.eos_token_id,
+                            "pad_id": train.pad_id},
+              "buckets": list(buckets), "packing": bool(data.packing)}
+    report["train"]["examples"] = len(train)
+    if held_out is not None:
+        report["eval"]["examples"] = len(held_out)
+    run = padding_stats(train, config.train.global_batch_size, config.train.steps,
+                        seed=data.seed)
+    report["run_padding"] = run
+    logging.info("data: %d train / %d eval examples (%d bad records skipped); padding fraction "
+                 "over the run's %d batches: %.3f (%s layout, buckets %s)", len(train),
+                 0 if held_out is None else len(held_out), train_report.num_bad,
+                 run["batches"], run["padding_fraction"], run["layout"], list(buckets))
+    if workdir is not None and jax.process_index() == 0:
+        path = write_report(workdir, report)
+        logging.info("data report written to %s", path)
+    train.report = report
+    return train, held_out, None
+
+
+def make_iterator(data, global_batch_size: int, *, seed: int = 0, shuffle: bool = True,
+                  process_index: int | None = None, process_count: int | None = None):
+    """This process's resumable iterator over ``data`` (``jax.process_index`` slice).
+
+    ``data`` is a dict of fixed-shape arrays (gold task) or a :class:`TokenizedDataset`.
+    """
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    cls = BucketIterator if isinstance(data, TokenizedDataset) else BatchIterator
+    return cls(data, global_batch_size, seed=seed, shuffle=shuffle,
+               process_index=process_index, process_count=process_count)
+
+
+def with_reference(data, compute: Callable[[dict], dict]):
+    """``data`` plus precomputed ``ref_logps [n, N]``.
+
+    Args:
+      data: a dict of arrays or a :class:`TokenizedDataset`.
+      compute: maps a dict of fixed-shape token arrays to the same dict plus ``ref_logps``
+        (``reference.with_reference_logps`` bound to the trainer and params). A tokenised
+        dataset is passed to it one natural bucket at a time (a per-example log-prob does not
+        depend on the padding), so the reference runs on short arrays for short examples.
+    """
+    if not isinstance(data, TokenizedDataset):
+        return compute(data)
+    if data.packing:
+        raise DataError("config.data.packing cannot be combined with precomputed reference "
+                        "log-probs (a packed row holds several examples)")
+    natural = data.natural_buckets()
+    ref = np.zeros(data.lengths.shape, np.float32)  # [n, N]
+    for k, length in enumerate(data.buckets):
+        rows = np.flatnonzero(natural == k)
+        if len(rows):
+            arrays = data.padded(rows, length)
+            arrays = {key: arrays[key] for key in ("input_ids", "attention_mask", "loss_mask")}
+            ref[rows] = compute(arrays)["ref_logps"]
+    return dataclasses.replace(data, extras={**data.extras, "ref_logps": ref})
+
+
+def padding_stats(data: TokenizedDataset, global_batch_size: int, steps: int, *,
+                  seed: int) -> dict:
+    """Padding of exactly the batches a run of ``steps`` steps consumes, from the batch plan."""
+    it = BucketIterator(data, global_batch_size, seed=seed)
+    num = data.num_responses
+    slots, real = {}, {}
+    epoch, position = 0, 0
+    for _ in range(steps):  # the iterator's walk, without materialising any batch
+        if position >= len(it.plan(epoch)):
+            epoch, position = epoch + 1, 0
+        item = it.plan(epoch)[position]
+        position += 1
+        if data.packing:
+            length = data.buckets[-1]
+            used = sum(int(data.lengths[rows].sum()) for rows in item)
+        else:
+            length = data.buckets[item[0]]
+            used = int(data.lengths[item[1]].sum())
+        slots[length] = slots.get(length, 0) + global_batch_size * num * length
+        real[length] = real.get(length, 0) + used
+    total = sum(slots.values())
+    return {
+        "layout": "packed" if data.packing else "bucketed", "batches": steps,
+        "padding_fraction": 1.0 - sum(real.values()) / max(total, 1),
+        "per_bucket": {str(k): {"batches": slots[k] // (global_batch_size * num * k),
+                                "padding_fraction": 1.0 - real[k] / slots[k]}
+                       for k in sorted(slots)},
+        # what padding every sequence to max_length would cost, for comparison
+        "padding_fraction_unbucketed": 1.0 - float(data.lengths.sum()) / (
+            data.lengths.size * data.buckets[-1]),
+    }
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _template_fields(template: str) -> set[str]:
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+
+
+def validate_data_config(config) -> None:
+    """Checks ``config.data`` for a real-data run; raises ValueError naming the field."""
+    d = config.data
+
+    def require(ok, field, expected):
+        if not ok:
+            raise ValueError(f"config.data.{field}={d[field]!r}: {expected}")
+
+    if d.source == "files":
+        require(len(d.train_files) > 0, "train_files", "source 'files' needs at least one file")
+    if d.source == "hub":
+        require(bool(d.hub_id), "hub_id", "source 'hub' needs a dataset id")
+    require(d.format in formats.KINDS + formats.FORMATS, "format",
+            f"expected one of {formats.KINDS + formats.FORMATS}")
+    if d.format == "demonstration_pairs" or d.rejected_files:
+        require(d.source == "files", "source", "'demonstration_pairs' reads local files")
+        require(len(d.rejected_files) > 0, "rejected_files",
+                "'demonstration_pairs' needs the rejected demonstrations")
+        require(not d.eval_files, "eval_files", "'demonstration_pairs' holds out num_eval "
+                "pairs instead")
+    require(bool(d.tokenizer), "tokenizer", "name a tokenizer directory, file or hub id")
+    require(d.max_length > 1, "max_length", "must be > 1")
+    require(0 < d.max_prompt_length < d.max_length, "max_prompt_length",
+            f"must be in (0, max_length={d.max_length})")
+    require(d.truncation_mode in tokenize.TRUNCATION_MODES, "truncation_mode",
+            f"expected one of {tokenize.TRUNCATION_MODES}")
+    require(d.too_long in tokenize.TOO_LONG_POLICIES, "too_long",
+            f"expected one of {tokenize.TOO_LONG_POLICIES}")
+    require(d.boundary_mismatch in tokenize.BOUNDARY_POLICIES, "boundary_mismatch",
+            f"expected one of {tokenize.BOUNDARY_POLICIES}")
+    require(d.chat_template in tokenize.TEMPLATE_MODES, "chat_template",
+            f"expected one of {tokenize.TEMPLATE_MODES}")
+    require(d.on_bad_record in ("error", "skip"), "on_bad_record", "expected 'error' or 'skip'")
+    require(_template_fields(d.prompt_template) == {"prompt"}, "prompt_template",
+            "must contain exactly the placeholder {prompt}")
+    require(_template_fields(d.response_template) == {"response"}, "response_template",
+            "must contain exactly the placeholder {response}")
+    require(all(int(b) > 0 for b in d.buckets), "buckets", "lengths must be positive")
+    require(d.num_eval >= 0 and d.max_records >= 0, "num_eval", "counts must be >= 0")
+    unknown = set(d.field_map.keys()) - set(formats.FIELD_MAP_KEYS)
+    require(not unknown, "field_map", f"unknown keys {sorted(unknown)}; expected "
+            f"{formats.FIELD_MAP_KEYS}")
+    if d.max_length > config.model.max_position_embeddings:
+        raise ValueError(f"config.data.max_length={d.max_length} exceeds "
+                         f"config.model.max_position_embeddings="
+                         f"{config.model.max_position_embeddings}")
+    terms = validation.loss_terms(config.loss)
+    if d.packing:
+        require(not objectives.needs_pairs(terms) and not objectives.needs_reference(terms),
+                "packing", "a packed row sums several examples, which only per-token losses "
+                "(loss.name='sft', no pair or reference terms) allow")
+        require(_accepts_segment_ids(config.model.family), "packing",
+                f"model family {config.model.family!r} takes no segment_ids, so packed "
+                "examples would attend to each other")
+    kind = "sft" if d.format in formats.DEMONSTRATION_FORMATS + ("sft",) else "preference"
+    if kind == "sft":
+        require(not objectives.needs_pairs(terms), "format",
+                f"demonstrations (N=1) cannot train loss terms that need pairs "
+                f"({[t.name for t in terms]}); use loss.name='sft' or a preference format")
+
+
+def _accepts_segment_ids(family: str) -> bool:
+    module = models.get_family(family)
+    model_cls = getattr(module, models.FAMILIES[family][2])
+    return "segment_ids" in inspect.signature(model_cls.__call__).parameters
+
+
+# ----------------------------------------------------------------------------- building
+
+def _gold_task(config):
+    data = config.data
+    if data.format not in GOLD_FORMATS:
+        raise ValueError(f"config.data.format={data.format!r}: the gold task has formats "
+                         f"{GOLD_FORMATS}")
     task = GoldTask()
     if task.seq_len > config.model.max_position_embeddings:
         raise ValueError("config.model.max_position_embeddings="
@@ -46,8 +288,97 @@ def _trainer_arrays(d: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: np.asarray(d[k]) for k in keys}
 
 
-def make_iterator(arrays, global_batch_size: int, *, seed: int = 0,
-                  shuffle: bool = True) -> BatchIterator:
-    """This process's resumable iterator over ``arrays`` (``jax.process_index`` slice)."""
-    return BatchIterator(arrays, global_batch_size, seed=seed, shuffle=shuffle,
-                         process_index=jax.process_index(), process_count=jax.process_count())
+def _split_sources(config, split: str) -> tuple[Callable, str, str]:
+    """(records factory, cache-key digest of the data, description) of one split."""
+    d = config.data
+    if d.source == "files":
+        paths = tuple(d.train_files if split == "train" else d.eval_files)
+        return (lambda report: sources.read_files(paths, report, d.max_records),
+                sources.files_digest(paths), ", ".join(paths))
+    hub_split = d.train_split if split == "train" else d.eval_split
+    return (lambda report: sources.read_hub(d.hub_id, hub_split, name=d.hub_config,
+                                            revision=d.hub_revision, max_records=d.max_records),
+            sources.hub_digest(d.hub_id, hub_split, d.hub_config, d.hub_revision),
+            f"{d.hub_id}[{hub_split}]")
+
+
+def _build_split(split: str, config, tok, tok_digest: str, cache_dir: str):
+    """The tokenised dataset of one split and its report (from the cache when possible)."""
+    d = config.data
+    read, data_digest, description = _split_sources(config, split)
+    rejected_digest = sources.files_digest(d.rejected_files) if d.rejected_files else ""
+    key = cache.content_key({
+        "split": split, "data": data_digest, "rejected": rejected_digest,
+        "format": d.format, "field_map": dict(d.field_map), "tokenizer": tok_digest,
+        "eos": d.eos_token, "chat_template": d.chat_template, "prompt_template": d.prompt_template,
+        "response_template": d.response_template, "max_length": d.max_length,
+        "max_prompt_length": d.max_prompt_length, "truncation_mode": d.truncation_mode,
+        "too_long": d.too_long, "boundary_mismatch": d.boundary_mismatch,
+        "on_bad_record": d.on_bad_record, "max_records": d.max_records})
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    hit = cache.load(cache_dir, split, key) if cache_dir else None
+    if hit is not None:
+        arrays, report_dict = hit
+        report = SplitReport.from_dict(split, d.on_bad_record, report_dict)
+        report.info["cache"] = {"file": cache.path_for(cache_dir, split, key), "hit": True}
+        logging.info("%s data: tokenised examples loaded from %s", split,
+                     report.info["cache"]["file"])
+    else:
+        report = SplitReport(split, d.on_bad_record)
+        arrays = _tokenise_split(read, config, tok, report, key)
+        report.info.update(sources=description, **_token_stats(arrays))
+        if cache_dir and len(arrays["example_id"]) and jax.process_index() == 0:
+            path = cache.save(cache_dir, split, key, arrays,
+                              {k: v for k, v in report.to_dict().items() if k != "cache"})
+            report.info["cache"] = {"file": path, "hit": False}
+    if not len(arrays["example_id"]):
+        raise DataError(f"no {split} examples left after filtering {description}: "
+                        f"{report.counts.get('records_read', 0)} records read, rejected "
+                        f"{dict(report.bad)}, other counts {dict(report.counts)}")
+    return TokenizedDataset(**arrays, pad_id=int(pad_id), digest=key), report
+
+
+def _tokenise_split(read, config, tok, report: SplitReport, key: str) -> dict:
+    d = config.data
+    records = read(report)
+    first = next(records, None)
+    fmt = formats.resolve_format(d.format, first, bool(d.rejected_files))
+    report.info["format"] = fmt
+    renderer = tokenize.Renderer(tok, d.chat_template, fmt, d.prompt_template,
+                                 d.response_template, d.tokenizer)
+    report.info["rendering"] = renderer.mode
+    field_map = {k: v for k, v in d.field_map.items() if v}
+    stream = itertools.chain([first], records) if first is not None else iter(())
+    examples = formats.parse_records(stream, fmt, field_map, report)
+    if fmt == "demonstration_pairs":
+        rejected = formats.parse_records(sources.read_files(tuple(d.rejected_files), report,
+                                                            d.max_records),
+                                         fmt, field_map, report, counter="rejected_records_read")
+        examples = formats.join_demonstrations(examples, rejected, report)
+    return tokenize.tokenize_examples(
+        examples, tok, renderer, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
+        truncation_mode=d.truncation_mode, too_long=d.too_long,
+        boundary_mismatch=d.boundary_mismatch, report=report, num_proc=d.num_proc,
+        fingerprint=key)
+
+
+def _token_stats(arrays: dict) -> dict:
+    lengths, prompts = arrays["lengths"], arrays["prompt_lengths"]
+    if not lengths.size:
+        return {}
+    responses = lengths - prompts
+    return {"tokens": int(lengths.sum()),
+            "prompt_tokens": {"mean": float(prompts[:, 0].mean()), "max": int(prompts.max())},
+            "response_tokens": {"mean": float(responses.mean()), "max": int(responses.max())},
+            "sequence_tokens": {"mean": float(lengths.mean()), "max": int(lengths.max())}}
+
+
+def _hold_out(train: TokenizedDataset, num_eval: int, seed: int):
+    """Splits ``num_eval`` random examples (by seed) off the training set."""
+    if num_eval == 0:
+        return train, None
+    if num_eval >= len(train):
+        raise DataError(f"config.data.num_eval={num_eval} leaves no training examples out of "
+                        f"{len(train)}")
+    perm = np.random.default_rng([seed, zlib.crc32(b"hold_out")]).permutation(len(train))
+    return train.select(np.sort(perm[num_eval:])), train.select(np.sort(perm[:num_eval]))

@@ -1,9 +1,11 @@
 """Flax ports of Hugging Face causal LMs, one family per file.
 
 Each family module exposes a frozen config dataclass, a ``flax.linen`` module with the
-``__call__(input_ids, attention_mask, positions, cache, *, output)`` / ``init_cache`` contract,
-``lm_head_kernel(params)`` and ``partition_rules()``. This registry maps ``config.model.family``
-to them so the trainer, sampler and converters never special-case a family.
+``__call__(input_ids, attention_mask, positions, cache, *, output, segment_ids)`` /
+``init_cache`` contract, ``lm_head_kernel(params)``, ``partition_rules()`` and the Hugging Face
+tensor map; the full contract is written down in ``dil_jax/models/hf.py``. This registry maps
+``config.model.family`` to them so the trainer, sampler and converters never special-case a
+family.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ HF_MODEL_TYPES: dict[str, str] = {
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 # config.model keys that are not architecture fields
-RUNTIME_KEYS = ("family", "dtype", "param_dtype", "remat", "scan_layers")
+RUNTIME_KEYS = ("family", "dtype", "param_dtype", "remat", "scan_layers", "hf_path")
 
 
 def get_family(name: str) -> ModuleType:
@@ -42,7 +44,21 @@ def get_family(name: str) -> ModuleType:
 
 
 def architecture_config(model_cfg) -> Any:
-    """``config.model`` -> the family's frozen config dataclass (unknown keys raise)."""
+    """``config.model`` -> the family's frozen config dataclass (unknown keys raise).
+
+    When ``config.model.hf_path`` is set (a HF model directory or hub id), the architecture is
+    that model's config.json and the architecture fields of ``config.model`` are ignored;
+    ``config.model.family`` must name the same family.
+    """
+    hf_path = model_cfg.get("hf_path")
+    if hf_path:
+        from dil_jax.models import hf  # noqa: PLC0415 (reads files; only when asked to)
+
+        family, arch = hf.load_config(hf_path)
+        if family != model_cfg.family:
+            raise ValueError(f"config.model.family={model_cfg.family!r}, but config.model."
+                             f"hf_path={hf_path!r} is a {family!r} model")
+        return arch
     path, config_cls, _ = FAMILIES[model_cfg.family]
     cls = getattr(get_family(model_cfg.family), config_cls)
     fields = {f.name for f in dataclasses.fields(cls)}

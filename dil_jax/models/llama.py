@@ -1,4 +1,15 @@
-"""Llama family (Llama 2/3, TinyLlama, Mistral-style GQA) as a Flax linen causal LM.
+"""Llama family as a Flax linen causal LM: Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5 and Qwen3.
+
+The four Hugging Face architectures coincide up to config switches: GQA and RoPE (optionally
+with Llama 3.1 frequency scaling) everywhere; `attention_bias` (biases on q/k/v/o, Llama and
+Qwen3), `qkv_bias` (biases on q/k/v only, Qwen2), `qk_norm` (RMSNorm over each head's Dh
+before RoPE, Qwen3), `mlp_bias`. `model_type` records which HF architecture the weights came
+from, so `to_hf` writes a config.json that `transformers` maps back to the same class.
+Sliding-window attention (Mistral v0.1, Qwen `use_sliding_window`) is not implemented;
+`from_hf` raises when a window shorter than the context would change the outputs.
+
+This file is the reference implementation of the family contract described in
+`dil_jax/models/hf.py`.
 
 Parameter names mirror the Hugging Face state dict (`model/layers/self_attn/q_proj/kernel`,
 `mlp/gate_proj`, `input_layernorm/weight` ...), and RoPE uses HF's rotate-half convention, so
@@ -26,9 +37,23 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from dil_jax.models.hf import HFParam, identity, transpose
+
 _LLAMA3_KEYS = frozenset(
     {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
 )
+
+# HF model_type -> (architecture class, switches that model_type fixes). transformers hardcodes
+# these per class (Qwen2: q/k/v biases, no o_proj bias; Mistral/Qwen2: no MLP bias ...), so a
+# config that contradicts them could not be exported faithfully and is rejected.
+_MODEL_TYPES: dict[str, tuple[str, dict[str, bool]]] = {
+    "llama": ("LlamaForCausalLM", {"qkv_bias": False, "qk_norm": False}),
+    "mistral": ("MistralForCausalLM", {"qkv_bias": False, "qk_norm": False,
+                                       "attention_bias": False, "mlp_bias": False}),
+    "qwen2": ("Qwen2ForCausalLM", {"qkv_bias": True, "qk_norm": False, "attention_bias": False,
+                                   "mlp_bias": False}),
+    "qwen3": ("Qwen3ForCausalLM", {"qkv_bias": False, "qk_norm": True, "mlp_bias": False}),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +62,10 @@ class LlamaConfig:
 
     `rope_scaling` is stored as a sorted tuple of (key, value) pairs so the config stays
     hashable (it is a static jit argument); a dict is accepted and normalised. Supported:
-    None, rope_type 'default' (same as None) and 'llama3'.
+    None, rope_type 'default' (same as None) and 'llama3'. A list `eos_token_id` (Llama 3
+    instruct) becomes a tuple. `model_type=None` is inferred from the switches (qk_norm ->
+    qwen3, qkv_bias -> qwen2, else llama). `sliding_window` is kept only to be written back;
+    it must not be shorter than the context (windowed attention is not implemented).
     """
 
     vocab_size: int
@@ -52,10 +80,14 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     rope_scaling: tuple | None = None
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # biases on q/k/v/o projections (Llama, Qwen3)
     mlp_bias: bool = False
+    qkv_bias: bool = False  # biases on q/k/v only (Qwen2)
+    qk_norm: bool = False  # RMSNorm on each query/key head before RoPE (Qwen3)
+    sliding_window: int | None = None  # never active: None or >= max_position_embeddings
+    model_type: str | None = None  # HF architecture: llama | mistral | qwen2 | qwen3
     bos_token_id: int | None = None
-    eos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
 
     def __post_init__(self):
@@ -67,6 +99,23 @@ class LlamaConfig:
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
         object.__setattr__(self, "rope_scaling", self._normalise_rope_scaling())
+        if isinstance(self.eos_token_id, list | tuple):
+            object.__setattr__(self, "eos_token_id", tuple(int(e) for e in self.eos_token_id))
+        if self.sliding_window is not None and self.sliding_window < self.max_position_embeddings:
+            raise ValueError(
+                f"sliding_window={self.sliding_window} < max_position_embeddings="
+                f"{self.max_position_embeddings}: sliding-window attention is not implemented")
+        if self.model_type is None:
+            inferred = "qwen3" if self.qk_norm else "qwen2" if self.qkv_bias else "llama"
+            object.__setattr__(self, "model_type", inferred)
+        if self.model_type not in _MODEL_TYPES:
+            raise ValueError(f"model_type={self.model_type!r} is not one of "
+                             f"{sorted(_MODEL_TYPES)}")
+        for field, value in _MODEL_TYPES[self.model_type][1].items():
+            if getattr(self, field) != value:
+                raise ValueError(f"{field}={getattr(self, field)} is impossible for "
+                                 f"model_type={self.model_type!r} (transformers fixes it to "
+                                 f"{value})")
 
     def _normalise_rope_scaling(self) -> tuple | None:
         rs = self.rope_scaling
@@ -77,7 +126,7 @@ class LlamaConfig:
         theta = rs.pop("rope_theta", self.rope_theta)  # HF v5 puts theta inside rope_parameters
         if theta != self.rope_theta:
             raise ValueError(f"rope_scaling: rope_theta={theta} != rope_theta={self.rope_theta}")
-        if rope_type == "default" and not rs:
+        if rope_type in (None, "default") and not rs:
             return None
         if rope_type != "llama3":
             raise ValueError(
@@ -91,10 +140,12 @@ class LlamaConfig:
         return tuple(sorted({**rs, "rope_type": "llama3"}.items()))
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain (JSON-friendly) dict; `rope_scaling` becomes a dict."""
+        """Plain (JSON-friendly) dict; `rope_scaling` becomes a dict, `eos_token_id` a list."""
         d = dataclasses.asdict(self)
         if self.rope_scaling is not None:
             d["rope_scaling"] = dict(self.rope_scaling)
+        if isinstance(self.eos_token_id, tuple):
+            d["eos_token_id"] = list(self.eos_token_id)
         return d
 
     @classmethod
@@ -104,6 +155,98 @@ class LlamaConfig:
         if unknown:
             raise ValueError(f"LlamaConfig.from_dict: unknown keys {unknown}")
         return cls(**d)
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any]) -> LlamaConfig:
+        """From a HF config.json dict (model_type llama, mistral, qwen2 or qwen3; transformers
+        v4 `rope_theta`/`rope_scaling` or v5 `rope_parameters` layout).
+
+        Raises:
+          ValueError naming the field for what this port does not implement: an active
+          sliding window, rope types other than default/llama3, activations other than silu,
+          quantised weights.
+        """
+        model_type = hf.get("model_type", "llama")
+        if model_type not in _MODEL_TYPES:
+            raise ValueError(f"model_type={model_type!r} is not one of {sorted(_MODEL_TYPES)}")
+        if hf.get("quantization_config"):
+            raise ValueError("quantization_config: quantised checkpoints are not supported")
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"hidden_act={act!r} is not supported (only 'silu')")
+        layer_types = hf.get("layer_types") or []
+        bad = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+        if bad:
+            raise ValueError(f"layer_types: unsupported attention types {bad}")
+        n_layers = hf["num_hidden_layers"]
+        max_pos = hf.get("max_position_embeddings", 2048)
+        window = None
+        if model_type == "mistral":
+            window = hf.get("sliding_window", 4096)  # MistralConfig's default when absent
+            sliding = window is not None
+        elif model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+            window = hf.get("sliding_window", 4096)
+            first = hf.get("max_window_layers", 28)  # layers >= this one use the window
+            sliding = window is not None and (
+                "sliding_attention" in layer_types if layer_types else first < n_layers)
+        else:
+            sliding = False
+        if sliding and window < max_pos:
+            raise ValueError(
+                f"sliding_window={window} < max_position_embeddings={max_pos} (use_sliding_window"
+                f"={hf.get('use_sliding_window', True)}): sliding-window attention is not "
+                "implemented; it would change the outputs beyond the window")
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+        rope.setdefault("rope_theta", theta)
+        heads = hf["num_attention_heads"]
+        return cls(
+            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"], num_hidden_layers=n_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim"), max_position_embeddings=max_pos,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta,
+            rope_scaling=rope or None, tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            attention_bias=(model_type in ("llama", "qwen3")
+                            and bool(hf.get("attention_bias", False))),
+            mlp_bias=model_type == "llama" and bool(hf.get("mlp_bias", False)),
+            qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3",
+            sliding_window=window if sliding else None, model_type=model_type,
+            bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
+            pad_token_id=hf.get("pad_token_id"),
+        )
+
+    def to_hf(self, torch_dtype: str = "float32") -> dict[str, Any]:
+        """A complete HF config.json dict, readable by transformers v4 (`rope_theta`,
+        `rope_scaling`) and v5 (`rope_parameters`)."""
+        rope = dict(self.rope_scaling) if self.rope_scaling else {"rope_type": "default"}
+        d = {
+            "model_type": self.model_type,
+            "architectures": [_MODEL_TYPES[self.model_type][0]],
+            "torch_dtype": torch_dtype,
+            **{k: getattr(self, k) for k in (
+                "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "head_dim",
+                "max_position_embeddings", "rms_norm_eps", "rope_theta", "tie_word_embeddings",
+                "bos_token_id", "pad_token_id")},
+            "eos_token_id": self.to_dict()["eos_token_id"],
+            "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
+            "rope_parameters": {**rope, "rope_theta": self.rope_theta},
+            "hidden_act": "silu", "initializer_range": 0.02, "attention_dropout": 0.0,
+            "use_cache": True,
+        }
+        if self.model_type == "llama":
+            d.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
+        elif self.model_type == "mistral":
+            d["sliding_window"] = self.sliding_window  # explicit: HF defaults a missing one
+        else:  # qwen2 / qwen3
+            d.update(use_sliding_window=False, sliding_window=self.sliding_window,
+                     max_window_layers=self.num_hidden_layers,
+                     layer_types=["full_attention"] * self.num_hidden_layers)
+            if self.model_type == "qwen3":
+                d["attention_bias"] = self.attention_bias
+        return d
 
 
 class KVCache(NamedTuple):
@@ -161,6 +304,27 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
+def default_positions(attention_mask, segment_ids=None, cache=None) -> jax.Array:
+    """RoPE positions [B, T] counting real tokens only, from 0 at each row's (or packed
+    segment's) start; with a cache, counting continues from the real tokens cached.
+
+    Padding gets position 0 (masked as a key; its outputs are ignored).
+    """
+    mask = attention_mask.astype(jnp.int32)  # [B, T]
+    count = jnp.cumsum(mask, axis=-1)  # [B, T] real tokens up to and including t
+    if segment_ids is not None:
+        starts = jnp.concatenate(
+            [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+            axis=-1)  # [B, T] first token of a segment
+        # Real tokens before the current segment (count is non-decreasing, so a running max
+        # carries each segment's offset forward).
+        count = count - jax.lax.cummax(jnp.where(starts, count - mask, 0), axis=1)
+    positions = count - 1
+    if cache is not None:
+        positions = positions + jnp.sum(cache.mask, axis=-1, keepdims=True)
+    return jnp.maximum(positions, 0)
+
+
 def _dense(features, use_bias, dtype, param_dtype, name):
     return nn.Dense(
         features,
@@ -202,10 +366,15 @@ class LlamaAttention(nn.Module):
         B, T, D = x.shape
         H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         G = H // K
-        dense = lambda n, name: _dense(n, cfg.attention_bias, self.dtype, self.param_dtype, name)  # noqa: E731
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        qkv_bias = cfg.attention_bias or cfg.qkv_bias
+        dense = lambda n, name: _dense(n, qkv_bias, self.dtype, self.param_dtype, name)  # noqa: E731
         q = dense(H * Dh, "q_proj")(x).reshape(B, T, H, Dh)
         k = dense(K * Dh, "k_proj")(x).reshape(B, T, K, Dh)
         v = dense(K * Dh, "v_proj")(x).reshape(B, T, K, Dh)
+        if cfg.qk_norm:  # Qwen3: per-head RMSNorm over Dh, before RoPE
+            q = RMSNorm(cfg.rms_norm_eps, name="q_norm", **kw)(q)
+            k = RMSNorm(cfg.rms_norm_eps, name="k_norm", **kw)(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if cache_k is not None:
@@ -223,7 +392,8 @@ class LlamaAttention(nn.Module):
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)  # [B, K, G, T, S]
         out = jnp.einsum("BKGTS,BSKd->BTKGd", probs, v).reshape(B, T, H * Dh)
-        out = dense(D, "o_proj")(out)  # [B, T, D]
+        o_proj = _dense(D, cfg.attention_bias, self.dtype, self.param_dtype, "o_proj")
+        out = o_proj(out)  # [B, T, D]
         return out, cache_k, cache_v
 
 
@@ -274,7 +444,7 @@ class LlamaModel(nn.Module):
     scan_layers: bool = True
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask, positions, cache):
+    def __call__(self, input_ids, attention_mask, positions, cache, segment_ids=None):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         B, T = input_ids.shape
         h = nn.Embed(
@@ -299,6 +469,8 @@ class LlamaModel(nn.Module):
             S = cache.mask.shape[1]
         causal = index + jnp.arange(T)[:, None] >= jnp.arange(S)[None, :]  # [T, S]
         mask = causal[None] & (key_mask[:, None, :] > 0)  # [B, T, S]
+        if segment_ids is not None:  # packed rows: attend within the same sequence only
+            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
 
         layer_cls = LlamaDecoderLayer
         if self.remat:
@@ -346,18 +518,22 @@ class LlamaForCausalLM(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, *,
-                 output="logits"):
+                 output="logits", segment_ids=None):
         """Forward pass.
 
         Args:
           input_ids: [B, T] int32.
           attention_mask: [B, T], 1 = real token (left or right padding); default all ones.
           positions: [B, T] RoPE positions; default counts real tokens, so left-padded prompts
-            start at 0 (with a cache, counting continues from the real tokens already cached).
+            start at 0 (with a cache, counting continues from the real tokens already cached;
+            with `segment_ids`, each packed sequence restarts at 0).
           cache: None, or a `KVCache` from `init_cache`; this call's tokens are written at
             slots [cache.index, cache.index + T).
           output: 'logits' -> [B, T, V] in the compute dtype; 'hidden' -> [B, T, D] after the
             final norm (for chunked log-prob code that applies `lm_head_kernel` itself).
+          segment_ids: optional [B, T] int, for packed rows: a token attends only to earlier
+            tokens with the same id (on top of the causal and padding masks); 0 = padding,
+            so the default `attention_mask` is `segment_ids > 0`. Not with a cache.
 
         Returns:
           (out, new_cache); new_cache is None when cache is None.
@@ -365,16 +541,16 @@ class LlamaForCausalLM(nn.Module):
         if output not in ("logits", "hidden"):
             raise ValueError(f"output must be 'logits' or 'hidden', got {output!r}")
         cfg = self.config
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids (packed sequences) cannot be combined with a KV cache")
         if attention_mask is None:
-            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+            attention_mask = (jnp.ones(input_ids.shape, jnp.int32) if segment_ids is None
+                              else (segment_ids > 0).astype(jnp.int32))
         if positions is None:
-            positions = jnp.cumsum(attention_mask, axis=-1) - 1  # [B, T]
-            if cache is not None:
-                positions = positions + jnp.sum(cache.mask, axis=-1, keepdims=True)
-            positions = jnp.maximum(positions, 0)
+            positions = default_positions(attention_mask, segment_ids, cache)
         h, new_cache = LlamaModel(
             cfg, self.dtype, self.param_dtype, self.remat, self.scan_layers, name="model"
-        )(input_ids, attention_mask, positions, cache)
+        )(input_ids, attention_mask, positions, cache, segment_ids)
         # lm_head params must exist after init even when init is traced with output='hidden'.
         if output == "hidden" and not self.is_initializing():
             return h, new_cache
@@ -423,6 +599,7 @@ def partition_rules() -> tuple[tuple[str, P], ...]:
         (r"mlp/down_proj/kernel", ("tensor", "fsdp")),  # [F, D]
         (r"mlp/down_proj/bias", (None,)),  # [D]
         (r"(input|post_attention)_layernorm/weight", (None,)),  # [D]
+        (r"self_attn/(q|k)_norm/weight", (None,)),  # [Dh]
     )
     rules = [(r"^model/embed_tokens/embedding$", P("tensor", "fsdp"))]  # [V, D]
     for pattern, spec in per_layer:
@@ -435,31 +612,63 @@ def partition_rules() -> tuple[tuple[str, P], ...]:
     return tuple(rules)
 
 
-def _hf_layer_map(config: LlamaConfig) -> list[tuple[str, tuple[str, ...], bool]]:
-    """(HF suffix within a layer, our path within a layer, transpose?) for one layer."""
-    out = []
+def hf_tensor_map(config: LlamaConfig, *, scan_layers: bool = True) -> dict[str, HFParam]:
+    """Our '/'-joined param path -> the HF tensor(s) it comes from (see `hf.HFParam`).
+
+    Linear weights [out, in] become kernels [in, out] (a transpose); with `scan_layers` each
+    per-layer param stacks the L per-layer HF tensors on a leading axis.
+    """
+    layer: list[tuple[str, str, bool]] = []  # (our path in a layer, HF key in a layer, T?)
     for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        out.append((f"self_attn.{proj}.weight", ("self_attn", proj, "kernel"), True))
-        if config.attention_bias:
-            out.append((f"self_attn.{proj}.bias", ("self_attn", proj, "bias"), False))
+        layer.append((f"self_attn/{proj}/kernel", f"self_attn.{proj}.weight", True))
+        if config.attention_bias or (config.qkv_bias and proj != "o_proj"):
+            layer.append((f"self_attn/{proj}/bias", f"self_attn.{proj}.bias", False))
+    if config.qk_norm:
+        layer += [(f"self_attn/{n}/weight", f"self_attn.{n}.weight", False)
+                  for n in ("q_norm", "k_norm")]
     for proj in ("gate_proj", "up_proj", "down_proj"):
-        out.append((f"mlp.{proj}.weight", ("mlp", proj, "kernel"), True))
+        layer.append((f"mlp/{proj}/kernel", f"mlp.{proj}.weight", True))
         if config.mlp_bias:
-            out.append((f"mlp.{proj}.bias", ("mlp", proj, "bias"), False))
-    for norm in ("input_layernorm", "post_attention_layernorm"):
-        out.append((f"{norm}.weight", (norm, "weight"), False))
+            layer.append((f"mlp/{proj}/bias", f"mlp.{proj}.bias", False))
+    layer += [(f"{n}/weight", f"{n}.weight", False)
+              for n in ("input_layernorm", "post_attention_layernorm")]
+
+    out = {
+        "model/embed_tokens/embedding": HFParam(("model.embed_tokens.weight",), identity,
+                                                identity, False),
+        "model/norm/weight": HFParam(("model.norm.weight",), identity, identity, False),
+    }
+    L = config.num_hidden_layers
+    for ours, key, t in layer:
+        fn = transpose if t else identity
+        keys = tuple(f"model.layers.{i}.{key}" for i in range(L))
+        if scan_layers:
+            out[f"model/layers/{ours}"] = HFParam(keys, fn, fn, True)
+        else:
+            out.update({f"model/layers_{i}/{ours}": HFParam((keys[i],), fn, fn, False)
+                        for i in range(L)})
+    if not config.tie_word_embeddings:
+        out["lm_head/kernel"] = HFParam(("lm_head.weight",), transpose, transpose, False)
     return out
+
+
+def ignored_hf_keys(config: LlamaConfig) -> tuple[str, ...]:
+    """Regexes of HF keys legitimately unused: old checkpoints' RoPE buffers (recomputed) and
+    `lm_head.weight` when tied to the embedding."""
+    keys = (r"rotary_emb\.inv_freq$",)
+    if config.tie_word_embeddings:
+        keys += (r"^lm_head\.weight$",)
+    return keys
 
 
 def params_from_hf_state_dict(state_dict: Mapping[str, Any], config: LlamaConfig, *,
                               scan_layers: bool = True, dtype=None) -> dict:
-    """Convert a HF Llama state dict (numpy arrays) to this module's params (numpy arrays).
+    """Convert an in-memory HF state dict (numpy-convertible arrays) to our params (numpy).
 
-    Linear weights [out, in] are transposed to kernels [in, out]; with `scan_layers` the
-    per-layer arrays are stacked on a leading [L] axis. Every key must be consumed exactly once
-    and every param filled with the expected shape (errors name the key). `lm_head.weight` may
-    be absent when embeddings are tied (if present it must equal the embedding). Non-persistent
-    `rotary_emb.inv_freq` buffers of old checkpoints are ignored (RoPE is recomputed).
+    A thin wrapper over `hf_tensor_map` (`hf.load_params` streams files instead). Every key
+    is consumed exactly once (or is in `ignored_hf_keys`), every param filled with its exact
+    shape; errors name the key. A tied checkpoint's `lm_head.weight`, if present, must equal
+    the embedding.
 
     Args:
       state_dict: HF name -> array (anything `np.asarray` accepts).
@@ -467,54 +676,14 @@ def params_from_hf_state_dict(state_dict: Mapping[str, Any], config: LlamaConfig
       scan_layers: produce the scanned (`layers`, [L, ...]) or unrolled (`layers_<i>`) layout.
       dtype: optional cast for every array (e.g. np.float32); default keeps the input dtype.
     """
-    sd = {k: v for k, v in state_dict.items() if not k.endswith("rotary_emb.inv_freq")}
-    # Expected shapes from the abstract (unrolled) init: no arrays are allocated.
-    expected = jax.eval_shape(lambda: LlamaForCausalLM(config, scan_layers=False).init(
-        jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
-    consumed: set[str] = set()
-    params: dict = {}
+    from dil_jax.models import hf  # noqa: PLC0415 (hf imports this module's registry)
 
-    def put(key, path, transpose=False):
-        if key not in sd:
-            raise KeyError(f"params_from_hf_state_dict: missing key {key!r}")
-        if key in consumed:
-            raise KeyError(f"params_from_hf_state_dict: key {key!r} used twice")
-        consumed.add(key)
-        arr = np.asarray(sd[key])
-        arr = arr.T if transpose else arr
-        want = expected
-        for name in path:
-            want = want[name]
-        if arr.shape != want.shape:
-            raise ValueError(f"params_from_hf_state_dict: {key!r} gives shape {arr.shape} for "
-                             f"{'/'.join(path)}, expected {want.shape}")
-        tree = params
-        for name in path[:-1]:
-            tree = tree.setdefault(name, {})
-        tree[path[-1]] = arr if dtype is None else arr.astype(dtype)
-
-    put("model.embed_tokens.weight", ("model", "embed_tokens", "embedding"))
-    put("model.norm.weight", ("model", "norm", "weight"))
-    if not config.tie_word_embeddings:
-        put("lm_head.weight", ("lm_head", "kernel"), transpose=True)
-    elif "lm_head.weight" in sd:
-        if not np.array_equal(np.asarray(sd["lm_head.weight"]),
-                              np.asarray(sd["model.embed_tokens.weight"])):
+    if config.tie_word_embeddings and "lm_head.weight" in state_dict:
+        if not np.array_equal(np.asarray(state_dict["lm_head.weight"]),
+                              np.asarray(state_dict["model.embed_tokens.weight"])):
             raise ValueError("tie_word_embeddings=True but lm_head.weight != embed_tokens.weight")
-        consumed.add("lm_head.weight")
-    for i in range(config.num_hidden_layers):
-        for suffix, path, transpose in _hf_layer_map(config):
-            put(f"model.layers.{i}.{suffix}", ("model", f"layers_{i}", *path), transpose)
-
-    unused = sorted(set(sd) - consumed)
-    if unused:
-        raise KeyError(f"params_from_hf_state_dict: unused keys {unused}")
-    filled = {k for k, _ in jax.tree_util.tree_leaves_with_path(params)}
-    missing = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(expected)
-               if k not in filled]
-    if missing:
-        raise ValueError(f"params_from_hf_state_dict: params not filled: {missing}")
-    if scan_layers:
-        per_layer = [params["model"].pop(f"layers_{i}") for i in range(config.num_hidden_layers)]
-        params["model"]["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *per_layer)
-    return params
+    expected = jax.eval_shape(lambda: LlamaForCausalLM(config, scan_layers=scan_layers).init(
+        jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+    params = hf.convert_state_dict(state_dict, "llama", config, expected,
+                                   scan_layers=scan_layers)
+    return params if dtype is None else jax.tree.map(lambda x: x.astype(dtype), params)
