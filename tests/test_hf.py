@@ -1,0 +1,280 @@
+"""Hugging Face import/export (dil_jax.models.hf, dil_jax.export) and the Llama-family variants.
+
+Parity: tiny random Llama / Mistral / Qwen2 / Qwen3 models built with `transformers` (PyTorch,
+float32) are saved, streamed into params sharded over a (2, 2, 2) mesh, compared on logits and
+greedy generation, exported back and reloaded by `transformers`. Bad inputs must fail with
+messages naming the file and tensor.
+"""
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dil_jax import sharding
+from dil_jax.models import hf, llama
+from dil_jax.models.llama import LlamaConfig, LlamaForCausalLM
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+              rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=127, pad_token_id=0)
+# HF config class, extra kwargs, tied embeddings; each variant exercises different switches.
+VARIANTS = {
+    "llama": ("LlamaConfig", dict(rope_parameters={"rope_theta": 10000.0, **LLAMA3},
+                                  tie_word_embeddings=True, attention_bias=True)),
+    "mistral": ("MistralConfig", dict(sliding_window=256, tie_word_embeddings=False,
+                                      rope_parameters={"rope_theta": 1e6, "rope_type": "default"})),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True, use_sliding_window=False,
+                                  rope_parameters={"rope_theta": 1e6, "rope_type": "default"})),
+    "qwen3": ("Qwen3Config", dict(head_dim=24, tie_word_embeddings=False, attention_bias=False,
+                                  rope_parameters={"rope_theta": 1e6, "rope_type": "default"})),
+}
+MESH_SHAPE = (2, 2, 2)
+
+
+def tiny_arch(**kw) -> LlamaConfig:
+    return LlamaConfig(**{**COMMON, "max_position_embeddings": 64, **kw})
+
+
+def abstract_params(cfg, mesh, *, scan_layers=True, dtype=jnp.float32):
+    """Sharded ShapeDtypeStructs, as `train.Trainer.abstract_params()` builds them."""
+    model = LlamaForCausalLM(cfg, scan_layers=scan_layers, param_dtype=dtype)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                               jnp.zeros((1, 1), jnp.int32)))["params"]
+    specs = sharding.match_partition_rules(llama.partition_rules(), shapes, mesh)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        shapes, sharding.shardings_from_specs(mesh, specs))
+
+
+def random_params(cfg, *, scan_layers=True, seed=0):
+    """Random numpy params (norm weights near 1, everything else N(0, 0.08^2))."""
+    model = LlamaForCausalLM(cfg, scan_layers=scan_layers)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                               jnp.zeros((1, 1), jnp.int32)))["params"]
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        x = rng.standard_normal(leaf.shape).astype(np.float32)
+        return 1.0 + 0.1 * x if path[-1].key == "weight" else 0.08 * x
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def host(tree):
+    return jax.tree.map(np.asarray, tree)
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return sharding.make_mesh(MESH_SHAPE)
+
+
+# ----------------------------------------------------------------------------- configs
+
+def test_config_variants_round_trip_through_hf():
+    import transformers
+
+    for cfg in (tiny_arch(rope_scaling=LLAMA3, tie_word_embeddings=True, eos_token_id=[2, 3]),
+                tiny_arch(model_type="mistral", sliding_window=64),
+                tiny_arch(qkv_bias=True, tie_word_embeddings=True),
+                tiny_arch(qk_norm=True, head_dim=24, attention_bias=True)):
+        d = cfg.to_hf()
+        assert LlamaConfig.from_hf(d) == cfg
+        assert LlamaConfig.from_dict(cfg.to_dict()) == cfg
+        # transformers reads the same architecture from it.
+        hf_cfg = transformers.AutoConfig.for_model(**json.loads(json.dumps(d)))
+        assert hf_cfg.model_type == cfg.model_type
+        assert type(hf_cfg).__name__.lower().startswith(cfg.model_type)
+        for k in ("head_dim", "num_key_value_heads", "tie_word_embeddings", "eos_token_id"):
+            want = getattr(cfg, k)
+            assert getattr(hf_cfg, k) == (list(want) if isinstance(want, tuple) else want), k
+        assert LlamaConfig.from_hf(hf_cfg.to_dict()) == cfg  # transformers' v5 layout too
+    assert tiny_arch(qk_norm=True).model_type == "qwen3"
+    assert tiny_arch(qkv_bias=True).model_type == "qwen2"
+
+
+def test_from_hf_rejects_unsupported_features():
+    base = {**COMMON, "model_type": "mistral"}
+    with pytest.raises(ValueError, match="sliding_window=4096"):  # Mistral v0.1 style
+        LlamaConfig.from_hf({**base, "sliding_window": 4096, "max_position_embeddings": 32768})
+    with pytest.raises(ValueError, match="sliding_window=4096"):  # absent: HF's default 4096
+        LlamaConfig.from_hf({**base, "max_position_embeddings": 32768})
+    assert LlamaConfig.from_hf({**base, "sliding_window": None}).sliding_window is None
+    qwen = {**COMMON, "model_type": "qwen2", "use_sliding_window": True, "sliding_window": 32,
+            "max_window_layers": 1}
+    with pytest.raises(ValueError, match="use_sliding_window"):
+        LlamaConfig.from_hf(qwen)
+    assert LlamaConfig.from_hf({**qwen, "max_window_layers": 2}).qkv_bias  # no layer slides
+    assert LlamaConfig.from_hf({**qwen, "use_sliding_window": False}).sliding_window is None
+    with pytest.raises(ValueError, match="rope_scaling"):
+        LlamaConfig.from_hf({**COMMON, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(ValueError, match="hidden_act"):
+        LlamaConfig.from_hf({**COMMON, "hidden_act": "gelu"})
+    with pytest.raises(ValueError, match="quantization_config"):
+        LlamaConfig.from_hf({**COMMON, "quantization_config": {"quant_method": "gptq"}})
+    with pytest.raises(ValueError, match="qkv_bias"):
+        tiny_arch(model_type="llama", qkv_bias=True)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_tensor_map_covers_every_param_and_inverts(scan_layers):
+    for cfg in (tiny_arch(), tiny_arch(qkv_bias=True),
+                tiny_arch(qk_norm=True, head_dim=24, attention_bias=True),
+                tiny_arch(attention_bias=True, mlp_bias=True, tie_word_embeddings=True)):
+        params = random_params(cfg, scan_layers=scan_layers)
+        flat = hf._flat(params)
+        tmap = llama.hf_tensor_map(cfg, scan_layers=scan_layers)
+        assert set(tmap) == set(flat)
+        keys = [k for p in tmap.values() for k in p.hf_keys]
+        assert len(keys) == len(set(keys))
+        for path, p in tmap.items():
+            per_key = list(flat[path]) if p.stacked else [flat[path]]
+            for x in per_key:
+                np.testing.assert_array_equal(p.to_ours(p.to_hf(x)), x)
+        specs = hf._flat(sharding.match_partition_rules(llama.partition_rules(), params))
+        assert all(len(specs[p]) <= flat[p].ndim for p in flat)
+
+
+# ----------------------------------------------------------------------------- packing
+
+def test_segment_ids_packed_row_matches_separate_sequences():
+    cfg = tiny_arch(qk_norm=True, head_dim=24)
+    model = LlamaForCausalLM(cfg)
+    params = random_params(cfg)
+    rng = np.random.default_rng(3)
+    a, b = rng.integers(2, 127, 5), rng.integers(2, 127, 4)
+    packed = np.concatenate([a, b, np.zeros(3, int)])[None].astype(np.int32)  # [1, 12]
+    segments = np.array([[1] * 5 + [2] * 4 + [0] * 3], np.int32)
+    separate = np.zeros((2, 5), np.int32)
+    separate[0], separate[1, :4] = a, b
+    smask = np.array([[1] * 5, [1] * 4 + [0]], np.int32)
+
+    @jax.jit
+    def run(params):
+        packed_out = model.apply({"params": params}, packed, segment_ids=segments)[0]
+        separate_out = model.apply({"params": params}, separate, smask)[0]
+        return packed_out, separate_out
+
+    packed_out, separate_out = run(params)
+    np.testing.assert_allclose(packed_out[0, :5], separate_out[0], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(packed_out[0, 5:9], separate_out[1, :4], atol=1e-5, rtol=1e-5)
+    positions = llama.default_positions(jnp.asarray(segments > 0), jnp.asarray(segments))
+    np.testing.assert_array_equal(positions[0], [0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 0, 0])
+    with pytest.raises(ValueError, match="segment_ids"):
+        model.apply({"params": params}, packed, segment_ids=segments,
+                    cache=model.init_cache(1, 16))
+
+
+# ----------------------------------------------------------------------------- files, no torch
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A sharded checkpoint written by save_pretrained from random params."""
+    cfg = tiny_arch(qkv_bias=True)
+    params = random_params(cfg)
+    out = tmp_path_factory.mktemp("saved")
+    hf.save_pretrained(params, "llama", cfg, out, max_shard_bytes=40_000)
+    return cfg, params, out
+
+
+def test_save_load_round_trip_without_torch(saved, mesh, tmp_path):
+    cfg, params, out = saved
+    index = json.loads((out / hf.SAFE_INDEX).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and all((out / s).is_file() for s in shards)
+    assert not (out / hf.SAFE_SINGLE).exists()
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "qwen2" and config["torch_dtype"] == "float32"
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == 127 and gen["bos_token_id"] == 1
+
+    family, loaded_cfg = hf.load_config(out)
+    assert (family, loaded_cfg) == ("llama", cfg)
+    target = abstract_params(cfg, mesh)
+    loaded = hf.load_params(out, family, cfg, target)
+    for x, t in zip(jax.tree.leaves(loaded), jax.tree.leaves(target), strict=True):
+        assert x.sharding == t.sharding and x.dtype == t.dtype
+    jax.tree.map(np.testing.assert_array_equal, host(loaded), params)
+    # Unrolled target, bfloat16 target dtype.
+    target = abstract_params(cfg, mesh, scan_layers=False, dtype=jnp.bfloat16)
+    loaded = hf.load_params(out, family, cfg, target, scan_layers=False)
+    np.testing.assert_array_equal(
+        loaded["model"]["layers_1"]["self_attn"]["q_proj"]["bias"],
+        params["model"]["layers"]["self_attn"]["q_proj"]["bias"][1].astype(jnp.bfloat16))
+    # bfloat16 export, single file.
+    hf.save_pretrained(params, "llama", cfg, tmp_path, dtype="bfloat16")
+    assert (tmp_path / hf.SAFE_SINGLE).is_file() and not (tmp_path / hf.SAFE_INDEX).exists()
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    back = hf.load_params(tmp_path, family, cfg, abstract_params(cfg, mesh))
+    np.testing.assert_array_equal(back["lm_head"]["kernel"],
+                                  params["lm_head"]["kernel"].astype(jnp.bfloat16)
+                                  .astype(np.float32))
+
+
+def _copy(src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_bad_inputs_name_the_file_and_tensor(saved, mesh, tmp_path):
+    cfg, _, out = saved
+    target = abstract_params(cfg, mesh)
+    load = lambda d, c=cfg, t=target: hf.load_params(d, "llama", c, t)  # noqa: E731
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=f"{empty}.*config.json"):
+        hf.load_config(empty)
+    with pytest.raises(FileNotFoundError, match="/no/such/model"):
+        hf.load_config("/no/such/model")
+
+    bert = _copy(out, tmp_path / "bert")
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match=r"config\.json: model_type='bert'"):
+        hf.load_config(bert)
+
+    wide = _copy(out, tmp_path / "wide")
+    (wide / "config.json").write_text(json.dumps({**json.loads(
+        (out / "config.json").read_text()), "intermediate_size": 128}))
+    _, wide_cfg = hf.load_config(wide)
+    with pytest.raises(ValueError, match=r"model-\d+-of-\d+\.safetensors: tensor "
+                                         r"'model\.layers\.0\.mlp\.gate_proj\.weight' has shape"):
+        load(wide, wide_cfg, abstract_params(wide_cfg, mesh))
+
+    index = json.loads((out / hf.SAFE_INDEX).read_text())["weight_map"]
+    shard = index["model.layers.1.mlp.up_proj.weight"]
+    truncated = _copy(out, tmp_path / "truncated")
+    data = (truncated / shard).read_bytes()
+    (truncated / shard).write_bytes(data[: len(data) - 100])
+    with pytest.raises(ValueError, match=f"{truncated / shard} is not a readable safetensors"):
+        load(truncated)
+
+    missing = _copy(out, tmp_path / "missing")
+    (missing / shard).unlink()
+    with pytest.raises(FileNotFoundError, match=f"shard {shard}, which is missing.*should hold "
+                                                r"'model\."):
+        load(missing)
+
+    from safetensors.numpy import load_file, save_file
+
+    extra = _copy(out, tmp_path / "extra")
+    tensors = load_file(extra / shard)
+    save_file({**tensors, "model.layers.0.mystery.weight": np.zeros(3, np.float32)},
+              extra / shard, metadata={"format": "pt"})
+    with pytest.raises(KeyError, match=f"unused keys.*mystery.*{shard}"):
+        load(extra)
+    lacking = _copy(out, tmp_path / "lacking")
+    tensors = load_file(lacking / shard)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, lacking / shard, metadata={"format": "pt"})
+    with pytest.raises(KeyError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        load(lacking)
+    with pytest.raises(ValueError, match="scan_layers"):
+        hf.load_params(out, "llama", cfg, target, scan_layers=False)
