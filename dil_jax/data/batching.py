@@ -1,0 +1,168 @@
+"""Ragged tokenised examples, and their layout into fixed-shape batches.
+
+A :class:`TokenizedDataset` keeps every sequence at its true length (``tokens`` back to back,
+with ``starts``/``lengths``/``prompt_lengths [n, N]``), so nothing is padded until a batch is
+built. Two layouts turn examples into the trainer's ``[B, N, T]`` arrays:
+
+- **Bucketed** (default): each batch is padded to one of a small fixed set of lengths
+  (``config.data.buckets``), so the jitted step compiles at most ``len(buckets)`` times while
+  short examples are not padded to the longest. :func:`bucket_plan` walks the epoch's shuffled
+  order bucket by bucket, smallest first, and cuts full global batches; the leftover examples of
+  a bucket (fewer than a batch) move up into the next larger bucket, so an epoch always has
+  ``n // B`` batches and drops only the last ``n mod B`` examples (different ones every epoch).
+  The batch order is then shuffled. The plan is a pure function of (lengths, seed, epoch).
+- **Packed** (``config.data.packing``): several examples share a row of ``max(buckets)`` tokens,
+  with ``segment_ids`` (1, 2, … per example, 0 on padding) and ``positions`` restarting at 0 for
+  every example; the pair axis stays aligned (an example's chosen and rejected sequences sit in
+  the same row and segment of ``N = 0`` and ``N = 1``). :func:`pack_plan` fills rows greedily in
+  the epoch's order.
+
+Arrays of a batch (``B`` rows, int32): ``input_ids``, ``attention_mask``, ``loss_mask``
+``[B, N, T]`` (masks from lengths, never from ``ids != pad``); ``example_id [B]`` (bucketed) or
+``[B, S]`` with ``-1`` for empty slots (packed); plus ``segment_ids``, ``positions [B, N, T]``
+when packed, and any per-example extras such as ``ref_logps [B, N]`` (bucketed only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class TokenizedDataset:
+    """Ragged token sequences of ``n`` examples with ``N`` responses each.
+
+    Attributes:
+      tokens: [total] int32, every sequence (prompt + response) back to back.
+      starts: [n, N] int64 offset of each sequence in ``tokens``.
+      lengths: [n, N] int32 tokens per sequence (prompt + response).
+      prompt_lengths: [n, N] int32 prompt tokens per sequence (the loss mask starts there).
+      example_id: [n] int32 stable ids (record positions in the source).
+      pad_id: filler for padded slots (masks never look at it).
+      buckets: padded lengths of the bucketed layout, ascending; the last is the longest allowed.
+      packing: use the packed layout (rows of ``buckets[-1]`` tokens).
+      extras: per-example arrays ``[n, ...]`` carried into batches (e.g. ``ref_logps [n, N]``).
+      digest: content hash of the tokenised data (the cache key); iterator states record it.
+      report: the build's report (what ``data_report.json`` holds), for programmatic use.
+    """
+
+    tokens: np.ndarray
+    starts: np.ndarray
+    lengths: np.ndarray
+    prompt_lengths: np.ndarray
+    example_id: np.ndarray
+    pad_id: int = 0
+    buckets: tuple[int, ...] = ()
+    packing: bool = False
+    extras: dict = dataclasses.field(default_factory=dict)
+    digest: str = ""
+    report: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.example_id)
+
+    @property
+    def num_responses(self) -> int:
+        return self.lengths.shape[1]
+
+    def select(self, rows: np.ndarray) -> TokenizedDataset:
+        """The examples ``rows`` (tokens shared, not copied)."""
+        return dataclasses.replace(
+            self, starts=self.starts[rows], lengths=self.lengths[rows],
+            prompt_lengths=self.prompt_lengths[rows], example_id=self.example_id[rows],
+            extras={k: v[rows] for k, v in self.extras.items()})
+
+    def natural_buckets(self) -> np.ndarray:
+        """[n] index of the smallest bucket that holds each example's longest sequence."""
+        longest = self.lengths.max(axis=1)
+        return np.searchsorted(np.asarray(self.buckets), longest, side="left")
+
+    def padded(self, rows: np.ndarray, length: int) -> dict[str, np.ndarray]:
+        """Bucketed-layout arrays of examples ``rows``, right-padded to ``length``."""
+        pos = np.arange(length)  # [T]
+        lengths = self.lengths[rows][..., None]  # [B, N, 1]
+        real = pos < lengths  # [B, N, T]
+        index = np.where(real, self.starts[rows][..., None] + pos, 0)
+        ids = np.where(real, self.tokens[index], self.pad_id)
+        response = real & (pos >= self.prompt_lengths[rows][..., None])
+        out = {"input_ids": ids.astype(np.int32), "attention_mask": real.astype(np.int32),
+               "loss_mask": response.astype(np.int32),
+               "example_id": self.example_id[rows].astype(np.int32)}
+        out.update({k: v[rows] for k, v in self.extras.items()})
+        return out
+
+    def packed(self, pack_rows: list[np.ndarray], length: int) -> dict[str, np.ndarray]:
+        """Packed-layout arrays: row ``b`` holds the examples ``pack_rows[b]`` back to back."""
+        b, num = len(pack_rows), self.num_responses
+        slots = max(len(r) for r in pack_rows)
+        ids = np.full((b, num, length), self.pad_id, np.int32)
+        attention, loss, segment, positions = (np.zeros((b, num, length), np.int32)
+                                               for _ in range(4))
+        example_id = np.full((b, slots), -1, np.int32)
+        for i, rows in enumerate(pack_rows):
+            example_id[i, :len(rows)] = self.example_id[rows]
+            for j in range(num):
+                offset = 0
+                for s, e in enumerate(rows):
+                    n_tok, start = int(self.lengths[e, j]), int(self.starts[e, j])
+                    span = slice(offset, offset + n_tok)
+                    ids[i, j, span] = self.tokens[start:start + n_tok]
+                    attention[i, j, span] = 1
+                    loss[i, j, offset + int(self.prompt_lengths[e, j]):offset + n_tok] = 1
+                    segment[i, j, span] = s + 1
+                    positions[i, j, span] = np.arange(n_tok)
+                    offset += n_tok
+        return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss,
+                "segment_ids": segment, "positions": positions, "example_id": example_id}
+
+
+def normalise_buckets(buckets, max_length: int) -> tuple[int, ...]:
+    """Ascending bucket lengths below ``max_length``, then ``max_length`` itself (always last)."""
+    return tuple(sorted({int(b) for b in buckets if 0 < int(b) < max_length})) + (max_length,)
+
+
+def bucket_plan(natural: np.ndarray, num_buckets: int, order: np.ndarray, batch_size: int,
+                rng: np.random.Generator | None) -> list[tuple[int, np.ndarray]]:
+    """One epoch of bucketed global batches: ``[(bucket index, example rows [B])]``.
+
+    Args:
+      natural: [n] each example's smallest fitting bucket.
+      num_buckets: number of buckets.
+      order: [n] the epoch's example order.
+      batch_size: global batch size B.
+      rng: shuffles the batch order (None keeps bucket order: evaluation).
+    """
+    where = natural[order]
+    plan, carry = [], np.zeros(0, dtype=order.dtype)
+    for k in range(num_buckets):
+        pool = np.concatenate([carry, order[where == k]])
+        full = len(pool) // batch_size * batch_size
+        plan += [(k, rows) for rows in pool[:full].reshape(-1, batch_size)]
+        carry = pool[full:]
+    if rng is not None:
+        plan = [plan[i] for i in rng.permutation(len(plan))]
+    return plan
+
+
+def pack_plan(lengths: np.ndarray, order: np.ndarray, row_length: int,
+              batch_size: int) -> list[list[np.ndarray]]:
+    """One epoch of packed global batches: each a list of ``B`` rows of example indices.
+
+    Next-fit in the epoch's order: an example joins the open row when every one of its ``N``
+    sequences still fits beside that row's sequences on the same pair index; else a new row
+    starts. The last incomplete batch of rows is dropped.
+    """
+    rows, current, used = [], [], np.zeros(lengths.shape[1], np.int64)
+    for e in order:
+        need = lengths[e]
+        if current and np.any(used + need > row_length):
+            rows.append(np.asarray(current))
+            current, used = [], np.zeros_like(used)
+        current.append(e)
+        used = used + need
+    if current:
+        rows.append(np.asarray(current))
+    full = len(rows) // batch_size * batch_size
+    return [rows[i:i + batch_size] for i in range(0, full, batch_size)]

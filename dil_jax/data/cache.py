@@ -1,0 +1,55 @@
+"""On-disk cache of tokenised datasets, keyed by a content hash of everything that shapes them.
+
+The key covers the data (the files' bytes, or hub id + split + config + revision), the
+tokenizer's content (vocabulary, merges, normaliser, chat template, special tokens), the
+rendering options (template mode, prompt/response templates), the lengths and truncation
+policy, the format options (format, field map) and the bad-record policy; a change to any of
+them is a different file, so a stale cache cannot be read. Bucket lengths and packing are not in
+the key: they are applied to the cached ragged arrays at batching time.
+
+One ``.npz`` per split holds the ragged arrays and the JSON report of the build that produced
+them, so a cache hit reproduces the counts of ``data_report.json`` without re-reading anything.
+Writes are atomic (temporary file, then rename): concurrent processes may both build, never
+read a half-written file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+
+CACHE_VERSION = 1  # bump when the tokenisation code changes what it produces
+ARRAY_KEYS = ("tokens", "starts", "lengths", "prompt_lengths", "example_id")
+
+
+def content_key(parts: dict) -> str:
+    """A short sha256 of JSON-serialisable ``parts`` (plus the cache version)."""
+    blob = json.dumps({"version": CACHE_VERSION, **parts}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def path_for(cache_dir: str, split: str, key: str) -> str:
+    return os.path.join(cache_dir, f"tokens-{split}-{key}.npz")
+
+
+def load(cache_dir: str, split: str, key: str) -> tuple[dict, dict] | None:
+    """``(arrays, report dict)`` from the cache, or None on a miss."""
+    path = path_for(cache_dir, split, key)
+    if not os.path.exists(path):
+        return None
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in ARRAY_KEYS}
+        report = json.loads(str(f["report"]))
+    return arrays, report
+
+
+def save(cache_dir: str, split: str, key: str, arrays: dict, report: dict) -> str:
+    os.makedirs(cache_dir, exist_ok=True)
+    path = path_for(cache_dir, split, key)
+    tmp = f"{path}.tmp-{os.getpid()}.npz"
+    np.savez(tmp, report=np.array(json.dumps(report)), **{k: arrays[k] for k in ARRAY_KEYS})
+    os.replace(tmp, path)
+    return path
