@@ -1,9 +1,10 @@
 """Building blocks shared by the GPT-NeoX, GPT-2 and Gemma ports.
 
-Everything here is family-agnostic: default positions and attention masks for padded,
-packed (`segment_ids`) and cached inputs, the float32 grouped-query attention core (with
-Gemma 2's logit softcap), a LayerNorm with Hugging Face parameter names, the scanned/unrolled
-layer stack, and the state-dict converter driven by a family's `hf_tensor_map`.
+Everything here is family-agnostic: attention masks for padded, packed (`segment_ids`),
+cached and sliding-window attention, the float32 grouped-query attention core (with Gemma 2's
+logit softcap), a LayerNorm with Hugging Face parameter names, the scanned/unrolled layer
+stack, per-layer `hf_tensor_map` entries, and the tied-head check for state dicts. (Default
+positions come from llama.py, HF transforms and conversion from hf.py.)
 
 Shape letters as in llama.py: B batch, T query length, S key length (cache slots), H query
 heads, K kv heads, G = H // K, D model width, L layers, Dh head width (`d` in einsums).
@@ -12,7 +13,6 @@ heads, K kv heads, G = H // K, D model width, L layers, Dh head width (`d` in ei
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -21,29 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dil_jax.models.hf import HFParam
 from dil_jax.models.llama import KVCache
-
-
-class HFParam(NamedTuple):
-    """How one of our params maps to Hugging Face tensors.
-
-    hf_keys: the HF state-dict keys, one per layer when `stacked` (scanned [L, ...] param).
-    to_ours / to_hf: per-key array transforms (e.g. a transpose), numpy in and out.
-    """
-
-    hf_keys: tuple[str, ...]
-    to_ours: Callable[[np.ndarray], np.ndarray]
-    to_hf: Callable[[np.ndarray], np.ndarray]
-    stacked: bool
-
-
-def identity(x: np.ndarray) -> np.ndarray:
-    return x
-
-
-def transpose(x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(x.T)
-
 
 # Activations by their `transformers` ACT2FN names. gelu_new / gelu_pytorch_tanh / gelu_fast
 # are the same function (tanh approximation) written three ways.
@@ -98,30 +77,6 @@ def default_attention_mask(input_ids: jax.Array, segment_ids: jax.Array | None) 
     if segment_ids is None:
         return jnp.ones(input_ids.shape, jnp.int32)
     return (segment_ids > 0).astype(jnp.int32)
-
-
-def default_positions(attention_mask: jax.Array, segment_ids: jax.Array | None,
-                      cache: KVCache | None) -> jax.Array:
-    """Positions [B, T] counting real tokens only, from 0 at each row's (or segment's) start.
-
-    Left-padded rows thus start at 0 like unpadded ones; with `segment_ids`, each packed
-    sequence restarts at 0; with a cache, counting continues from the real tokens cached.
-    Padding slots get position 0 (they are masked as keys, their outputs are ignored).
-    """
-    mask = attention_mask.astype(jnp.int32)  # [B, T]
-    count = jnp.cumsum(mask, axis=-1)  # [B, T] real tokens up to and including t
-    if segment_ids is not None:
-        starts = jnp.concatenate(
-            [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
-            axis=-1)  # [B, T] first token of a segment
-        # Real tokens before the current segment began (count is non-decreasing, so cummax
-        # carries each segment's offset forward).
-        offset = jax.lax.cummax(jnp.where(starts, count - mask, 0), axis=1)  # [B, T]
-        count = count - offset
-    positions = count - 1
-    if cache is not None:
-        positions = positions + jnp.sum(cache.mask, axis=-1, keepdims=True)
-    return jnp.maximum(positions, 0)
 
 
 class Masks(NamedTuple):
@@ -267,57 +222,6 @@ def layer_entries(layers: Sequence[tuple[str, str, Callable, Callable]], *, num_
     return out
 
 
-def convert_state_dict(state_dict: Mapping[str, Any], tensor_map: Mapping[str, HFParam],
-                       ignored: Sequence[str], expected: Any, *, who: str) -> dict:
-    """Apply a tensor map to a HF state dict: numpy params in our (nested) layout.
-
-    Every HF key must be consumed exactly once or match an `ignored` regex; every param in
-    `expected` (an abstract params tree) must be produced with its exact shape. Errors name
-    the key or param.
-    """
-    expected_flat = {"/".join(str(k.key) for k in path): leaf
-                     for path, leaf in jax.tree_util.tree_leaves_with_path(expected)}
-    missing_params = sorted(set(expected_flat) - set(tensor_map))
-    if missing_params:
-        raise ValueError(f"{who}: tensor map lacks params {missing_params}")
-    consumed: set[str] = set()
-    params: dict = {}
-    for path, hp in tensor_map.items():
-        if path not in expected_flat:
-            raise ValueError(f"{who}: tensor map names {path!r}, which the model does not have")
-        arrays = []
-        for key in hp.hf_keys:
-            if key in consumed:
-                raise KeyError(f"{who}: key {key!r} used twice")
-            if key not in state_dict:
-                raise KeyError(f"{who}: missing key {key!r} (for {path})")
-            consumed.add(key)
-            arrays.append(hp.to_ours(np.asarray(state_dict[key])))
-        if hp.stacked:
-            shapes = {a.shape for a in arrays}
-            if len(shapes) != 1:
-                raise ValueError(f"{who}: keys {hp.hf_keys} for {path} disagree in shape: "
-                                 f"{sorted(shapes)}")
-            arr = np.stack(arrays)
-        else:
-            arr = arrays[0]
-        want = tuple(expected_flat[path].shape)
-        if arr.shape != want:
-            raise ValueError(f"{who}: {hp.hf_keys[0]!r}{' ...' if hp.stacked else ''} gives "
-                             f"shape {arr.shape} for {path}, expected {want}")
-        tree = params
-        *parents, leaf = path.split("/")
-        for name in parents:
-            tree = tree.setdefault(name, {})
-        tree[leaf] = arr
-    patterns = [re.compile(p) for p in ignored]
-    unused = sorted(k for k in set(state_dict) - consumed
-                    if not any(p.search(k) for p in patterns))
-    if unused:
-        raise KeyError(f"{who}: unused keys {unused}")
-    return params
-
-
 def abstract_params(model: nn.Module) -> Any:
     """The params tree of `model` as ShapeDtypeStructs (no arrays allocated)."""
     return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))[
@@ -335,16 +239,12 @@ def rope_inv_freq(dim: int, theta: float) -> np.ndarray:
     return (np.float32(1.0) / (np.float32(theta) ** exponent)).astype(np.float32)
 
 
-def rename_keys(state_dict: Mapping[str, Any],
-                aliases: Sequence[tuple[str, str]]) -> dict[str, Any]:
-    """Apply (regex, replacement) key aliases (e.g. a missing base-model prefix); a rename
-    that would collide with an existing key raises, naming both."""
-    out: dict[str, Any] = {}
-    for key, value in state_dict.items():
-        new = key
-        for pattern, repl in aliases:
-            new = re.sub(pattern, repl, new)
-        if new in out:
-            raise KeyError(f"HF key {key!r} renames to {new!r}, which is already present")
-        out[new] = value
-    return out
+
+def check_tied_head(state_dict: Mapping[str, Any], head_keys: Sequence[str], embed_key: str,
+                    who: str) -> None:
+    """A tied checkpoint may still carry the output weight; it must then equal the embedding
+    (else the checkpoint is not really tied and ignoring it would silently change the model)."""
+    for key in head_keys:
+        if key in state_dict and embed_key in state_dict and not np.array_equal(
+                np.asarray(state_dict[key]), np.asarray(state_dict[embed_key])):
+            raise ValueError(f"{who}: tie_word_embeddings=True but {key} != {embed_key}")

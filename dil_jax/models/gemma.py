@@ -31,9 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from dil_jax.models import blocks
-from dil_jax.models.blocks import HFParam, identity, transpose
-from dil_jax.models.llama import KVCache, apply_rope, rope_cos_sin
+from dil_jax.models import blocks, hf
+from dil_jax.models.hf import HFParam, identity, transpose
+from dil_jax.models.llama import KVCache, apply_rope, default_positions, rope_cos_sin
 
 _LAYER_TYPES = ("sliding_attention", "full_attention")
 # `transformers` class defaults, for fields a hand-written config dict may leave out.
@@ -333,7 +333,7 @@ class GemmaForCausalLM(nn.Module):
         if attention_mask is None:
             attention_mask = blocks.default_attention_mask(input_ids, segment_ids)
         if positions is None:
-            positions = blocks.default_positions(attention_mask, segment_ids, cache)
+            positions = default_positions(attention_mask, segment_ids, cache)
         h, new_cache = GemmaModel(cfg, self.dtype, self.param_dtype, self.remat,
                                   self.scan_layers, name="model")(
             input_ids, attention_mask, positions, cache, segment_ids)
@@ -435,14 +435,18 @@ def hf_key_aliases(config: GemmaConfig) -> tuple[tuple[str, str], ...]:
 
 
 def params_from_hf_state_dict(state_dict: Mapping[str, Any], config: GemmaConfig, *,
-                              scan_layers: bool = True) -> dict:
-    """HF Gemma / Gemma 2 state dict (numpy-convertible arrays) -> our params (numpy).
+                              scan_layers: bool = True, dtype=None) -> dict:
+    """An in-memory HF Gemma / Gemma 2 state dict (numpy-convertible arrays) -> our params (numpy).
 
-    Every key is consumed exactly once (or is in `ignored_hf_keys`), every param filled with
-    its exact shape; errors name the key.
+    A thin wrapper over `hf_tensor_map` (`hf.load_params` streams files instead). Every key
+    is consumed exactly once (or is in `ignored_hf_keys`), every param filled with its exact
+    shape; errors name the key. A tied checkpoint's output weight, if present, must equal the
+    embedding. `dtype` optionally casts every array (default: keep the input dtype).
     """
-    sd = blocks.rename_keys(state_dict, hf_key_aliases(config))
+    if config.tie_word_embeddings:
+        blocks.check_tied_head(state_dict, ("lm_head.weight",),
+                               "model.embed_tokens.weight", who="gemma")
     expected = blocks.abstract_params(GemmaForCausalLM(config, scan_layers=scan_layers))
-    return blocks.convert_state_dict(sd, hf_tensor_map(config, scan_layers=scan_layers),
-                                     ignored_hf_keys(config), expected,
-                                     who="gemma.params_from_hf_state_dict")
+    params = hf.convert_state_dict(state_dict, "gemma", config, expected,
+                                   scan_layers=scan_layers)
+    return params if dtype is None else jax.tree.map(lambda x: x.astype(dtype), params)

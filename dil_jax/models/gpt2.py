@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from dil_jax.models import blocks
-from dil_jax.models.blocks import HFParam, identity, transpose
-from dil_jax.models.llama import KVCache
+from dil_jax.models import blocks, hf
+from dil_jax.models.hf import HFParam, identity, transpose
+from dil_jax.models.llama import KVCache, default_positions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,7 +228,7 @@ class GPT2LMHeadModel(nn.Module):
         if attention_mask is None:
             attention_mask = blocks.default_attention_mask(input_ids, segment_ids)
         if positions is None:
-            positions = blocks.default_positions(attention_mask, segment_ids, cache)
+            positions = default_positions(attention_mask, segment_ids, cache)
         h, new_cache = GPT2Model(cfg, self.dtype, self.param_dtype, self.remat,
                                  self.scan_layers, name="transformer")(
             input_ids, attention_mask, positions, cache, segment_ids)
@@ -328,14 +328,18 @@ def hf_key_aliases(config: GPT2Config) -> tuple[tuple[str, str], ...]:
 
 
 def params_from_hf_state_dict(state_dict: Mapping[str, Any], config: GPT2Config, *,
-                              scan_layers: bool = True) -> dict:
-    """HF GPT-2 state dict (numpy-convertible arrays) -> our params (numpy arrays).
+                              scan_layers: bool = True, dtype=None) -> dict:
+    """An in-memory HF GPT-2 state dict (numpy-convertible arrays) -> our params (numpy).
 
-    Every key is consumed exactly once (or is in `ignored_hf_keys`), every param filled with
-    its exact shape; errors name the key.
+    A thin wrapper over `hf_tensor_map` (`hf.load_params` streams files instead). Every key
+    is consumed exactly once (or is in `ignored_hf_keys`), every param filled with its exact
+    shape; errors name the key. A tied checkpoint's output weight, if present, must equal the
+    embedding. `dtype` optionally casts every array (default: keep the input dtype).
     """
-    sd = blocks.rename_keys(state_dict, hf_key_aliases(config))
+    if config.tie_word_embeddings:
+        blocks.check_tied_head(state_dict, ("lm_head.weight",),
+                               "transformer.wte.weight", who="gpt2")
     expected = blocks.abstract_params(GPT2LMHeadModel(config, scan_layers=scan_layers))
-    return blocks.convert_state_dict(sd, hf_tensor_map(config, scan_layers=scan_layers),
-                                     ignored_hf_keys(config), expected,
-                                     who="gpt2.params_from_hf_state_dict")
+    params = hf.convert_state_dict(state_dict, "gpt2", config, expected,
+                                   scan_layers=scan_layers)
+    return params if dtype is None else jax.tree.map(lambda x: x.astype(dtype), params)

@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from dil_jax.models import blocks
-from dil_jax.models.blocks import HFParam, identity, transpose
-from dil_jax.models.llama import KVCache, apply_rope, rope_cos_sin
+from dil_jax.models import blocks, hf
+from dil_jax.models.hf import HFParam, identity, transpose
+from dil_jax.models.llama import KVCache, apply_rope, default_positions, rope_cos_sin
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,7 +249,7 @@ class GPTNeoXForCausalLM(nn.Module):
         if attention_mask is None:
             attention_mask = blocks.default_attention_mask(input_ids, segment_ids)
         if positions is None:
-            positions = blocks.default_positions(attention_mask, segment_ids, cache)
+            positions = default_positions(attention_mask, segment_ids, cache)
         h, new_cache = GPTNeoXModel(cfg, self.dtype, self.param_dtype, self.remat,
                                     self.scan_layers, name="gpt_neox")(
             input_ids, attention_mask, positions, cache, segment_ids)
@@ -312,13 +312,13 @@ def hf_tensor_map(config: GPTNeoXConfig, *, scan_layers: bool = True) -> dict[st
     checkpoints (transformers v5 renames it `lm_head.weight` in memory: see
     `hf_key_aliases`)."""
     layer = []
-    for ours, hf in (("attention/query_key_value", "attention.query_key_value"),
-                     ("attention/dense", "attention.dense"),
-                     ("mlp/dense_h_to_4h", "mlp.dense_h_to_4h"),
-                     ("mlp/dense_4h_to_h", "mlp.dense_4h_to_h")):
-        layer.append((f"{ours}/kernel", f"{hf}.weight", transpose, transpose))
+    for ours, theirs in (("attention/query_key_value", "attention.query_key_value"),
+                         ("attention/dense", "attention.dense"),
+                         ("mlp/dense_h_to_4h", "mlp.dense_h_to_4h"),
+                         ("mlp/dense_4h_to_h", "mlp.dense_4h_to_h")):
+        layer.append((f"{ours}/kernel", f"{theirs}.weight", transpose, transpose))
         if config.attention_bias or ours.startswith("mlp"):
-            layer.append((f"{ours}/bias", f"{hf}.bias", identity, identity))
+            layer.append((f"{ours}/bias", f"{theirs}.bias", identity, identity))
     for norm in ("input_layernorm", "post_attention_layernorm"):
         for p in ("weight", "bias"):
             layer.append((f"{norm}/{p}", f"{norm}.{p}", identity, identity))
@@ -355,15 +355,18 @@ def hf_key_aliases(config: GPTNeoXConfig) -> tuple[tuple[str, str], ...]:
 
 
 def params_from_hf_state_dict(state_dict: Mapping[str, Any], config: GPTNeoXConfig, *,
-                              scan_layers: bool = True) -> dict:
-    """HF GPT-NeoX state dict (numpy-convertible arrays) -> our params (numpy arrays).
+                              scan_layers: bool = True, dtype=None) -> dict:
+    """An in-memory HF GPT-NeoX state dict (numpy-convertible arrays) -> our params (numpy).
 
-    Every key is consumed exactly once (or is in `ignored_hf_keys`), every param filled with
-    its exact shape; errors name the key.
+    A thin wrapper over `hf_tensor_map` (`hf.load_params` streams files instead). Every key
+    is consumed exactly once (or is in `ignored_hf_keys`), every param filled with its exact
+    shape; errors name the key. A tied checkpoint's output weight, if present, must equal the
+    embedding. `dtype` optionally casts every array (default: keep the input dtype).
     """
-    sd = blocks.rename_keys(state_dict, hf_key_aliases(config))
+    if config.tie_word_embeddings:
+        blocks.check_tied_head(state_dict, ("embed_out.weight", "lm_head.weight"),
+                               "gpt_neox.embed_in.weight", who="gpt_neox")
     expected = blocks.abstract_params(GPTNeoXForCausalLM(config, scan_layers=scan_layers))
-    return blocks.convert_state_dict(sd, hf_tensor_map(config, scan_layers=scan_layers),
-                                     ignored_hf_keys(config), expected,
-                                     who="gpt_neox.params_from_hf_state_dict")
-
+    params = hf.convert_state_dict(state_dict, "gpt_neox", config, expected,
+                                   scan_layers=scan_layers)
+    return params if dtype is None else jax.tree.map(lambda x: x.astype(dtype), params)
