@@ -449,3 +449,64 @@ def test_export_cli_on_a_trained_workdir(tmp_path):
         assert f.get_slice("model.norm.weight").get_dtype() == "BF16"
     with pytest.raises(FileNotFoundError, match="no checkpoint 7"):
         export.export(str(workdir), str(tmp_path / "x"), step=7)
+
+
+# ----------------------------------------------------------------------------- multi-host
+
+WORKER = r"""
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+pid, port, src, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                           process_id=pid)
+import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_hf import abstract_params
+from dil_jax import sharding
+from dil_jax.models import hf
+
+read = {}
+original = hf._Tensors.read
+def spy(self, name, index=None):
+    x = original(self, name, index)
+    read[name] = read.get(name, 0) + x.size
+    return x
+hf._Tensors.read = spy
+
+family, cfg = hf.load_config(src)
+mesh = sharding.make_mesh((1, 4, 2))  # fsdp spans both processes
+params = hf.load_params(src, family, cfg, abstract_params(cfg, mesh))
+emb = params["model"]["embed_tokens"]["embedding"]  # [V, D], P('tensor', 'fsdp')
+assert not emb.is_fully_addressable
+# This process read only its devices' half of the embedding (each block once).
+assert read["model.embed_tokens.weight"] == emb.size // 2, (read, emb.size)
+hf.save_pretrained(params, family, cfg, out, max_shard_bytes=40_000)
+print("worker", pid, "ok")
+"""
+
+
+@pytest.mark.slow
+def test_two_process_load_reads_only_local_slices_and_saves(saved, tmp_path):
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    cfg, params, src = saved
+    shutil.copy(pathlib.Path(__file__), tmp_path / "test_hf.py")
+    (tmp_path / "worker.py").write_text(WORKER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    out = tmp_path / "out"
+    procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(i), port,
+                               str(src), str(out)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for i in range(2)]
+    logs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log[-4000:]
+    back = hf.load_params(out, "llama", cfg, jax.eval_shape(lambda: params))
+    jax.tree.map(np.testing.assert_array_equal, host(back), params)
