@@ -253,3 +253,26 @@ def check_hf_config_round_trip(family, config_cls, model_cls, cfg, hf_model_cls=
         jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
     assert jax.tree.map(np.shape, params) == jax.tree.map(lambda a: a.shape, abstract)
     return hf_cfg
+
+
+def check_hf_export(family_name, model, params, tmp_path):
+    """hf.save_pretrained -> transformers.from_pretrained gives our logits; hf.load_params
+    reads the same params back (through the streaming, slice-reading loader)."""
+    import torch
+    import transformers
+
+    from dil_jax.models import hf
+
+    hf.save_pretrained(params, family_name, model.config, tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval().float()
+    x, mask = batch(model.config.vocab_size)
+    with torch.no_grad():
+        want = loaded(input_ids=torch.tensor(x, dtype=torch.long),
+                      attention_mask=torch.tensor(mask)).logits.numpy()
+    got, _ = fwd(model, params, x, mask)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    name, arch = hf.load_config(tmp_path)
+    assert (name, arch) == (family_name, model.config)
+    back = hf.load_params(tmp_path, name, arch, jax.eval_shape(lambda: model.init(
+        jax.random.key(0), x))["params"])
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), back, params)

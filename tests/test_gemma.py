@@ -4,6 +4,7 @@ attention, conversion, HF parity."""
 import dataclasses
 
 import family_checks as fc
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -96,6 +97,17 @@ def test_sliding_window_is_local(tiny):
     assert (diff[2:6] > 1e-4).all() and (diff[6:] == 0).all() and (diff[:2] == 0).all()
 
 
+def test_bf16_compute_close(tiny):
+    model, params = tiny
+    x, mask = fc.batch(CFG2.vocab_size)
+    ref, _ = fc.fwd(model, params, x, mask)
+    out, _ = fc.fwd(GemmaForCausalLM(CFG2, dtype=jnp.bfloat16), params, x, mask)
+    assert out.dtype == jnp.bfloat16
+    err = np.abs(np.asarray(out, np.float32) - np.asarray(ref))
+    assert err.mean() < 0.03 * np.abs(np.asarray(ref)).mean()
+    assert err.max() < 0.1 * np.abs(np.asarray(ref)).max()
+
+
 def test_partition_rules_cover_every_param():
     fc.check_partition_rules(gemma, GemmaForCausalLM, CFG2)
     fc.check_partition_rules(gemma, GemmaForCausalLM,
@@ -131,6 +143,12 @@ def test_hf_parity(cfg):
     """Logits on a right-padded batch and 32 greedy tokens on left-padded prompts, with the
     sequences longer than Gemma 2's window."""
     fc.check_hf_parity(gemma, GemmaForCausalLM(cfg), _hf_model(cfg), vocab=128, eos=127, pad=0)
+
+
+@pytest.mark.torch
+def test_hf_export_loads_in_transformers(tiny, tmp_path):
+    model, params = tiny
+    fc.check_hf_export("gemma", model, params, tmp_path)
 
 
 @pytest.mark.torch

@@ -35,6 +35,8 @@ def test_config_round_trip_and_validation():
         GPT2Config.from_hf({**hf, "add_cross_attention": True})
     with pytest.raises(ValueError, match="model_type"):
         GPT2Config.from_hf({**hf, "model_type": "gpt_bigcode"})
+    with pytest.raises(ValueError, match="n_positions"):
+        GPT2LMHeadModel(CFG).init_cache(1, CFG.n_positions + 1)
 
 
 def test_invariances(tiny):
@@ -90,6 +92,12 @@ def test_hf_parity():
                               scale_attn_by_inverse_layer_idx=True, activation_function="gelu")
     fc.check_hf_parity(gpt2, GPT2LMHeadModel(var), _hf_model(var), vocab=128, eos=127, pad=0,
                        generate=False)
+
+
+@pytest.mark.torch
+def test_hf_export_loads_in_transformers(tiny, tmp_path):
+    model, params = tiny
+    fc.check_hf_export("gpt2", model, params, tmp_path)
 
 
 @pytest.mark.torch

@@ -92,6 +92,13 @@ def test_hf_parity():
 
 
 @pytest.mark.torch
+def test_hf_export_loads_in_transformers(tiny, tmp_path):
+    """Exported as `embed_out.weight` (the hub name), which transformers v5 renames."""
+    model, params = tiny
+    fc.check_hf_export("gpt_neox", model, params, tmp_path)
+
+
+@pytest.mark.torch
 def test_to_hf_round_trip():
     for cfg in (CFG, dataclasses.replace(CFG, use_parallel_residual=False,
                                          tie_word_embeddings=True, attention_bias=False)):

@@ -245,6 +245,9 @@ class GPT2LMHeadModel(nn.Module):
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
         """An empty cache of `max_length` (<= n_positions) slots; needs no params."""
         cfg = self.config
+        if max_length > cfg.n_positions:
+            raise ValueError(f"max_length={max_length} > n_positions={cfg.n_positions}: GPT-2 "
+                             "has no position embedding beyond n_positions")
         return blocks.new_cache(cfg.n_layer, batch_size, max_length, cfg.n_head, cfg.head_dim,
                                 self.dtype if dtype is None else dtype)
 

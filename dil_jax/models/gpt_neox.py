@@ -106,7 +106,8 @@ class GPTNeoXConfig:
             raise ValueError(f"{field}: rope_type {rope_type!r} is not supported (only default)")
         kw = {f.name: hf[f.name] for f in dataclasses.fields(cls) if f.name in hf}
         kw["rotary_pct"] = rope.get("partial_rotary_factor", hf.get("rotary_pct", 0.25))
-        kw["rotary_emb_base"] = rope.get("rope_theta", hf.get("rotary_emb_base", 10000.0))
+        kw["rotary_emb_base"] = rope.get("rope_theta",
+                                         hf.get("rope_theta", hf.get("rotary_emb_base", 1e4)))
         return cls(**kw)
 
     def to_hf(self, torch_dtype: str = "float32") -> dict[str, Any]:
