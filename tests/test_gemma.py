@@ -155,6 +155,7 @@ def test_hf_export_loads_in_transformers(tiny, tmp_path):
 def test_to_hf_round_trip():
     untied = dataclasses.replace(CFG1, tie_word_embeddings=False, attention_bias=True)
     no_window = dataclasses.replace(CFG2, sliding_window=None, layer_types=None,
-                                    attn_logit_softcapping=None)
+                                    attn_logit_softcapping=None, query_pre_attn_scalar=None)
+    assert no_window.query_pre_attn_scalar == CFG2.head_dim
     for cfg in (CFG2, CFG1, untied, no_window):
         fc.check_hf_config_round_trip(gemma, GemmaConfig, GemmaForCausalLM, cfg)

@@ -70,7 +70,7 @@ class GemmaConfig:
     rope_theta: float = 10000.0
     attention_bias: bool = False
     tie_word_embeddings: bool = True
-    query_pre_attn_scalar: float | None = None  # None -> head_dim
+    query_pre_attn_scalar: float | None = None  # Gemma 2 (None -> head_dim); Gemma 1: None
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
     sliding_window: int | None = None
@@ -106,6 +106,8 @@ class GemmaConfig:
             raise ValueError("layer_types has sliding_attention layers but sliding_window is "
                              f"{self.sliding_window!r}")
         object.__setattr__(self, "layer_types", layer_types)
+        if self.query_pre_attn_scalar is None:  # explicit, so to_hf/from_hf round-trips
+            object.__setattr__(self, "query_pre_attn_scalar", self.head_dim)
 
     @property
     def is_gemma2(self) -> bool:
@@ -164,7 +166,6 @@ class GemmaConfig:
         d["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.is_gemma2:
             arch = "Gemma2ForCausalLM"
-            d["query_pre_attn_scalar"] = self.query_pre_attn_scalar or self.head_dim
         else:
             arch = "GemmaForCausalLM"
             d["hidden_act"] = d.pop("hidden_activation")

@@ -128,6 +128,8 @@ class GPT2Attention(nn.Module):
 
 
 class GPT2MLP(nn.Module):
+    """c_proj(gelu_new(c_fc(x))), both with biases."""
+
     config: GPT2Config
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32

@@ -149,6 +149,8 @@ class GPTNeoXAttention(nn.Module):
 
 
 class GPTNeoXMLP(nn.Module):
+    """dense_4h_to_h(act(dense_h_to_4h(x))), both with biases."""
+
     config: GPTNeoXConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
