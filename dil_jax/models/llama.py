@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from dil_jax.models import hf
 from dil_jax.models.hf import HFParam, identity, transpose
 
 _LLAMA3_KEYS = frozenset(
@@ -676,8 +677,6 @@ def params_from_hf_state_dict(state_dict: Mapping[str, Any], config: LlamaConfig
       scan_layers: produce the scanned (`layers`, [L, ...]) or unrolled (`layers_<i>`) layout.
       dtype: optional cast for every array (e.g. np.float32); default keeps the input dtype.
     """
-    from dil_jax.models import hf  # noqa: PLC0415 (hf imports this module's registry)
-
     if config.tie_word_embeddings and "lm_head.weight" in state_dict:
         if not np.array_equal(np.asarray(state_dict["lm_head.weight"]),
                               np.asarray(state_dict["model.embed_tokens.weight"])):
