@@ -34,6 +34,9 @@ def get_config() -> ConfigDict:
     config.model.param_dtype = "float32"  # ... with float32 master weights
     config.model.remat = False  # recompute each layer in the backward pass (memory for FLOPs)
     config.model.scan_layers = True  # one compiled layer body: fast compiles for deep models
+    # A Hugging Face model directory or hub id: its config.json defines the architecture (the
+    # fields above are then ignored) and init.mode='hf' loads its weights.
+    config.model.hf_path = placeholder(str)
 
     # ---- data: the gold task, or real data from files / the hub (dil_jax/data/) ----
     config.data = ConfigDict()
@@ -159,8 +162,8 @@ def get_config() -> ConfigDict:
     # ---- where the initial policy (and the reference) come from ----
     # Resume order: latest checkpoint in the workdir, else init.mode:
     # 'scratch' (random init by seed), 'checkpoint' (params of the latest checkpoint in
-    # init.checkpoint_dir), 'pretrain' (first run the run described by init.pretrain in
-    # <workdir>/base, then start from its final params).
+    # init.checkpoint_dir), 'hf' (Hugging Face weights from model.hf_path), 'pretrain' (first
+    # run the run described by init.pretrain in <workdir>/base, then start from its params).
     config.init = ConfigDict()
     config.init.mode = "scratch"
     config.init.checkpoint_dir = ""

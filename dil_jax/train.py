@@ -313,8 +313,9 @@ def train_and_evaluate(config, workdir: str, *, mesh=None, max_steps: int | None
     """Trains the policy described by ``config`` in ``workdir``, resuming if possible.
 
     Resume order: the latest checkpoint in ``workdir``; else ``config.init.mode`` ('checkpoint':
-    params from another workdir, 'pretrain': run ``config.init.pretrain`` in ``<workdir>/base``
-    first, 'scratch': random init by seed).
+    params from another workdir, 'hf': Hugging Face weights from ``config.model.hf_path``,
+    'pretrain': run ``config.init.pretrain`` in ``<workdir>/base`` first, 'scratch': random init
+    by seed).
 
     Args:
       max_steps: stop after this many steps this call (tests simulate interruption with it); the
@@ -418,7 +419,13 @@ def _initial_params(trainer: Trainer, workdir: str):
         return checkpointing.load_params(base_dir, trainer.abstract_params())
     if init.mode == "checkpoint":
         return checkpointing.load_params(init.checkpoint_dir, trainer.abstract_params())
-    raise ValueError(f"config.init.mode={init.mode!r}: expected scratch, pretrain or checkpoint")
+    if init.mode == "hf":  # streamed tensor by tensor into the target shardings
+        from dil_jax.models import hf  # noqa: PLC0415
+
+        m = trainer.config.model
+        return hf.load_params(m.hf_path, m.family, trainer.model.config,
+                              trainer.abstract_params(), scan_layers=m.scan_layers)
+    raise ValueError(f"config.init.mode={init.mode!r}: expected {validation.INIT_MODES}")
 
 
 def _run_eval(trainer, state, ref_params, eval_data, cfg) -> dict[str, float]:

@@ -12,7 +12,7 @@ from dil_jax.models import DTYPES, FAMILIES
 LOSS_PARAM_KEYS = ("beta", "reduction", "label_smoothing", "gamma", "lam", "alpha", "divergence",
                    "max_log_ratio")
 REFERENCE_MODES = ("inline", "precomputed")
-INIT_MODES = ("scratch", "pretrain", "checkpoint")
+INIT_MODES = ("scratch", "pretrain", "checkpoint", "hf")
 
 
 def loss_terms(loss_cfg) -> tuple[objectives.LossTerm, ...]:
@@ -84,6 +84,9 @@ def validate_config(config, *, num_devices: int, process_count: int = 1) -> None
         validate_config(i.pretrain, num_devices=num_devices, process_count=process_count)
         _require(i.pretrain.model.to_dict() == m.to_dict(), "init.pretrain.model",
                  "(differs)", "must equal config.model: the pretrained params become the policy")
+    if i.mode == "hf":
+        _require(bool(m.get("hf_path")), "model.hf_path", m.get("hf_path"),
+                 "init.mode='hf' needs a Hugging Face model directory or hub id")
     if i.mode == "checkpoint":
         _require(bool(i.checkpoint_dir), "init.checkpoint_dir", i.checkpoint_dir,
                  "init.mode='checkpoint' needs a workdir to load params from")

@@ -109,3 +109,27 @@ def test_reference_modes_give_the_same_trajectory(tiny_config, tmp_path):
     train.train_and_evaluate(config, str(tmp_path / "pre2"))
     assert [p.stat().st_mtime_ns for p in cached] == mtimes
     assert len(list((tmp_path / "cache").glob("ref_logps-*.npy"))) == 2
+
+
+def test_init_from_hf_weights(tiny_config, tmp_path):
+    """init.mode='hf': the run starts from (and references) the weights in model.hf_path."""
+    from dil_jax.models import hf
+
+    config = tiny_config(**{"mesh.shape": (2, 2, 2), "loss.name": "dpo"})
+    trainer = train.Trainer(config)
+    params = jax.device_get(trainer.init_params(jax.random.key(42)))
+    hf.save_pretrained(params, "llama", trainer.model.config, tmp_path / "hf")
+    config.model.hf_path = str(tmp_path / "hf")
+    config.init.mode = "hf"
+    out = train.train_and_evaluate(config, str(tmp_path / "run"), max_steps=1)
+    # One step from the HF weights: DPO's margin is zero at the start, so the first update is
+    # the same as training from those params directly.
+    direct = train.Trainer(tiny_config(**{"mesh.shape": (2, 2, 2), "loss.name": "dpo"}))
+    data, _, _ = pipeline.build_datasets(config)
+    it = pipeline.make_iterator(data, 16, seed=config.data.seed)
+    state = direct.init_state(0, params=params)
+    state, _ = direct.run_step(state, next(it), jax.device_put(params, direct.params_sharding))
+    assert_trees_close(jax.device_get(out["state"].params), jax.device_get(state.params), 1e-6)
+    config.model.hf_path = None
+    with pytest.raises(ValueError, match="config.model.hf_path"):
+        train.Trainer(config)
