@@ -52,13 +52,6 @@ def test_params_and_optimizer_state_are_sharded(measured):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="FSDP activations: the models do not constrain the hidden states to the batch "
-           "axes, so XLA gathers the batch (full-batch [32, 512, 14336] MLP temporaries) "
-           "instead of the weights; fixed by `h = constrain(h, P(BATCH_AXES, None, None))` "
-           "after each family's embedding (measured 7.5 -> 3.4 GiB here). Remove this marker "
-           "with that fix.")
 def test_per_device_memory_is_bounded_by_parameter_count(measured):
     """FSDP working set: the sharded f32 state, reference, gradients and their accumulator
     (24 bytes/param / 16), two gathered f32 layers, and 1 GiB for the activations of one pair

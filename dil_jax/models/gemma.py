@@ -34,6 +34,7 @@ from jax.sharding import PartitionSpec as P
 from dil_jax.models import blocks, hf
 from dil_jax.models.hf import HFParam, identity, transpose
 from dil_jax.models.llama import KVCache, apply_rope, default_positions, rope_cos_sin
+from dil_jax.sharding import constrain_batch
 
 _LAYER_TYPES = ("sliding_attention", "full_attention")
 # `transformers` class defaults, for fields a hand-written config dict may leave out.
@@ -275,6 +276,7 @@ class GemmaModel(nn.Module):
         h = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens",
                      embedding_init=nn.initializers.normal(0.02), **kw)(input_ids)  # [B, T, D]
         h = h * blocks.sqrt_scale(cfg.hidden_size, self.dtype)  # normaliser in compute dtype
+        h = constrain_batch(h)  # keep activations on the batch axes (FSDP gathers weights)
         cos, sin = rope_cos_sin(positions, blocks.rope_inv_freq(cfg.head_dim, cfg.rope_theta))
         is_sliding = np.array([t == "sliding_attention" for t in cfg.layer_types or ()]
                               or [False] * cfg.num_hidden_layers)  # [L]

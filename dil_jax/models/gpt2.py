@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 from dil_jax.models import blocks, hf
 from dil_jax.models.hf import HFParam, identity, transpose
 from dil_jax.models.llama import KVCache, default_positions
+from dil_jax.sharding import constrain_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +177,7 @@ class GPT2Model(nn.Module):
         embed = lambda n, name: nn.Embed(  # noqa: E731
             n, cfg.n_embd, name=name, embedding_init=nn.initializers.normal(0.02), **kw)
         h = embed(cfg.vocab_size, "wte")(input_ids) + embed(cfg.n_positions, "wpe")(positions)
+        h = constrain_batch(h)  # [B, T, D] on the batch axes (FSDP gathers weights)
         # Per-layer score scale: 1/sqrt(Dh) (scale_attn_weights), / (i + 1) (inverse layer idx).
         scale = np.full(cfg.n_layer, cfg.head_dim**-0.5 if cfg.scale_attn_weights else 1.0)
         if cfg.scale_attn_by_inverse_layer_idx:

@@ -30,6 +30,7 @@ from jax.sharding import PartitionSpec as P
 from dil_jax.models import blocks, hf
 from dil_jax.models.hf import HFParam, identity, transpose
 from dil_jax.models.llama import KVCache, apply_rope, default_positions, rope_cos_sin
+from dil_jax.sharding import constrain_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +202,7 @@ class GPTNeoXModel(nn.Module):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="embed_in",
                      embedding_init=nn.initializers.normal(0.02), **kw)(input_ids)  # [B, T, D]
+        h = constrain_batch(h)  # keep activations on the batch axes (FSDP gathers weights)
         inv_freq = blocks.rope_inv_freq(cfg.rotary_ndims, cfg.rotary_emb_base)
         cos, sin = rope_cos_sin(positions, inv_freq)  # [B, T, R]
         masks = blocks.make_masks(attention_mask, segment_ids, cache)

@@ -39,6 +39,7 @@ from jax.sharding import PartitionSpec as P
 
 from dil_jax.models import hf
 from dil_jax.models.hf import HFParam, identity, transpose
+from dil_jax.sharding import constrain_batch
 
 _LLAMA3_KEYS = frozenset(
     {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
@@ -455,6 +456,7 @@ class LlamaModel(nn.Module):
             name="embed_tokens",
             **kw,
         )(input_ids)  # [B, T, D]
+        h = constrain_batch(h)  # keep activations on the batch axes (FSDP gathers weights)
         cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg))  # [B, T, Dh]
 
         # Mask [B, T, S]: causal by slot (query t sits at slot index + t) and key padding.
