@@ -36,7 +36,7 @@ setup(
     install_requires=CORE,
     extras_require={
         # torch==2.13.0 is the CPU build available offline; used only by parity tests.
-        "test": ["pytest>=8", "ruff>=0.6", "torch==2.13.0"],
+        "test": ["pytest>=8", "ruff>=0.6", "torch==2.13.0", "gguf>=0.17"],
         "gpu": ["jax[cuda12]>=0.10,<0.11"],
         "tpu": ["jax[tpu]>=0.10,<0.11"],
     },
