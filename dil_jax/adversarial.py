@@ -64,6 +64,7 @@ from dil_jax.metrics import MetricWriter
 from dil_jax.models import build_model
 
 REWARDS = ("logit", "gail", "log_d")
+RESUMABLE_FIELDS = ("steps", "max_abs_logit", "log_every", "checkpoint_every")
 
 
 class AdversarialDivergence(FloatingPointError):
@@ -329,8 +330,9 @@ class AdversarialImitation:
         c = ml_collections.ConfigDict()
         c.model = ml_collections.ConfigDict(self.config.model.to_dict())
         c.data = ml_collections.ConfigDict(self.config.data.to_dict())
-        c.loss = ml_collections.ConfigDict({"name": "adversarial_imitation",
-                                            **self.cfg.to_dict()})
+        # Fields that may change on resume (length, logging, the guard) are left out.
+        fixed = {k: v for k, v in self.cfg.to_dict().items() if k not in RESUMABLE_FIELDS}
+        c.loss = ml_collections.ConfigDict({"name": "adversarial_imitation", **fixed})
         c.seed = self.cfg.seed
         c.train = ml_collections.ConfigDict({"global_batch_size": self.cfg.prompts_per_step})
         return c
@@ -403,6 +405,20 @@ def train_adversarial(config, workdir: str, *, init_params, demos: Mapping[str, 
         writer.close()
     return {"step": int(state.step), "policy_params": state.params["policy"],
             "disc_params": state.params["disc"], "train": last, "runner": adv_run}
+
+
+def load_last_good(config, workdir: str, *, mesh=None) -> tuple[int, dict]:
+    """``(step, {'policy', 'disc'} params)`` of the latest checkpoint, e.g. after a divergence."""
+    run = AdversarialImitation(config, mesh=mesh)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            run.abstract_state.params, run.state_sharding.params)
+    manager = checkpointing.make_manager(
+        workdir, ml_collections.ConfigDict({"keep": 2, "async_save": False}))
+    step = manager.latest_step()
+    manager.close()
+    if step is None:
+        raise FileNotFoundError(f"no adversarial checkpoint in {workdir}")
+    return step, checkpointing.load_params(workdir, abstract, step)
 
 
 def _check_divergence(metrics: Mapping[str, float], step: int, bound: float, manager) -> None:

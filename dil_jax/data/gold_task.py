@@ -105,6 +105,21 @@ STYLE = 3  # the reward-irrelevant style marker of the 'expert_styled' "model fa
 CONTENT_OFFSET = 4  # first content token id; ids below are special
 
 SOURCES = ("base", "expert", "expert_a", "expert_b", "expert_styled", "random")
+# Preference sources whose chosen response is a demonstration and whose rejected response comes
+# from another source: the AfD paper's "DPO with demonstrations as positives" baseline. There is
+# no Bradley–Terry draw; the demonstration is always the chosen one.
+DEMO_PAIR_SOURCES = {
+    "expert_vs_base": ("expert", "base"),
+    "expert_styled_vs_base": ("expert_styled", "base"),
+    "expert_a_styled_vs_base": ("expert_a_styled", "base"),
+}
+# Further response sources, kept out of SOURCES so the original six keep their contracts:
+# 'expert_a_styled' is the mode-A expert written by the styled "family" (every response starts
+# with STYLE). The AfD reward-model experiments (C4–C7) use it: a single-mode expert keeps
+# π_SFT's quality from being limited by mode mixing (a small policy fine-tuned on the two-mode
+# expert interleaves the two rules within one response), so what is measured is the reward
+# models, and heterogeneity is the only difference between demonstrations and π_SFT's family.
+EXTRA_SOURCES = ("expert_a_styled",)
 
 
 def _rng(seed: int, stream: str) -> np.random.Generator:
@@ -360,8 +375,9 @@ class GoldTask:
 
     def _sample(self, prompts: np.ndarray, rng: np.random.Generator, source: str) -> np.ndarray:
         """Draw responses; every branch consumes the stream the same way per source."""
-        if source not in SOURCES:
-            raise ValueError(f"unknown source {source!r}; expected one of {SOURCES}")
+        if source not in SOURCES + EXTRA_SOURCES:
+            raise ValueError(f"unknown source {source!r}; expected one of "
+                             f"{SOURCES + EXTRA_SOURCES}")
         n = prompts.shape[0]
         target_a, target_b = self.mode_targets(prompts)
         answer_a, answer_b = target_a[:, :-1], target_b[:, :-1]  # [n, L] without EOS
@@ -395,7 +411,7 @@ class GoldTask:
             return self._assemble(content, lengths, no_style)
 
         # expert sources
-        if source == "expert_a":
+        if source in ("expert_a", "expert_a_styled"):
             use_a = np.ones(n, dtype=bool)
         elif source == "expert_b":
             use_a = np.zeros(n, dtype=bool)
@@ -403,7 +419,7 @@ class GoldTask:
             use_a = rng.random(n) < self.expert_share_a
         answer = np.where(use_a[:, None], answer_a, answer_b)  # [n, L]
         answer = self._corrupt(answer, np.full(n, self.expert_noise), rng)
-        styled = np.full(n, source == "expert_styled")
+        styled = np.full(n, source in ("expert_styled", "expert_a_styled"))
         return self._assemble(answer, np.full(n, self.answer_len), styled)
 
     # ----------------------------------------------------------------------------- datasets
@@ -443,12 +459,23 @@ class GoldTask:
         """n prompts with a Bradley–Terry-labelled pair each, N = 2 (0 chosen, 1 rejected).
 
         Two independent responses from ``source``; the first is chosen with probability
-        ``σ((r1 − r2) / bt_temperature)`` (one draw per pair from the 'labels' stream).
+        ``σ((r1 − r2) / bt_temperature)`` (one draw per pair from the 'labels' stream). A
+        ``DEMO_PAIR_SOURCES`` name instead pairs a demonstration (always chosen) with a response
+        from another source.
 
         Returns:
           The trainer dict plus ``gold_reward [n, 2]`` float32 in (chosen, rejected) order.
         """
         prompts = self.sample_prompts(n, seed)
+        if source in DEMO_PAIR_SOURCES:
+            demo, other = DEMO_PAIR_SOURCES[source]
+            chosen = self._sample(prompts, _rng(seed, f"pairs/{source}/chosen"), demo)
+            rejected = self._sample(prompts, _rng(seed, f"pairs/{source}/rejected"), other)
+            responses = np.stack([chosen, rejected], axis=1)  # [n, 2, R]
+            batch = self._layout(prompts, responses)
+            batch["gold_reward"] = np.stack([self.gold_reward(prompts, chosen),
+                                             self.gold_reward(prompts, rejected)], axis=1)
+            return batch
         pair_rng = _rng(seed, f"pairs/{source}")
         doubled = np.repeat(prompts, 2, axis=0)  # [2n, P]
         responses = self._sample(doubled, pair_rng, source).reshape(n, 2, -1)  # [n, 2, R]
