@@ -1,6 +1,6 @@
 """AfD on the built-in gold-reward task: SFT on demonstrations, reward models, Best-of-N.
 
-  python -m dil_jax.afd --config=configs/afd_gold.py --workdir=/tmp/afd_gold
+  python -m dil_jax.afd_main --config=configs/afd_gold.py --workdir=/tmp/afd_gold
   python experiments/afd_claims.py --out=experiments/results   # claims C2–C7, 3 seeds
 
 π_0 is the quickstart's base policy (SFT on the task's noisy base distribution). The
@@ -23,5 +23,4 @@ def get_config():
     config.data.response_source = "expert"
     config.eval.gold_prompts = 0
     config.afd = afd.default_config()
-    config.afd.demonstrations.source = "expert"
     return config

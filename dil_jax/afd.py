@@ -13,7 +13,7 @@ Stages, each in its own sub-directory of the workdir and each resumable:
    **init_sft** (π_SFT samples 1 vs π_0 samples 0: homogeneous, the paper's proposal),
    **init_demo** (demonstrations vs π_0 samples), **sft_demo** (demonstrations vs π_SFT samples)
    — the two heterogeneous ones can key on the demonstrator's style rather than quality — and
-   **bt** (Bradley–Terry on preference pairs, ``afd.preference_source``). The training-free
+   **bt** (Bradley–Terry on preference pairs, ``afd.preferences``). The training-free
    **log_ratio** reward ``log π_SFT(y|x) − log π_0(y|x)`` is the optimum the Init-SFT
    classifier approximates (summed over response tokens).
 5. Best-of-N from π_SFT on held-out prompts for N in ``afd.bon.n_values``, each reward choosing
@@ -43,14 +43,20 @@ from dil_jax.data import pipeline
 
 REWARD_MODELS = ("init_sft", "init_demo", "sft_demo", "bt", "log_ratio")
 LEARNED = ("init_sft", "init_demo", "sft_demo", "bt")
+HF_INIT = "hf"  # initial_policy's marker: π_0 is the model.hf_path checkpoint
 
 
 def default_config() -> ml_collections.ConfigDict:
     """The ``config.afd`` section (see configs/afd_gold.py for the commented experiment)."""
     c = ml_collections.ConfigDict()
-    c.demonstrations = ml_collections.ConfigDict()
-    c.demonstrations.source = "expert"  # gold task: which expert writes the demonstrations
-    c.demonstrations.num_train = 4096
+    # The demonstrations and the preference pairs are each described by overrides of
+    # config.data (any field: source, format, files, hub id, field_map ...). Gold task: which
+    # distribution writes the responses; real data: e.g. {'source': 'files', 'format':
+    # 'prompt_response', 'train_files': (...)}.
+    c.demonstrations = ml_collections.ConfigDict(
+        {"format": "sft", "response_source": "expert", "num_train": 4096})
+    c.preferences = ml_collections.ConfigDict(
+        {"format": "preference", "response_source": "base", "num_train": 1024})
     c.sft = ml_collections.ConfigDict()  # forward KL: SFT of π_0 on the demonstrations
     c.sft.steps = 300
     c.sft.learning_rate = 1e-3
@@ -59,8 +65,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.rm_prompts = 1024  # training prompts sampled from π_0 and π_SFT for the classifiers
     c.rm_backbone = "init"  # reward models start from π_0 ('init') or π_SFT ('sft') weights
     c.reward_models = REWARD_MODELS
-    c.preference_source = "base"  # gold task: responses of the Bradley–Terry pairs
-    c.num_preference_pairs = 1024
     c.reward_model = reward_model.default_config()
     c.bon = ml_collections.ConfigDict()
     c.bon.n_values = (1, 5, 10, 30, 50)  # the paper's N
@@ -125,15 +129,16 @@ def best_of_n_metrics(rewards: np.ndarray, gold: np.ndarray, random_gold: np.nda
 
 # ----------------------------------------------------------------------------- stages
 
-def stage_config(config, *, data_format: str, source: str, loss: str, steps: int,
-                 learning_rate: float, batch_size: int, num_train: int, init_dir: str,
-                 reduction: str | None = None, beta: float | None = None):
+def stage_config(config, *, data: Mapping, loss: str, steps: int, learning_rate: float,
+                 batch_size: int, init_dir: str, reduction: str | None = None,
+                 beta: float | None = None):
     """A core-trainer run derived from ``config`` (SFT or a DPO baseline) starting at
-    ``init_dir``'s params."""
+    ``init_dir``'s params, its data ``config.data`` with the ``data`` overrides."""
     c = ml_collections.ConfigDict(config.to_dict())
-    c.data.format = data_format
-    c.data.response_source = source
-    c.data.num_train = num_train
+    for key, value in dict(data).items():
+        if key not in c.data:
+            raise ValueError(f"AfD data override {key!r} is not a config.data field")
+        c.data[key] = value
     c.loss.name = loss
     c.loss.reduction = reduction
     c.loss.beta = beta
@@ -145,8 +150,9 @@ def stage_config(config, *, data_format: str, source: str, loss: str, steps: int
     c.checkpoint.every_steps = max(steps // 2, 1)
     c.eval.every_steps = 0
     c.eval.gold_prompts = 0
-    c.init.mode = "checkpoint"
-    c.init.checkpoint_dir = init_dir
+    if init_dir != HF_INIT:  # else keep init.mode='hf': the stage loads the HF weights itself
+        c.init.mode = "checkpoint"
+        c.init.checkpoint_dir = init_dir
     c.init.pretrain = None
     if "afd" in c:
         del c["afd"]
@@ -154,9 +160,17 @@ def stage_config(config, *, data_format: str, source: str, loss: str, steps: int
 
 
 def initial_policy(config, workdir: str, *, mesh=None):
-    """π_0 and the workdir holding its checkpoint (``config.init``: 'pretrain' or 'checkpoint')."""
+    """π_0 and where later stages start from: a workdir holding its checkpoint ('pretrain',
+    'checkpoint') or ``HF_INIT`` (``init.mode='hf'``: Hugging Face weights in model.hf_path)."""
     trainer = core.Trainer(config, mesh=mesh)
     init = config.init
+    if init.mode == "hf":
+        from dil_jax.models import hf  # noqa: PLC0415 (only this mode needs it)
+
+        m = config.model
+        return trainer, hf.load_params(m.hf_path, m.family, trainer.model.config,
+                                       trainer.abstract_params(),
+                                       scan_layers=m.scan_layers), HF_INIT
     if init.mode == "pretrain":
         base_dir = os.path.join(workdir, "base")
         summary = core.train_and_evaluate(init.pretrain, base_dir, mesh=mesh)
@@ -164,18 +178,17 @@ def initial_policy(config, workdir: str, *, mesh=None):
     elif init.mode == "checkpoint":
         base_dir = init.checkpoint_dir
     else:
-        raise ValueError(f"config.init.mode={init.mode!r}: AfD needs π_0 from 'pretrain' or "
-                         "'checkpoint' (its checkpoint seeds the SFT stage)")
+        raise ValueError(f"config.init.mode={init.mode!r}: AfD needs π_0 from 'pretrain', "
+                         "'checkpoint' or 'hf' (it seeds the SFT stage)")
     return trainer, checkpointing.load_params(base_dir, trainer.abstract_params()), base_dir
 
 
 def train_sft(config, workdir: str, base_dir: str, *, mesh=None):
     """Forward KL: SFT of π_0 on the demonstrations with the core trainer -> π_SFT params."""
     afd = config.afd
-    sft_cfg = stage_config(config, data_format="sft", source=afd.demonstrations.source,
-                           loss="sft", steps=afd.sft.steps, learning_rate=afd.sft.learning_rate,
-                           batch_size=afd.sft.global_batch_size,
-                           num_train=afd.demonstrations.num_train, init_dir=base_dir,
+    sft_cfg = stage_config(config, data=afd.demonstrations, loss="sft", steps=afd.sft.steps,
+                           learning_rate=afd.sft.learning_rate,
+                           batch_size=afd.sft.global_batch_size, init_dir=base_dir,
                            reduction=afd.sft.reduction)
     sft_dir = os.path.join(workdir, "sft")
     summary = core.train_and_evaluate(sft_cfg, sft_dir, mesh=mesh)
@@ -187,9 +200,21 @@ def train_sft(config, workdir: str, base_dir: str, *, mesh=None):
 def demonstration_arrays(sft_cfg) -> tuple[dict, dict]:
     """(train, held-out) demonstrations ``[n, 1, T]`` through the data pipeline."""
     train, held_out, _ = pipeline.build_datasets(sft_cfg)
+    train, held_out = dense(train), dense(held_out)
     for name, arrays in (("training", train), ("held-out", held_out)):
         adversarial.check_demonstrations(arrays, name=f"{name} demonstrations")
     return train, held_out
+
+
+def dense(dataset) -> dict[str, np.ndarray]:
+    """Trainer arrays ``[n, N, T]`` of a dataset: the gold task's dict as it is, a real-data
+    ``TokenizedDataset`` right-padded to its longest bucket."""
+    if dataset is None:
+        raise ValueError("AfD needs held-out demonstrations: set data.num_eval > 0 or an eval "
+                         "source in afd.demonstrations")
+    if isinstance(dataset, Mapping):
+        return {k: np.asarray(v) for k, v in dataset.items()}
+    return dataset.padded(np.arange(len(dataset)), int(dataset.buckets[-1]))
 
 
 def response_tokens(arrays: Mapping[str, np.ndarray], width: int) -> np.ndarray:
@@ -290,10 +315,9 @@ def run_extrapolation(config, workdir: str, *, mesh=None,
                  **{f"sft/{k}": v for k, v in sft_samples.items()})
         os.replace(sample_path + ".tmp.npz", sample_path)
 
-    pref_cfg = stage_config(config, data_format="preference", source=afd.preference_source,
-                            loss="dpo", steps=1, learning_rate=1e-3, batch_size=8,
-                            num_train=afd.num_preference_pairs, init_dir=base_dir)
-    pairs = _pick(pipeline.build_datasets(pref_cfg)[0], slice(None))
+    pref_cfg = stage_config(config, data=afd.preferences, loss="dpo", steps=1,
+                            learning_rate=1e-3, batch_size=8, init_dir=base_dir)
+    pairs = dense(pipeline.build_datasets(pref_cfg)[0])
     datasets = classifier_datasets(demos_rm, init_samples, sft_samples, pairs)
 
     # -- reward models.

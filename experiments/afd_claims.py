@@ -78,8 +78,9 @@ def make_config(seed: int, reduced: bool, base_dir: str = ""):
     config.data.num_eval = 256
     config.eval.gold_prompts = 256
     a.demonstrations.num_train = 2048
+    a.preferences.num_train = 1024
     a.sft.steps, a.sft.global_batch_size = 200, 64
-    a.rm_prompts, a.num_preference_pairs = 1024, 1024
+    a.rm_prompts = 1024
     a.reward_model.steps, a.reward_model.global_batch_size = 120, 32
     a.reward_model.learning_rate = 3e-4
     a.bon.num_prompts = 128
@@ -98,9 +99,9 @@ def make_config(seed: int, reduced: bool, base_dir: str = ""):
         p.train.steps, p.data.num_train, p.train.global_batch_size = 30, 256, 32
         p.checkpoint.every_steps = 30
         config.data.num_eval = 32
-        a.demonstrations.num_train = 128
+        a.demonstrations.num_train = a.preferences.num_train = 128
         a.sft.steps, a.sft.global_batch_size = 10, 32
-        a.rm_prompts, a.num_preference_pairs = 64, 64
+        a.rm_prompts = 64
         a.reward_model.steps, a.reward_model.global_batch_size = 5, 16
         a.reward_model.eval_fraction = 0.25
         a.bon.n_values, a.bon.num_prompts, a.bon.subsets = (1, 3, 6), 16, 2
@@ -140,10 +141,10 @@ def policy_eval(trainer, task, params, ref_params, config, demo_gold):
 def core_run(config, workdir, base_dir, *, data_format, source, loss, reduced, beta=None,
              reduction=None, learning_rate=1e-3):
     b = baseline_steps(config, reduced)
-    cfg = afd.stage_config(config, data_format=data_format, source=source, loss=loss,
-                           steps=b["steps"], learning_rate=learning_rate,
-                           batch_size=b["batch"], num_train=b["num_train"], init_dir=base_dir,
-                           beta=beta, reduction=reduction)
+    data = {"format": data_format, "response_source": source, "num_train": b["num_train"]}
+    cfg = afd.stage_config(config, data=data, loss=loss, steps=b["steps"],
+                           learning_rate=learning_rate, batch_size=b["batch"],
+                           init_dir=base_dir, beta=beta, reduction=reduction)
     cfg.data.num_eval = config.data.num_eval
     summary = core.train_and_evaluate(cfg, workdir, mesh=core_mesh())
     return summary.pop("state").params, cfg
@@ -163,7 +164,7 @@ def run_seed(seed: int, reduced: bool, workroot: str, base_dir: str) -> dict:
 
     # C4–C7: reward-model extrapolation with heterogeneous (styled) demonstrations.
     x_cfg = make_config(seed, reduced, base_dir)
-    x_cfg.afd.demonstrations.source = "expert_a_styled"
+    x_cfg.afd.demonstrations.response_source = "expert_a_styled"
     res = afd.run_extrapolation(x_cfg, os.path.join(wd, "extrapolation"), mesh=mesh)
     trainer, init_params = res["trainer"], res["params"]["init"]
     demo_gold = float(np.mean(task.sft_dataset(2048, seed=config.data.seed + 2,
@@ -196,8 +197,9 @@ def run_seed(seed: int, reduced: bool, workroot: str, base_dir: str) -> dict:
 
     # C2: reverse KL (adversarial imitation) on the same mixed-expert demonstrations.
     demos, _ = afd.demonstration_arrays(afd.stage_config(
-        config, data_format="sft", source="expert", loss="sft", steps=1, learning_rate=1e-3,
-        batch_size=8, num_train=baseline_steps(config, reduced)["num_train"], init_dir=""))
+        config, data={"format": "sft", "response_source": "expert",
+                      "num_train": baseline_steps(config, reduced)["num_train"]},
+        loss="sft", steps=1, learning_rate=1e-3, batch_size=8, init_dir=""))
     adv_dir = os.path.join(wd, "adversarial")
     try:
         adv = adversarial.train_adversarial(config, adv_dir, init_params=init_params,
