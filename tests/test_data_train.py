@@ -117,11 +117,16 @@ REAL_CONFIGS = ["dil_ultrafeedback_debug.py", "dil_hh_harmless_debug.py",
 @pytest.mark.slow
 @pytest.mark.parametrize("name", REAL_CONFIGS)
 def test_debug_config_trains_on_real_data(shared_data, tmp_path, name):
-    """Each real-data config for 2 steps and one evaluation (batches of 4 to save CPU time)."""
+    """Each real-data config for 2 steps and one evaluation.
+
+    To save CPU time: batches of 4 and one padded length (max_length) so the step compiles
+    once; the bucketed compiles are checked by test_step_compiles_once_per_bucket.
+    """
     config = config_files.load(REPO / "configs" / name).get_config()
     small_run(config, tiny_model=False, **{
         "train.steps": 2, "train.global_batch_size": 4, "eval.every_steps": 2,
-        "eval.batch_size": 4, "eval.num_batches": 1, "data.cache_dir": str(tmp_path / "cache")})
+        "eval.batch_size": 4, "eval.num_batches": 1, "data.buckets": (),
+        "data.cache_dir": str(tmp_path / "cache")})
     summary = train.train_and_evaluate(config, str(tmp_path / "run"), mesh=one_device())
     assert summary["step"] == 2 and np.isfinite(summary["train"]["loss"])
     assert np.isfinite(summary["eval"]["loss"])
