@@ -236,3 +236,7 @@ def test_empty_dataset_after_filtering_and_missing_template_stop(tmp_path, tok_d
     config = files_config([write_jsonl(tmp_path / "p.jsonl", pairs(4))], tok_dirs["plain"])
     with pytest.raises(DataError, match="defines no EOS token; set config.data.eos_token"):
         build(config)
+    demos = write_jsonl(tmp_path / "demos.jsonl", [{"instruction": "a", "output": "b"}] * 4)
+    config = files_config([demos], tok_dirs["plain"], **{"data.eos_token": "</s>"})
+    with pytest.raises(DataError, match="holds demonstrations.*needs chosen/rejected pairs"):
+        build(config)

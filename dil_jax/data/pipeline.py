@@ -79,6 +79,11 @@ def build_datasets(config, workdir: str | None = None):
     buckets = normalise_buckets(data.buckets, data.max_length)
 
     train, train_report = _build_split("train", config, tok, tok_digest, cache_dir)
+    if train.num_responses == 1 and objectives.needs_pairs(validation.loss_terms(config.loss)):
+        raise DataError(f"the data holds demonstrations (N=1, format "
+                        f"{train_report.info.get('format', data.format)!r}) but "
+                        f"config.loss.name={config.loss.name!r} needs chosen/rejected pairs; use "
+                        "loss.name='sft' or a preference format")
     has_eval_source = bool(data.eval_files if data.source == "files" else data.eval_split)
     if has_eval_source:
         held_out, eval_report = _build_split("eval", config, tok, tok_digest, cache_dir)
