@@ -157,7 +157,10 @@ def train_step(state: TrainState, batch, ref_params, *, model, family, tx, terms
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    # float32 gradients promote bf16 params and moments: cast back so the state's dtypes (and
+    # the compiled step) never change from one step to the next.
     params = jax.tree.map(lambda new, old: new.astype(old.dtype), params, state.params)
+    opt_state = jax.tree.map(lambda new, old: new.astype(old.dtype), opt_state, state.opt_state)
     metrics = dict(sums, loss=loss, grad_norm=optax.tree.norm(grads),
                    param_norm=optax.tree.norm(params), response_tokens=n_tok)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics

@@ -133,3 +133,11 @@ def test_init_from_hf_weights(tiny_config, tmp_path):
     config.model.hf_path = None
     with pytest.raises(ValueError, match="config.model.hf_path"):
         train.Trainer(config)
+
+
+def test_bf16_params_keep_their_dtypes_and_compile_once(tiny_config):
+    config = tiny_config(**{"model.dtype": "bfloat16", "model.param_dtype": "bfloat16"})
+    trainer, params, losses = run_steps(config, single_device_mesh(), 3)
+    assert trainer.trace_count == 1
+    assert all(p.dtype == jax.numpy.bfloat16 for p in jax.tree.leaves(params))
+    assert np.all(np.isfinite(losses))
