@@ -10,6 +10,7 @@ numbers whatever the sharding) and, with ``--debug_nans``, NaN checks.
 from __future__ import annotations
 
 import json
+import sys
 
 import jax
 from absl import app, flags
@@ -26,8 +27,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if flags.FLAGS["verbosity"].using_default_value:
-        absl_logging.set_verbosity(absl_logging.WARNING)  # orbax is chatty at INFO; -v 0 for it
+    if not any(a.split("=")[0] in ("-v", "--verbosity", "-verbosity") for a in sys.argv[1:]):
+        # orbax logs every save at INFO; pass --verbosity=0 to see it.
+        absl_logging.set_verbosity(absl_logging.WARNING)
     jax.config.update("jax_threefry_partitionable", True)
     if _DEBUG_NANS.value:
         jax.config.update("jax_debug_nans", True)
