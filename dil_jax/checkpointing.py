@@ -84,7 +84,9 @@ def restore_latest(manager: ocp.CheckpointManager, trainer, config):
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     diffs = incompatibilities(meta["config"], config_to_dict(config))
     if diffs:
-        raise ValueError(
+        from dil_jax.validation import ConfigError  # noqa: PLC0415
+
+        raise ConfigError(
             f"refusing to resume from {manager.directory}/{step}: it was written by an "
             "incompatible config (" + "; ".join(diffs) + "). Use a new --workdir, or restore "
             "the original values.")

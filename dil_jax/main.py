@@ -34,8 +34,15 @@ def main(argv) -> None:
     if _DEBUG_NANS.value:
         jax.config.update("jax_debug_nans", True)
     from dil_jax import evaluate, train  # noqa: PLC0415 (after the runtime flags are set)
+    from dil_jax.data.report import DataError  # noqa: PLC0415
+    from dil_jax.validation import ConfigError  # noqa: PLC0415
 
-    summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        # Bad input: the message names the field, file or line; a traceback adds nothing.
+        print(f"dil_jax: error: {e}", file=sys.stderr)
+        sys.exit(2)
     summary.pop("state")
     if jax.process_index() == 0:
         if "gold" in summary:

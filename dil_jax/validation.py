@@ -34,8 +34,21 @@ def _require(ok: bool, field: str, value, expected: str) -> None:
         raise ValueError(f"config.{field}={value!r}: {expected}")
 
 
+class ConfigError(ValueError):
+    """An invalid config value (or a checkpoint written by an incompatible config)."""
+
+
 def validate_config(config, *, num_devices: int, process_count: int = 1) -> None:
-    """Raises ValueError naming the field of the first invalid value."""
+    """Raises ConfigError (a ValueError) naming the field of the first invalid value."""
+    try:
+        _validate(config, num_devices=num_devices, process_count=process_count)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def _validate(config, *, num_devices: int, process_count: int) -> None:
     m = config.model
     _require(m.family in FAMILIES, "model.family", m.family, f"expected one of {sorted(FAMILIES)}")
     for key in ("dtype", "param_dtype"):
@@ -81,7 +94,7 @@ def validate_config(config, *, num_devices: int, process_count: int = 1) -> None
     if i.mode == "pretrain":
         _require(i.pretrain is not None, "init.pretrain", i.pretrain,
                  "init.mode='pretrain' needs the pretraining run's config")
-        validate_config(i.pretrain, num_devices=num_devices, process_count=process_count)
+        _validate(i.pretrain, num_devices=num_devices, process_count=process_count)
         _require(i.pretrain.model.to_dict() == m.to_dict(), "init.pretrain.model",
                  "(differs)", "must equal config.model: the pretrained params become the policy")
     if i.mode == "hf":
