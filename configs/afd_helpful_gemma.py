@@ -1,8 +1,17 @@
-"""AfD Helpful setup at debug size: AlpacaEval demonstrations, a tiny model, CPU minutes.
+"""AfD on Anthropic HH-RLHF Helpful with Gemma-2B (paper setup), and its debug variant.
 
-  python -m dil_jax.afd_main --config=configs/afd_helpful_gemma_debug.py --workdir=/tmp/afd_help
+  # the paper's setup (Gemma-2B weights and tokenizer from the hub, your demonstration file):
+  python -m dil_jax.afd_main --config=configs/afd_helpful_gemma.py:paper --workdir=/tmp/afd_help \
+      --config.afd.demonstrations.train_files="('/data/hh_helpful_gpt4_demos.jsonl',)"
+  # debug variant (the default; offline, CPU minutes):
+  python -m dil_jax.afd_main --config=configs/afd_helpful_gemma.py --workdir=/tmp/afd_help_dbg
 
-The shape of ``afd_helpful_gemma.py`` with offline stand-ins: the GPT-2 tokenizer (Gemma's is
+Paper setup: as configs/afd_harmless_gpt2.py with π_0 = Gemma-2B (``google/gemma-2b``, its
+tokenizer and chat-free plain rendering) on the HH helpful-base pairs
+(``hh-rlhf/helpful-base/{train,test}.jsonl.gz``); demonstrations = GPT-4 answers to the Helpful
+prompts (not public; the field must be set).
+
+Debug variant: offline stand-ins: the GPT-2 tokenizer (Gemma's is
 not in ``../shared/data``) over a 1-layer Llama; demonstrations = AlpacaEval's GPT-4 outputs;
 Bradley–Terry pairs = the same instructions answered by GPT-4 (chosen) and text-davinci-003
 (rejected), joined by the ``demonstration_pairs`` format; π_0 = a few SFT steps on
@@ -15,10 +24,30 @@ import ml_collections
 from dil_jax import config_files
 
 alpaca = config_files.sibling(__file__, "dil_alpaca_demos_debug")
-harmless = config_files.sibling(__file__, "afd_harmless_gpt2_debug")
+harmless = config_files.sibling(__file__, "afd_harmless_gpt2")
 
 
-def get_config():
+def paper_config():
+    """The paper's Helpful / Gemma-2B setup (needs the hub or a local Gemma-2B directory)."""
+    config = harmless.paper_config()
+    config.model.family = "gemma"
+    config.model.hf_path = "google/gemma-2b"
+    helpful = "hh-rlhf/helpful-base"
+    for d in (config.data, config.afd.preferences):
+        d.train_files = (helpful + "/train.jsonl.gz",)
+        d.eval_files = (helpful + "/test.jsonl.gz",)
+    for d in (config.data, config.afd.preferences, config.afd.demonstrations):
+        d.tokenizer = "google/gemma-2b"
+        d.eos_token = ""  # Gemma's tokenizer declares <eos>
+    config.afd.sampling.eos_id, config.afd.sampling.pad_id = 1, 0  # Gemma <eos>, <pad>
+    return config
+
+
+def get_config(variant: str = "debug"):
+    if variant == "paper":
+        return paper_config()
+    if variant != "debug":
+        raise ValueError(f"variant {variant!r}: expected 'debug' or 'paper'")
     config = alpaca.get_config()  # GPT-4 vs text-davinci-003 pairs, tiny Llama, debug schedule
     pre = alpaca.get_config()
     pre.data.format = "prompt_response"

