@@ -275,23 +275,31 @@ def verdicts(runs) -> dict[str, tuple[str, str]]:
                f"{win['init_demo'][-1]:.2f}, SFT-Demo {win['sft_demo'][-1]:.2f} (random = 0.5)")
 
     best = float(np.max(gold["init_sft"]))
+    best_any = max(float(np.max(gold[rm])) for rm in RMS)
     dpo_pos = mean([r["dpo_demo_positive"]["gold_normalised"] for r in runs])
-    v["C5"] = ("reproduced" if best > 1.0 and dpo_pos < best else
-               "partially reproduced" if best > dpo_pos else "not reproduced",
-               f"best Init-SFT BoN normalised gold {best:.3f}; DPO with demonstrations as "
-               f"positives {dpo_pos:.3f}")
+    exceeds, near = best > 1.0, abs(dpo_pos - 1.0) <= 0.15
+    v["C5"] = ("reproduced" if exceeds and near else
+               "partially reproduced" if exceeds or near else "not reproduced",
+               f"best Init-SFT BoN normalised gold {best:.3f} (best of any reward "
+               f"{best_any:.3f}; > 1 needed); DPO with demonstrations as positives "
+               f"{dpo_pos:.3f} (≈ 1 needed)")
 
     lr, rm = gold["log_ratio"], gold["init_sft"]
     v["C6"] = ("reproduced" if np.all(lr >= rm - 0.01) else
-               "partially reproduced" if lr[-1] >= rm[-1] - 0.01 else "not reproduced",
+               "partially reproduced" if lr.max() >= rm.max() - 0.01 else "not reproduced",
                "normalised gold by N, log-ratio vs Init-SFT: " + ", ".join(
                    f"N={n}: {a:.3f}/{b:.3f}" for n, a, b in zip(n_values, lr, rm, strict=True)))
 
-    gains = np.diff(gold["init_sft"])
-    last, first = gains[-1], gains[0]
-    v["C7"] = ("reproduced" if last <= 0.5 * first else "not reproduced",
-               f"Init-SFT gain between the last two N: {last:+.3f}, between the first two: "
-               f"{first:+.3f}")
+    # Over-optimisation: judged on the reward whose Best-of-N gains most (if any gains).
+    top = max(RMS, key=lambda k: float(np.max(gold[k])))
+    peak_at = int(np.argmax(gold[top]))
+    gained = gold[top][peak_at] > gold[top][0] + 0.01
+    v["C7"] = ("reproduced" if gained and gold[top][-1] < gold[top][peak_at] - 0.01 else
+               "not reproduced",
+               f"{RM_LABELS[top]} (largest gain): normalised gold peaks at "
+               f"N={n_values[peak_at]} ({gold[top][peak_at]:.3f}) and reads "
+               f"{gold[top][-1]:.3f} at N={n_values[-1]}; N=1: {gold[top][0]:.3f}"
+               + ("" if gained else "; no reward gains at all, so nothing to flatten"))
     return v
 
 
