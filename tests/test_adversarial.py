@@ -62,8 +62,8 @@ def adv_config(**overrides):
     config = make_tiny_config()
     config.afd = afd.default_config()
     a = config.afd.adversarial
-    a.steps, a.prompts_per_step, a.samples_per_prompt = 4, 8, 2
-    a.log_every, a.checkpoint_every = 1, 2
+    a.steps, a.prompts_per_step, a.samples_per_prompt = 2, 8, 2
+    a.log_every, a.checkpoint_every = 1, 1
     a.beta = 0.1
     for k, v in overrides.items():
         a[k] = v
@@ -84,7 +84,7 @@ def test_loop_is_sharded_resumable_and_guarded(tmp_path):
     params = init_params(config, mesh)
     full = adversarial.train_adversarial(config, str(tmp_path / "full"), init_params=params,
                                          demos=demos(), mesh=mesh)
-    assert full["step"] == 4
+    assert full["step"] == 2
     for key in ("disc/loss", "disc/accuracy", "disc/auc", "disc/logits/positive",
                 "disc/logits/negative", "policy/loss", "reward/mean", "kl", "entropy"):
         assert np.isfinite(full["train"][key]), key
@@ -93,9 +93,9 @@ def test_loop_is_sharded_resumable_and_guarded(tmp_path):
     q = runner.state_sharding.params["disc"]["backbone"]["model"]["layers"]["self_attn"]
     assert q["q_proj"]["kernel"].spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
 
-    # Interrupted after 2 iterations and resumed: the same policy as the uninterrupted run.
+    # Interrupted after 1 iteration and resumed: the same policy as the uninterrupted run.
     adversarial.train_adversarial(config, str(tmp_path / "part"), init_params=params,
-                                  demos=demos(), mesh=mesh, max_steps=2)
+                                  demos=demos(), mesh=mesh, max_steps=1)
     resumed = adversarial.train_adversarial(config, str(tmp_path / "part"), init_params=params,
                                             demos=demos(), mesh=mesh)
     for a, b in zip(jax.tree.leaves(jax.device_get(full["policy_params"])),
@@ -104,13 +104,13 @@ def test_loop_is_sharded_resumable_and_guarded(tmp_path):
 
     # A bound the discriminator exceeds at once: stop with a diagnostic, keep the good step.
     config.afd.adversarial.max_abs_logit = 1e-6
-    config.afd.adversarial.steps = 6
+    config.afd.adversarial.steps = 3
     with pytest.raises(adversarial.AdversarialDivergence,
-                       match=r"step 5: discriminator logits .*max_abs_logit.*checkpoint is step 4"):
+                       match=r"step 3: discriminator logits .*max_abs_logit.*checkpoint is step 2"):
         adversarial.train_adversarial(config, str(tmp_path / "full"), init_params=params,
                                       demos=demos(), mesh=mesh)
     step, last = adversarial.load_last_good(config, str(tmp_path / "full"), mesh=mesh)
-    assert step == 4
+    assert step == 2
     for a, b in zip(jax.tree.leaves(jax.device_get(full["policy_params"])),
                     jax.tree.leaves(jax.device_get(last["policy"])), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
