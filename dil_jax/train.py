@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 from dil_jax import checkpointing, logprobs, objectives, sharding, validation
 from dil_jax.data import pipeline
 from dil_jax.metrics import MetricWriter
-from dil_jax.models import build_model
+from dil_jax.models import build_model, max_positions
 
 # Batch keys the step reads; segment_ids/positions [B, N, T] come with packed data.
 STEP_KEYS = ("input_ids", "attention_mask", "loss_mask", "ref_logps", "segment_ids", "positions")
@@ -194,7 +194,7 @@ class Trainer:
         # is None and no second model is held on the devices.
         self.reference_inline = self.needs_reference and config.reference.mode == "inline"
         self.tx, self.schedule = make_optimizer(config.optim, total_steps or config.train.steps)
-        self.seq_len = config.model.max_position_embeddings
+        self.max_positions = max_positions(self.model.config)
         self.chunks = {"seq_chunk": config.logprobs.seq_chunk,
                        "vocab_chunk": config.logprobs.vocab_chunk}
         self.abstract_state = jax.eval_shape(self._init_state, jax.random.key(0))
@@ -213,7 +213,7 @@ class Trainer:
                           opt_state=self.tx.init(params))
 
     def init_params(self, rng):
-        ids = jnp.zeros((1, min(self.seq_len, 8)), jnp.int32)
+        ids = jnp.zeros((1, min(self.max_positions, 8)), jnp.int32)
         return self.model.init(rng, ids)["params"]
 
     def abstract_params(self):

@@ -141,3 +141,24 @@ def test_bf16_params_keep_their_dtypes_and_compile_once(tiny_config):
     assert trainer.trace_count == 1
     assert all(p.dtype == jax.numpy.bfloat16 for p in jax.tree.leaves(params))
     assert np.all(np.isfinite(losses))
+
+
+@pytest.mark.parametrize("arch", [
+    {"family": "gpt2", "vocab_size": 32, "n_embd": 32, "n_layer": 2, "n_head": 2,
+     "n_positions": 64},
+    {"family": "gemma", "vocab_size": 32, "hidden_size": 32, "intermediate_size": 64,
+     "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+     "head_dim": 16, "max_position_embeddings": 64},
+], ids=lambda a: a["family"])
+def test_other_families_train_through_the_same_trainer(tiny_config, tmp_path, arch):
+    """The trainer never assumes Llama field names (GPT-2 has n_positions, not
+    max_position_embeddings)."""
+    from ml_collections import ConfigDict
+
+    config = tiny_config(**{"mesh.shape": (2, 2, 2), "train.steps": 2})
+    runtime = {k: config.model[k] for k in ("dtype", "param_dtype", "remat", "scan_layers",
+                                           "hf_path")}
+    with config.unlocked():
+        config.model = ConfigDict(dict(arch, **runtime))
+    out = train.train_and_evaluate(config, str(tmp_path))
+    assert out["step"] == 2 and np.isfinite(out["train"]["loss"])

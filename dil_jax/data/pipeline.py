@@ -241,10 +241,9 @@ def validate_data_config(config) -> None:
     unknown = set(d.field_map.keys()) - set(formats.FIELD_MAP_KEYS)
     require(not unknown, "field_map", f"unknown keys {sorted(unknown)}; expected "
             f"{formats.FIELD_MAP_KEYS}")
-    if d.max_length > config.model.max_position_embeddings:
+    if d.max_length > _max_positions(config):
         raise ValueError(f"config.data.max_length={d.max_length} exceeds "
-                         f"config.model.max_position_embeddings="
-                         f"{config.model.max_position_embeddings}")
+                         f"the model's maximum sequence length {_max_positions(config)}")
     terms = validation.loss_terms(config.loss)
     if d.packing:
         require(not objectives.needs_pairs(terms) and not objectives.needs_reference(terms),
@@ -274,10 +273,9 @@ def _gold_task(config):
         raise ValueError(f"config.data.format={data.format!r}: the gold task has formats "
                          f"{GOLD_FORMATS}")
     task = GoldTask()
-    if task.seq_len > config.model.max_position_embeddings:
-        raise ValueError("config.model.max_position_embeddings="
-                         f"{config.model.max_position_embeddings} is shorter than the gold task's "
-                         f"sequences ({task.seq_len} tokens)")
+    if task.seq_len > _max_positions(config):
+        raise ValueError(f"the model's maximum sequence length {_max_positions(config)} is "
+                         f"shorter than the gold task's sequences ({task.seq_len} tokens)")
     if task.vocab_size > config.model.vocab_size:
         raise ValueError(f"config.model.vocab_size={config.model.vocab_size} is smaller than the "
                          f"gold task's vocabulary ({task.vocab_size})")
@@ -387,3 +385,8 @@ def _hold_out(train: TokenizedDataset, num_eval: int, seed: int):
                         f"{len(train)}")
     perm = np.random.default_rng([seed, zlib.crc32(b"hold_out")]).permutation(len(train))
     return train.select(np.sort(perm[num_eval:])), train.select(np.sort(perm[:num_eval]))
+
+
+def _max_positions(config) -> int:
+    """The model's maximum sequence length, whichever family (or HF config.json) defines it."""
+    return models.max_positions(models.build_model(config.model)[0].config)

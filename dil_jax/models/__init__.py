@@ -81,3 +81,11 @@ def build_model(model_cfg):
                        param_dtype=DTYPES[model_cfg.param_dtype], remat=model_cfg.remat,
                        scan_layers=model_cfg.scan_layers)
     return module, family
+
+
+def max_positions(arch_config) -> int:
+    """The longest sequence a family's config supports (GPT-2 calls it ``n_positions``)."""
+    for name in ("max_position_embeddings", "n_positions"):
+        if hasattr(arch_config, name):
+            return int(getattr(arch_config, name))
+    raise AttributeError(f"{type(arch_config).__name__} has no maximum sequence length field")
