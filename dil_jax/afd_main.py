@@ -16,8 +16,9 @@ import os
 
 import jax
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
+
+from dil_jax.runtime import quiet_absl_logging
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a get_config() file with an "
                                           "'afd' section.", lock_config=True)
@@ -30,8 +31,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if flags.FLAGS["verbosity"].using_default_value:
-        absl_logging.set_verbosity(absl_logging.WARNING)
+    quiet_absl_logging()
     jax.config.update("jax_threefry_partitionable", True)
     from dil_jax import adversarial, afd  # noqa: PLC0415 (after the runtime flags are set)
 

@@ -14,8 +14,9 @@ import sys
 
 import jax
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
+
+from dil_jax.runtime import quiet_absl_logging
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.",
                                           lock_config=True)
@@ -27,9 +28,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not any(a.split("=")[0] in ("-v", "--verbosity", "-verbosity") for a in sys.argv[1:]):
-        # orbax logs every save at INFO; pass --verbosity=0 to see it.
-        absl_logging.set_verbosity(absl_logging.WARNING)
+    quiet_absl_logging()
     jax.config.update("jax_threefry_partitionable", True)
     if _DEBUG_NANS.value:
         jax.config.update("jax_debug_nans", True)

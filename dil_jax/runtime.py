@@ -1,0 +1,14 @@
+"""Process-wide settings that entry points (main.py, afd_main.py) apply; never on import."""
+
+from __future__ import annotations
+
+import sys
+
+from absl import logging as absl_logging
+
+
+def quiet_absl_logging() -> None:
+    """orbax logs every save at INFO: show warnings only, unless --verbosity was passed (absl's
+    flag never reads as 'default' under app.run, so the command line is checked)."""
+    if not any(a.split("=")[0] in ("-v", "--verbosity", "-verbosity") for a in sys.argv[1:]):
+        absl_logging.set_verbosity(absl_logging.WARNING)
