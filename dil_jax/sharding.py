@@ -31,8 +31,8 @@ def maybe_initialize_distributed(coordinator_address: str | None, num_processes:
     On Cloud TPU pods and SLURM/Kubernetes GPU clusters ``jax.distributed.initialize()`` discovers
     its arguments; pass them explicitly elsewhere (e.g. several CPU processes on one machine).
     """
-    if coordinator_address is None and not num_processes:
-        return
+    if (coordinator_address is None and not num_processes) or jax.distributed.is_initialized():
+        return  # single process, or a nested run (init.mode='pretrain') in an initialised one
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)
 
