@@ -18,7 +18,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from dil_jax.runtime import quiet_absl_logging
+from dil_jax.runtime import exit_on_bad_input, quiet_absl_logging
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a get_config() file with an "
                                           "'afd' section.", lock_config=True)
@@ -36,20 +36,21 @@ def main(argv) -> None:
     from dil_jax import adversarial, afd  # noqa: PLC0415 (after the runtime flags are set)
 
     config, workdir = _CONFIG.value, _WORKDIR.value
-    if _METHOD.value == "extrapolation":
-        results = afd.run_extrapolation(config, workdir)
-        summary = {"reward_models": results["reward_models"],
-                   "bon": {k: [{m: v for m, v in row.items() if not m.endswith("per_prompt")}
-                               for row in rows] for k, rows in results["bon"].items()}}
-    else:
-        trainer, init_params, base = afd.initial_policy(config, workdir)
-        sft_cfg = afd.stage_config(config, data=config.afd.demonstrations, loss="sft", steps=1,
-                                   learning_rate=1e-3, batch_size=8, init_dir=base)
-        demos, _ = afd.demonstration_arrays(sft_cfg)
-        out = adversarial.train_adversarial(config, os.path.join(workdir, "adversarial"),
-                                            init_params=init_params, demos=demos,
-                                            mesh=trainer.mesh)
-        summary = {"step": out["step"], "train": out["train"]}
+    with exit_on_bad_input():
+        if _METHOD.value == "extrapolation":
+            results = afd.run_extrapolation(config, workdir)
+            summary = {"reward_models": results["reward_models"],
+                       "bon": {k: [{m: v for m, v in row.items() if not m.endswith("per_prompt")}
+                                   for row in rows] for k, rows in results["bon"].items()}}
+        else:
+            trainer, init_params, base = afd.initial_policy(config, workdir)
+            sft_cfg = afd.stage_config(config, data=config.afd.demonstrations, loss="sft", steps=1,
+                                       learning_rate=1e-3, batch_size=8, init_dir=base)
+            demos, _ = afd.demonstration_arrays(sft_cfg)
+            out = adversarial.train_adversarial(config, os.path.join(workdir, "adversarial"),
+                                                init_params=init_params, demos=demos,
+                                                mesh=trainer.mesh)
+            summary = {"step": out["step"], "train": out["train"]}
     if jax.process_index() == 0:
         print(json.dumps(summary, indent=1))
 

@@ -10,13 +10,12 @@ numbers whatever the sharding) and, with ``--debug_nans``, NaN checks.
 from __future__ import annotations
 
 import json
-import sys
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from dil_jax.runtime import quiet_absl_logging
+from dil_jax.runtime import exit_on_bad_input, quiet_absl_logging
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.",
                                           lock_config=True)
@@ -33,15 +32,8 @@ def main(argv) -> None:
     if _DEBUG_NANS.value:
         jax.config.update("jax_debug_nans", True)
     from dil_jax import evaluate, train  # noqa: PLC0415 (after the runtime flags are set)
-    from dil_jax.data.report import DataError  # noqa: PLC0415
-    from dil_jax.validation import ConfigError  # noqa: PLC0415
-
-    try:
+    with exit_on_bad_input():
         summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        # Bad input: the message names the field, file or line; a traceback adds nothing.
-        print(f"dil_jax: error: {e}", file=sys.stderr)
-        sys.exit(2)
     summary.pop("state")
     if jax.process_index() == 0:
         if "gold" in summary:

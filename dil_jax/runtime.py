@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 from absl import logging as absl_logging
@@ -12,3 +13,17 @@ def quiet_absl_logging() -> None:
     flag never reads as 'default' under app.run, so the command line is checked)."""
     if not any(a.split("=")[0] in ("-v", "--verbosity", "-verbosity") for a in sys.argv[1:]):
         absl_logging.set_verbosity(absl_logging.WARNING)
+
+
+@contextlib.contextmanager
+def exit_on_bad_input():
+    """Bad input (config field, data record, missing file) -> its message and exit status 2:
+    the message names the field, file or line, and a traceback adds nothing."""
+    from dil_jax.data.report import DataError  # noqa: PLC0415 (keep this module light)
+    from dil_jax.validation import ConfigError  # noqa: PLC0415
+
+    try:
+        yield
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"dil_jax: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -41,21 +41,22 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, int
     """Fills one ``-1`` entry of ``(data, fsdp, tensor)`` and checks the product.
 
     Raises:
-      ValueError naming ``mesh.shape`` when the shape does not use exactly ``num_devices``.
+      ValueError naming ``config.mesh.shape`` when the shape does not use exactly ``num_devices``.
     """
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3:
-        raise ValueError(f"mesh.shape must have 3 entries (data, fsdp, tensor), got {shape}")
+        raise ValueError(f"config.mesh.shape must have 3 entries (data, fsdp, tensor), got {shape}")
     if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-        raise ValueError(f"mesh.shape={shape}: entries must be positive, with at most one -1")
+        raise ValueError(f"config.mesh.shape={shape}: entries must be positive, with at most "
+                         "one -1")
     known = int(np.prod([s for s in shape if s != -1]))
     if -1 in shape:
         if num_devices % known:
-            raise ValueError(f"mesh.shape={shape}: {known} does not divide the {num_devices} "
-                             "available devices")
+            raise ValueError(f"config.mesh.shape={shape}: {known} does not divide the "
+                             f"{num_devices} available devices")
         shape = tuple(num_devices // known if s == -1 else s for s in shape)
     if int(np.prod(shape)) != num_devices:
-        raise ValueError(f"mesh.shape={shape} needs {int(np.prod(shape))} devices but "
+        raise ValueError(f"config.mesh.shape={shape} needs {int(np.prod(shape))} devices but "
                          f"{num_devices} are available")
     return shape  # type: ignore[return-value]
 
