@@ -14,6 +14,7 @@ padded row generates exactly what it would unpadded.
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -103,9 +104,12 @@ def _generate(model, params, prompt_ids, prompt_mask, rng, *, max_new_tokens, te
         return state_tokens, state_mask, state_logps, done
 
     # Prefill: the whole prompt in one call; its last slot is real for every (left-padded) row.
+    # Only that slot's logits are needed, so the LM head runs on [B, D], never [B, P, V].
     cache = model.init_cache(B, P + M)
-    logits, cache = model.apply({"params": params}, prompt_ids, prompt_mask, positions, cache)
-    token, logp = sample(logits[:, -1], jax.random.fold_in(rng, 0))
+    hidden, cache = model.apply({"params": params}, prompt_ids, prompt_mask, positions, cache,
+                                output="hidden")  # [B, P, D]
+    logits = last_position_logits(model, params, hidden[:, -1])  # [B, V]
+    token, logp = sample(logits, jax.random.fold_in(rng, 0))
     tokens = jnp.full((B, M), pad_id, jnp.int32)
     mask = jnp.zeros((B, M), jnp.int32)
     logps = jnp.zeros((B, M), jnp.float32)
@@ -130,6 +134,17 @@ def _generate(model, params, prompt_ids, prompt_mask, rng, *, max_new_tokens, te
     state = (jnp.ones((), jnp.int32), cache, tokens[:, 0], tokens, mask, logps, done)
     _, _, _, tokens, mask, logps, _ = jax.lax.while_loop(cond, body, state)
     return GenerationOutput(tokens, mask, logps)
+
+
+def last_position_logits(model, params, hidden_last: jax.Array) -> jax.Array:
+    """[B, D] final hidden states -> [B, V] float32 logits through the family's LM head (and its
+    logit soft-cap, Gemma 2), the same projection the model's own `output='logits'` applies."""
+    family = sys.modules[type(model).__module__]  # every family module has lm_head_kernel
+    kernel = family.lm_head_kernel(params)  # [D, V]
+    logits = jnp.einsum("BD,DV->BV", hidden_last.astype(model.dtype), kernel.astype(model.dtype),
+                        preferred_element_type=jnp.float32)
+    cap = getattr(model, "logit_softcap", None)
+    return logits if not cap else cap * jnp.tanh(logits / cap)
 
 
 @functools.lru_cache(maxsize=32)
