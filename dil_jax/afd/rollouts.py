@@ -1,8 +1,9 @@
 """Policy rollouts for AfD: k responses per prompt with the KV-cache sampler, as trainer arrays.
 
 Both reverse-KL methods need on-policy samples: adversarial imitation samples k responses per
-prompt every iteration (dil_jax/adversarial.py), reward-model extrapolation samples π_0 and π_SFT
-on the training prompts and N candidates per prompt for Best-of-N (dil_jax/afd.py). This module
+prompt every iteration (dil_jax/afd/adversarial.py), reward-model extrapolation samples π_0 and
+π_SFT on the training prompts and N candidates per prompt for Best-of-N
+(dil_jax/afd/extrapolation.py). This module
 turns prompts taken from demonstration arrays into LEFT-padded sampler inputs, runs
 ``sampling.make_generate_fn`` in fixed-size calls (one compilation; the last call padded by
 repetition) of at most ``sampling.max_batch`` sequences, and lays the results out in the

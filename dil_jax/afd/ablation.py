@@ -1,13 +1,14 @@
 """Divergence ablation on the gold-reward task: every objective from one base policy, compared.
 
-What notebooks/divergence_ablation.ipynb shows, as library code (the notebook only calls these):
+What notebooks/divergence_ablation.ipynb shows, as library code (the notebook only calls these;
+its figures are dil_jax/plots.py):
 from one base policy π_0 (the quickstart's base-distribution SFT), each method trains with the
 same budget, then is sampled on held-out prompts:
 
 * preference objectives on base Bradley–Terry pairs (objectives.md §1–2): the DIL generators
   (LSIF, UKL, BCE, Basu α), DPO and f-DPO with each divergence;
 * demonstration objectives on the two-mode expert (§3): forward KL = SFT, reverse KL =
-  adversarial imitation (dil_jax/adversarial.py).
+  adversarial imitation (dil_jax/afd/adversarial.py).
 
 Reported per method: the training dynamics of the chosen / rejected log-likelihood and their
 margin (``metrics.jsonl``, objectives.md §5 names), gold reward and KL to π_0 of the final
@@ -20,13 +21,14 @@ import os
 from collections.abc import Sequence
 
 import jax
-import numpy as np
+import ml_collections
 
-from dil_jax import adversarial, afd, config_files, sharding
+from dil_jax import checkpointing, sharding
 from dil_jax import train as core
+from dil_jax.afd import adversarial
+from dil_jax.afd import extrapolation as afd
+from dil_jax.data.gold_task import GoldTask
 from dil_jax.metrics import read_metrics
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # name -> (data overrides, loss fields); preference methods learn from base pairs.
 PAIRS = {"format": "preference", "response_source": "base"}
@@ -46,9 +48,12 @@ METHODS: dict[str, tuple[dict, dict]] = {
 REDUCED_METHODS = ("dil_lsif", "dpo", "fdpo(js)", "sft (forward KL)", "adversarial (reverse KL)")
 
 
-def make_config(reduced: bool):
-    """configs/afd_gold.py on one device; ``reduced`` shrinks it to a smoke test."""
-    config = config_files.load(os.path.join(REPO, "configs", "afd_gold.py")).get_config()
+def make_config(config, reduced: bool):
+    """``config`` (configs/afd_gold.py's) on one device; ``reduced`` shrinks it to a smoke test.
+
+    The caller loads the config file, so the library never reads repository-relative paths.
+    """
+    config = ml_collections.ConfigDict(config.to_dict())
     for c in (config, config.init.pretrain):
         c.mesh.shape = (1, 1, 1)
         c.train.progress_bar = c.train.tensorboard = c.checkpoint.async_save = False
@@ -87,8 +92,6 @@ def run_method(name: str, config, base_dir: str, workroot: str, *, reduced: bool
     steps, batch = (5, 16) if reduced else (200, 64)
     workdir = os.path.join(workroot, name.replace(" ", "_").replace("(", "_").replace(")", ""))
     trainer = core.Trainer(config, mesh=_mesh())
-    from dil_jax import checkpointing  # noqa: PLC0415
-
     init_params = checkpointing.load_params(base_dir, trainer.abstract_params())
     data = dict(data, num_train=256 if reduced else 2048)
     if loss["name"] == "adversarial":
@@ -114,80 +117,21 @@ def run_method(name: str, config, base_dir: str, workroot: str, *, reduced: bool
 
 
 def _task():
-    from dil_jax.data.gold_task import GoldTask  # noqa: PLC0415
-
     return GoldTask()
 
 
-def run_ablation(workroot: str, *, reduced: bool, methods: Sequence[str] | None = None
+def run_ablation(config, workroot: str, *, reduced: bool, methods: Sequence[str] | None = None
                  ) -> list[dict]:
-    """Every method of ``methods`` (default: all, or ``REDUCED_METHODS``) from one π_0."""
-    config = make_config(reduced)
+    """Every method of ``methods`` (default: all, or ``REDUCED_METHODS``) from one π_0.
+
+    Args:
+      config: the gold-task AfD config (configs/afd_gold.py's ``get_config()``).
+    """
+    config = make_config(config, reduced)
     base_dir = train_base(config, workroot)
     config.init.mode, config.init.checkpoint_dir = "checkpoint", base_dir
     names = methods or (REDUCED_METHODS if reduced else tuple(METHODS))
     return [run_method(n, config, base_dir, workroot, reduced=reduced) for n in names]
-
-
-# ----------------------------------------------------------------------------- figures
-
-def plot_dynamics(results: Sequence[dict]):
-    """Chosen / rejected log-likelihood and margin per step (preference methods)."""
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    for r in results:
-        rows = [m for m in r["dynamics"] if "logps/rejected" in m]
-        if not rows:
-            continue
-        steps = [m["step"] for m in rows]
-        axes[0].plot(steps, [m["logps/chosen"] for m in rows], label=r["name"])
-        axes[1].plot(steps, [m["logps/rejected"] for m in rows], label=r["name"])
-        axes[2].plot(steps, [m["logps/chosen"] - m["logps/rejected"] for m in rows],
-                     label=r["name"])
-    for ax, title in zip(axes, ("chosen log-likelihood", "rejected log-likelihood",
-                                "margin (chosen − rejected)"), strict=True):
-        ax.set_title(title)
-        ax.set_xlabel("step")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
-def plot_gold_vs_kl(results: Sequence[dict]):
-    """Final gold reward against the Monte-Carlo KL to π_0, one point per method."""
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for r in results:
-        ax.errorbar(r["kl"], r["gold_reward"], xerr=r["kl_se"], yerr=r["gold_reward_se"],
-                    marker="o", capsize=3, label=r["name"])
-    ax.set_xlabel("KL(π || π_0) per response (nats)")
-    ax.set_ylabel("gold reward")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
-def plot_modes(results: Sequence[dict]):
-    """Share of samples in mode A, mode B and neither, with the entropy per response."""
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    names = [r["name"] for r in results]
-    a = np.array([r["mode_1"] for r in results])
-    b = np.array([r["mode_2"] for r in results])
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
-    x = np.arange(len(results))
-    axes[0].bar(x, a, label="mode A (copy)")
-    axes[0].bar(x, b, bottom=a, label="mode B (translate)")
-    axes[0].set_xticks(x, names, rotation=40, ha="right", fontsize=8)
-    axes[0].set_title("mode coverage")
-    axes[0].legend(fontsize=8)
-    axes[1].bar(x, [r["entropy"] for r in results])
-    axes[1].set_xticks(x, names, rotation=40, ha="right", fontsize=8)
-    axes[1].set_title("entropy per response (nats)")
-    fig.tight_layout()
-    return fig
 
 
 def summary_table(results: Sequence[dict]) -> str:

@@ -9,7 +9,7 @@ Stages, each in its own sub-directory of the workdir and each resumable:
    (``data.format='sft'``, ``loss.name='sft'``; the sequence-level forward-KL gradient *is* the
    token-level SFT gradient, claim C1, tests/test_afd.py) → π_SFT.
 3. ``samples.npz`` — one response per training prompt from π_0 and from π_SFT (KV-cache sampler).
-4. ``rm_<name>/`` — reward models (dil_jax/reward_model.py), each a backbone + scalar head:
+4. ``rm_<name>/`` — reward models (dil_jax/afd/reward_model.py), each a backbone + scalar head:
    **init_sft** (π_SFT samples 1 vs π_0 samples 0: homogeneous, the paper's proposal),
    **init_demo** (demonstrations vs π_0 samples), **sft_demo** (demonstrations vs π_SFT samples)
    — the two heterogeneous ones can key on the demonstrator's style rather than quality — and
@@ -38,8 +38,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from dil_jax import adversarial, checkpointing, reward_model, rollouts
+from dil_jax import checkpointing, logprobs
 from dil_jax import train as core
+from dil_jax.afd import adversarial, reward_model, rollouts
 from dil_jax.data import pipeline
 
 REWARD_MODELS = ("init_sft", "init_demo", "sft_demo", "bt", "log_ratio")
@@ -231,7 +232,7 @@ def response_tokens(arrays: Mapping[str, np.ndarray], width: int) -> np.ndarray:
 @functools.lru_cache(maxsize=16)
 def _logp_fn(model, family, seq_chunk: int, vocab_chunk: int):
     """Jitted summed response log-probs ``[B, N]``, cached per model (compiled once)."""
-    return jax.jit(lambda p, b: core.sequence_logps(model, family, p, b, seq_chunk=seq_chunk,
+    return jax.jit(lambda p, b: logprobs.sequence_logps(model, family, p, b, seq_chunk=seq_chunk,
                                                     vocab_chunk=vocab_chunk).sum_logps)
 
 

@@ -1,12 +1,12 @@
 """Command-line entry point for alignment from demonstrations: flags only.
 
-  python -m dil_jax.afd_main --config=configs/afd_gold.py --workdir=/tmp/afd_gold
-  python -m dil_jax.afd_main --config=configs/afd_gold.py --workdir=/tmp/afd_adv \
+  python -m dil_jax.afd.main --config=configs/afd_gold.py --workdir=/tmp/afd_gold
+  python -m dil_jax.afd.main --config=configs/afd_gold.py --workdir=/tmp/afd_adv \
       --method=adversarial
 
-``--method=extrapolation`` (default) runs dil_jax.afd.run_extrapolation (SFT, reward models,
-Best-of-N); ``--method=adversarial`` runs reverse-KL adversarial imitation of the
-demonstrations (dil_jax.adversarial) from π_0. Both resume from the workdir.
+``--method=extrapolation`` (default) runs ``extrapolation.run_extrapolation`` (SFT, reward
+models, Best-of-N); ``--method=adversarial`` runs reverse-KL adversarial imitation of the
+demonstrations (dil_jax.afd.adversarial) from π_0. Both resume from the workdir.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from dil_jax.afd import adversarial
+from dil_jax.afd import extrapolation as afd
 from dil_jax.runtime import exit_on_bad_input, quiet_absl_logging
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a get_config() file with an "
@@ -33,8 +35,6 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     quiet_absl_logging()
     jax.config.update("jax_threefry_partitionable", True)
-    from dil_jax import adversarial, afd  # noqa: PLC0415 (after the runtime flags are set)
-
     config, workdir = _CONFIG.value, _WORKDIR.value
     with exit_on_bad_input():
         if _METHOD.value == "extrapolation":

@@ -3,8 +3,8 @@
 Every iteration, for a batch of demonstration prompts:
 
 1. **Sample** k responses per prompt from the current policy with the KV-cache sampler
-   (dil_jax/rollouts.py).
-2. **Discriminator update**: one BCE step of ``D_φ = σ(f_φ)`` (dil_jax/reward_model.py),
+   (dil_jax/afd/rollouts.py).
+2. **Discriminator update**: one BCE step of ``D_φ = σ(f_φ)`` (dil_jax/afd/reward_model.py),
    demonstrations labelled 1, the k policy samples 0, class-balanced. At the optimum
    ``f* = log d_expert(y|x) − log d_π(y|x)``.
 3. **Policy update**: REINFORCE with the leave-one-out baseline (RLOO, Kool et al. 2019; Ahmadian
@@ -57,8 +57,8 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dil_jax import checkpointing, reward_model, rollouts, sharding
-from dil_jax import train as core
+from dil_jax import checkpointing, logprobs, sharding
+from dil_jax.afd import reward_model, rollouts
 from dil_jax.data import pipeline
 from dil_jax.metrics import MetricWriter
 from dil_jax.models import build_model
@@ -168,12 +168,12 @@ def adversarial_step(state: AdversarialState, demo, samples, ref_params, *, poli
     # 3. policy: RLOO on log π of whole responses, KL penalty folded into the reward.
     ref_logp = None
     if cfg["beta"] > 0:
-        ref_logp = core.sequence_logps(policy_model, policy_family,
+        ref_logp = logprobs.sequence_logps(policy_model, policy_family,
                                        jax.lax.stop_gradient(ref_params), samples,
                                        **chunks).sum_logps  # [B, k]
 
     def policy_loss(p):
-        logp = core.sequence_logps(policy_model, policy_family, p, samples,
+        logp = logprobs.sequence_logps(policy_model, policy_family, p, samples,
                                    **chunks).sum_logps  # [B, k]
         shaped = reward
         kl = jnp.zeros_like(logp)
