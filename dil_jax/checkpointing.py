@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from dil_jax.errors import ConfigError
+
 # Config sections that must match to resume: they define shapes, data order and the objective.
 # Everything else (train.steps, eval, logging, checkpoint cadence, mesh) may change on resume.
 RESUME_MUST_MATCH = ("model", "data", "loss", "seed", "train.global_batch_size")
@@ -84,8 +86,6 @@ def restore_latest(manager: ocp.CheckpointManager, trainer, config):
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     diffs = incompatibilities(meta["config"], config_to_dict(config))
     if diffs:
-        from dil_jax.validation import ConfigError  # noqa: PLC0415
-
         raise ConfigError(
             f"refusing to resume from {manager.directory}/{step}: it was written by an "
             "incompatible config (" + "; ".join(diffs) + "). Use a new --workdir, or restore "

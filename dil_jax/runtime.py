@@ -7,6 +7,8 @@ import sys
 
 from absl import logging as absl_logging
 
+from dil_jax.errors import InputError
+
 
 def quiet_absl_logging() -> None:
     """orbax logs every save at INFO: show warnings only, unless --verbosity was passed (absl's
@@ -19,11 +21,8 @@ def quiet_absl_logging() -> None:
 def exit_on_bad_input():
     """Bad input (config field, data record, missing file) -> its message and exit status 2:
     the message names the field, file or line, and a traceback adds nothing."""
-    from dil_jax.data.report import DataError  # noqa: PLC0415 (keep this module light)
-    from dil_jax.validation import ConfigError  # noqa: PLC0415
-
     try:
         yield
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (InputError, FileNotFoundError) as e:
         print(f"dil_jax: error: {e}", file=sys.stderr)
         sys.exit(2)

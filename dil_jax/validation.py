@@ -7,6 +7,7 @@ Unknown keys are already rejected by ``ml_collections`` (a locked ConfigDict and
 from __future__ import annotations
 
 from dil_jax import objectives, sharding
+from dil_jax.errors import ConfigError
 from dil_jax.models import DTYPES, FAMILIES
 
 LOSS_PARAM_KEYS = ("beta", "reduction", "label_smoothing", "gamma", "lam", "alpha", "divergence",
@@ -32,10 +33,6 @@ def loss_terms(loss_cfg) -> tuple[objectives.LossTerm, ...]:
 def _require(ok: bool, field: str, value, expected: str) -> None:
     if not ok:
         raise ValueError(f"config.{field}={value!r}: {expected}")
-
-
-class ConfigError(ValueError):
-    """An invalid config value (or a checkpoint written by an incompatible config)."""
 
 
 def validate_config(config, *, num_devices: int, process_count: int = 1) -> None:

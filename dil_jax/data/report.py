@@ -15,12 +15,10 @@ import dataclasses
 import json
 import os
 
+from dil_jax.errors import DataError  # noqa: F401 (re-exported: data modules raise it)
+
 BAD_RECORD_POLICIES = ("error", "skip")
 MAX_EXAMPLES = 20  # rejected records quoted verbatim in the report, per split
-
-
-class DataError(ValueError):
-    """A data problem the run cannot continue past; the message says where and what."""
 
 
 @dataclasses.dataclass(frozen=True)
