@@ -7,8 +7,8 @@ same 805 instructions answered by a strong and a weaker model; the ``demonstrati
 format joins them on the instruction text into preference pairs (the natural
 demonstration-to-preference setup), 64 of which are held out. Skipped and counted in
 ``data_report.json`` (``data.on_bad_record='skip'``): 2 empty text-davinci-003 outputs, 10 pairs
-where both models wrote the same answer, and instructions longer than 256 tokens. Rendered as
-plain text for GPT-2
+where both models wrote the same answer; instructions longer than the prompt budget are cut,
+keeping their end, and counted. Rendered as plain text for GPT-2
 (``\\n\\nHuman: <instruction>\\n\\nAssistant: <output><|endoftext|>``). For supervised training on
 the GPT-4 outputs alone see ``sft_alpaca_gpt4_debug.py``. Tiny 1-layer Llama, a few steps.
 """

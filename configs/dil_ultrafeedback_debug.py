@@ -4,9 +4,10 @@
 
 Data: ``../shared/data/ultrafeedback-binarized-subset/{train,eval}_clean.jsonl.gz`` (1,000 / 200
 single-turn ``{prompt, chosen, rejected}`` rows), rendered with Mistral's chat template
-(``[INST] prompt[/INST] reply</s>``), cut to 256 tokens with prompts kept to their last 128.
-Prompts longer than the whole 256-token budget, empty replies and the few pairs whose chosen
-equals rejected are skipped and counted in ``<workdir>/data_report.json``. A tiny 1-layer Llama
+(``[INST] prompt[/INST] reply</s>``), cut to 256 tokens with prompts kept to their last 128
+(also the 23 % of prompts longer than the whole 256-token budget: cut, not dropped). Empty
+replies and the few pairs whose chosen equals rejected are skipped; all of it is counted in
+``<workdir>/data_report.json``. A tiny 1-layer Llama
 (width 32, vocabulary = the tokenizer's 32,768) trains a few steps: this checks the plumbing,
 not the method. For a real run, point ``config.model`` at a pretrained model and raise
 ``data.max_length`` and ``train.steps``.

@@ -111,6 +111,34 @@ def test_truncation_modes_and_drop_policy(tok_dirs):
     assert len(arrays["example_id"]) == 0 and report.counts["dropped_too_long"] == 1
 
 
+def test_prompt_longer_than_max_length_is_cut_not_dropped(tok_dirs):
+    """Issue 17: such prompts were rejected (``prompt_too_long``), 23-25 % of UltraFeedback."""
+    tok = tokenize.load_tokenizer(tok_dirs["plain"], eos_token="</s>")
+    prompt = "the quick brown fox jumps " * 20
+    full_prompt = tok(prompt, add_special_tokens=False)["input_ids"]
+    assert len(full_prompt) > 40
+    for mode, expected in (("keep_end", full_prompt[-12:]), ("keep_start", full_prompt[:12])):
+        # on_bad_record='error': the run would have stopped here before.
+        arrays, report = run(tok, [example(prompt, " yes", " no")], max_length=40,
+                             max_prompt=12, truncation=mode)
+        (chosen, p), (rejected, _) = sequences(arrays)[0]
+        assert p == 12 and chosen[:12] == expected and rejected[:12] == expected
+        assert chosen[-1] == tok.eos_token_id  # short replies keep their EOS
+        assert report.counts["prompt_truncated"] == 1
+        assert report.counts["prompt_longer_than_max_length"] == 1
+        assert not report.bad
+
+
+def test_record_with_no_room_for_a_response_is_dropped_and_counted(tok_dirs):
+    tok = tokenize.load_tokenizer(tok_dirs["plain"], eos_token="</s>")
+    # max_prompt_length == max_length leaves no room (the config check forbids it; the
+    # tokeniser still never emits a sequence without a response token).
+    arrays, report = run(tok, [example("the quick brown fox " * 10, " yes", " no")],
+                         max_length=12, max_prompt=12)
+    assert len(arrays["example_id"]) == 0
+    assert report.counts["dropped_no_room_for_response"] == 1
+
+
 def test_real_tokenizers_load(shared_data):
     gpt2 = tokenize.load_tokenizer(str(shared_data / "tokenizers" / "gpt2" / "tokenizer.json"),
                                    eos_token="<|endoftext|>")

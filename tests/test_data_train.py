@@ -133,11 +133,14 @@ def test_debug_config_trains_on_real_data(shared_data, tmp_path, name):
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
     assert report["train"]["examples"] >= 64 and report["eval"]["examples"] >= 8
     assert 0 <= report["run_padding"]["padding_fraction"] < 1
+    # Prompts longer than the whole budget are cut to max_prompt_length, never dropped.
+    assert "prompt_too_long" not in report["train"]["bad_records"]
     if name == "dil_hh_harmless_debug.py":
+        assert report["train"]["counts"]["prompt_longer_than_max_length"] == 278
         assert report["train"]["counts"]["hh_marker_inside_reply"] == 5
         assert report["train"]["bad_records"]["empty_response"] == 4
     if name == "dil_alpaca_demos_debug.py":
         assert report["train"]["format"] == "demonstration_pairs"
-        # 2 empty text-davinci-003 outputs, 10 identical to GPT-4's, 12 over-long prompts
+        # 2 empty text-davinci-003 outputs, 10 identical to GPT-4's (long prompts are cut)
         assert report["train"]["bad_records"]["empty_response"] == 2
         assert report["train"]["bad_records"]["identical_responses"] == 10

@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-CACHE_VERSION = 1  # bump when the tokenisation code changes what it produces
+CACHE_VERSION = 2  # bump when the tokenisation changes what it produces (2: long prompts cut)
 ARRAY_KEYS = ("tokens", "starts", "lengths", "prompt_lengths", "example_id")
 
 

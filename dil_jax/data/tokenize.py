@@ -24,13 +24,16 @@ EOS: appended when the rendered response does not already contain the tokenizer'
 rendering never does; Mistral's template does). Loss masks are built from lengths (response =
 the tokens after the prompt, EOS included), never from ``ids != pad``.
 
-Truncation, per example, in this order: a prompt longer than ``max_length`` is a bad record
-(``prompt_too_long``: most likely a data error, and no response would fit); a prompt longer
-than ``max_prompt_length`` is cut to it, keeping its end (``truncation_mode='keep_end'``, the
-DIL/TRL recipes: the last turn and the generation marker survive) or its start
-(``'keep_start'``); each response is then cut from its end to fit ``max_length`` (a cut
-response loses its EOS, correctly: it did not end there). ``too_long='drop'`` drops records
-that would need any cut instead. All of it is counted.
+Truncation, per example, in this order: a prompt longer than ``max_prompt_length`` is cut to
+it, keeping its end (``truncation_mode='keep_end'``, the DIL/TRL recipes: the last turn and the
+generation marker survive) or its start (``'keep_start'``), however long it was (a prompt longer
+than the whole ``max_length`` is cut like any other, and counted again as
+``prompt_longer_than_max_length``); each response is then cut from its end to fit
+``max_length`` (a cut response loses its EOS, correctly: it did not end there). Only a record
+with no room left for a single response token is dropped (``no_room_for_response``; impossible
+while ``max_prompt_length < max_length``, which the config check enforces).
+``too_long='drop'`` drops records that would need any cut instead. All of it is counted in
+``data_report.json``.
 """
 
 from __future__ import annotations
@@ -183,6 +186,22 @@ def _batch_tokenize(tok, columns: dict[str, list[str]], num_proc: int, fingerpri
     return out
 
 
+def _cut_prompt(prompt: np.ndarray, max_prompt_length: int, max_length: int,
+                truncation_mode: str, report: SplitReport) -> np.ndarray:
+    """The prompt cut to ``max_prompt_length`` tokens per ``truncation_mode`` (counted)."""
+    if len(prompt) <= max_prompt_length:
+        return prompt
+    report.count("prompt_truncated")
+    if len(prompt) > max_length:  # longer than the whole budget: once dropped, now cut too
+        report.count("prompt_longer_than_max_length")
+    if truncation_mode == "keep_end":
+        return prompt[-max_prompt_length:]
+    if truncation_mode == "keep_start":
+        return prompt[:max_prompt_length]
+    raise DataError(f"config.data.truncation_mode={truncation_mode!r}: expected one of "
+                    f"{TRUNCATION_MODES}")
+
+
 def tokenize_examples(examples: list[Example], tok, renderer: Renderer, *, max_length: int,
                       max_prompt_length: int, truncation_mode: str, too_long: str,
                       boundary_mismatch: str, report: SplitReport, num_proc: int = 1,
@@ -235,10 +254,6 @@ def tokenize_examples(examples: list[Example], tok, renderer: Renderer, *, max_l
                     response = np.append(response, np.int32(eos))
                     report.count("eos_appended")
                 responses.append(response)
-            if len(prompt) > max_length:
-                raise BadRecord("prompt", "prompt_too_long",
-                                f"the prompt has {len(prompt)} tokens, more than "
-                                f"max_length={max_length}")
         except BadRecord as err:
             report.reject(ex.location, err)
             continue
@@ -247,11 +262,11 @@ def tokenize_examples(examples: list[Example], tok, renderer: Renderer, *, max_l
         if needs_cut and too_long == "drop":
             report.count("dropped_too_long")
             continue
-        if len(prompt) > max_prompt_length:
-            report.count("prompt_truncated")
-            prompt = prompt[-max_prompt_length:] if truncation_mode == "keep_end" else \
-                prompt[:max_prompt_length]
+        prompt = _cut_prompt(prompt, max_prompt_length, max_length, truncation_mode, report)
         budget = max_length - len(prompt)
+        if budget < 1:  # nothing of the response would fit: the one case that must drop
+            report.count("dropped_no_room_for_response")
+            continue
         for j, r in enumerate(responses):
             if len(r) > budget:
                 report.count(f"{names[j]}_truncated")
