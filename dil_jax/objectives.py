@@ -23,12 +23,13 @@ Notation (docs/objectives.md §0): `Δ_w = logp_θ(y_w|x) − logp_ref(y_w|x)`, 
 
 Overflow. With `sum` reduction a sequence log-ratio is a sum over hundreds of tokens and can
 reach ±hundreds of nats, where `exp(Δ)` (and LSIF's `exp(2Δ_l)`) overflow float32 (`exp(x)` is
-`inf` above x ≈ 88.7). Every loss that exponentiates a log-ratio therefore evaluates it at
-`clip(Δ, −max_log_ratio, max_log_ratio)`, default `DEFAULT_MAX_LOG_RATIO = 20`, so that
-`exp(2·20) ≈ 2.4e17` stays finite with room to spare. Beyond the clip the term is saturated
-(zero gradient): the loss being optimised is exactly `L(clip(Δ))`, no straight-through tricks.
-Under the official `mean` reduction a per-token log-ratio of 20 nats is never reached in practice,
-so the clip changes nothing there.
+`inf` above x ≈ 88.7). Only those exponentials are guarded, by `guarded_exp`: exact (value and
+gradient) up to `max_log_ratio` (default `DEFAULT_MAX_LOG_RATIO = 20`, so `exp(2·20) ≈ 2.4e17`
+stays finite with room to spare), continued along the tangent line beyond, so the gradient never
+drops to zero. Nothing is clipped below (exp underflows harmlessly to 0) and terms that cannot
+overflow are untouched: UKL's `−Δ_w` has gradient −1 and BCE (log σ) is exact for every Δ. Under
+the official `mean` reduction a per-token log-ratio of 20 nats is never reached in practice, so
+the guard changes nothing there.
 """
 
 from __future__ import annotations
@@ -59,8 +60,20 @@ def _f32(x) -> Array:
 
 
 def _scaled_clipped(delta, beta: float, max_log_ratio: float) -> Array:
-    """clip(β·Δ, ±max_log_ratio) in float32: the log-ratio every exponentiating loss sees."""
+    """clip(β·Δ, ±max_log_ratio) in float32 (only the generic `bregman_ratio_loss` uses it)."""
     return jnp.clip(beta * _f32(delta), -max_log_ratio, max_log_ratio)
+
+
+def guarded_exp(x, limit: float) -> Array:
+    """`exp(x)` for x ≤ limit, continued along its tangent `e^limit·(1 + x − limit)` above.
+
+    The overflow guard of every exponentiating loss (module docstring): exact value and exact
+    gradient `e^x` wherever x ≤ limit (no clip below, where exp only underflows harmlessly to 0),
+    finite and still increasing beyond, with gradient `e^limit` instead of a dead zero. Convex and
+    C¹, so a loss stays convex in Δ. Computed as `exp(min(x, limit))·(1 + max(x − limit, 0))`.
+    """
+    x = _f32(x)
+    return jnp.exp(jnp.minimum(x, limit)) * (1.0 + jnp.maximum(x - limit, 0.0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,16 +153,21 @@ def dil_lsif(
     """DIL with LSIF, the paper's main method: `−r_w + ½ r_l²`.
 
     objectives.md §1 table, h(r) = (r−1)²/2 (the generic form minus the constant ½). Gradients
-    ∂/∂Δ_w = −r_w, ∂/∂Δ_l = r_l² (times β). Computed as `−exp(Δ_w) + ½ exp(2Δ_l)` on clipped Δ.
+    ∂/∂Δ_w = −r_w, ∂/∂Δ_l = r_l² (times β). Computed as `−exp(βΔ_w) + ½ exp(2βΔ_l)` with each
+    exponential guarded above (`guarded_exp`: exact for βΔ ≤ max_log_ratio, tangent beyond).
 
     Args:
       delta_w, delta_l: [B] chosen / rejected log-ratios.
       beta: temperature on Δ (official code: 1.0).
-      max_log_ratio: clip for β·Δ; exp(2·max_log_ratio) must stay finite in float32.
+      max_log_ratio: where the exponentials leave exp for their tangent; exp(2·max_log_ratio)
+        must stay finite in float32.
+
+    Returns:
+      [B] float32 per-example loss.
     """
-    dw = _scaled_clipped(delta_w, beta, max_log_ratio)  # [B]
-    dl = _scaled_clipped(delta_l, beta, max_log_ratio)  # [B]
-    return -jnp.exp(dw) + 0.5 * jnp.exp(2.0 * dl)
+    dw = beta * _f32(delta_w)  # [B]
+    dl = beta * _f32(delta_l)  # [B]
+    return -guarded_exp(dw, max_log_ratio) + 0.5 * guarded_exp(2.0 * dl, 2.0 * max_log_ratio)
 
 
 def dil_ukl(
@@ -158,30 +176,34 @@ def dil_ukl(
 ) -> Array:
     """DIL with the unnormalised KL (KLIEP-type) generator: `−Δ_w + r_l` (paper form).
 
-    objectives.md §1 table, h(r) = r log r − r. Gradients ∂/∂Δ_w = −1, ∂/∂Δ_l = r_l.
+    objectives.md §1 table, h(r) = r log r − r. Gradients ∂/∂Δ_w = −1 (everywhere: the linear
+    chosen term is never clipped), ∂/∂Δ_l = r_l (exact up to βΔ_l = max_log_ratio, tangent above).
 
     The official code writes the chosen term as `−logp_θ(y_w)` instead of `−Δ_w`; the two differ
     by `logp_ref(y_w)`, a constant of the policy, so gradients are identical and only the logged
     value moves: `code_form = dil_ukl(Δ_w, Δ_l) − logp_ref(y_w)`. We implement the paper's form
     because it is a function of the log-ratios alone (zero-centred at π_θ = π_ref) like the others.
+    With β ≠ 1 the form is `−βΔ_w + exp(βΔ_l)`.
+
+    Returns:
+      [B] float32 per-example loss.
     """
-    dw = _scaled_clipped(delta_w, beta, max_log_ratio)
-    dl = _scaled_clipped(delta_l, beta, max_log_ratio)
-    return -dw + jnp.exp(dl)
+    return -beta * _f32(delta_w) + guarded_exp(beta * _f32(delta_l), max_log_ratio)
 
 
-def dil_bce(
-    delta_w: Array, delta_l: Array, *, beta: float = 1.0,
-    max_log_ratio: float = DEFAULT_MAX_LOG_RATIO,
-) -> Array:
-    """DIL with the logistic (binary KL) generator: `−log σ(Δ_w) − log σ(−Δ_l)`.
+def dil_bce(delta_w: Array, delta_l: Array, *, beta: float = 1.0) -> Array:
+    """DIL with the logistic (binary KL) generator: `−log σ(βΔ_w) − log σ(−βΔ_l)`.
 
     objectives.md §1 table, h(r) = r log r − (1+r) log(1+r). Gradients ∂/∂Δ_w = −σ(−Δ_w),
-    ∂/∂Δ_l = σ(Δ_l). Uses log σ, stable for any Δ; the clip only keeps all DIL losses saturating
-    at the same place.
+    ∂/∂Δ_l = σ(Δ_l). Written with log σ, exact and finite for any Δ, so it needs no guard (and
+    accepts no max_log_ratio). TRL's `bco_pair` is this loss plus a running-mean reward shift δ
+    inside both sigmoids, which the alias `bco_pair` here leaves out (δ = 0).
+
+    Returns:
+      [B] float32 per-example loss.
     """
-    dw = _scaled_clipped(delta_w, beta, max_log_ratio)
-    dl = _scaled_clipped(delta_l, beta, max_log_ratio)
+    dw = beta * _f32(delta_w)
+    dl = beta * _f32(delta_l)
     return -jax.nn.log_sigmoid(dw) - jax.nn.log_sigmoid(-dl)
 
 
@@ -193,16 +215,20 @@ def dil_basu(
 
     objectives.md §1 table (not in the paper; a natural extension), h(r) = (r^{1+α} − r)/α, α > 0.
     The generic form is this plus the constant 1/α; α = 1 gives 2× LSIF. Gradients
-    ∂/∂Δ_w = −(1+α) r_w^α, ∂/∂Δ_l = (1+α) r_l^{1+α}. Needs (1+α)·max_log_ratio < 88 so that
-    r_l^{1+α} stays finite in float32.
+    ∂/∂Δ_w = −(1+α) r_w^α, ∂/∂Δ_l = (1+α) r_l^{1+α}, exact up to βΔ = max_log_ratio (tangent
+    above, `guarded_exp`). Needs (1+α)·max_log_ratio < 88 so that the guard itself is finite.
+
+    Returns:
+      [B] float32 per-example loss.
     """
     if isinstance(alpha, numbers.Real) and (1.0 + alpha) * max_log_ratio >= _FLOAT32_EXP_LIMIT:
         raise ValueError(
             f"dil_basu: (1 + alpha) * max_log_ratio = {(1.0 + alpha) * max_log_ratio} overflows "
             f"float32 exp; lower alpha or max_log_ratio")
-    dw = _scaled_clipped(delta_w, beta, max_log_ratio)
-    dl = _scaled_clipped(delta_l, beta, max_log_ratio)
-    return jnp.exp((1.0 + alpha) * dl) - (1.0 + alpha) / alpha * jnp.exp(alpha * dw)
+    dw = beta * _f32(delta_w)
+    dl = beta * _f32(delta_l)
+    return (guarded_exp((1.0 + alpha) * dl, (1.0 + alpha) * max_log_ratio)
+            - (1.0 + alpha) / alpha * guarded_exp(alpha * dw, alpha * max_log_ratio))
 
 
 def cpc_ratio_loss(delta_pos: Array, delta_neg: Array, *, beta: float) -> Array:
@@ -266,16 +292,17 @@ def _f_prime(delta: Array, divergence: str, alpha: float, max_log_ratio: float) 
 
     reverse KL: log u + 1 = Δ + 1 (linear, no clip: fdpo then equals DPO exactly);
     forward KL: −1/u = −exp(−Δ); JS: log(2u/(1+u)) = log 2 + log σ(Δ);
-    α-divergence: (1 − u^{−α})/α = −expm1(−αΔ)/α. The two exponentials use clipped Δ.
+    α-divergence: (1 − u^{−α})/α. The two exponentials are `guarded_exp`s (exact while
+    −Δ ≤ max_log_ratio).
     """
     if divergence == "reverse_kl":
         return delta + 1.0
     if divergence == "forward_kl":
-        return -jnp.exp(-jnp.clip(delta, -max_log_ratio, max_log_ratio))
+        return -guarded_exp(-delta, max_log_ratio)
     if divergence == "js":
         return math.log(2.0) + jax.nn.log_sigmoid(delta)
     if divergence == "alpha":
-        return -jnp.expm1(-alpha * jnp.clip(delta, -max_log_ratio, max_log_ratio)) / alpha
+        return (1.0 - guarded_exp(-alpha * delta, alpha * max_log_ratio)) / alpha
     raise ValueError(f"divergence must be one of {FDPO_DIVERGENCES}, got {divergence!r}")
 
 
@@ -288,7 +315,7 @@ def fdpo(
     Args:
       divergence: 'reverse_kl' (= DPO), 'forward_kl', 'js' or 'alpha' (see `_f_prime`).
       alpha: the α of the α-divergence, in (0, 1) in the paper.
-      max_log_ratio: clip on Δ inside the exponentials of forward KL and α.
+      max_log_ratio: guard of the exponentials of forward KL and α (`guarded_exp`).
     """
     fw = _f_prime(_f32(delta_w), divergence, alpha, max_log_ratio)  # [B]
     fl = _f_prime(_f32(delta_l), divergence, alpha, max_log_ratio)  # [B]
@@ -350,7 +377,9 @@ class SequenceLogps(NamedTuple):
     policy: Array  # [B, N] summed response-token log-probs of the policy, float32
     n_tokens: Array  # [B, N] number of response tokens, float32 (≥ 1 on real rows)
     reference: Array | None = None  # [B, N] summed reference log-probs, same layout
-    mean_logits: Array | None = None  # [B, N] mean logit over response tokens and vocab
+    # [B, N] per-sequence mean logit over response tokens and vocab (Σ_t mean_v logit / n_tokens);
+    # compute_loss reports its token-weighted batch mean as TRL's 'logits/*'.
+    mean_logits: Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -414,7 +443,7 @@ _DIL = {"beta": 1.0, "max_log_ratio": DEFAULT_MAX_LOG_RATIO, "reduction": "mean"
 LOSSES: dict[str, LossSpec] = {
     "dil_lsif": LossSpec(dil_lsif, _feed_deltas, True, True, dict(_DIL)),
     "dil_ukl": LossSpec(dil_ukl, _feed_deltas, True, True, dict(_DIL)),
-    "dil_bce": LossSpec(dil_bce, _feed_deltas, True, True, dict(_DIL)),
+    "dil_bce": LossSpec(dil_bce, _feed_deltas, True, True, {"beta": 1.0, "reduction": "mean"}),
     "dil_basu": LossSpec(dil_basu, _feed_deltas, True, True, dict(_DIL, alpha=0.5)),
     "dpo": LossSpec(dpo, _feed_deltas, True, True, {"beta": 0.1, "reduction": "sum"}),
     "cdpo": LossSpec(cdpo, _feed_deltas, True, True,
@@ -560,7 +589,9 @@ def compute_loss(
       metrics: dict of [B] float32 arrays: 'loss', 'loss/<name>' per term (unweighted; a repeated
         name gets a '_<index>' suffix) and, for N = 2, the TRL names 'rewards/chosen',
         'rewards/rejected', 'rewards/margins', 'rewards/accuracies', 'logps/chosen',
-        'logps/rejected' (+ 'logits/chosen', 'logits/rejected' when mean_logits is given).
+        'logps/rejected' (+ 'logits/chosen', 'logits/rejected' when mean_logits is given: as in
+        TRL, the mean logit over every response token of the batch, `token_weighted_mean`, the
+        same value on every row so that any average over rows reproduces it).
         Rewards and logps come from the first pair-wise term (else the first term) in its
         reduction: β·Δ for reference-based losses (Δ for DIL at β = 1), β·logp for
         reference-free ones (λ·logp for ORPO, as TRL; logp for sft). For N = 1 only
@@ -605,10 +636,28 @@ def compute_loss(
     else:
         metrics.update(_reward_metrics(lead, seqs))
     if seqs.mean_logits is not None:
-        metrics["logits/chosen"] = _f32(seqs.mean_logits[:, 0])
+        token_mean = token_weighted_mean(seqs.mean_logits, seqs.n_tokens)  # [N]
+        metrics["logits/chosen"] = jnp.broadcast_to(token_mean[0], seqs.policy.shape[:1])
         if n == 2:
-            metrics["logits/rejected"] = _f32(seqs.mean_logits[:, 1])
+            metrics["logits/rejected"] = jnp.broadcast_to(token_mean[1], seqs.policy.shape[:1])
     return total, metrics
+
+
+def token_weighted_mean(per_sequence_mean: Array, n_tokens: Array) -> Array:
+    """TRL's `logits/*`: the mean over every response token of the batch, per pair index.
+
+    `Σ_b mean_b·n_b / Σ_b n_b` over the batch axis, i.e. long responses weigh in proportion to
+    their length (TRL: `logits[loss_mask].mean()`), not the mean of per-sequence means.
+
+    Args:
+      per_sequence_mean: [B, N] per-sequence means over response tokens (0 on empty rows).
+      n_tokens: [B, N] response-token counts.
+
+    Returns:
+      [N] float32.
+    """
+    n = _f32(n_tokens)
+    return jnp.sum(_f32(per_sequence_mean) * n, axis=0) / jnp.maximum(jnp.sum(n, axis=0), 1.0)
 
 
 def _reward_metrics(term: LossTerm, seqs: SequenceLogps) -> dict[str, Array]:

@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 from conftest import make_tiny_config
 
-from dil_jax import adversarial, afd, sharding, train
+from dil_jax import sharding, train
+from dil_jax.afd import adversarial, rollouts
+from dil_jax.afd import extrapolation as afd
 from dil_jax.data.gold_task import GoldTask
+from dil_jax.errors import ConfigError
 
 
 def test_reward_variants_hand_computed():
@@ -86,7 +89,9 @@ def test_loop_is_sharded_resumable_and_guarded(tmp_path):
                                          demos=demos(), mesh=mesh)
     assert full["step"] == 2
     for key in ("disc/loss", "disc/accuracy", "disc/auc", "disc/logits/positive",
-                "disc/logits/negative", "policy/loss", "reward/mean", "kl", "entropy"):
+                "disc/logits/negative", "policy/loss", "reward/mean", "kl", "entropy",
+                "lengths/demo_mean", "lengths/sample_mean", "lengths/demo_over_budget",
+                "lengths/sample_at_budget"):
         assert np.isfinite(full["train"][key]), key
     runner = full["runner"]
     assert runner.trace_count == 1  # one compiled update for the whole loop
@@ -137,3 +142,50 @@ def test_bad_inputs_name_the_field(tmp_path):
         adversarial.AdversarialImitation(other, mesh=mesh)
     with pytest.raises(ValueError, match="afd.adversarial.reward"):
         adversarial.AdversarialImitation(adv_config(reward="hinge"), mesh=mesh)
+
+
+def test_kl_metric_is_logged_without_the_penalty(tmp_path):
+    """β = 0 used to log kl ≡ 0; the policy has moved after step 1, so step 2's kl is not 0."""
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    config = adv_config(beta=0.0)
+    config.afd.adversarial.learning_rate = 1e-2
+    out = adversarial.train_adversarial(config, str(tmp_path), init_params=init_params(
+        config, mesh), demos=demos(), mesh=mesh)
+    assert out["train"]["kl"] != 0.0 and np.isfinite(out["train"]["kl"])
+
+
+@pytest.mark.parametrize("field,value", [("temperature", 0.7), ("top_p", 0.95), ("top_k", 5)])
+def test_filtered_sampling_is_refused(field, value):
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    config = adv_config()
+    config.afd.sampling[field] = value
+    with pytest.raises(ConfigError, match=rf"afd\.sampling\.{field}={value}"):
+        adversarial.AdversarialImitation(config, mesh=mesh)
+
+
+def test_config_mistakes_are_config_errors():
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    for overrides, field in [({"samples_per_prompt": 1}, "samples_per_prompt"),
+                             ({"reward": "hinge"}, "reward"), ({"beta": -1.0}, "beta"),
+                             ({"max_abs_logit": 0.0}, "max_abs_logit")]:
+        with pytest.raises(ConfigError, match=f"afd.adversarial.{field}"):
+            adversarial.AdversarialImitation(adv_config(**overrides), mesh=mesh)
+    config = adv_config()
+    config.afd.adversarial.disc.level = "paragraph"
+    with pytest.raises(ConfigError, match=r"afd\.adversarial\.disc\.level"):
+        adversarial.AdversarialImitation(config, mesh=mesh)
+
+
+def test_length_matching_truncates_demonstrations_to_the_sampler_budget():
+    # [prompt prompt | 5 response tokens | pad], budget 3.
+    arrays = {"input_ids": np.array([[[7, 8, 1, 2, 3, 4, 5, 0]]]),
+              "attention_mask": np.array([[[1, 1, 1, 1, 1, 1, 1, 0]]]),
+              "loss_mask": np.array([[[0, 0, 1, 1, 1, 1, 1, 0]]])}
+    cut = rollouts.truncate_responses(arrays, 3)
+    np.testing.assert_array_equal(cut["loss_mask"], [[[0, 0, 1, 1, 1, 0, 0, 0]]])
+    np.testing.assert_array_equal(cut["attention_mask"], [[[1, 1, 1, 1, 1, 0, 0, 0]]])
+    np.testing.assert_array_equal(cut["input_ids"], [[[7, 8, 1, 2, 3, 0, 0, 0]]])
+    samples = {"loss_mask": np.array([[[0, 0, 1, 1, 1], [0, 0, 1, 0, 0]]])}
+    stats = rollouts.length_stats(arrays, samples, 3)
+    assert stats == {"lengths/demo_mean": 5.0, "lengths/sample_mean": 2.0,
+                     "lengths/demo_over_budget": 1.0, "lengths/sample_at_budget": 0.5}

@@ -300,14 +300,68 @@ def test_overflow_safe_with_huge_log_ratios(entry):
     assert bool(jnp.all(jnp.isfinite(grad))), (entry, grad)
 
 
-def test_clip_is_exact_inside_and_saturates_outside():
+def test_guard_is_exact_inside_and_tangent_outside():
     dw = jnp.array([0.5, 30.0], jnp.float32)
     dl = jnp.array([-0.5, 30.0], jnp.float32)
     loss = obj.dil_lsif(dw, dl, max_log_ratio=20.0)
     assert float(loss[0]) == pytest.approx(-math.exp(0.5) + 0.5 * math.exp(-1.0), rel=1e-6)
-    assert float(loss[1]) == pytest.approx(-math.exp(20.0) + 0.5 * math.exp(40.0), rel=1e-6)
+    # Beyond the guard each exponential follows its tangent: e^m (1 + x − m).
+    expected = -math.exp(20.0) * 11.0 + 0.5 * math.exp(40.0) * 21.0
+    assert float(loss[1]) == pytest.approx(expected, rel=1e-6)
     grads = jax.grad(lambda a, b: obj.dil_lsif(a, b).sum(), argnums=(0, 1))(dw, dl)
-    assert float(grads[0][1]) == 0.0 and float(grads[1][1]) == 0.0
+    # Never a dead zero: the tangent's slopes −e^m and ½·2·e^{2m}.
+    assert float(grads[0][1]) == pytest.approx(-math.exp(20.0), rel=1e-6)
+    assert float(grads[1][1]) == pytest.approx(math.exp(40.0), rel=1e-6)
+
+
+def _analytic_grads(name, dw, dl, m):
+    """objectives.md §1 gradient table, with the tangent slope where β·Δ passes the guard m."""
+    e = math.exp
+    if name == "dil_lsif":
+        return -e(min(dw, m)), e(min(2 * dl, 2 * m))
+    if name == "dil_ukl":
+        return -1.0, e(min(dl, m))
+    if name == "dil_bce":  # −σ(−Δ_w), σ(Δ_l) in a stable form
+        sig = lambda x: 1.0 / (1.0 + e(-x)) if x >= 0 else e(x) / (1.0 + e(x))  # noqa: E731
+        return -sig(-dw), sig(dl)
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", ["dil_lsif", "dil_ukl", "dil_bce"])
+@pytest.mark.parametrize("size", [25.0, 100.0, 1e4])
+@pytest.mark.parametrize("signs", [(1, 1), (-1, -1), (1, -1), (-1, 1)])
+def test_dil_gradients_at_large_log_ratios_match_the_table(name, size, signs):
+    """Issue 14: under `sum` the old clip made ∂L/∂Δ_w = 0 at Δ_w = −25 (true value −1 for UKL)."""
+    dw, dl = signs[0] * size, signs[1] * size
+    terms = obj.parse_loss_terms([{"name": name, "reduction": "sum"}])
+    m = terms[0].params.get("max_log_ratio", obj.DEFAULT_MAX_LOG_RATIO)
+    policy = jnp.array([[dw, dl]], jnp.float32)
+
+    def total(p):
+        loss, _ = obj.compute_loss(terms, obj.SequenceLogps(p, jnp.full_like(p, 300.0),
+                                                            jnp.zeros_like(p)))
+        return loss.sum()
+
+    grad = jax.grad(total)(policy)[0]
+    gw, gl = _analytic_grads(name, dw, dl, m)
+    assert bool(jnp.all(jnp.isfinite(grad)))
+    np.testing.assert_allclose(np.asarray(grad), [gw, gl], rtol=1e-5, atol=1e-30)
+    if name == "dil_ukl":
+        assert float(grad[0]) == -1.0  # the chosen term is never clipped
+
+
+def test_ukl_gradient_exact_at_25_nats_with_a_wide_guard():
+    grad = jax.grad(lambda d: obj.dil_ukl(d[0], d[1], max_log_ratio=44.0).sum())(
+        jnp.array([[-25.0], [25.0]], jnp.float32))
+    np.testing.assert_allclose(np.asarray(grad)[:, 0], [-1.0, math.exp(25.0)], rtol=1e-6)
+
+
+def test_guarded_exp_value_and_gradient():
+    x = jnp.array([-1e4, -3.0, 5.0, 7.0, 1e4], jnp.float32)
+    y, g = jax.vmap(jax.value_and_grad(lambda v: obj.guarded_exp(v, 5.0)))(x)
+    np.testing.assert_allclose(y[:4], [0.0, math.exp(-3), math.exp(5), 3 * math.exp(5)], rtol=1e-6)
+    np.testing.assert_allclose(g, [0.0, math.exp(-3), math.exp(5), math.exp(5), math.exp(5)],
+                               rtol=1e-6)
 
 
 # --- combiner ---------------------------------------------------------------------------------
@@ -333,6 +387,17 @@ def test_combination_weights_and_metrics():
     np.testing.assert_allclose(m["logits/chosen"], [0.25] * 3)
     np.testing.assert_allclose(m["logits/rejected"], [-0.5] * 3)
     assert all(v.shape == (3,) for v in m.values())
+
+
+def test_logits_metrics_average_per_token_like_trl():
+    # Two chosen responses: 1 token with mean logit 1.0, 3 tokens with mean logit 3.0. TRL takes
+    # the mean over all 4 tokens, (1 + 9) / 4 = 2.5, not the mean of sequence means (2.0).
+    seqs = obj.SequenceLogps(policy=jnp.zeros((2, 2)), n_tokens=jnp.array([[1.0, 2.0], [3.0, 2.0]]),
+                             reference=jnp.zeros((2, 2)),
+                             mean_logits=jnp.array([[1.0, -1.0], [3.0, 0.0]]))
+    _, m = obj.compute_loss(obj.parse_loss_terms(["dpo"]), seqs)
+    np.testing.assert_allclose(m["logits/chosen"], [2.5, 2.5])
+    np.testing.assert_allclose(m["logits/rejected"], [-0.5, -0.5])
 
 
 def test_dpo_rewards_are_beta_delta_on_sums():

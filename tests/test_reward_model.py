@@ -8,7 +8,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dil_jax import reward_model, sharding
+from dil_jax import sharding
+from dil_jax.afd import reward_model
 from dil_jax.data.gold_task import GoldTask
 
 TASK = GoldTask()
@@ -56,6 +57,36 @@ def test_bce_minimiser_is_the_log_density_ratio():
     for _ in range(3000):
         f = step(f)
     np.testing.assert_allclose(f, np.log(p_pos / p_neg), atol=1e-3)
+
+
+def test_token_level_optimum_is_the_occupancy_ratio_not_the_sequence_ratio():
+    """Tabular check of the token-level docstring: responses (a, b) of length 2 over {0, 1}.
+
+    Each response contributes its 2 tokens with weight ½ (token-averaged per sequence); the
+    state-action occupancies are ρ(∅, a) = ½ P(a) and ρ((a), b) = ½ P(a, b). The population BCE
+    optimum is log ρ_E − log ρ_π, whose sum over a response is the sequence log-ratio plus the
+    prefix-occupancy ratio log P_E(a) − log P_π(a), not the sequence log-ratio alone.
+    """
+    p_e = np.array([[0.6, 0.1], [0.1, 0.2]])  # P_E(a, b)
+    p_pi = np.array([[0.1, 0.2], [0.3, 0.4]])
+    occ_e = np.concatenate([0.5 * p_e.sum(1), 0.5 * p_e.ravel()])  # 2 first-token + 4 second
+    occ_pi = np.concatenate([0.5 * p_pi.sum(1), 0.5 * p_pi.ravel()])
+    labels = jnp.concatenate([jnp.ones(6), jnp.zeros(6)])
+    weights = jnp.asarray(np.concatenate([occ_e, occ_pi]), jnp.float32)
+
+    def loss(f):
+        return reward_model.bce_loss(jnp.concatenate([f, f]), labels, weights)
+
+    step = jax.jit(lambda f: f - 4.0 * jax.grad(loss)(f))
+    f = jnp.zeros(6)
+    for _ in range(4000):
+        f = step(f)
+    np.testing.assert_allclose(f, np.log(occ_e / occ_pi), atol=1e-3)
+    token_sum = np.array([[f[a] + f[2 + 2 * a + b] for b in range(2)] for a in range(2)])
+    seq_ratio = np.log(p_e / p_pi)
+    prefix_ratio = np.log(p_e.sum(1) / p_pi.sum(1))[:, None]
+    np.testing.assert_allclose(token_sum, seq_ratio + prefix_ratio, atol=2e-3)
+    assert np.abs(token_sum - seq_ratio).max() > 0.8  # ~log(7/3) = 0.85 nats apart
 
 
 def test_bradley_terry_hand_computed():

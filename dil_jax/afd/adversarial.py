@@ -14,7 +14,19 @@ Every iteration, for a batch of demonstration prompts:
        r̃_i = r(f_φ(x, y_i)) − β · (log π_θ(y_i|x) − log π_ref(y_i|x))     (no gradient)
 
    The optional KL term is folded into the reward, the standard RLOO form: its score-function
-   gradient is the gradient of ``β·KL(π_θ || π_ref)``.
+   gradient is the gradient of ``β·KL(π_θ || π_ref)``. The Monte-Carlo ``kl`` metric is logged
+   whatever β (the reference forward always runs).
+
+   The score function ``∇ log π_θ(y|x)`` is only unbiased when the samples come from π_θ itself,
+   so ``afd.sampling`` must be unfiltered here (temperature 1, top_p 1, top_k 0): a filtered
+   sampler (e.g. the HH config's top-p 0.95) draws from another distribution, and the
+   constructor refuses it with a ConfigError naming the field.
+
+Length matching (``adversarial.match_lengths``, default on): samples stop at
+``afd.sampling.max_new_tokens``, demonstrations do not, so response length alone would separate
+the classes (91 % of the debug demonstrations exceed a 32-token budget). Each demonstration's
+response is cut to the same budget before the discriminator sees it, and the length statistics
+of both classes are logged (``lengths/*``, :func:`dil_jax.afd.rollouts.length_stats`).
 
 Reward choices (``adversarial.reward``), all functions of the same discriminator logit f:
 
@@ -60,6 +72,7 @@ from jax.sharding import PartitionSpec as P
 from dil_jax import checkpointing, logprobs, sharding
 from dil_jax.afd import reward_model, rollouts
 from dil_jax.data import pipeline
+from dil_jax.errors import ConfigError, DataError
 from dil_jax.metrics import MetricWriter
 from dil_jax.models import build_model
 
@@ -83,6 +96,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.warmup_ratio = 0.05
     c.grad_clip = 1.0
     c.max_abs_logit = 50.0  # divergence guard on |f| of the discriminator
+    # Cut demonstrations to the sampler's budget (afd.sampling.max_new_tokens) so that length
+    # alone cannot separate them from policy samples.
+    c.match_lengths = True
     c.checkpoint_every = 50
     c.log_every = 10
     c.seed = 0
@@ -125,6 +141,29 @@ def reinforce_loss(logps: jax.Array, advantages: jax.Array) -> jax.Array:
     return -jnp.mean(jax.lax.stop_gradient(advantages) * logps)
 
 
+def check_unfiltered_sampling(sampling_cfg, field: str = "afd.sampling") -> None:
+    """REINFORCE needs samples from π_θ itself: refuse temperature ≠ 1, top-p < 1 or top-k > 0.
+
+    The policy gradient uses ``∇ log π_θ(y|x)`` and the KL uses ``log π_θ``; under a filtered
+    sampler the samples follow another distribution and both are biased.
+
+    Raises:
+      ConfigError naming ``<field>.temperature``, ``<field>.top_p`` or ``<field>.top_k``.
+    """
+    bad = []
+    if float(sampling_cfg.temperature) != 1.0:
+        bad.append(f"{field}.temperature={sampling_cfg.temperature} (need 1.0)")
+    if float(sampling_cfg.top_p) < 1.0:
+        bad.append(f"{field}.top_p={sampling_cfg.top_p} (need 1.0)")
+    if int(sampling_cfg.top_k) > 0:
+        bad.append(f"{field}.top_k={sampling_cfg.top_k} (need 0)")
+    if bad:
+        raise ConfigError(
+            f"{'; '.join(bad)}: adversarial imitation's policy gradient and KL use log π_θ, so its "
+            "samples must come from π_θ itself, not a filtered sampler; set these fields for the "
+            "adversarial run (Best-of-N may keep its own filtered sampling)")
+
+
 @flax.struct.dataclass
 class AdversarialState:
     step: jax.Array  # [] int32
@@ -140,7 +179,8 @@ def adversarial_step(state: AdversarialState, demo, samples, ref_params, *, poli
     Args:
       demo: ``input_ids``, ``attention_mask``, ``loss_mask`` ``[B, 1, T]`` demonstrations.
       samples: the same keys ``[B, k, T]``: policy samples for the same prompts.
-      ref_params: frozen reference policy (read only when ``cfg['beta'] > 0``).
+      ref_params: frozen reference policy (the KL penalty when ``cfg['beta'] > 0``; the ``kl``
+        metric always).
       cfg: hashable dict items: reward, beta, level.
     """
     cfg = dict(cfg)
@@ -165,21 +205,17 @@ def adversarial_step(state: AdversarialState, demo, samples, ref_params, *, poli
                                    level=cfg["level"]).logits  # [B, k]
     reward = rl_reward(f, cfg["reward"])  # [B, k]
 
-    # 3. policy: RLOO on log π of whole responses, KL penalty folded into the reward.
-    ref_logp = None
-    if cfg["beta"] > 0:
-        ref_logp = logprobs.sequence_logps(policy_model, policy_family,
+    # 3. policy: RLOO on log π of whole responses, KL penalty folded into the reward. The
+    # reference runs whatever β, so that the `kl` metric is always the policy's drift.
+    ref_logp = logprobs.sequence_logps(policy_model, policy_family,
                                        jax.lax.stop_gradient(ref_params), samples,
                                        **chunks).sum_logps  # [B, k]
 
     def policy_loss(p):
         logp = logprobs.sequence_logps(policy_model, policy_family, p, samples,
-                                   **chunks).sum_logps  # [B, k]
-        shaped = reward
-        kl = jnp.zeros_like(logp)
-        if ref_logp is not None:
-            kl = jax.lax.stop_gradient(logp) - ref_logp
-            shaped = reward - cfg["beta"] * kl
+                                       **chunks).sum_logps  # [B, k]
+        kl = jax.lax.stop_gradient(logp) - ref_logp  # [B, k] Monte-Carlo KL(π || π_ref)
+        shaped = reward - cfg["beta"] * kl if cfg["beta"] > 0 else reward
         adv = rloo_advantages(shaped)
         return reinforce_loss(logp, adv), (logp, kl, adv)
 
@@ -221,23 +257,24 @@ class AdversarialImitation:
     def __init__(self, config, *, mesh=None):
         adv = config.afd.adversarial
         if adv.reward not in REWARDS:
-            raise ValueError(f"afd.adversarial.reward={adv.reward!r}: expected one of {REWARDS}")
+            raise ConfigError(f"afd.adversarial.reward={adv.reward!r}: expected one of {REWARDS}")
         if adv.samples_per_prompt < 2:
-            raise ValueError(f"afd.adversarial.samples_per_prompt={adv.samples_per_prompt}: "
-                             "RLOO needs at least 2 samples per prompt")
+            raise ConfigError(f"afd.adversarial.samples_per_prompt={adv.samples_per_prompt}: "
+                              "RLOO needs at least 2 samples per prompt")
         if adv.beta < 0:
-            raise ValueError(f"afd.adversarial.beta={adv.beta}: must be >= 0")
+            raise ConfigError(f"afd.adversarial.beta={adv.beta}: must be >= 0")
         if adv.max_abs_logit <= 0:
-            raise ValueError(f"afd.adversarial.max_abs_logit={adv.max_abs_logit}: must be > 0")
+            raise ConfigError(f"afd.adversarial.max_abs_logit={adv.max_abs_logit}: must be > 0")
         if adv.disc.loss != "bce":
-            raise ValueError(f"afd.adversarial.disc.loss={adv.disc.loss!r}: the discriminator "
-                             "is trained with 'bce'")
+            raise ConfigError(f"afd.adversarial.disc.loss={adv.disc.loss!r}: the discriminator "
+                              "is trained with 'bce'")
+        check_unfiltered_sampling(config.afd.sampling)
         self.config, self.cfg = config, adv
         self.mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh.shape)
         dp = sharding.data_parallel_size(self.mesh)
         if adv.prompts_per_step % dp:
-            raise ValueError(f"afd.adversarial.prompts_per_step={adv.prompts_per_step} must be a "
-                             f"multiple of the data-parallel size {dp}")
+            raise ConfigError(f"afd.adversarial.prompts_per_step={adv.prompts_per_step} must be a "
+                              f"multiple of the data-parallel size {dp}")
         self.policy_model, self.family = build_model(config.model)
         disc_model_cfg = adv.get("disc_model") or config.model
         reward_model.check_compatible(config.model, disc_model_cfg,
@@ -247,7 +284,7 @@ class AdversarialImitation:
         disc_cfg.global_batch_size = adv.prompts_per_step
         disc_cfg.steps = adv.steps
         self.disc = reward_model.RewardModel(disc_model_cfg, disc_cfg, mesh=self.mesh,
-                                             seed=adv.seed)
+                                             seed=adv.seed, field="afd.adversarial.disc")
         schedule = optax.warmup_cosine_decay_schedule(
             0.0, adv.learning_rate, max(int(adv.warmup_ratio * adv.steps), 1),
             max(adv.steps, 2))
@@ -316,6 +353,10 @@ class AdversarialImitation:
 
     def run_step(self, state, demo_batch, ref_params, step: int):
         samples = self.sample(state, demo_batch, step)
+        budget = int(self.config.afd.sampling.max_new_tokens)
+        lengths = rollouts.length_stats(demo_batch, samples, budget)
+        if self.cfg.match_lengths:
+            demo_batch = rollouts.truncate_responses(demo_batch, budget)
         keys = ("input_ids", "attention_mask", "loss_mask")
         t = max(demo_batch["input_ids"].shape[-1], samples["input_ids"].shape[-1])
         demo = {k: reward_model.pad_to(demo_batch[k], t) for k in keys}
@@ -324,7 +365,7 @@ class AdversarialImitation:
             demo = sharding.host_local_to_global(demo, self.mesh)
             smp = sharding.host_local_to_global(smp, self.mesh)
             state, metrics = self.step_fn(state, demo, smp, ref_params)
-        return state, metrics, samples
+        return state, dict(metrics, **lengths), samples
 
     def checkpoint_config(self) -> ml_collections.ConfigDict:
         c = ml_collections.ConfigDict()
@@ -341,10 +382,10 @@ class AdversarialImitation:
 def check_demonstrations(demos: Mapping[str, np.ndarray], name: str = "demonstrations") -> None:
     """Clear errors for an empty set or prompts without a demonstration."""
     if "input_ids" not in demos or len(demos["input_ids"]) == 0:
-        raise ValueError(f"{name}: the demonstration set is empty")
+        raise DataError(f"{name}: the demonstration set is empty")
     resp = np.asarray(demos["loss_mask"]).reshape(len(demos["loss_mask"]), -1).sum(-1)
     if (resp == 0).any():
-        raise ValueError(f"{name}: example {int(np.argmin(resp))} has no response tokens "
+        raise DataError(f"{name}: example {int(np.argmin(resp))} has no response tokens "
                          "(loss_mask all zero): a prompt without a demonstration")
 
 
@@ -367,7 +408,7 @@ def train_adversarial(config, workdir: str, *, init_params, demos: Mapping[str, 
     adv_run = AdversarialImitation(config, mesh=mesh)
     cfg = adv_run.cfg
     if len(demos["input_ids"]) < cfg.prompts_per_step:
-        raise ValueError(f"demonstrations: {len(demos['input_ids'])} examples is fewer than "
+        raise ConfigError(f"demonstrations: {len(demos['input_ids'])} examples is fewer than "
                          f"afd.adversarial.prompts_per_step={cfg.prompts_per_step}")
     os.makedirs(workdir, exist_ok=True)
     keys = ("input_ids", "attention_mask", "loss_mask", "example_id")

@@ -63,7 +63,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.sft.steps = 300
     c.sft.learning_rate = 1e-3
     c.sft.global_batch_size = 64
-    c.sft.reduction = "mean"  # 'sum' is the sequence forward KL; 'mean' normalises per token
+    # 'sum' (default): the paper's forward KL over whole responses, KL(d_E || d_π) = Σ_t NLL up
+    # to a constant, i.e. token-level SFT per sequence; 'mean' divides each sequence by its
+    # length, which up-weights short demonstrations (neither the paper's objective nor TRL's).
+    c.sft.reduction = "sum"
     c.rm_prompts = 1024  # training prompts sampled from π_0 and π_SFT for the classifiers
     c.rm_backbone = "init"  # reward models start from π_0 ('init') or π_SFT ('sft') weights
     c.reward_models = REWARD_MODELS

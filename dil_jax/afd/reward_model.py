@@ -16,9 +16,15 @@ Two levels, selected by ``level``:
   hidden state at its own position (it has seen the prefix and the token itself), i.e. a
   discriminator of (state, action) pairs in the token MDP. The BCE loss classifies every
   response token with its sequence's label (token-averaged per sequence); the sequence reward is
-  the **sum** of token logits, because the optimal token discriminator's logit is the per-step
-  log occupancy ratio ``log d_E(y_t|x, y_<t) − log π(y_t|x, y_<t)``, whose sum over the response
-  is the sequence log-ratio ``log d_E(y|x) − log π(y|x)`` the reverse-KL policy maximises.
+  the **sum** of token logits. That sum is *not* the sequence log-ratio
+  ``log d_E(y|x) − log π(y|x)``: the optimal token discriminator's logit is the log ratio of
+  the two (length-weighted) state-action occupancies, ``log ρ_E(s_t, y_t) − log ρ_π(s_t, y_t)``
+  with ``s_t = (x, y_<t)``, which is the per-step policy ratio
+  ``log d_E(y_t|s_t) − log π(y_t|s_t)`` *plus* the state-occupancy ratio
+  ``log ρ_E(s_t) − log ρ_π(s_t)``. Summed over a response the policy ratios telescope to the
+  sequence log-ratio, the occupancy terms do not (they vanish only when both classes visit the
+  prefixes equally often); tests/test_reward_model.py computes both on a tabular case, where they
+  differ by up to ~1 nat. Use ``'sequence'`` when the reward must be the sequence log-ratio.
 
 Losses are pure functions of logit arrays (hand-checked in tests/test_reward_model.py):
 ``bce_loss`` (class-balanced: the mean over positives and the mean over negatives get equal
@@ -52,6 +58,7 @@ from jax.sharding import PartitionSpec as P
 
 from dil_jax import checkpointing, sharding
 from dil_jax.data import pipeline
+from dil_jax.errors import ConfigError
 from dil_jax.metrics import MetricWriter
 from dil_jax.models import build_model
 
@@ -87,14 +94,14 @@ def check_compatible(policy_model_cfg, rm_model_cfg, *, policy_tokenizer: str | 
     """A reward model must read the policy's token ids: same vocabulary and tokenizer.
 
     Raises:
-      ValueError naming ``<field>.vocab_size`` or ``<field>.tokenizer`` on a mismatch.
+      ConfigError naming ``<field>.vocab_size`` or ``<field>.tokenizer`` on a mismatch.
     """
     if int(rm_model_cfg.vocab_size) != int(policy_model_cfg.vocab_size):
-        raise ValueError(f"{field}.vocab_size={rm_model_cfg.vocab_size} does not match the "
+        raise ConfigError(f"{field}.vocab_size={rm_model_cfg.vocab_size} does not match the "
                          f"policy's model.vocab_size={policy_model_cfg.vocab_size}: the reward "
                          "model must read the policy's token ids")
     if policy_tokenizer and rm_tokenizer and policy_tokenizer != rm_tokenizer:
-        raise ValueError(f"{field}.tokenizer={rm_tokenizer!r} does not match the policy's "
+        raise ConfigError(f"{field}.tokenizer={rm_tokenizer!r} does not match the policy's "
                          f"tokenizer {policy_tokenizer!r}")
 
 
@@ -310,19 +317,21 @@ class RewardModel:
       rm_cfg: the reward-model section (:func:`default_config`).
       mesh: the device mesh (``sharding.make_mesh``).
       seed: head initialisation and data shuffling.
+      field: where ``rm_cfg`` sits in the run config, for error messages (e.g.
+        ``'afd.adversarial.disc'`` for the adversarial discriminator).
     """
 
-    def __init__(self, model_cfg, rm_cfg, *, mesh, seed: int = 0):
+    def __init__(self, model_cfg, rm_cfg, *, mesh, seed: int = 0, field: str = "reward_model"):
         if rm_cfg.level not in LEVELS:
-            raise ValueError(f"reward_model.level={rm_cfg.level!r}: expected one of {LEVELS}")
+            raise ConfigError(f"{field}.level={rm_cfg.level!r}: expected one of {LEVELS}")
         if rm_cfg.loss not in RM_LOSSES:
-            raise ValueError(f"reward_model.loss={rm_cfg.loss!r}: expected one of {RM_LOSSES}")
+            raise ConfigError(f"{field}.loss={rm_cfg.loss!r}: expected one of {RM_LOSSES}")
         if rm_cfg.init not in ("policy", "scratch"):
-            raise ValueError(f"reward_model.init={rm_cfg.init!r}: expected 'policy' or 'scratch'")
+            raise ConfigError(f"{field}.init={rm_cfg.init!r}: expected 'policy' or 'scratch'")
         dp = sharding.data_parallel_size(mesh)
         if rm_cfg.global_batch_size <= 0 or rm_cfg.global_batch_size % dp:
-            raise ValueError(f"reward_model.global_batch_size={rm_cfg.global_batch_size} must be "
-                             f"a positive multiple of the data-parallel size {dp}")
+            raise ConfigError(f"{field}.global_batch_size={rm_cfg.global_batch_size} must be "
+                              f"a positive multiple of the data-parallel size {dp}")
         self.model_cfg, self.cfg, self.mesh, self.seed = model_cfg, rm_cfg, mesh, seed
         self.model, self.family = build_model(model_cfg)
         self.tx = make_optimizer(rm_cfg, rm_cfg.steps)

@@ -148,3 +148,47 @@ def sample(model, params, prompt_ids: np.ndarray, prompt_mask: np.ndarray, k: in
     arrays.update(tokens=tokens.astype(np.int32), response_mask=mask.astype(np.int32),
                   sample_logps=np.concatenate(logps).astype(np.float32))
     return arrays
+
+
+def truncate_responses(arrays: Mapping[str, np.ndarray], max_tokens: int) -> dict[str, np.ndarray]:
+    """Keeps at most ``max_tokens`` response tokens of every sequence (host-side, numpy).
+
+    Tokens past the budget leave the response and the attention (``loss_mask`` and
+    ``attention_mask`` set to 0, ids to 0), so a demonstration ends where a sample cut at
+    ``max_new_tokens`` would. Other keys pass through unchanged.
+
+    Args:
+      arrays: ``input_ids``, ``attention_mask``, ``loss_mask`` ``[..., T]``.
+      max_tokens: the response budget (``sampling.max_new_tokens``), >= 1.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_tokens}: must be >= 1")
+    out = dict(arrays)
+    loss = np.asarray(arrays["loss_mask"]) != 0  # [..., T]
+    keep = ~loss | (np.cumsum(loss, axis=-1) <= max_tokens)  # prompt, or within the budget
+    attn = (np.asarray(arrays["attention_mask"]) != 0) & keep
+    out["loss_mask"] = (loss & keep).astype(np.asarray(arrays["loss_mask"]).dtype)
+    out["attention_mask"] = attn.astype(np.asarray(arrays["attention_mask"]).dtype)
+    out["input_ids"] = np.where(keep, arrays["input_ids"], 0).astype(
+        np.asarray(arrays["input_ids"]).dtype)
+    return out
+
+
+def length_stats(demos: Mapping[str, np.ndarray], samples: Mapping[str, np.ndarray],
+                 budget: int) -> dict[str, float]:
+    """Response-length statistics of both discriminator classes, before any truncation.
+
+    Returns ``lengths/demo_mean``, ``lengths/sample_mean`` (response tokens), and the shares at
+    or over the budget: ``lengths/demo_over_budget`` (demonstrations longer than ``budget``,
+    i.e. cut by length matching) and ``lengths/sample_at_budget`` (samples that hit
+    ``max_new_tokens`` without ending).
+    """
+    demo_len = np.asarray(demos["loss_mask"]).reshape(len(demos["loss_mask"]), -1, np.asarray(
+        demos["loss_mask"]).shape[-1]).astype(bool).sum(-1).astype(np.float64)  # [n, N]
+    smp_len = np.asarray(samples["loss_mask"]).astype(bool).sum(-1).astype(np.float64)  # [n, k]
+    return {
+        "lengths/demo_mean": float(demo_len.mean()),
+        "lengths/sample_mean": float(smp_len.mean()),
+        "lengths/demo_over_budget": float((demo_len > budget).mean()),
+        "lengths/sample_at_budget": float((smp_len >= budget).mean()),
+    }
