@@ -6,23 +6,39 @@ resume can refuse an incompatible config instead of silently starting over. Para
 state are separate items so another run can take the params alone (``init.mode='checkpoint'``,
 HF export) without knowing the optimiser that produced them. Restores go straight into the
 sharded abstract target of the *current* mesh (resharding on restore is supported).
+
+Damage (a truncated or deleted file, an interrupted copy, garbage JSON) never blocks a resume and
+never starts a run over: ``restore_latest`` checks each step before reading it (commit markers,
+items, meta), restores the newest good one, and moves the damaged newer ones to
+``<workdir>/checkpoints.damaged/<step>-<reason>`` with one warning each. When none is usable it
+stops with a ``CheckpointError`` listing what it found, moving nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
-from collections.abc import Mapping
+import shutil
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 
-from dil_jax.errors import ConfigError
+from dil_jax.errors import CheckpointError, ConfigError
 
 # Config sections that must match to resume: they define shapes, data order and the objective.
 # Everything else (train.steps, eval, logging, checkpoint cadence, mesh) may change on resume.
 RESUME_MUST_MATCH = ("model", "data", "loss", "seed", "train.global_batch_size")
+
+ITEMS = ("params", "opt_state", "meta")
+_ARRAY_ITEMS = ("params", "opt_state")
+COMMIT_MARKER = "commit_success.txt"  # orbax writes it into each item and the step on commit
+DAMAGED_DIRNAME = "checkpoints.damaged"  # sibling of checkpoints/: damaged steps, moved aside
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -34,7 +50,7 @@ def make_manager(workdir: str, ckpt_cfg) -> ocp.CheckpointManager:
         max_to_keep=ckpt_cfg.keep, create=True,
         enable_async_checkpointing=ckpt_cfg.async_save)
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                                 item_names=("params", "opt_state", "meta"))
+                                 item_names=ITEMS)
 
 
 def config_to_dict(config) -> dict:
@@ -74,47 +90,255 @@ def incompatibilities(saved: Mapping, current: Mapping) -> list[str]:
 
 
 def restore_latest(manager: ocp.CheckpointManager, trainer, config):
-    """``(state, data_state)`` from the latest checkpoint, or None when there is none.
+    """``(state, data_state)`` from the newest good checkpoint, or None when there is none.
+
+    Damage never blocks a resume and never starts a run over: steps are tried newest first; one
+    that fails :func:`check_step` or whose arrays orbax cannot read (a truncated or deleted data
+    file, a deleted ``manifest.ocdbt``) gets one warning naming the step and the reason, and,
+    once an older step has restored, is moved to ``<workdir>/checkpoints.damaged/<step>-<tag>``
+    (user data is moved, never deleted).
 
     Raises:
-      ValueError when the checkpoint was written by an incompatible config (listing the fields),
-      rather than silently starting over.
+      ConfigError: the newest intact checkpoint was written by an incompatible config (listing
+        the fields) or its arrays do not fit this run's state; no older step is tried, since
+        the mismatch is the config's, not the checkpoint's.
+      CheckpointError: checkpoints exist but none is usable (listing each step and its reason);
+        nothing is moved, so the run does not start over on the next attempt either.
     """
-    step = manager.latest_step()
-    if step is None:
-        return None
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    diffs = incompatibilities(meta["config"], config_to_dict(config))
-    if diffs:
-        raise ConfigError(
-            f"refusing to resume from {manager.directory}/{step}: it was written by an "
-            "incompatible config (" + "; ".join(diffs) + "). Use a new --workdir, or restore "
-            "the original values.")
-    target = jax.tree.map(_abstract, trainer.abstract_state, trainer.state_sharding)
-    try:
-        restored = manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(target.params),
-            opt_state=ocp.args.StandardRestore(target.opt_state)))
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"checkpoint {manager.directory}/{step} does not fit this run's state "
-                         f"(optimizer settings changed?): {e}") from e
-    state = type(trainer.abstract_state)(
-        step=jax.device_put(jnp.asarray(meta["step"], jnp.int32), trainer.replicated),
-        params=restored.params, opt_state=restored.opt_state)
-    return state, meta["data"]
+    damaged: list[tuple[int, Damage]] = []
+    restored = None
+    for step in sorted(manager.all_steps(), reverse=True):
+        step_dir = os.path.join(manager.directory, str(step))
+        meta, damage = _read_checked(step_dir, step, ITEMS)
+        if meta is not None:  # another run's checkpoint is refused, whatever else is wrong
+            _refuse_incompatible(step_dir, meta, config)
+        if damage is None:
+            target = jax.tree.map(_abstract, trainer.abstract_state, trainer.state_sharding)
+            for item in ("params", "opt_state"):
+                _refuse_misfit(step_dir, item, getattr(target, item))
+            arrays, damage = _restore_items(manager, step, {
+                "params": target.params, "opt_state": target.opt_state})
+        if damage is not None:
+            damaged.append((step, damage))
+            continue
+        state = type(trainer.abstract_state)(
+            step=jax.device_put(jnp.asarray(meta["step"], jnp.int32), trainer.replicated),
+            params=arrays["params"], opt_state=arrays["opt_state"])
+        restored = state, meta["data"]
+        break
+    if restored is None and damaged:
+        raise CheckpointError(_none_usable(manager.directory, damaged))
+    if damaged:
+        _move_aside(manager, damaged, int(meta["step"]))
+    return restored
 
 
 def load_params(workdir: str, abstract_params, step: int | None = None):
-    """Params of a run's latest (or given) checkpoint, restored into ``abstract_params``."""
+    """Params of a run's newest good (or the given) checkpoint, restored into ``abstract_params``.
+
+    Reads another run's workdir, so damaged steps are skipped with a warning but left in place.
+
+    Raises:
+      CheckpointError: no checkpoint, the given step is missing or damaged, or none is usable.
+      ConfigError: the stored params do not fit ``abstract_params``.
+    """
     directory = checkpoint_dir(workdir)
-    manager = ocp.CheckpointManager(directory, item_names=("params", "opt_state", "meta"))
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {directory} to load params from")
-    restored = manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_params)))
-    manager.close()
-    return restored.params
+    manager = ocp.CheckpointManager(directory, item_names=ITEMS)
+    try:
+        steps = sorted(manager.all_steps(), reverse=True)
+        if step is not None:
+            if step not in steps:
+                raise CheckpointError(f"no checkpoint step {step} in {directory} (steps: "
+                                      f"{sorted(steps)})")
+            steps = [step]
+        if not steps:
+            raise CheckpointError(f"no checkpoint in {directory} to load params from")
+        damaged = []
+        for s in steps:
+            step_dir = os.path.join(directory, str(s))
+            _, damage = _read_checked(step_dir, s, ("params", "meta"))
+            if damage is None:
+                _refuse_misfit(step_dir, "params", abstract_params)
+                arrays, damage = _restore_items(manager, s, {"params": abstract_params})
+            if damage is None:
+                return arrays["params"]
+            logging.warning("checkpoint step %d in %s is damaged (%s)%s", s, directory,
+                            damage.reason, "; trying the previous one" if step is None else "")
+            damaged.append((s, damage))
+        raise CheckpointError(_none_usable(directory, damaged))
+    finally:
+        manager.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Integrity: what a finished save leaves behind, checked before orbax is asked to read it.
+
+
+@dataclasses.dataclass(frozen=True)
+class Damage:
+    """Why a step cannot be restored: ``tag`` names the moved directory, ``reason`` the log."""
+
+    tag: str
+    reason: str
+
+
+def check_step(step_dir: str, step: int, items: Sequence[str] = ITEMS) -> Damage | None:
+    """The first integrity problem of a checkpoint step directory, or None when it looks whole.
+
+    Checks what a committed orbax save always leaves: the step's and every item's commit marker,
+    each array item's ``manifest.ocdbt`` and parseable ``_METADATA``, no zero-byte files, and a
+    ``meta`` JSON that parses and records this step. (``_CHECKPOINT_METADATA`` is not required:
+    orbax restores without it.) Damage inside the data files shows only when orbax reads them;
+    :func:`restore_latest` catches that too.
+    """
+    return _read_checked(step_dir, step, items)[1]
+
+
+def _read_checked(step_dir: str, step: int, items: Sequence[str]):
+    """``(meta, Damage or None)`` for one step directory; meta is None unless it parsed."""
+    if not os.path.isdir(step_dir):
+        return None, Damage("missing", f"{step_dir} is not a directory")
+    if not os.listdir(step_dir):
+        return None, Damage("empty", "the step directory is empty (an interrupted copy?)")
+    for item in items:
+        item_dir = os.path.join(step_dir, item)
+        if not os.path.isdir(item_dir):
+            return None, Damage(f"no-{item}", f"item {item}/ is missing")
+        if not os.path.exists(os.path.join(item_dir, COMMIT_MARKER)):
+            return None, Damage(f"uncommitted-{item}",
+                                f"{item}/ has no {COMMIT_MARKER}: its save never finished")
+        if item in _ARRAY_ITEMS:
+            damage = _check_array_item(item_dir, item)
+            if damage is not None:
+                return None, damage
+    if not os.path.exists(os.path.join(step_dir, COMMIT_MARKER)):
+        return None, Damage("uncommitted", f"no {COMMIT_MARKER}: the save never finished")
+    meta = None
+    if "meta" in items:
+        meta_file = os.path.join(step_dir, "meta", "metadata")
+        try:
+            with open(meta_file) as f:
+                meta = json.load(f)
+        except (OSError, ValueError) as e:
+            return None, Damage("bad-meta", f"meta/metadata does not parse as JSON "
+                                            f"({type(e).__name__}: {_first_line(e)})")
+        if not isinstance(meta, Mapping) or not {"step", "data", "config"} <= set(meta):
+            return None, Damage("bad-meta", "meta/metadata lacks step, data or config")
+        if meta["step"] != step:
+            return meta, Damage("wrong-step", f"meta/metadata records step {meta['step']!r}, "
+                                              f"not the directory's {step}")
+    return meta, None
+
+
+def _check_array_item(item_dir: str, item: str) -> Damage | None:
+    if not os.path.exists(os.path.join(item_dir, "manifest.ocdbt")):
+        return Damage(f"no-manifest-{item}", f"{item}/manifest.ocdbt is missing")
+    try:
+        with open(os.path.join(item_dir, "_METADATA")) as f:
+            json.load(f)
+    except (OSError, ValueError) as e:
+        return Damage(f"bad-metadata-{item}",
+                      f"{item}/_METADATA is missing or unreadable ({type(e).__name__})")
+    for root, _, files in os.walk(item_dir):
+        for name in files:
+            path = os.path.join(root, name)
+            if name != COMMIT_MARKER and os.path.getsize(path) == 0:
+                return Damage(f"empty-file-{item}",
+                              f"{os.path.relpath(path, os.path.dirname(item_dir))} is empty")
+    return None
+
+
+def _refuse_incompatible(step_dir: str, meta: Mapping, config) -> None:
+    diffs = incompatibilities(meta["config"], config_to_dict(config))
+    if diffs:
+        raise ConfigError(
+            f"refusing to resume from {step_dir}: it was written by an incompatible config ("
+            + "; ".join(diffs) + "). Use a new --workdir, or restore the original values.")
+
+
+def _refuse_misfit(step_dir: str, item: str, target) -> None:
+    """ConfigError when the stored tree's paths or shapes differ from ``target``'s.
+
+    Checked before reading so that a config change (another optimiser, model shape) is reported
+    as such, and a read failure afterwards can only mean damage.
+    """
+    try:
+        stored = ocp.StandardCheckpointHandler().metadata(epath.Path(step_dir) / item)
+    except Exception:  # noqa: BLE001 - unreadable metadata is damage, found by the read below
+        return
+    have, want = _shapes_by_path(stored), _shapes_by_path(target)
+    if have == want:
+        return
+    diffs = [f"{p}: checkpoint has {have.get(p, 'nothing')}, run has {want.get(p, 'nothing')}"
+             for p in sorted(set(have) | set(want)) if have.get(p) != want.get(p)]
+    raise ConfigError(
+        f"checkpoint {step_dir} does not fit this run's state ({len(diffs)} {item} entries "
+        f"differ, e.g. {'; '.join(diffs[:3])}): optimizer or model settings changed? Use a new "
+        "--workdir, or restore the original settings.")
+
+
+def _shapes_by_path(tree) -> dict[str, tuple]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                     for k in path): tuple(getattr(leaf, "shape", ())) for path, leaf in leaves}
+
+
+def _restore_items(manager, step: int, targets: Mapping):
+    """``(restored arrays by item, None)``, or ``(None, Damage)`` when orbax cannot read one."""
+    arrays = {}
+    for item, target in targets.items():
+        try:
+            arrays[item] = getattr(manager.restore(step, args=ocp.args.Composite(
+                **{item: ocp.args.StandardRestore(target)})), item)
+        except Exception as e:  # noqa: BLE001 - tensorstore raises bare Exception/ValueError
+            return None, Damage(f"unreadable-{item}",
+                                f"orbax could not read {item}/: {_first_line(e)}")
+    return arrays, None
+
+
+def _first_line(e: BaseException) -> str:
+    """The innermost cause's first line: tensorstore names the tensor and the bad byte range."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = str(e).split("See full TensorStore details")[0].strip()
+    return (text.splitlines() or [type(e).__name__])[0][:400]
+
+
+def _none_usable(directory, damaged) -> str:
+    found = "; ".join(f"step {s}: {d.reason}" for s, d in damaged)
+    return (f"no usable checkpoint in {directory} ({found}). Nothing was moved or deleted: fix "
+            "or remove these step directories to start over, or use a new --workdir.")
+
+
+def damaged_dir(checkpoints: str) -> str:
+    """Where damaged steps of ``<workdir>/checkpoints`` are moved: a sibling directory."""
+    return os.path.join(os.path.dirname(os.path.abspath(checkpoints)), DAMAGED_DIRNAME)
+
+
+def _move_aside(manager: ocp.CheckpointManager, damaged, resumed: int) -> None:
+    """Moves damaged step directories out of orbax's sight (process 0 only), then reloads.
+
+    One warning per step names it, the reason, where it went and the step resumed instead.
+    """
+    multihost = jax.process_count() > 1
+    if multihost:
+        multihost_utils.sync_global_devices("dil_jax.checkpointing:move_aside:pre")
+    if jax.process_index() == 0:
+        aside = damaged_dir(str(manager.directory))
+        os.makedirs(aside, exist_ok=True)
+        for step, damage in damaged:
+            dest = os.path.join(aside, f"{step}-{damage.tag}")
+            n = 1
+            while os.path.exists(dest):
+                n += 1
+                dest = os.path.join(aside, f"{step}-{damage.tag}-{n}")
+            shutil.move(os.path.join(manager.directory, str(step)), dest)
+            logging.warning("checkpoint step %d in %s is damaged (%s): moved it to %s and "
+                            "resumed from step %d", step, manager.directory, damage.reason, dest,
+                            resumed)
+    if multihost:
+        multihost_utils.sync_global_devices("dil_jax.checkpointing:move_aside:post")
+    manager.reload()
 
 
 def _abstract(x, s):
