@@ -28,3 +28,7 @@ class WeightsError(InputError):
 
 class CheckpointError(InputError):
     """No usable checkpoint where one is required (the message lists what was found)."""
+
+
+class WorkdirError(InputError):
+    """A workdir another live run holds, or one this run cannot write (read-only, full)."""
