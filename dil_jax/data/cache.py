@@ -10,13 +10,15 @@ the key: they are applied to the cached ragged arrays at batching time.
 One ``.npz`` per split holds the ragged arrays and the JSON report of the build that produced
 them, so a cache hit reproduces the counts of ``data_report.json`` without re-reading anything.
 Writes are atomic (temporary file, then rename): concurrent processes may both build, never
-read a half-written file.
+read a half-written file. Loads verify the file (zip CRCs, array consistency); a damaged one is
+rebuilt with a warning.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 
 import numpy as np
@@ -36,14 +38,39 @@ def path_for(cache_dir: str, split: str, key: str) -> str:
 
 
 def load(cache_dir: str, split: str, key: str) -> tuple[dict, dict] | None:
-    """``(arrays, report dict)`` from the cache, or None on a miss."""
+    """``(arrays, report dict)`` from the cache, or None on a miss or a damaged file.
+
+    A damaged file (truncated, garbled: the zip's CRC-32 catches flipped bytes; arrays that do
+    not fit together) is a miss with a warning, so the caller rebuilds and overwrites it: a bad
+    cache file never blocks the runs that share it.
+    """
     path = path_for(cache_dir, split, key)
     if not os.path.exists(path):
         return None
-    with np.load(path, allow_pickle=False) as f:
-        arrays = {k: f[k] for k in ARRAY_KEYS}
-        report = json.loads(str(f["report"]))
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in ARRAY_KEYS}
+            report = json.loads(str(f["report"]))
+        _check(arrays, report)
+    except Exception as e:  # noqa: BLE001 - zip, npy, JSON and shape errors share no base
+        logging.warning("tokenised-data cache %s is damaged (%s: %s); rebuilding it", path,
+                        type(e).__name__, str(e)[:200])
+        return None
     return arrays, report
+
+
+def _check(arrays: dict, report) -> None:
+    """Raises ValueError unless the ragged arrays index each other consistently."""
+    tokens, starts, lengths = arrays["tokens"], arrays["starts"], arrays["lengths"]
+    if not isinstance(report, dict):
+        raise ValueError("the stored report is not a JSON object")
+    if tokens.ndim != 1 or starts.ndim != 2 or starts.shape != lengths.shape or (
+            arrays["prompt_lengths"].shape != starts.shape
+            or arrays["example_id"].shape != starts.shape[:1]):
+        raise ValueError("array shapes do not fit together")
+    if starts.size and (starts.min() < 0 or lengths.min() < 0
+                        or (starts + lengths).max() > tokens.size):
+        raise ValueError("starts/lengths point outside the token array")
 
 
 def save(cache_dir: str, split: str, key: str, arrays: dict, report: dict) -> str:

@@ -36,9 +36,19 @@ def file_kind(path: str) -> str:
                     f"{', '.join(s + '[.gz]' for s in FILE_SUFFIXES)}")
 
 
-def _read_bytes(path: str) -> bytes:
-    if not os.path.isfile(path):
+def require_file(path: str) -> None:
+    """DataError saying what is wrong with a data file path: missing, a directory, special."""
+    if os.path.isdir(path):
+        raise DataError(f"data file {path} is a directory, expected a file (list the files "
+                        "inside it, e.g. data.train_files=('dir/a.jsonl', 'dir/b.jsonl'))")
+    if not os.path.exists(path):
         raise DataError(f"data file {path} does not exist")
+    if not os.path.isfile(path):
+        raise DataError(f"data file {path} is not a regular file")
+
+
+def _read_bytes(path: str) -> bytes:
+    require_file(path)
     with open(path, "rb") as f:
         raw = f.read()
     if path.endswith(".gz"):
@@ -147,6 +157,7 @@ def read_files(paths, report: SplitReport, max_records: int = 0) -> Iterator[tup
     readers = {"jsonl": _jsonl_records, "json": _json_records, "parquet": _parquet_records}
     yielded = 0
     for path in paths:
+        require_file(path)  # before the name: a directory is not 'an unsupported name'
         reader = readers[file_kind(path)]
         for item in reader(path, _read_bytes(path), report):
             yield item
@@ -176,8 +187,7 @@ def files_digest(paths) -> str:
     h = hashlib.sha256()
     for path in paths:
         h.update(os.path.basename(path).encode() + b"\0")
-        if not os.path.isfile(path):
-            raise DataError(f"data file {path} does not exist")
+        require_file(path)
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)

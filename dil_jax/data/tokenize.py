@@ -39,6 +39,7 @@ while ``max_prompt_length < max_length``, which the config check enforces).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 import numpy as np
@@ -65,6 +66,7 @@ def load_tokenizer(spec: str, eos_token: str = ""):
     if not spec:
         raise DataError("config.data.tokenizer is empty: name a tokenizer directory, "
                         "tokenizer.json file or hub id")
+    _check_local_tokenizer(spec)
     try:
         has_json = os.path.exists(os.path.join(spec, "tokenizer.json"))
         has_config = os.path.exists(os.path.join(spec, "tokenizer_config.json"))
@@ -74,7 +76,8 @@ def load_tokenizer(spec: str, eos_token: str = ""):
             tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(spec, "tokenizer.json"))
         elif os.path.isdir(spec) and has_json:
             # The generic fast class reads tokenizer.json + tokenizer_config.json (template,
-            # special tokens) exactly as AutoTokenizer does, without importing torch (~4 s).
+            # special tokens) exactly as AutoTokenizer does, without importing torch (~4 s),
+            # and never the directory's auto_map code.
             tok = PreTrainedTokenizerFast.from_pretrained(spec)
         elif os.path.isdir(spec) and not has_config:
             raise DataError(f"config.data.tokenizer={spec!r}: the directory has neither "
@@ -82,11 +85,18 @@ def load_tokenizer(spec: str, eos_token: str = ""):
         else:  # a hub id, or a directory that needs its tokenizer class (e.g. sentencepiece)
             from transformers import AutoTokenizer  # noqa: PLC0415 (imports torch when present)
 
-            tok = AutoTokenizer.from_pretrained(spec)
+            # Never run repository code (auto_map): transformers would otherwise ask on stdin.
+            tok = AutoTokenizer.from_pretrained(spec, trust_remote_code=False)
     except DataError:
         raise
     except Exception as e:  # hub/network/format errors have no common base class
-        raise DataError(f"config.data.tokenizer={spec!r}: could not load "
+        if "trust_remote_code" in str(e):
+            raise DataError(f"config.data.tokenizer={spec!r} needs its repository's own Python "
+                            "code to load, and dil_jax never runs repository code: use a "
+                            "tokenizer with a tokenizer.json") from e
+        where = ("" if os.path.exists(spec) else
+                 f" (no local path {os.path.abspath(spec)!r} either)")
+        raise DataError(f"config.data.tokenizer={spec!r}: could not load{where} "
                         f"({type(e).__name__}: {e})") from e
     if not getattr(tok, "is_fast", False):
         raise DataError(f"config.data.tokenizer={spec!r} has no fast (Rust) tokenizer")
@@ -99,6 +109,34 @@ def load_tokenizer(spec: str, eos_token: str = ""):
         raise DataError(f"tokenizer {spec!r} defines no EOS token; set config.data.eos_token "
                         "(e.g. '<|endoftext|>' for GPT-2)")
     return tok
+
+
+def _check_local_tokenizer(spec: str) -> None:
+    """Refuses what must not reach ``from_pretrained``: a missing local path (instead of the hub's
+    "Repo id must be in the form" error) and a directory whose tokenizer is Python code it ships
+    (``auto_map`` with no ``tokenizer.json``), which dil_jax never executes."""
+    # Hub ids are "name" or "org/name"; anything else that does not exist was meant as a path.
+    looks_local = (os.path.isabs(spec) or spec.startswith((".", "~")) or spec.count("/") > 1
+                   or spec.endswith(".json"))
+    if not os.path.exists(spec):
+        if looks_local:
+            raise DataError(f"config.data.tokenizer={spec!r}: the path does not exist "
+                            f"({os.path.abspath(os.path.expanduser(spec))})")
+        return  # a hub id
+    if not os.path.isdir(spec) or os.path.exists(os.path.join(spec, "tokenizer.json")):
+        return  # tokenizer.json is data: loaded without the directory's code
+    for name, key in (("tokenizer_config.json", None), ("config.json", "AutoTokenizer")):
+        try:
+            with open(os.path.join(spec, name)) as f:
+                auto_map = json.load(f).get("auto_map") or {}
+        except (OSError, ValueError, AttributeError):
+            continue  # absent or unreadable: from_pretrained reports it
+        if auto_map and (key is None or key in auto_map):
+            raise DataError(
+                f"config.data.tokenizer={spec!r}: {name} maps the tokenizer to Python code "
+                f"shipped in the directory (auto_map {json.dumps(auto_map)}) and there is no "
+                "tokenizer.json; dil_jax never runs repository code. Provide a tokenizer.json "
+                "(e.g. saved by tokenizer.save_pretrained in a trusted environment)")
 
 
 def tokenizer_digest(tok) -> str:
