@@ -53,3 +53,17 @@ def read_metrics(workdir: str) -> list[dict]:
     """The records of ``<workdir>/metrics.jsonl`` (for plots and tables)."""
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def read_run_config(workdir: str) -> dict:
+    """The config stored with the run's newest checkpoint (``checkpoints/<step>/meta``), as a
+    dict; ``{}`` when the workdir has no checkpoint (for plots and tables)."""
+    root = os.path.join(workdir, "checkpoints")
+    steps = sorted((int(n) for n in os.listdir(root) if n.isdigit()), reverse=True) \
+        if os.path.isdir(root) else []
+    for step in steps:
+        path = os.path.join(root, str(step), "meta", "metadata")
+        if os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f)["config"]
+    return {}

@@ -1,16 +1,30 @@
 """Figures a researcher expects from runs: training dynamics, gold reward against KL, modes.
 
-Each function takes result dicts (``dil_jax.afd.ablation.run_method``'s: ``name``, ``dynamics``
-= the run's ``metrics.jsonl`` records, ``gold_reward``, ``kl`` and their standard errors,
-``mode_1``/``mode_2``, ``entropy``) and returns a matplotlib figure.
+``plot_dynamics``, ``plot_gold_vs_kl`` and ``plot_modes`` take result dicts
+(``dil_jax.afd.ablation.run_method``'s: ``name``, ``dynamics`` = the run's ``metrics.jsonl``
+records, ``gold_reward``, ``kl`` and their standard errors, ``mode_1``/``mode_2``, ``entropy``)
+and return a matplotlib figure.
+
+``plot_heldout_dynamics`` is the DIL paper's Figure 2 from run directories: held-out chosen and
+rejected log-likelihood and their margin over training, in one stated reduction, with the
+smoothed training curves below. Which reduction a run logged is decided by its loss
+(``objectives.compute_loss``: the first pair-wise term's ``reduction``; DIL defaults to the
+per-token mean, DPO to the per-sequence sum), read from the config stored with its checkpoints;
+the two are never drawn on one axis.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import matplotlib.pyplot as plt
+import ml_collections
 import numpy as np
+
+from dil_jax import objectives, validation
+
+REDUCTION_LABELS = {"mean": "per-token mean log-likelihood",
+                    "sum": "per-sequence summed log-likelihood"}
 
 
 def plot_dynamics(results: Sequence[dict]):
@@ -64,3 +78,123 @@ def plot_modes(results: Sequence[dict]):
     axes[1].set_title("entropy per response (nats)")
     fig.tight_layout()
     return fig
+
+
+# ----------------------------------------------------------------------------- Figure 2
+
+
+def logged_reduction(config: Mapping) -> str | None:
+    """The reduction of a run's ``logps/*`` metrics (the lead loss term's), or None.
+
+    Args:
+      config: the run's stored config dict (``checkpoints/<step>/meta``), ``{}`` when unknown.
+    """
+    loss = config.get("loss") if config else None
+    if not loss:
+        return None
+    try:
+        terms = validation.loss_terms(ml_collections.ConfigDict(dict(loss)))
+    except (ValueError, KeyError, AttributeError):  # AfD runs: not a core loss
+        return None
+    lead = next((t for t in terms if objectives.LOSSES[t.name].needs_pairs), terms[0])
+    return lead.params["reduction"]
+
+
+def logps_key(records: Sequence[Mapping], split: str, which: str, reduction: str,
+              run_reduction: str | None) -> str | None:
+    """The metrics key holding ``which`` ('chosen'/'rejected') in ``reduction``, or None.
+
+    Prefers keys that name their reduction (``[eval/]logps_mean/chosen``,
+    ``[eval/]logps_sum/chosen``); else ``[eval/]logps/chosen`` when the run's loss logged it in
+    the requested reduction.
+    """
+    prefix = "eval/" if split == "eval" else ""
+    keys = {k for r in records for k in r}
+    explicit = f"{prefix}logps_{reduction}/{which}"
+    if explicit in keys:
+        return explicit
+    plain = f"{prefix}logps/{which}"
+    if plain in keys and run_reduction == reduction:
+        return plain
+    return None
+
+
+def smooth(values: Sequence[float], weight: float) -> np.ndarray:
+    """TensorBoard's debiased exponential moving average (``weight`` 0 = no smoothing)."""
+    v = np.asarray(values, np.float64)
+    out, acc = np.empty_like(v), 0.0
+    for i, x in enumerate(v):
+        acc = weight * acc + (1 - weight) * x
+        out[i] = acc / (1 - weight ** (i + 1)) if weight > 0 else x
+    return out
+
+
+def _series(records: Sequence[Mapping], key_c: str, key_r: str):
+    rows = [r for r in records if key_c in r and key_r in r]
+    steps = np.array([r["step"] for r in rows])
+    chosen = np.array([r[key_c] for r in rows], np.float64)
+    rejected = np.array([r[key_r] for r in rows], np.float64)
+    return steps, chosen, rejected
+
+
+def plot_heldout_dynamics(runs: Mapping[str, tuple[Sequence[Mapping], Mapping]], *,
+                          reduction: str = "mean", smoothing: float = 0.9):
+    """The DIL paper's Figure 2 for one or more runs.
+
+    Top row: held-out (``eval/*``) chosen and rejected log-likelihood and the margin
+    chosen − rejected per evaluation step; bottom row: the same from the training batches,
+    smoothed (raw values faint behind).
+
+    Args:
+      runs: label -> (the run's ``metrics.jsonl`` records, its stored config dict).
+      reduction: 'mean' (per-token) or 'sum' (per-sequence); every curve is in it.
+      smoothing: EMA weight for the training curves.
+
+    Returns:
+      ``(figure, notes)``: notes name each run or split left out and why (e.g. a DPO run that
+      logged sums when means were asked, and what would have to be logged to draw it).
+    """
+    if reduction not in REDUCTION_LABELS:
+        raise ValueError(f"reduction={reduction!r}: expected one of {sorted(REDUCTION_LABELS)}")
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5), sharex="col")
+    notes = []
+    titles = ("chosen", "rejected", "margin (chosen − rejected)")
+    for row, split in enumerate(("eval", "train")):
+        for label, (records, config) in runs.items():
+            run_red = logged_reduction(config)
+            key_c, key_r = (logps_key(records, split, w, reduction, run_red)
+                            for w in ("chosen", "rejected"))
+            if key_c is None or key_r is None:
+                why = (f"logged {REDUCTION_LABELS[run_red]}s" if run_red else
+                       "its loss reduction is unknown (no stored config)")
+                if not any(("eval/" if split == "eval" else "") + "logps/chosen" in r
+                           for r in records):
+                    why = ("no eval/logps records (set config.eval.every_steps)"
+                           if split == "eval" else "no logps records")
+                notes.append(f"{label}: {split} curves left out: {why}; {reduction} needs "
+                             f"'{'eval/' if split == 'eval' else ''}logps_{reduction}/chosen' "
+                             "and '.../rejected' in metrics.jsonl")
+                continue
+            steps, chosen, rejected = _series(records, key_c, key_r)
+            for ax, values in zip(axes[row], (chosen, rejected, chosen - rejected),
+                                  strict=True):
+                if split == "eval":
+                    (line,) = ax.plot(steps, values, marker="o", ms=3, label=label)
+                else:
+                    (line,) = ax.plot(steps, smooth(values, smoothing), label=label)
+                    ax.plot(steps, values, color=line.get_color(), alpha=0.2, lw=0.8)
+    for row, split in enumerate(("held-out", f"train (EMA {smoothing:g})")):
+        for ax, title in zip(axes[row], titles, strict=True):
+            ax.set_title(f"{split}: {title}", fontsize=10)
+            ax.grid(alpha=0.3)
+        axes[row][0].set_ylabel(REDUCTION_LABELS[reduction])
+    for ax in axes[1]:
+        ax.set_xlabel("step")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if not handles:
+        handles, labels = axes[1][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="upper right", fontsize=8)
+    fig.suptitle(f"Log-likelihood dynamics ({REDUCTION_LABELS[reduction]} over response tokens)")
+    fig.tight_layout(rect=(0, 0, 0.9, 0.96))
+    return fig, notes

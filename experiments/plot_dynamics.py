@@ -1,9 +1,15 @@
-"""Training dynamics of one or more runs (the DIL paper's Figure 2): chosen and rejected
-log-likelihood and their margin per step, read from each workdir's ``metrics.jsonl``.
+"""The DIL paper's Figure 2 from run directories: held-out chosen and rejected log-likelihood
+and their margin over training, in one stated reduction, with smoothed training curves below.
 
-  python experiments/plot_dynamics.py runs/dpo runs/dil_lsif --out=dynamics.png
+  python experiments/plot_dynamics.py runs/dpo runs/dil_lsif --out=figures/dynamics.png
+  python experiments/plot_dynamics.py dil=runs/dil_lsif --reduction=sum --smoothing=0.95
 
-Each run is labelled by its directory name (or ``label=path``).
+Each run is labelled by its directory name (or ``label=path``). ``--reduction``: ``mean`` (the
+per-token mean over response tokens, default) or ``sum`` (the per-sequence sum); a run's
+``logps/*`` metrics are in its loss's reduction (DIL: mean, DPO: sum, see
+``dil_jax.objectives.compute_loss``), read from the config stored with its checkpoints, and a
+run logged in the other one is left out with a note instead of sharing an axis with it.
+Held-out values need ``config.eval.every_steps > 0``. The output folder is created.
 """
 
 from __future__ import annotations
@@ -15,45 +21,44 @@ import sys
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from dil_jax.metrics import read_metrics  # noqa: E402
-
-PANELS = (("logps/chosen", "chosen log-likelihood"), ("logps/rejected", "rejected log-likelihood"),
-          ("rewards/margins", "reward margin"))
+from dil_jax import plots  # noqa: E402
+from dil_jax.metrics import read_metrics, read_run_config  # noqa: E402
 
 
-def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
-    rows = [(r["step"], r[key]) for r in records if key in r]
-    return [s for s, _ in rows], [v for _, v in rows]
-
-
-def plot_runs(runs: dict[str, str], out: str) -> None:
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.6))
-    for label, workdir in runs.items():
-        records = read_metrics(workdir)
-        for ax, (key, title) in zip(axes, PANELS, strict=True):
-            steps, values = series(records, key)
-            ax.plot(steps, values, label=label)
-            ax.set_title(title)
-            ax.set_xlabel("step")
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
+def load_runs(items: list[str]) -> dict[str, tuple[list[dict], dict]]:
+    """``label=path`` or ``path`` -> label -> (metrics records, stored config)."""
+    runs = {}
+    for item in items:
+        label, _, path = item.rpartition("=")
+        workdir = pathlib.Path(path)
+        if not (workdir / "metrics.jsonl").is_file():
+            raise SystemExit(f"{workdir}: no metrics.jsonl (not a run directory?)")
+        runs[label or workdir.resolve().name] = (read_metrics(str(workdir)),
+                                                 read_run_config(str(workdir)))
+    return runs
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("runs", nargs="+", help="workdirs, optionally as label=path")
-    p.add_argument("--out", default="dynamics.png")
+    p.add_argument("--out", default="dynamics.png", help="image path (folders are created)")
+    p.add_argument("--reduction", choices=sorted(plots.REDUCTION_LABELS), default="mean",
+                   help="mean: per-token mean log-likelihood; sum: per-sequence sum")
+    p.add_argument("--smoothing", type=float, default=0.9,
+                   help="EMA weight of the training curves (0: none)")
     args = p.parse_args()
-    runs = {}
-    for item in args.runs:
-        label, _, path = item.rpartition("=")
-        runs[label or pathlib.Path(path).name] = path
-    plot_runs(runs, args.out)
-    print(f"wrote {args.out}")
+    if not 0 <= args.smoothing < 1:
+        p.error("--smoothing must be in [0, 1)")
+    fig, notes = plots.plot_heldout_dynamics(load_runs(args.runs), reduction=args.reduction,
+                                             smoothing=args.smoothing)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out} ({plots.REDUCTION_LABELS[args.reduction]})")
 
 
 if __name__ == "__main__":

@@ -1,27 +1,109 @@
-"""The table collector and the dynamics plot work on real (tiny) run directories."""
+"""The table collector and the Figure-2 plot on real (tiny) run directories of every kind."""
 
+import json
 import subprocess
 import sys
 
-from conftest import REPO
+import pytest
+from conftest import REPO, make_tiny_config
 
-from dil_jax import train
+from dil_jax import sharding, train
+from dil_jax.afd import adversarial, reward_model
+from dil_jax.afd import extrapolation as afd
+from dil_jax.data.gold_task import GoldTask
+
+COLLECT = str(REPO / "experiments" / "collect_table.py")
+PLOT = str(REPO / "experiments" / "plot_dynamics.py")
 
 
-def test_collect_table_and_plot_dynamics(tiny_config, tmp_path):
-    runs = []
-    for seed in (0, 1):
-        config = tiny_config(**{"loss.name": "dpo", "seed": seed, "eval.gold_prompts": 16})
-        workdir = tmp_path / f"dpo_s{seed}"
-        train.train_and_evaluate(config, str(workdir))
-        runs.append(str(workdir))
-    table = subprocess.run([sys.executable, str(REPO / "experiments" / "collect_table.py"), *runs,
-                            "--metric=policy.gold_reward", "--metric=train.loss"],
-                           capture_output=True, text=True, check=True).stdout
-    lines = table.strip().splitlines()
-    assert lines[0] == "| method | seeds | policy.gold_reward | train.loss |"
-    assert lines[2].startswith("| dpo | 2 | ") and "±" in lines[2]
-    out = tmp_path / "dyn.png"
-    subprocess.run([sys.executable, str(REPO / "experiments" / "plot_dynamics.py"), *runs,
-                    f"--out={out}"], check=True, capture_output=True)
-    assert out.stat().st_size > 10_000
+def _script(*args, check=True):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, check=check,
+                          cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Gold-task DPO runs (2 seeds, gold_eval.json), a DIL run without gold evaluation (what a
+    real-data run leaves: metrics.jsonl and checkpoints only), an adversarial-imitation run, a
+    reward model and an AfD extrapolation workdir (its afd_results.json)."""
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for name, overrides in (("dpo_s0", {"loss.name": "dpo", "seed": 0, "eval.gold_prompts": 16}),
+                            ("dpo_s1", {"loss.name": "dpo", "seed": 1, "eval.gold_prompts": 16}),
+                            ("dil", {"loss.name": "dil_lsif"})):
+        config = make_tiny_config(**{"eval.every_steps": 3, "eval.num_batches": 1, **overrides})
+        train.train_and_evaluate(config, str(root / name))
+        out[name] = root / name
+    mesh = sharding.make_mesh((1, 1, 1), devices=__import__("jax").devices()[:1])
+    config = make_tiny_config()
+    config.afd = afd.default_config()
+    a = config.afd.adversarial
+    a.steps, a.prompts_per_step, a.samples_per_prompt, a.log_every, a.checkpoint_every = (
+        2, 8, 2, 1, 2)
+    params = train.Trainer(config, mesh=mesh).init_state(0).params
+    demos = GoldTask().sft_dataset(32, seed=5, source="expert")
+    adversarial.train_adversarial(config, str(root / "adv"), init_params=params, demos=demos,
+                                  mesh=mesh)
+    out["adv"] = root / "adv"
+    rm_cfg = reward_model.default_config()
+    rm_cfg.steps, rm_cfg.global_batch_size, rm_cfg.log_every, rm_cfg.checkpoint_every = 2, 16, 1, 2
+    rm_cfg.eval_fraction = 0.25
+    rm = reward_model.RewardModel(config.model, rm_cfg, mesh=mesh, seed=3)
+    neg = GoldTask().sft_dataset(32, seed=5, source="random")
+    reward_model.train_reward_model(rm, reward_model.labelled_pairs(demos, neg),
+                                    str(root / "rm"), data_description="test")
+    out["rm"] = root / "rm"
+    # The extrapolation stage's results file, in the layout run_extrapolation writes.
+    (root / "afd").mkdir()
+    (root / "afd" / "afd_results.json").write_text(json.dumps({
+        "reward_models": {"init_sft": {"auc": 0.7, "accuracy": 0.6}},
+        "bon": {"init_sft": [{"n": 4, "win_rate": 0.55, "gold_reward": 0.1,
+                              "gold_per_prompt": [0.1, 0.2]}]}}))
+    out["afd"] = root / "afd"
+    return out
+
+
+def test_collect_table_every_metric_of_every_run_kind(runs):
+    dirs = [str(p) for p in runs.values()]
+    listing = _script(COLLECT, *dirs, "--list").stdout.strip().splitlines()
+    assert len(listing) == len(dirs)
+    per_run = {line.split(" ")[0]: line.split(": ", 1)[1].split() for line in listing}
+    assert "policy.gold_reward" in per_run[str(runs["dpo_s0"])]
+    assert "eval.logps/chosen" in per_run[str(runs["dil"])]
+    assert "train.disc/auc" in per_run[str(runs["adv"])]
+    assert "eval.loss" in per_run[str(runs["rm"])] or "eval.auc" in per_run[str(runs["rm"])]
+    assert "bon.init_sft.0.win_rate" in per_run[str(runs["afd"])]
+    every = sorted({m for names in per_run.values() for m in names})
+    proc = _script(COLLECT, *dirs, *(f"--metric={m}" for m in every))
+    lines = proc.stdout.strip().splitlines()
+    methods = {line.split(" | ")[0][2:]: line for line in lines[2:]}
+    assert set(methods) == {"dpo", "dil_lsif", "adversarial_imitation", "reward_model:bce",
+                            "afd_extrapolation"}
+    assert len(lines[0].split(" | ")) == 2 + len(every)
+    for run, names in per_run.items():  # every metric a run lists is collected from it
+        for m in names:
+            assert f"{m} is absent from {run}" not in proc.stderr, (m, run)
+    # The issue's commands: real-data runs by default and with train.loss
+    table = _script(COLLECT, str(runs["dil"])).stdout
+    assert "eval.loss" in table.splitlines()[0] and "train.loss" in table.splitlines()[0]
+    table = _script(COLLECT, str(runs["dpo_s0"]), str(runs["dpo_s1"]), str(runs["dil"]),
+                    "--metric=policy.gold_reward", "--metric=train.loss").stdout.splitlines()
+    assert table[0] == "| method | seeds | policy.gold_reward | train.loss |"
+    dpo = next(line for line in table if line.startswith("| dpo | 2 | "))
+    assert "±" in dpo
+    dil = next(line for line in table if line.startswith("| dil_lsif | 1 | "))
+    assert "—" in dil  # no gold evaluation: an empty cell, not a KeyError
+
+
+def test_plot_dynamics_one_stated_reduction(runs, tmp_path):
+    out = tmp_path / "new" / "folder" / "dyn.png"
+    proc = _script(PLOT, str(runs["dpo_s0"]), f"dil={runs['dil']}", f"--out={out}")
+    assert out.stat().st_size > 10_000 and "per-token mean" in proc.stdout
+    # DPO logs per-sequence sums: left out of the per-token figure, with what to log instead.
+    assert "dpo_s0: eval curves left out" in proc.stderr
+    assert "eval/logps_mean/chosen" in proc.stderr and "dil:" not in proc.stderr
+    out_sum = tmp_path / "sum.png"
+    proc = _script(PLOT, str(runs["dpo_s0"]), f"dil={runs['dil']}", f"--out={out_sum}",
+                   "--reduction=sum")
+    assert out_sum.stat().st_size > 10_000 and "dil: eval curves left out" in proc.stderr
+    assert "dpo_s0:" not in proc.stderr
