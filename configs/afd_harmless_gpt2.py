@@ -1,11 +1,11 @@
 """AfD on Anthropic HH-RLHF Harmless with GPT-2 (paper setup), and its debug variant.
 
   # the paper's setup (GPT-2 weights and tokenizer from the hub, your demonstration file):
-  python -m dil_jax.afd_main --config=configs/afd_harmless_gpt2.py:paper --workdir=/tmp/afd_hh \
+  python -m dil_jax.afd.main --config=configs/afd_harmless_gpt2.py:paper --workdir=/tmp/afd_hh \
       --config.afd.demonstrations.train_files="('/data/hh_harmless_gpt4_demos.jsonl',)"
   # debug variant (the default; offline, CPU minutes):
-  python -m dil_jax.afd_main --config=configs/afd_harmless_gpt2.py --workdir=/tmp/afd_hh_debug
-  python -m dil_jax.afd_main --config=configs/afd_harmless_gpt2.py --workdir=/tmp/afd_hh_adv \
+  python -m dil_jax.afd.main --config=configs/afd_harmless_gpt2.py --workdir=/tmp/afd_hh_debug
+  python -m dil_jax.afd.main --config=configs/afd_harmless_gpt2.py --workdir=/tmp/afd_hh_adv \
       --method=adversarial
 
 Paper setup (paper-setups.md, AfD): π_0 = pretrained GPT-2 (``init.mode='hf'``); forward KL =
@@ -30,7 +30,8 @@ reward's scores are saved to ``<workdir>/bon_candidates.npz`` for an external ju
 
 import ml_collections
 
-from dil_jax import afd, config_files
+from dil_jax import config_files
+from dil_jax.afd import extrapolation as afd
 
 base = config_files.sibling(__file__, "base")
 uf = config_files.sibling(__file__, "dil_ultrafeedback_debug")

@@ -1,10 +1,10 @@
 """AfD on Anthropic HH-RLHF Helpful with Gemma-2B (paper setup), and its debug variant.
 
   # the paper's setup (Gemma-2B weights and tokenizer from the hub, your demonstration file):
-  python -m dil_jax.afd_main --config=configs/afd_helpful_gemma.py:paper --workdir=/tmp/afd_help \
+  python -m dil_jax.afd.main --config=configs/afd_helpful_gemma.py:paper --workdir=/tmp/afd_help \
       --config.afd.demonstrations.train_files="('/data/hh_helpful_gpt4_demos.jsonl',)"
   # debug variant (the default; offline, CPU minutes):
-  python -m dil_jax.afd_main --config=configs/afd_helpful_gemma.py --workdir=/tmp/afd_help_dbg
+  python -m dil_jax.afd.main --config=configs/afd_helpful_gemma.py --workdir=/tmp/afd_help_dbg
 
 Paper setup: as configs/afd_harmless_gpt2.py with π_0 = Gemma-2B (``google/gemma-2b``, its
 tokenizer and chat-free plain rendering) on the HH helpful-base pairs

@@ -91,14 +91,19 @@ def get_config() -> ConfigDict:
     config.loss = ConfigDict()
     config.loss.name = "dil_lsif"  # see dil_jax.objectives.LOSSES
     config.loss.weight = 1.0
+    # Hyper-parameters (dil_jax.objectives.PARAMS): None = the chosen loss's own default; setting
+    # one the chosen loss does not use is an error naming the field.
     config.loss.beta = placeholder(float)  # DPO-family temperature; DIL: optional temperature on Δ
     config.loss.reduction = placeholder(str)  # 'sum' (papers' equations) or 'mean' (DIL code)
-    config.loss.label_smoothing = placeholder(float)  # cdpo / robust
+    config.loss.label_smoothing = placeholder(float)  # cdpo / robust / exo_pair / aot ε
     config.loss.gamma = placeholder(float)  # simpo margin
     config.loss.lam = placeholder(float)  # cpo / orpo NLL weight
     config.loss.alpha = placeholder(float)  # dil_basu power, fdpo α-divergence
     config.loss.divergence = placeholder(str)  # fdpo: reverse_kl | forward_kl | js | alpha
-    config.loss.max_log_ratio = placeholder(float)  # DIL overflow guard on |Δ|
+    config.loss.max_log_ratio = placeholder(float)  # overflow guard: exp(βΔ) exact up to this
+    config.loss.tau = placeholder(float)  # discopop modulation temperature
+    config.loss.desirable_weight = placeholder(float)  # kto λ_D
+    config.loss.undesirable_weight = placeholder(float)  # kto λ_U
     config.loss.sft_weight = 0.0  # > 0 adds sft (NLL on chosen) with this weight
     config.loss.extra_terms = ()  # more terms: ({'name': 'ipo', 'weight': 0.5, 'beta': 0.1},)
 
@@ -148,6 +153,12 @@ def get_config() -> ConfigDict:
     config.train.log_every = 1  # metrics.jsonl every step; raise to cut host syncs on big runs
     config.train.progress_bar = True
     config.train.tensorboard = True
+    # A finiteness flag is computed inside the step every step: 'halt' stops at the first
+    # non-finite loss/gradient/parameter (never checkpointing it), 'skip' discards that update
+    # (params and optimiser state unchanged, counted as `skipped`) and halts after
+    # max_nonfinite consecutive skips.
+    config.train.on_nonfinite = "halt"
+    config.train.max_nonfinite = 10
 
     # ---- evaluation ----
     config.eval = ConfigDict()

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dil_jax.data.gold_task import EOS, PAD
+from dil_jax.logprobs import sequence_logps
 from dil_jax.sampling import make_generate_fn
 
 
@@ -36,7 +37,6 @@ def response_batch(prompts: np.ndarray, tokens: np.ndarray, mask: np.ndarray) ->
 
 def sample_and_score(trainer, task, policy_params, ref_params, prompts, rng, cfg):
     """Samples ``policy_params`` on ``prompts``; returns tokens, mask, log π and log π_ref."""
-    from dil_jax.train import sequence_logps  # noqa: PLC0415 (avoid a circular import)
 
     gen = make_generate_fn(trainer.model, max_new_tokens=task.max_response_len,
                            temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,

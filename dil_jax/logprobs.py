@@ -303,3 +303,19 @@ def response_logprobs(
         n_tokens=jnp.sum(mask, axis=-1, dtype=jnp.float32).reshape(lead),
         sum_mean_logits=sum_mean_logits.reshape(lead),
     )
+
+
+def sequence_logps(model, family, params, batch, *, seq_chunk: int = 0,
+                   vocab_chunk: int = 0) -> ResponseLogprobs:
+    """Response log-probs of every sequence of a ``[B, N, T]`` batch in one forward pass."""
+    ids = batch["input_ids"]  # [B, N, T]
+    b, n, t = ids.shape
+    # Packed rows: per-example segments (attention stays inside one) and restarting positions.
+    packed = {k: batch[k].reshape(b * n, t) for k in ("segment_ids", "positions") if k in batch}
+    hidden, _ = model.apply({"params": params}, ids.reshape(b * n, t),
+                            batch["attention_mask"].reshape(b * n, t), output="hidden", **packed)
+    hidden = hidden.reshape(b, n, t, -1)  # [B, N, T, D]
+    return response_logprobs(
+        hidden, family.lm_head_kernel(params).astype(hidden.dtype), ids, batch["loss_mask"],
+        seq_chunk=seq_chunk or None, vocab_chunk=vocab_chunk or None,
+        logit_softcap=getattr(model, "logit_softcap", None))

@@ -15,6 +15,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from dil_jax import evaluate, train
 from dil_jax.runtime import exit_on_bad_input, quiet_absl_logging
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.",
@@ -31,7 +32,6 @@ def main(argv) -> None:
     jax.config.update("jax_threefry_partitionable", True)
     if _DEBUG_NANS.value:
         jax.config.update("jax_debug_nans", True)
-    from dil_jax import evaluate, train  # noqa: PLC0415 (after the runtime flags are set)
     with exit_on_bad_input():
         summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     summary.pop("state")

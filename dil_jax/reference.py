@@ -21,6 +21,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from dil_jax import sharding
+from dil_jax.logprobs import sequence_logps
 
 TOKEN_KEYS = ("input_ids", "attention_mask", "loss_mask")
 
@@ -57,7 +58,6 @@ def content_key(arrays, params, model_cfg) -> str:
 
 def compute_reference_logps(trainer, ref_params, arrays, batch_size: int) -> np.ndarray:
     """[n, N] summed reference log-probs in one sharded pass (tail padded by repetition)."""
-    from dil_jax.train import sequence_logps  # noqa: PLC0415 (train imports this module lazily)
 
     n = len(arrays["input_ids"])
     fn = jax.jit(lambda p, b: sequence_logps(trainer.model, trainer.family, p, b,

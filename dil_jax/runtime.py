@@ -1,4 +1,4 @@
-"""Process-wide settings that entry points (main.py, afd_main.py) apply; never on import."""
+"""Process-wide settings that entry points (main.py, afd/main.py) apply; never on import."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 
 from absl import logging as absl_logging
 
+from dil_jax import loop
 from dil_jax.errors import InputError
 
 
@@ -19,10 +20,23 @@ def quiet_absl_logging() -> None:
 
 @contextlib.contextmanager
 def exit_on_bad_input():
-    """Bad input (config field, data record, missing file) -> its message and exit status 2:
-    the message names the field, file or line, and a traceback adds nothing."""
+    """How every entry point ends a run that cannot go on, in one line and without a traceback:
+
+    * bad input (config field, data record, weights, checkpoint, missing file): its message,
+      exit status 2 — the message names the field, file:line or tensor;
+    * a non-finite step (``train.on_nonfinite``): the step and the first non-finite quantity,
+      exit status 3;
+    * preemption (SIGTERM): the checkpoint is written and ``<workdir>/PREEMPTED`` holds the
+      step; exit status 75 so a scheduler can tell it from a finished run and requeue it.
+    """
     try:
         yield
     except (InputError, FileNotFoundError) as e:
         print(f"dil_jax: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except loop.NonFiniteError as e:
+        print(f"dil_jax: error: {e}", file=sys.stderr)
+        sys.exit(3)
+    except loop.Preempted as e:
+        print(f"dil_jax: {e}", file=sys.stderr)
+        sys.exit(loop.PREEMPTED_EXIT_CODE)

@@ -14,15 +14,9 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import os
-import signal
-import threading
-import time
 from collections.abc import Callable, Mapping
-from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,73 +24,45 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dil_jax import checkpointing, logprobs, objectives, sharding, validation
+from dil_jax import (
+    checkpointing,
+    evaluate,
+    logprobs,
+    loop,
+    objectives,
+    reference,
+    sharding,
+    validation,
+)
 from dil_jax.data import pipeline
-from dil_jax.metrics import MetricWriter
-from dil_jax.models import build_model, max_positions
+from dil_jax.loop import TrainState
+from dil_jax.models import build_model, hf, max_positions
 
 # Batch keys the step reads; segment_ids/positions [B, N, T] come with packed data.
 STEP_KEYS = ("input_ids", "attention_mask", "loss_mask", "ref_logps", "segment_ids", "positions")
 
 
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array  # [] int32
-    params: Any
-    opt_state: Any
-
-
-# ----------------------------------------------------------------------------- optimiser
-
 def make_optimizer(optim_cfg, total_steps: int):
-    """AdamW with linear warmup then cosine/linear/constant decay, and global-norm clipping."""
-    peak = optim_cfg.learning_rate
-    warmup = int(round(optim_cfg.warmup_ratio * total_steps))
-    decay_steps = max(total_steps - warmup, 1)
-    end = peak * optim_cfg.end_lr_factor
-    if optim_cfg.schedule == "cosine":
-        decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=optim_cfg.end_lr_factor)
-    elif optim_cfg.schedule == "linear":
-        decay = optax.linear_schedule(peak, end, decay_steps)
-    elif optim_cfg.schedule == "constant":
-        decay = optax.constant_schedule(peak)
-    else:
-        raise ValueError(f"config.optim.schedule={optim_cfg.schedule!r}: expected cosine, linear "
-                         "or constant")
-    schedule = optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
-    parts = [optax.clip_by_global_norm(optim_cfg.grad_clip)] if optim_cfg.grad_clip > 0 else []
-    parts.append(optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
-                             weight_decay=optim_cfg.weight_decay))
-    return optax.chain(*parts), schedule
+    """``config.optim`` -> ``loop.make_optimizer`` (the one optimiser factory)."""
+    o = optim_cfg
+    return loop.make_optimizer(
+        learning_rate=o.learning_rate, total_steps=total_steps, warmup_ratio=o.warmup_ratio,
+        schedule=o.schedule, end_lr_factor=o.end_lr_factor, weight_decay=o.weight_decay,
+        b1=o.b1, b2=o.b2, eps=o.eps, grad_clip=o.grad_clip)
 
 
-# ----------------------------------------------------------------------------- log-probs
-
-def sequence_logps(model, family, params, batch, *, seq_chunk: int = 0,
-                   vocab_chunk: int = 0) -> logprobs.ResponseLogprobs:
-    """Response log-probs of every sequence of a ``[B, N, T]`` batch in one forward pass."""
-    ids = batch["input_ids"]  # [B, N, T]
-    b, n, t = ids.shape
-    # Packed rows: per-example segments (attention stays inside one) and restarting positions.
-    packed = {k: batch[k].reshape(b * n, t) for k in ("segment_ids", "positions") if k in batch}
-    hidden, _ = model.apply({"params": params}, ids.reshape(b * n, t),
-                            batch["attention_mask"].reshape(b * n, t), output="hidden", **packed)
-    hidden = hidden.reshape(b, n, t, -1)  # [B, N, T, D]
-    return logprobs.response_logprobs(
-        hidden, family.lm_head_kernel(params).astype(hidden.dtype), ids, batch["loss_mask"],
-        seq_chunk=seq_chunk or None, vocab_chunk=vocab_chunk or None,
-        logit_softcap=getattr(model, "logit_softcap", None))
-
+# ----------------------------------------------------------------------------- the step
 
 def _pair_stats(model, family, params, batch, ref_params, *, terms, chunks):
     """Policy (and reference) statistics of a batch -> per-example losses [B] and metrics."""
-    pol = sequence_logps(model, family, params, batch, **chunks)
+    pol = logprobs.sequence_logps(model, family, params, batch, **chunks)
     reference = None
     if objectives.needs_reference(terms):
         if "ref_logps" in batch:  # precomputed once, cached on disk
             reference = batch["ref_logps"].astype(jnp.float32)
         else:  # frozen reference evaluated in the step; never differentiated
-            ref = sequence_logps(model, family, jax.lax.stop_gradient(ref_params), batch, **chunks)
+            ref = logprobs.sequence_logps(model, family, jax.lax.stop_gradient(ref_params),
+                                          batch, **chunks)
             reference = ref.sum_logps
     n_tokens = jnp.maximum(pol.n_tokens, 1.0)
     seqs = objectives.SequenceLogps(policy=pol.sum_logps, n_tokens=pol.n_tokens,
@@ -156,11 +122,8 @@ def train_step(state: TrainState, batch, ref_params, *, model, family, tx, terms
     (grads, loss, sums, n_tok), _ = jax.lax.scan(accumulate, init, micro)
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    # float32 gradients promote bf16 params and moments: cast back so the state's dtypes (and
-    # the compiled step) never change from one step to the next.
-    params = jax.tree.map(lambda new, old: new.astype(old.dtype), params, state.params)
-    opt_state = jax.tree.map(lambda new, old: new.astype(old.dtype), opt_state, state.opt_state)
+    params = loop.cast_like(optax.apply_updates(state.params, updates), state.params)
+    opt_state = loop.cast_like(opt_state, state.opt_state)
     metrics = dict(sums, loss=loss, grad_norm=optax.tree.norm(grads),
                    param_norm=optax.tree.norm(params), response_tokens=n_tok)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
@@ -250,12 +213,9 @@ class Trainer:
                 train_step, model=self.model, family=self.family, tx=self.tx, terms=self.terms,
                 accum_steps=self.config.optim.grad_accum_steps, chunks=self.chunks)
 
-            def counted(state, batch, ref_params):
-                self.trace_count += 1
-                return step(state, batch, ref_params)
-
-            self._train_step = jax.jit(
-                counted, in_shardings=(self.state_sharding, None, self._ref_sharding),
+            self._train_step = loop.counted_jit(
+                self, loop.guard_finite(step, self.config.train.on_nonfinite),
+                in_shardings=(self.state_sharding, None, self._ref_sharding),
                 out_shardings=(self.state_sharding, self.replicated), donate_argnums=(0,))
         return self._train_step
 
@@ -289,27 +249,16 @@ class Trainer:
         return {k: v / max(count, 1) for k, v in totals.items()}
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- the run
 
-class _Preemption:
-    """SIGTERM (TPU preemption, ``kill``) -> finish the current step, save, exit cleanly."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint before exiting")
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+def loop_settings(cfg) -> loop.LoopSettings:
+    """The core run's ``train``/``checkpoint``/``eval`` sections as loop settings."""
+    return loop.LoopSettings(
+        steps=cfg.train.steps, log_every=cfg.train.log_every,
+        checkpoint_every=cfg.checkpoint.every_steps, keep=cfg.checkpoint.keep,
+        async_save=cfg.checkpoint.async_save, tensorboard=cfg.train.tensorboard,
+        progress_bar=cfg.train.progress_bar, desc="train", eval_every=cfg.eval.every_steps,
+        on_nonfinite=cfg.train.on_nonfinite, max_nonfinite=cfg.train.max_nonfinite)
 
 
 def train_and_evaluate(config, workdir: str, *, mesh=None, max_steps: int | None = None) -> dict:
@@ -325,6 +274,9 @@ def train_and_evaluate(config, workdir: str, *, mesh=None, max_steps: int | None
         schedule still spans ``config.train.steps``.
     Returns:
       A summary: final step, last train metrics, last eval metrics, gold evaluation if run.
+    Raises:
+      loop.Preempted after saving, when SIGTERM arrived; loop.NonFiniteError on a non-finite
+      step under ``train.on_nonfinite='halt'``.
     """
     sharding.maybe_initialize_distributed(config.mesh.coordinator_address,
                                           config.mesh.num_processes, config.mesh.process_id)
@@ -332,12 +284,10 @@ def train_and_evaluate(config, workdir: str, *, mesh=None, max_steps: int | None
     trainer = Trainer(config, mesh=mesh)
     cfg = config
     train_data, eval_data, task = pipeline.build_datasets(cfg, workdir=workdir)
-    train_iter = pipeline.make_iterator(train_data, cfg.train.global_batch_size, seed=cfg.data.seed)
 
     init_params = _initial_params(trainer, workdir)  # the reference, and the policy's start
     ref_params = init_params if trainer.reference_inline else None
     if trainer.needs_reference and not trainer.reference_inline:
-        from dil_jax import reference  # noqa: PLC0415 (only this mode needs it)
 
         def add_reference(arrays):
             return reference.with_reference_logps(trainer, init_params, arrays, cfg, workdir)
@@ -346,65 +296,24 @@ def train_and_evaluate(config, workdir: str, *, mesh=None, max_steps: int | None
         train_data = pipeline.with_reference(train_data, add_reference)
         if eval_data is not None:
             eval_data = pipeline.with_reference(eval_data, add_reference)
-        train_iter = pipeline.make_iterator(train_data, cfg.train.global_batch_size,
-                                            seed=cfg.data.seed)
+    train_iter = pipeline.make_iterator(train_data, cfg.train.global_batch_size, seed=cfg.data.seed)
 
-    manager = checkpointing.make_manager(workdir, cfg.checkpoint)
-    restored = checkpointing.restore_latest(manager, trainer, cfg)
-    if restored is not None:
-        state, data_state = restored
-        train_iter.set_state(data_state)
-        logging.info("resumed from step %d", int(state.step))
-    else:
-        state = trainer.init_state(cfg.seed, params=init_params)
-    if task is None or not cfg.eval.gold_prompts:
-        init_params = None  # only the gold-task evaluation needs the initial policy again
+    def run_eval(state):
+        return _run_eval(trainer, state, ref_params, eval_data, cfg)
 
-    start = int(state.step)
-    writer = MetricWriter(workdir, tensorboard=cfg.train.tensorboard, resume_step=start)
-    end = cfg.train.steps if max_steps is None else min(cfg.train.steps, start + max_steps)
-    last_metrics, eval_metrics = {}, {}
-    bar = _progress(start, cfg.train.steps, cfg.train.progress_bar)
-    tick, tokens = time.perf_counter(), 0.0
-    with _Preemption() as preemption:
-        for step in range(start + 1, end + 1):
-            batch = next(train_iter)
-            state, metrics = trainer.run_step(state, batch, ref_params)
-            tokens += float(np.sum(batch["attention_mask"]))
-            if step % cfg.train.log_every == 0 or step == end:
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                elapsed = time.perf_counter() - tick
-                metrics["tokens_per_second"] = tokens / max(elapsed, 1e-9)
-                metrics["lr"] = float(trainer.schedule(step - 1))
-                _check_finite(metrics, step)
-                writer.write(step, metrics)
-                last_metrics = metrics
-                tick, tokens = time.perf_counter(), 0.0
-                if bar is not None:
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-            if bar is not None:
-                bar.update(1)
-            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and eval_data:
-                eval_metrics = _run_eval(trainer, state, ref_params, eval_data, cfg)
-                writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
-            preempted = preemption.requested or manager.reached_preemption(step)
-            if step % cfg.checkpoint.every_steps == 0 or step == end or preempted:
-                checkpointing.save(manager, step, state, train_iter.get_state(), cfg)
-            if preempted:
-                logging.warning("stopping at step %d after a preemption signal", step)
-                break
-    manager.wait_until_finished()
-    if bar is not None:
-        bar.close()
-    summary = {"step": int(state.step), "train": last_metrics, "eval": eval_metrics,
+    result = loop.run(
+        trainer, workdir, settings=loop_settings(cfg), data=train_iter,
+        step_fn=lambda state, batch, step: trainer.run_step(state, batch, ref_params),
+        init_state=lambda: trainer.init_state(cfg.seed, params=init_params),
+        resume_config=cfg, max_steps=max_steps, evaluate=run_eval if eval_data else None,
+        schedule=trainer.schedule)
+    state = result.state
+    summary = {"step": result.step, "train": result.train, "eval": result.eval,
                "workdir": workdir}
-    if int(state.step) >= cfg.train.steps and task is not None and cfg.eval.gold_prompts:
-        from dil_jax import evaluate  # noqa: PLC0415
-
+    if result.step >= cfg.train.steps and task is not None and cfg.eval.gold_prompts:
         summary["gold"] = evaluate.gold_evaluation(trainer, task, state.params, init_params, cfg)
         with open(os.path.join(workdir, "gold_eval.json"), "w") as f:
             json.dump(summary["gold"], f, indent=2)
-    writer.close()
     summary["state"] = state
     return summary
 
@@ -423,8 +332,6 @@ def _initial_params(trainer: Trainer, workdir: str):
     if init.mode == "checkpoint":
         return checkpointing.load_params(init.checkpoint_dir, trainer.abstract_params())
     if init.mode == "hf":  # streamed tensor by tensor into the target shardings
-        from dil_jax.models import hf  # noqa: PLC0415
-
         m = trainer.config.model
         return hf.load_params(m.hf_path, m.family, trainer.model.config,
                               trainer.abstract_params(), scan_layers=m.scan_layers)
@@ -435,18 +342,3 @@ def _run_eval(trainer, state, ref_params, eval_data, cfg) -> dict[str, float]:
     it = pipeline.make_iterator(eval_data, cfg.eval.batch_size, shuffle=False)
     batches = [next(it) for _ in range(min(cfg.eval.num_batches, it.batches_per_epoch))]
     return trainer.evaluate(state.params, ref_params, batches)
-
-
-def _check_finite(metrics: Mapping[str, float], step: int) -> None:
-    bad = [k for k, v in metrics.items() if not np.isfinite(v)]
-    if bad:
-        raise FloatingPointError(f"non-finite metrics {bad} at step {step}; the last checkpoint "
-                                 "in the workdir is the last good state")
-
-
-def _progress(start: int, total: int, enabled: bool):
-    if not enabled or jax.process_index() != 0:
-        return None
-    from tqdm.auto import tqdm  # noqa: PLC0415
-
-    return tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)

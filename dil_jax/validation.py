@@ -6,28 +6,38 @@ Unknown keys are already rejected by ``ml_collections`` (a locked ConfigDict and
 
 from __future__ import annotations
 
-from dil_jax import objectives, sharding
+from dil_jax import loop, objectives, sharding
 from dil_jax.errors import ConfigError
 from dil_jax.models import DTYPES, FAMILIES
 
-LOSS_PARAM_KEYS = ("beta", "reduction", "label_smoothing", "gamma", "lam", "alpha", "divergence",
-                   "max_log_ratio")
+# The loss hyper-parameters are declared once, in dil_jax/objectives.py (PARAMS / LOSSES);
+# configs/base.py has exactly these `config.loss` fields (tests/test_objectives_trl.py checks).
+LOSS_PARAM_KEYS = objectives.LOSS_PARAM_KEYS
 REFERENCE_MODES = ("inline", "precomputed")
 INIT_MODES = ("scratch", "pretrain", "checkpoint", "hf")
 
 
 def loss_terms(loss_cfg) -> tuple[objectives.LossTerm, ...]:
-    """``config.loss`` -> validated loss terms (primary + optional sft + extra terms)."""
+    """``config.loss`` -> validated loss terms (primary + optional sft + extra terms).
+
+    Raises:
+      ConfigError naming ``config.loss.<field>`` (or ``config.loss.extra_terms[i].<field>``):
+      an unknown loss, a parameter the chosen loss does not use, an invalid value or a
+      combination ``objectives.check_combination`` refuses.
+    """
     primary = {"name": loss_cfg.name, "weight": loss_cfg.weight}
     primary.update({k: loss_cfg[k] for k in LOSS_PARAM_KEYS if loss_cfg.get(k) is not None})
-    terms = [primary]
+    terms, fields = [primary], ["config.loss"]
     if loss_cfg.sft_weight:
         terms.append({"name": "sft", "weight": loss_cfg.sft_weight})
-    terms += [dict(t) for t in loss_cfg.extra_terms]
+        fields.append("config.loss.sft_weight")
+    for i, t in enumerate(loss_cfg.extra_terms):
+        terms.append(dict(t))
+        fields.append(f"config.loss.extra_terms[{i}]")
     try:
-        return objectives.parse_loss_terms(terms)
+        return objectives.parse_loss_terms(terms, fields=fields)
     except ValueError as e:
-        raise ValueError(f"config.loss: {e}") from e
+        raise ConfigError(str(e)) from e
 
 
 def _require(ok: bool, field: str, value, expected: str) -> None:
@@ -77,6 +87,9 @@ def _validate(config, *, num_devices: int, process_count: int) -> None:
                  config.reference.batch_size, f"must be a multiple of data-parallel size {dp}")
     for key in ("seq_chunk", "vocab_chunk"):
         _require(config.logprobs[key] >= 0, f"logprobs.{key}", config.logprobs[key], "must be >= 0")
+    _require(t.on_nonfinite in loop.NONFINITE_POLICIES, "train.on_nonfinite", t.on_nonfinite,
+             f"expected one of {loop.NONFINITE_POLICIES}")
+    _require(t.max_nonfinite >= 0, "train.max_nonfinite", t.max_nonfinite, "must be >= 0")
     c = config.checkpoint
     _require(c.every_steps > 0, "checkpoint.every_steps", c.every_steps, "must be positive")
     _require(c.keep >= 1, "checkpoint.keep", c.keep, "must be >= 1")

@@ -7,13 +7,14 @@ Per seed (all on one device; runs are small):
 
 * π_0: the quickstart's base policy (SFT on the noisy, two-mode base distribution).
 * **C2** (mode coverage): from π_0, forward KL = SFT on the *mixed* expert's demonstrations vs
-  reverse KL = adversarial imitation (dil_jax/adversarial.py, discriminator logit reward, RLOO)
+  reverse KL = adversarial imitation (dil_jax/afd/adversarial.py, discriminator logit reward, RLOO)
   on the same demonstrations: entropy per response, share of each gold mode, gold reward.
 * **C3** (SFT on demonstrations is strong): SFT on expert demonstrations vs DPO on base
   preference pairs vs SFT on the chosen responses of those pairs; gold reward normalised by the
   demonstrations' gold reward.
-* **C4–C7** (reward-model extrapolation, dil_jax/afd.py): demonstrations from a *different
-  family* ('expert_a_styled': the mode-A expert, every response prefixed by a reward-irrelevant
+* **C4–C7** (reward-model extrapolation, dil_jax/afd/extrapolation.py): demonstrations from a
+  *different family* ('expert_a_styled': the mode-A expert, every response prefixed by a
+  reward-irrelevant
   style marker; single-mode so that π_SFT does not interleave the two rules, see
   dil_jax/data/gold_task.py); π_SFT = SFT of π_0 on them; Init-SFT, Init-Demo, SFT-Demo
   classifiers, a Bradley–Terry RM on base preference pairs and the exact log-ratio reward;
@@ -40,8 +41,10 @@ import time
 import jax
 import numpy as np
 
-from dil_jax import adversarial, afd, config_files, sharding
+from dil_jax import config_files, sharding
 from dil_jax import train as core
+from dil_jax.afd import adversarial
+from dil_jax.afd import extrapolation as afd
 from dil_jax.data.gold_task import GoldTask
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from conftest import REPO, make_tiny_config
 
-from dil_jax import afd, objectives, rollouts, sharding, train
+from dil_jax import logprobs, objectives, sharding, train
+from dil_jax.afd import extrapolation as afd
+from dil_jax.afd import rollouts
 from dil_jax.data.gold_task import DEMO_PAIR_SOURCES, GoldTask
 
 
@@ -56,7 +58,7 @@ def test_c1_sequence_forward_kl_gradient_equals_token_sft_gradient():
              "loss_mask": jnp.asarray(np.broadcast_to([0, 0, 0, 1, 1], ids.shape))}
 
     def token_sft(p, reduction):
-        pol = train.sequence_logps(model, trainer.family, p, batch, seq_chunk=2, vocab_chunk=8)
+        pol = logprobs.sequence_logps(model, trainer.family, p, batch, seq_chunk=2, vocab_chunk=8)
         seqs = objectives.SequenceLogps(policy=pol.sum_logps, n_tokens=pol.n_tokens)
         terms = objectives.parse_loss_terms({"name": "sft", "reduction": reduction})
         losses, _ = objectives.compute_loss(terms, seqs)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from dil_jax import train
+from dil_jax import loop, train
 
 
 def params_of(summary):
@@ -75,8 +75,10 @@ def test_sigterm_saves_a_checkpoint_before_exit(tmp_path):
     assert metrics.exists(), proc.communicate()[0].decode()[-3000:]
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=240)[0].decode()
-    assert proc.returncode == 0, out[-3000:]
+    assert proc.returncode == loop.PREEMPTED_EXIT_CODE, out[-3000:]  # not "finished"
+    assert "Traceback" not in out, out[-3000:]
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps and 0 < steps[-1] < 100000
     last_logged = json.loads(metrics.read_text().splitlines()[-1])["step"]
     assert steps[-1] == last_logged
+    assert (workdir / loop.PREEMPTED_MARKER).read_text().strip() == str(steps[-1])

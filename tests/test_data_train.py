@@ -8,7 +8,7 @@ import pytest
 from conftest import REPO
 from data_testing import CHAT_TEMPLATE, files_config, make_tokenizer, pairs, write_jsonl
 
-from dil_jax import checkpointing, config_files, sharding, train
+from dil_jax import checkpointing, config_files, logprobs, sharding, train
 from dil_jax.data import pipeline
 
 
@@ -75,7 +75,7 @@ def test_precomputed_reference_per_bucket_matches_inline(chat_files, tmp_path):
     rows = np.arange(8)
     batch = with_ref.padded(rows, 64)
     with jax.set_mesh(trainer.mesh):
-        logps = jax.jit(lambda p, b: train.sequence_logps(trainer.model, trainer.family, p, b)
+        logps = jax.jit(lambda p, b: logprobs.sequence_logps(trainer.model, trainer.family, p, b)
                         .sum_logps)(params, {k: batch[k] for k in
                                              ("input_ids", "attention_mask", "loss_mask")})
     np.testing.assert_allclose(np.asarray(logps), batch["ref_logps"], atol=1e-4)

@@ -14,6 +14,7 @@ pytest.importorskip("ipykernel", reason="needs ipykernel (pip install -e '.[test
 def test_divergence_ablation_notebook_reduced(tmp_path, monkeypatch):
     monkeypatch.setenv("DIL_NOTEBOOK_REDUCED", "1")
     monkeypatch.setenv("DIL_NOTEBOOK_WORKDIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("DIL_NOTEBOOK_CONFIG", str(REPO / "configs" / "afd_gold.py"))
     monkeypatch.setenv("XLA_FLAGS", "")  # the kernel needs one device only
     nb = nbformat.read(REPO / "notebooks" / "divergence_ablation.ipynb", as_version=4)
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",

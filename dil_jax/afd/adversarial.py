@@ -55,12 +55,8 @@ that state: the workdir's latest checkpoint is the last good one.
 from __future__ import annotations
 
 import functools
-import logging
-import os
 from collections.abc import Mapping
-from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -69,15 +65,15 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dil_jax import checkpointing, logprobs, sharding
+from dil_jax import checkpointing, logprobs, loop, sharding
 from dil_jax.afd import reward_model, rollouts
 from dil_jax.data import pipeline
 from dil_jax.errors import ConfigError, DataError
-from dil_jax.metrics import MetricWriter
 from dil_jax.models import build_model
 
 REWARDS = ("logit", "gail", "log_d")
-RESUMABLE_FIELDS = ("steps", "max_abs_logit", "log_every", "checkpoint_every")
+RESUMABLE_FIELDS = ("steps", "max_abs_logit", "log_every", "checkpoint_every", "keep",
+                    "async_save")
 
 
 class AdversarialDivergence(FloatingPointError):
@@ -100,6 +96,8 @@ def default_config() -> ml_collections.ConfigDict:
     # alone cannot separate them from policy samples.
     c.match_lengths = True
     c.checkpoint_every = 50
+    c.keep = 2  # checkpoints kept (orbax keep-N)
+    c.async_save = True
     c.log_every = 10
     c.seed = 0
     c.disc = reward_model.default_config()  # the discriminator (loss must be 'bce')
@@ -164,11 +162,8 @@ def check_unfiltered_sampling(sampling_cfg, field: str = "afd.sampling") -> None
             "adversarial run (Best-of-N may keep its own filtered sampling)")
 
 
-@flax.struct.dataclass
-class AdversarialState:
-    step: jax.Array  # [] int32
-    params: Any  # {'policy': family params, 'disc': {'backbone', 'reward_head'}}
-    opt_state: Any  # {'policy': ..., 'disc': ...}
+# The runtime's state: params and opt_state are {'policy': ..., 'disc': ...}.
+AdversarialState = loop.TrainState
 
 
 def adversarial_step(state: AdversarialState, demo, samples, ref_params, *, policy_model,
@@ -285,11 +280,9 @@ class AdversarialImitation:
         disc_cfg.steps = adv.steps
         self.disc = reward_model.RewardModel(disc_model_cfg, disc_cfg, mesh=self.mesh,
                                              seed=adv.seed, field="afd.adversarial.disc")
-        schedule = optax.warmup_cosine_decay_schedule(
-            0.0, adv.learning_rate, max(int(adv.warmup_ratio * adv.steps), 1),
-            max(adv.steps, 2))
-        parts = [optax.clip_by_global_norm(adv.grad_clip)] if adv.grad_clip > 0 else []
-        self.policy_tx = optax.chain(*parts, optax.adamw(schedule, weight_decay=0.0))
+        self.policy_tx, _ = loop.make_optimizer(
+            learning_rate=adv.learning_rate, total_steps=adv.steps,
+            warmup_ratio=adv.warmup_ratio, grad_clip=adv.grad_clip)
         self.chunks = {"seq_chunk": config.logprobs.seq_chunk,
                        "vocab_chunk": config.logprobs.vocab_chunk}
         self.abstract_state = jax.eval_shape(self._init_state, jax.random.key(0))
@@ -333,12 +326,9 @@ class AdversarialImitation:
                 disc_model=self.disc.model, policy_tx=self.policy_tx, disc_tx=self.disc.tx,
                 cfg=cfg, chunks=self.chunks)
 
-            def counted(state, demo, samples, ref_params):
-                self.trace_count += 1
-                return step(state, demo, samples, ref_params)
-
-            self._step = jax.jit(
-                counted, in_shardings=(self.state_sharding, None, None, self.policy_sharding),
+            self._step = loop.counted_jit(
+                self, loop.guard_finite(step, "halt"),
+                in_shardings=(self.state_sharding, None, None, self.policy_sharding),
                 out_shardings=(self.state_sharding, self.replicated), donate_argnums=(0,))
         return self._step
 
@@ -410,40 +400,25 @@ def train_adversarial(config, workdir: str, *, init_params, demos: Mapping[str, 
     if len(demos["input_ids"]) < cfg.prompts_per_step:
         raise ConfigError(f"demonstrations: {len(demos['input_ids'])} examples is fewer than "
                          f"afd.adversarial.prompts_per_step={cfg.prompts_per_step}")
-    os.makedirs(workdir, exist_ok=True)
     keys = ("input_ids", "attention_mask", "loss_mask", "example_id")
     demo_arrays = {k: np.asarray(demos[k]) for k in keys if k in demos}
     it = pipeline.make_iterator(demo_arrays, cfg.prompts_per_step, seed=cfg.seed)
-    run_cfg = adv_run.checkpoint_config()
-    manager = checkpointing.make_manager(
-        workdir, ml_collections.ConfigDict({"keep": 2, "async_save": False}))
-    restored = checkpointing.restore_latest(manager, adv_run, run_cfg)
-    if restored is not None:
-        state, data_state = restored
-        it.set_state(data_state)
-        logging.info("adversarial imitation resumed from step %d", int(state.step))
-    else:
-        state = adv_run.init_state(init_params)
     ref_params = jax.device_put(init_params, adv_run.policy_sharding)
-    start = int(state.step)
-    end = cfg.steps if max_steps is None else min(cfg.steps, start + max_steps)
-    writer = MetricWriter(workdir, tensorboard=False, resume_step=start)
-    last = {}
-    try:
-        for step in range(start + 1, end + 1):
-            batch = next(it)
-            state, metrics, _ = adv_run.run_step(state, batch, ref_params, step)
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            _check_divergence(metrics, step, cfg.max_abs_logit, manager)
-            if step % cfg.log_every == 0 or step == end:
-                writer.write(step, metrics)
-                last = metrics
-            if step % cfg.checkpoint_every == 0 or step == end:
-                checkpointing.save(manager, step, state, it.get_state(), run_cfg)
-    finally:
-        manager.wait_until_finished()
-        manager.close()
-        writer.close()
+    settings = loop.LoopSettings(
+        steps=cfg.steps, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+        keep=cfg.keep, async_save=cfg.async_save, tensorboard=False, desc="adversarial")
+
+    def step_fn(state, batch, step):
+        state, metrics, _ = adv_run.run_step(state, batch, ref_params, step)
+        return state, metrics
+
+    result = loop.run(
+        adv_run, workdir, step_fn=step_fn, settings=settings, data=it,
+        init_state=lambda: adv_run.init_state(init_params),
+        resume_config=adv_run.checkpoint_config(), max_steps=max_steps,
+        check=functools.partial(_check_divergence, bound=cfg.max_abs_logit),
+        label="adversarial imitation")
+    state, last = result.state, result.train
     return {"step": int(state.step), "policy_params": state.params["policy"],
             "disc_params": state.params["disc"], "train": last, "runner": adv_run}
 
@@ -462,7 +437,8 @@ def load_last_good(config, workdir: str, *, mesh=None) -> tuple[int, dict]:
     return step, checkpointing.load_params(workdir, abstract, step)
 
 
-def _check_divergence(metrics: Mapping[str, float], step: int, bound: float, manager) -> None:
+def _check_divergence(metrics: Mapping[str, float], step: int, manager, *, bound: float
+                      ) -> None:
     bad = sorted(k for k, v in metrics.items() if not np.isfinite(v))
     big = metrics.get("disc/max_abs_logit", 0.0)
     if bad or big > bound:

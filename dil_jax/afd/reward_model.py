@@ -43,11 +43,9 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -56,7 +54,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dil_jax import checkpointing, sharding
+from dil_jax import loop, sharding
 from dil_jax.data import pipeline
 from dil_jax.errors import ConfigError
 from dil_jax.metrics import MetricWriter
@@ -85,7 +83,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.grad_clip = 1.0
     c.eval_fraction = 0.1  # held-out share of the classifier data for accuracy / AUC
     c.checkpoint_every = 100
+    c.keep = 2  # checkpoints kept (orbax keep-N)
+    c.async_save = True
     c.log_every = 20
+    c.on_nonfinite = "halt"  # 'halt' | 'skip' (dil_jax/loop.py)
     return c
 
 
@@ -274,11 +275,8 @@ def rm_loss_and_metrics(model, params, batch, *, level: str, loss: str
 
 # ----------------------------------------------------------------------------- training
 
-@flax.struct.dataclass
-class RewardState:
-    step: jax.Array  # [] int32
-    params: Any  # {'backbone': ..., 'reward_head': ...}
-    opt_state: Any
+# The reward model's state is the runtime's: params {'backbone': ..., 'reward_head': ...}.
+RewardState = loop.TrainState
 
 
 def partition_rules(family) -> tuple[tuple[str, P], ...]:
@@ -287,13 +285,11 @@ def partition_rules(family) -> tuple[tuple[str, P], ...]:
 
 
 def make_optimizer(rm_cfg, total_steps: int):
-    """AdamW with linear warmup, cosine decay and global-norm clipping."""
-    warmup = int(round(rm_cfg.warmup_ratio * total_steps))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, rm_cfg.learning_rate, max(warmup, 1),
-                                                  max(total_steps, warmup + 1))
-    parts = [optax.clip_by_global_norm(rm_cfg.grad_clip)] if rm_cfg.grad_clip > 0 else []
-    parts.append(optax.adamw(schedule, weight_decay=rm_cfg.weight_decay))
-    return optax.chain(*parts)
+    """The reward-model section -> ``loop.make_optimizer`` (warmup + cosine, clipping)."""
+    tx, _ = loop.make_optimizer(learning_rate=rm_cfg.learning_rate, total_steps=total_steps,
+                                warmup_ratio=rm_cfg.warmup_ratio,
+                                weight_decay=rm_cfg.weight_decay, grad_clip=rm_cfg.grad_clip)
+    return tx
 
 
 def rm_train_step(state: RewardState, batch, *, model, tx, level, loss
@@ -303,8 +299,7 @@ def rm_train_step(state: RewardState, batch, *, model, tx, level, loss
         lambda p: rm_loss_and_metrics(model, p, batch, level=level, loss=loss), has_aux=True)
     (_, metrics), grads = grad_fn(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    params = jax.tree.map(lambda new, old: new.astype(old.dtype), params, state.params)
+    params = loop.cast_like(optax.apply_updates(state.params, updates), state.params)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
     return RewardState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -376,13 +371,10 @@ class RewardModel:
             step = functools.partial(rm_train_step, model=self.model, tx=self.tx,
                                      level=self.cfg.level, loss=self.cfg.loss)
 
-            def counted(state, batch):
-                self.trace_count += 1
-                return step(state, batch)
-
-            self._step = jax.jit(counted, in_shardings=(self.state_sharding, None),
-                                 out_shardings=(self.state_sharding, self.replicated),
-                                 donate_argnums=(0,))
+            self._step = loop.counted_jit(
+                self, loop.guard_finite(step, self.cfg.on_nonfinite),
+                in_shardings=(self.state_sharding, None),
+                out_shardings=(self.state_sharding, self.replicated), donate_argnums=(0,))
         return self._step
 
     @property
@@ -522,35 +514,18 @@ def train_reward_model(rm: RewardModel, arrays: Mapping[str, np.ndarray], workdi
     if len(train_arrays["input_ids"]) < cfg.global_batch_size:
         raise ValueError(f"reward-model data: {len(train_arrays['input_ids'])} training examples "
                          f"is fewer than reward_model.global_batch_size={cfg.global_batch_size}")
-    os.makedirs(workdir, exist_ok=True)
     it = pipeline.make_iterator(train_arrays, cfg.global_batch_size, seed=rm.seed)
-    run_cfg = rm.checkpoint_config(data_description)
-    ckpt = ml_collections.ConfigDict({"keep": 1, "async_save": False})
-    manager = checkpointing.make_manager(workdir, ckpt)
-    restored = checkpointing.restore_latest(manager, rm, run_cfg)
-    if restored is not None:
-        state, data_state = restored
-        it.set_state(data_state)
-    else:
-        if cfg.init == "scratch":
-            backbone_params = None
-        state = rm.init_state(backbone_params)
-    start = int(state.step)
-    end = cfg.steps if max_steps is None else min(cfg.steps, start + max_steps)
-    writer = MetricWriter(workdir, tensorboard=False, resume_step=start)
-    last = {}
-    for step in range(start + 1, end + 1):
-        state, metrics = rm.run_step(state, next(it))
-        if step % cfg.log_every == 0 or step == end:
-            last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if not all(np.isfinite(v) for v in last.values()):
-                raise FloatingPointError(f"reward model: non-finite metrics {last} at step "
-                                         f"{step}; the last checkpoint in {workdir} is good")
-            writer.write(step, last)
-        if step % cfg.checkpoint_every == 0 or step == end:
-            checkpointing.save(manager, step, state, it.get_state(), run_cfg)
-    manager.wait_until_finished()
-    manager.close()
+    settings = loop.LoopSettings(
+        steps=cfg.steps, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+        keep=cfg.keep, async_save=cfg.async_save, tensorboard=False,
+        desc="reward model", on_nonfinite=cfg.on_nonfinite)
+    result = loop.run(
+        rm, workdir, step_fn=lambda state, batch, step: rm.run_step(state, batch),
+        settings=settings, data=it, resume_config=rm.checkpoint_config(data_description),
+        init_state=lambda: rm.init_state(None if cfg.init == "scratch" else backbone_params),
+        max_steps=max_steps, label=f"reward model {workdir}")
+    state, last = result.state, result.train
+    writer = MetricWriter(workdir, tensorboard=False, resume_step=result.step)
     eval_metrics = {}
     if eval_arrays is not None and int(state.step) >= cfg.steps:
         eval_metrics = evaluate_classifier(rm, state.params, eval_arrays)
