@@ -170,6 +170,32 @@ def load_params(workdir: str, abstract_params, step: int | None = None):
         manager.close()
 
 
+def read_meta(workdir: str, step: int | None = None) -> dict:
+    """The ``meta`` dict (step, data state, config) of the newest whole (or the given) step.
+
+    Like :func:`load_params`, damaged steps are skipped with a warning and left in place.
+
+    Raises:
+      FileNotFoundError: no checkpoint, or not the given step.
+      CheckpointError: the given step is damaged, or no step is whole.
+    """
+    directory = checkpoint_dir(workdir)
+    manager = ocp.CheckpointManager(directory, item_names=ITEMS)
+    steps = sorted(manager.all_steps(), reverse=True)
+    manager.close()
+    if not steps or (step is not None and step not in steps):
+        raise FileNotFoundError(f"no checkpoint {'' if step is None else step} in {directory} "
+                                f"(steps: {sorted(steps)})")
+    damaged = []
+    for s in [step] if step is not None else steps:
+        meta, damage = _read_checked(os.path.join(directory, str(s)), s, ("params", "meta"))
+        if damage is None:
+            return meta
+        logging.warning("checkpoint step %d in %s is damaged (%s)", s, directory, damage.reason)
+        damaged.append((s, damage))
+    raise CheckpointError(_none_usable(directory, damaged))
+
+
 # ---------------------------------------------------------------------------------------------
 # Integrity: what a finished save leaves behind, checked before orbax is asked to read it.
 

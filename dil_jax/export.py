@@ -3,6 +3,12 @@
   python -m dil_jax.export --workdir=/tmp/run --out=/tmp/run_hf [--step=N] \
       [--tokenizer=<dir or hub id>] [--dtype=bfloat16]
 
+``--dtype`` defaults to the training dtype (``config.model.param_dtype``, the stored params'):
+a preference run's updates are small (learning rates near 1e-6), and in a lower precision many
+of them round away. Exporting below the training precision therefore warns with the fraction
+of weights that are bit-identical to the run's base (its initial params, per ``config.init``)
+in the exported dtype.
+
 The checkpoint explains itself (``checkpoints/<step>/meta`` holds the run's full config), so
 the model is rebuilt from ``config.model`` alone; its params are restored sharded over all
 local devices (fsdp) and written with ``hf.save_pretrained`` one param at a time. When the run
@@ -14,12 +20,14 @@ config.json and its tokenizer and chat template are copied by default. The resul
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import pathlib
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
+import numpy as np
 from ml_collections import ConfigDict
 
 from dil_jax import checkpointing, sharding
@@ -27,17 +35,9 @@ from dil_jax.models import build_model, hf
 
 
 def read_meta(workdir: str, step: int | None = None) -> dict:
-    """The ``meta`` item (step, data state, config dict) of the latest or given checkpoint."""
-    directory = checkpointing.checkpoint_dir(workdir)
-    manager = ocp.CheckpointManager(directory, item_names=("params", "opt_state", "meta"))
-    try:
-        step = manager.latest_step() if step is None else step
-        if step is None or step not in manager.all_steps():
-            raise FileNotFoundError(f"no checkpoint {'' if step is None else step} in "
-                                    f"{directory} (steps: {list(manager.all_steps())})")
-        return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    finally:
-        manager.close()
+    """The ``meta`` item (step, data state, config dict) of the newest whole or given checkpoint;
+    damaged steps are skipped (CheckpointError when none is whole)."""
+    return checkpointing.read_meta(workdir, step)
 
 
 def export(workdir: str, out_dir: str, *, step: int | None = None, tokenizer: str | None = None,
@@ -50,7 +50,9 @@ def export(workdir: str, out_dir: str, *, step: int | None = None, tokenizer: st
       step: checkpoint step; default the latest.
       tokenizer: HF directory or hub id to copy tokenizer files and chat template from;
         default ``config.model.hf_path`` when the run has one, else none.
-      dtype: storage dtype ('bfloat16', 'float16', 'float32'); default the params' own.
+      dtype: storage dtype ('bfloat16', 'float16', 'float32'); default the training dtype
+        (``config.model.param_dtype``). Below it, a warning gives the fraction of weights left
+        bit-identical to the base.
     """
     meta = read_meta(workdir, step)
     model_cfg = ConfigDict(meta["config"]["model"])
@@ -64,9 +66,56 @@ def export(workdir: str, out_dir: str, *, step: int | None = None, tokenizer: st
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, sharding.shardings_from_specs(mesh, specs))
     params = checkpointing.load_params(workdir, target, meta["step"])
+    stored = np.dtype(jax.tree.leaves(params)[0].dtype)
+    dtype = dtype or model_cfg.get("param_dtype") or stored.name
+    if np.dtype(jnp.dtype(dtype)).itemsize < stored.itemsize:
+        _warn_unchanged(meta["config"], workdir, target, params, module, dtype, stored)
     return hf.save_pretrained(params, model_cfg.family, module.config, out_dir,
                               tokenizer_dir=tokenizer or hf_path, dtype=dtype,
                               max_shard_bytes=max_shard_bytes)
+
+
+def base_params(config: dict, workdir: str, target, module):
+    """The run's starting params (per ``config.init``) in ``target``'s layout, or None for a run
+    from scratch (or a base that is no longer on disk)."""
+    init, model = config.get("init", {}), config["model"]
+    mode = init.get("mode", "scratch")
+    if mode == "hf" and model.get("hf_path"):
+        return hf.load_params(model["hf_path"], model["family"], module.config, target,
+                              scan_layers=model.get("scan_layers", True))
+    source = {"checkpoint": init.get("checkpoint_dir"),
+              "pretrain": os.path.join(workdir, "base")}.get(mode)
+    if source and os.path.isdir(checkpointing.checkpoint_dir(source)):
+        return checkpointing.load_params(source, target)
+    return None
+
+
+def unchanged_fraction(params, base, dtype) -> float:
+    """Share of weights whose ``dtype`` bits equal the base's (sharded; nothing gathered)."""
+    bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[jnp.dtype(dtype).itemsize]
+
+    @jax.jit
+    def same(p, b):
+        cast = lambda x: jax.lax.bitcast_convert_type(x.astype(dtype), bits)  # noqa: E731
+        return jnp.sum(cast(p) == cast(b), dtype=jnp.float32)
+
+    leaves, base_leaves = jax.tree.leaves(params), jax.tree.leaves(base)
+    equal = sum(float(same(p, b)) for p, b in zip(leaves, base_leaves, strict=True))
+    return equal / sum(p.size for p in leaves)
+
+
+def _warn_unchanged(config, workdir, target, params, module, dtype, stored) -> None:
+    base = base_params(config, workdir, target, module)
+    if base is None:
+        logging.warning("exporting %s params as %s: updates below %s's resolution round away "
+                        "(no base params to measure how many)", stored.name, dtype, dtype)
+        return
+    low, full = unchanged_fraction(params, base, dtype), unchanged_fraction(params, base, stored)
+    logging.warning(
+        "exporting %s params as %s: %.1f %% of the weights are bit-identical to the base "
+        "(%s), against %.1f %% in %s; the training updates below %s's resolution round away. "
+        "Export with --dtype=%s to keep them.", stored.name, dtype, 100 * low,
+        config.get("init", {}).get("mode"), 100 * full, stored.name, dtype, stored.name)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -78,7 +127,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer directory or hub id (default: config.model.hf_path)")
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                        help="storage dtype (default: the params' own)")
+                        help="storage dtype (default: the training dtype, "
+                        "config.model.param_dtype; lower ones warn with the share of weights "
+                        "left bit-identical to the base)")
     parser.add_argument("--max_shard_bytes", type=int, default=2**31)
     args = parser.parse_args(argv)
     out = export(args.workdir, args.out, step=args.step, tokenizer=args.tokenizer,

@@ -217,3 +217,12 @@ def test_load_params_skips_damage_without_moving_it(run_copy, trainer, caplog):
         checkpointing.load_params(str(run_copy), abstract, 6)
     with pytest.raises(CheckpointError, match=r"no checkpoint step 7"):
         checkpointing.load_params(str(run_copy), abstract, 7)
+
+
+def test_read_meta_for_export_skips_a_damaged_latest(run_copy):
+    zero_byte_meta(run_copy / "checkpoints")
+    assert checkpointing.read_meta(str(run_copy))["step"] == 3
+    with pytest.raises(CheckpointError, match=r"step 6: meta/metadata does not parse"):
+        checkpointing.read_meta(str(run_copy), 6)
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint 7"):
+        checkpointing.read_meta(str(run_copy), 7)
