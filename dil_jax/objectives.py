@@ -38,7 +38,7 @@ import dataclasses
 import math
 import numbers
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -146,8 +146,17 @@ def bregman_ratio_loss(
     return h_prime(r_l) * r_l - h(r_l) - h_prime(r_w)
 
 
+def _mean_rejected(x: Array, mask: Array | None) -> Array:
+    """Without a mask, elementwise (x as is). With one: [B, K] -> [B], the mean over the valid
+    (mask 1) lower-ranked responses of a listwise batch."""
+    if mask is None:
+        return x
+    m = _f32(mask)  # [B, K]
+    return jnp.sum(x * m, axis=-1) / jnp.maximum(jnp.sum(m, axis=-1), 1.0)
+
+
 def dil_lsif(
-    delta_w: Array, delta_l: Array, *, beta: float = 1.0,
+    delta_w: Array, delta_l: Array, rejected_mask: Array | None = None, *, beta: float = 1.0,
     max_log_ratio: float = DEFAULT_MAX_LOG_RATIO,
 ) -> Array:
     """DIL with LSIF, the paper's main method: `−r_w + ½ r_l²`.
@@ -156,8 +165,15 @@ def dil_lsif(
     ∂/∂Δ_w = −r_w, ∂/∂Δ_l = r_l² (times β). Computed as `−exp(βΔ_w) + ½ exp(2βΔ_l)` with each
     exponential guarded above (`guarded_exp`: exact for βΔ ≤ max_log_ratio, tangent beyond).
 
+    Listwise (N > 2 ranked responses): the top response is the sample of π_chosen and the K = N−1
+    others all stand in for samples of π_ref, so the rejected term is their mean; the same holds
+    for every DIL closed form below.
+
     Args:
-      delta_w, delta_l: [B] chosen / rejected log-ratios.
+      delta_w: [B] chosen (top-ranked) log-ratio.
+      delta_l: [B] rejected log-ratio, or [B, K] for the K lower-ranked responses (then with
+        `rejected_mask`; without one, shapes broadcast elementwise).
+      rejected_mask: [B, K] 1 for real responses; the rejected term is their mean.
       beta: temperature on Δ (official code: 1.0).
       max_log_ratio: where the exponentials leave exp for their tangent; exp(2·max_log_ratio)
         must stay finite in float32.
@@ -166,12 +182,13 @@ def dil_lsif(
       [B] float32 per-example loss.
     """
     dw = beta * _f32(delta_w)  # [B]
-    dl = beta * _f32(delta_l)  # [B]
-    return -guarded_exp(dw, max_log_ratio) + 0.5 * guarded_exp(2.0 * dl, 2.0 * max_log_ratio)
+    dl = beta * _f32(delta_l)  # [B] or [B, K]
+    return -guarded_exp(dw, max_log_ratio) + _mean_rejected(
+        0.5 * guarded_exp(2.0 * dl, 2.0 * max_log_ratio), rejected_mask)
 
 
 def dil_ukl(
-    delta_w: Array, delta_l: Array, *, beta: float = 1.0,
+    delta_w: Array, delta_l: Array, rejected_mask: Array | None = None, *, beta: float = 1.0,
     max_log_ratio: float = DEFAULT_MAX_LOG_RATIO,
 ) -> Array:
     """DIL with the unnormalised KL (KLIEP-type) generator: `−Δ_w + r_l` (paper form).
@@ -188,10 +205,12 @@ def dil_ukl(
     Returns:
       [B] float32 per-example loss.
     """
-    return -beta * _f32(delta_w) + guarded_exp(beta * _f32(delta_l), max_log_ratio)
+    return -beta * _f32(delta_w) + _mean_rejected(
+        guarded_exp(beta * _f32(delta_l), max_log_ratio), rejected_mask)
 
 
-def dil_bce(delta_w: Array, delta_l: Array, *, beta: float = 1.0) -> Array:
+def dil_bce(delta_w: Array, delta_l: Array, rejected_mask: Array | None = None, *,
+            beta: float = 1.0) -> Array:
     """DIL with the logistic (binary KL) generator: `−log σ(βΔ_w) − log σ(−βΔ_l)`.
 
     objectives.md §1 table, h(r) = r log r − (1+r) log(1+r). Gradients ∂/∂Δ_w = −σ(−Δ_w),
@@ -204,11 +223,12 @@ def dil_bce(delta_w: Array, delta_l: Array, *, beta: float = 1.0) -> Array:
     """
     dw = beta * _f32(delta_w)
     dl = beta * _f32(delta_l)
-    return -jax.nn.log_sigmoid(dw) - jax.nn.log_sigmoid(-dl)
+    return -jax.nn.log_sigmoid(dw) + _mean_rejected(-jax.nn.log_sigmoid(-dl), rejected_mask)
 
 
 def dil_basu(
-    delta_w: Array, delta_l: Array, *, alpha: float, beta: float = 1.0,
+    delta_w: Array, delta_l: Array, rejected_mask: Array | None = None, *, alpha: float,
+    beta: float = 1.0,
     max_log_ratio: float = DEFAULT_MAX_LOG_RATIO,
 ) -> Array:
     """DIL with Basu's power divergence BA_α: `r_l^{1+α} − ((1+α)/α)·r_w^α`.
@@ -227,7 +247,8 @@ def dil_basu(
             f"float32 exp; lower alpha or max_log_ratio")
     dw = beta * _f32(delta_w)
     dl = beta * _f32(delta_l)
-    return (guarded_exp((1.0 + alpha) * dl, (1.0 + alpha) * max_log_ratio)
+    return (_mean_rejected(guarded_exp((1.0 + alpha) * dl, (1.0 + alpha) * max_log_ratio),
+                           rejected_mask)
             - (1.0 + alpha) / alpha * guarded_exp(alpha * dw, alpha * max_log_ratio))
 
 
@@ -366,20 +387,184 @@ def sft(logp_w: Array) -> Array:
     return -_f32(logp_w)
 
 
+def exo_pair(delta_w: Array, delta_l: Array, *, beta: float, label_smoothing: float) -> Array:
+    """EXO (pair form): `KL(p_θ ‖ p_ε)` between p_θ = (σ(βd), σ(−βd)) and labels (1−ε, ε).
+
+    `σ(βd)(log σ(βd) − log(1−ε)) + σ(−βd)(log σ(−βd) − log ε)`. Ji et al. 2024, "Towards
+    Efficient Exact Optimization of Language Model Alignment", eq. 11 with K = 2 (TRL
+    `loss_type='exo_pair'`; TRL uses ε = 1e-3 when label_smoothing is 0). Needs 0 < ε < ½.
+    """
+    z = beta * (_f32(delta_w) - _f32(delta_l))  # [B]
+    eps = label_smoothing
+    return (jax.nn.sigmoid(z) * (jax.nn.log_sigmoid(z) - math.log1p(-eps))
+            + jax.nn.sigmoid(-z) * (jax.nn.log_sigmoid(-z) - math.log(eps)))
+
+
+def nca_pair(delta_w: Array, delta_l: Array, *, beta: float) -> Array:
+    """NCA (pair form): `−log σ(βΔ_w) − ½ log σ(−βΔ_w) − ½ log σ(−βΔ_l)`.
+
+    Chen et al. 2024, "Noise Contrastive Alignment of Language Models with Explicit Rewards",
+    the pairwise NCA objective (TRL `loss_type='nca_pair'`). Not a function of d alone: it pushes
+    the chosen likelihood up in absolute terms.
+    """
+    zw, zl = beta * _f32(delta_w), beta * _f32(delta_l)
+    return (-jax.nn.log_sigmoid(zw) - 0.5 * jax.nn.log_sigmoid(-zw)
+            - 0.5 * jax.nn.log_sigmoid(-zl))
+
+
+def sppo_hard(delta_w: Array, delta_l: Array, *, beta: float) -> Array:
+    """SPPO with hard labels: `(Δ_w − 1/(2β))² + (Δ_l + 1/(2β))²`.
+
+    Wu et al. 2024, "Self-Play Preference Optimization", eq. 4.6 with win probabilities 1 and 0
+    (TRL `loss_type='sppo_hard'`): each log-ratio regressed to its own target, not a margin.
+    """
+    t = 0.5 / beta
+    return (_f32(delta_w) - t) ** 2 + (_f32(delta_l) + t) ** 2
+
+
+def aot(delta_w: Array, delta_l: Array, ref_margin: Array, *, beta: float,
+        label_smoothing: float = 0.0) -> Array:
+    """AOT (paired): cDPO on `sort(logp_θ(y_w) − logp_θ(y_l)) − sort(ref margin)` over the batch.
+
+    Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal Transport" (TRL
+    `loss_type='aot'`): first-order stochastic dominance of the policy's margin distribution over
+    the reference's, enforced by matching sorted quantiles. A *batch* loss: element i of the
+    result pairs the i-th smallest policy margin with the i-th smallest reference margin, so it
+    depends on the whole (micro-)batch, and padding rows take part in the sort.
+
+    Args:
+      delta_w, delta_l: [B] log-ratios; their difference plus `ref_margin` is the policy margin.
+      ref_margin: [B] reference margin `logp_ref(y_w) − logp_ref(y_l)`.
+    """
+    policy_margin = _f32(delta_w) - _f32(delta_l) + _f32(ref_margin)  # [B]
+    d = jnp.sort(policy_margin) - jnp.sort(_f32(ref_margin))  # [B] quantile differences
+    return cdpo(d, jnp.zeros_like(d), beta=beta, label_smoothing=label_smoothing)
+
+
+def aot_pair(delta_w: Array, delta_l: Array, *, beta: float,
+             label_smoothing: float = 0.0) -> Array:
+    """AOT (unpaired form): cDPO on `sort(Δ_w) − sort(Δ_l)` over the batch.
+
+    Melnyk et al. 2024 (TRL `loss_type='aot_pair'`): the chosen log-ratio distribution should
+    dominate the rejected one; the i-th smallest Δ_w is compared with the i-th smallest Δ_l,
+    so, like `aot`, it is a batch loss.
+    """
+    d = jnp.sort(_f32(delta_w)) - jnp.sort(_f32(delta_l))  # [B]
+    return cdpo(d, jnp.zeros_like(d), beta=beta, label_smoothing=label_smoothing)
+
+
+def apo_zero(delta_w: Array, delta_l: Array, *, beta: float) -> Array:
+    """APO-zero: `1 − σ(βΔ_w) + σ(βΔ_l)`. D'Oosterlinck et al. 2024, "Anchored Preference
+    Optimization" (TRL `loss_type='apo_zero'`): raise the chosen, lower the rejected likelihood,
+    each anchored at the reference; for when chosen outputs beat the model's own."""
+    return 1.0 - jax.nn.sigmoid(beta * _f32(delta_w)) + jax.nn.sigmoid(beta * _f32(delta_l))
+
+
+def apo_down(delta_w: Array, delta_l: Array, *, beta: float) -> Array:
+    """APO-down: `σ(βΔ_w) + 1 − σ(β(Δ_w − Δ_l))`. D'Oosterlinck et al. 2024 (TRL
+    `loss_type='apo_down'`): lower both likelihoods, the rejected one more; for when the
+    model already beats the chosen outputs."""
+    zw = beta * _f32(delta_w)
+    return jax.nn.sigmoid(zw) + 1.0 - jax.nn.sigmoid(zw - beta * _f32(delta_l))
+
+
+def discopop(delta_w: Array, delta_l: Array, *, beta: float, tau: float) -> Array:
+    """DiscoPOP (log-ratio modulated loss): `(1 − m)·(−log σ(βd)) + m·exp(−βd)`, m = σ(βd/τ).
+
+    Chao et al. 2024, "Discovering Preference Optimization Algorithms with and for Large Language
+    Models" (TRL `loss_type='discopop'`, `discopop_tau` = τ = 0.05 by default): a blend of the
+    logistic and the exponential loss weighted by a sigmoid of the margin. exp(−βd) is guarded
+    above like every exponential here (`guarded_exp`, at 88/2 nats: where m ≈ 0 anyway).
+    """
+    z = beta * (_f32(delta_w) - _f32(delta_l))  # [B]
+    m = jax.nn.sigmoid(z / tau)
+    return (1.0 - m) * -jax.nn.log_sigmoid(z) + m * guarded_exp(-z, _MAX_ALLOWED_LOG_RATIO)
+
+
+def cal_dpo(delta_w: Array, delta_l: Array, *, beta: float) -> Array:
+    """Cal-DPO: `−log σ(Δ_w − Δ_l) + ½(Δ_w − 1/(2β))² + ½(Δ_l + 1/(2β))²`.
+
+    Xiao et al. 2024, "Cal-DPO: Calibrated Direct Preference Optimization" (NeurIPS), as in the
+    authors' code (github.com/tengxiao1/Cal-DPO, `scripts/dpo_trainer.py`, loss_type 'Cal-DPO'):
+    the contrastive term has no β, and the calibration term regresses the implicit rewards to
+    ±1/(2β) so that their scale matches the reward's (the ½ is the code's). The code's MSE is a
+    batch mean; per example it is the square above, the same after averaging.
+    """
+    dw, dl = _f32(delta_w), _f32(delta_l)
+    t = 0.5 / beta
+    return -jax.nn.log_sigmoid(dw - dl) + 0.5 * (dw - t) ** 2 + 0.5 * (dl + t) ** 2
+
+
+def simper(mean_logp_w: Array, mean_logp_l: Array) -> Array:
+    """SimPER: `−exp(mean_logp_θ(y_w)) + exp(mean_logp_θ(y_l))`, the inverse perplexities.
+
+    Xiao et al. 2025, "SimPER: A Minimalist Approach to Preference Alignment without
+    Hyperparameters" (ICLR), eq. 8: reference-free, no β, always on length-averaged log-probs
+    (exp of a mean log-prob ≤ 0 never overflows).
+    """
+    return -jnp.exp(_f32(mean_logp_w)) + jnp.exp(_f32(mean_logp_l))
+
+
+def plackett_luce(deltas: Array, mask: Array | None = None, *, beta: float) -> Array:
+    """Listwise DPO under the Plackett–Luce model: `−Σ_k log [e^{βΔ_k} / Σ_{j≥k} e^{βΔ_j}]`.
+
+    Rafailov et al. 2023, Appendix A.3 (the Plackett–Luce objective): responses ranked best
+    first, k over the ranks; with N = 2 it is DPO. Absent responses (mask 0) leave every
+    numerator and denominator.
+
+    Args:
+      deltas: [B, N] log-ratios Δ of the N responses, best first.
+      mask: [B, N] 1 for real responses.
+    """
+    z = beta * _f32(deltas)  # [B, N]
+    valid = jnp.ones_like(z, bool) if mask is None else _f32(mask) > 0
+    z = jnp.where(valid, z, -1e30)  # finite: no inf − inf (or nan gradient) in masked slots
+    tail_lse = jax.lax.cumlogsumexp(z[:, ::-1], axis=1)[:, ::-1]  # [B, N] log Σ_{j≥k} e^{z_j}
+    return jnp.sum(jnp.where(valid, tail_lse - z, 0.0), axis=1)
+
+
+def kto(delta: Array, kl_delta: Array, labels: Array, *, beta: float, desirable_weight: float,
+        undesirable_weight: float) -> Array:
+    """KTO: `λ_D(1 − σ(β(Δ − z)))` on desirable, `λ_U(1 − σ(β(z − Δ)))` on undesirable outputs.
+
+    Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization", eq. 8,
+    with the reference point `z = max(0, mean_b KL̂_b)` estimated, as in the paper and TRL, from
+    mismatched pairs: `KL̂_b = logp_θ(y_j|x_b) − logp_ref(y_j|x_b)` for another example's
+    completion y_j. z carries no gradient.
+
+    Args:
+      delta: [B] log-ratio of each example's own completion.
+      kl_delta: [B] log-ratio of a mismatched completion for the same prompt.
+      labels: [B] 1 desirable, 0 undesirable.
+    """
+    z = jax.lax.stop_gradient(jnp.maximum(jnp.mean(_f32(kl_delta)), 0.0))  # [] reference point
+    d = _f32(delta)
+    y = _f32(labels)
+    desirable = desirable_weight * (1.0 - jax.nn.sigmoid(beta * (d - z)))
+    undesirable = undesirable_weight * (1.0 - jax.nn.sigmoid(beta * (z - d)))
+    return y * desirable + (1.0 - y) * undesirable
+
+
 # ---------------------------------------------------------------------------------------------
 # The combiner used by the train step.
 # ---------------------------------------------------------------------------------------------
 
 
 class SequenceLogps(NamedTuple):
-    """Per-sequence log-probability summaries for one batch; N = 2 (chosen, rejected) or 1."""
+    """Per-sequence log-probability summaries for one batch of N responses per prompt.
+
+    N = 1 demonstrations; N = 2 (chosen, rejected) pairs, or for KTO (the example's own
+    labelled completion, a mismatched completion for the KL estimate); N > 2 ranked lists, best
+    first, where an absent response (fewer than N for that prompt) has `n_tokens` 0.
+    """
 
     policy: Array  # [B, N] summed response-token log-probs of the policy, float32
-    n_tokens: Array  # [B, N] number of response tokens, float32 (≥ 1 on real rows)
+    n_tokens: Array  # [B, N] number of response tokens, float32 (≥ 1 on real responses)
     reference: Array | None = None  # [B, N] summed reference log-probs, same layout
     # [B, N] per-sequence mean logit over response tokens and vocab (Σ_t mean_v logit / n_tokens);
     # compute_loss reports its token-weighted batch mean as TRL's 'logits/*'.
     mean_logits: Array | None = None
+    labels: Array | None = None  # [B] KTO: 1 desirable, 0 undesirable completion (index 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -402,11 +587,32 @@ class _TermInputs(NamedTuple):
     policy: Array  # [B, N] policy log-probs in the term's reduction
     reference: Array | None  # [B, N] reference log-probs in the term's reduction
     policy_mean: Array  # [B, N] per-token mean policy log-probs (for NLL terms)
+    valid: Array  # [B, N] float32, 1 on real responses (n_tokens > 0)
+    labels: Array | None  # [B] KTO labels
 
 
 def _feed_deltas(x: _TermInputs) -> tuple[Array, ...]:
     delta = x.policy - x.reference  # [B, N]
     return delta[:, 0], delta[:, 1]  # Δ_w, Δ_l
+
+
+def _feed_ranked_deltas(x: _TermInputs) -> tuple[Array, ...]:
+    delta = x.policy - x.reference  # [B, N]
+    return delta[:, 0], delta[:, 1:], x.valid[:, 1:]  # Δ of the top one; [B, N−1] the others
+
+
+def _feed_aot(x: _TermInputs) -> tuple[Array, ...]:
+    delta = x.policy - x.reference  # [B, 2]
+    return delta[:, 0], delta[:, 1], x.reference[:, 0] - x.reference[:, 1]
+
+
+def _feed_list(x: _TermInputs) -> tuple[Array, ...]:
+    return x.policy - x.reference, x.valid  # [B, N] each
+
+
+def _feed_kto(x: _TermInputs) -> tuple[Array, ...]:
+    delta = x.policy - x.reference  # [B, 2]: own completion, mismatched completion
+    return delta[:, 0], delta[:, 1], x.labels
 
 
 def _feed_policy_pair(x: _TermInputs) -> tuple[Array, ...]:
@@ -421,55 +627,126 @@ def _feed_chosen(x: _TermInputs) -> tuple[Array, ...]:
     return (x.policy[:, 0],)
 
 
+# Batch layouts a loss reads (`LossSpec.layout`): 'single' reads index 0 only (any N >= 1);
+# 'pair' needs N = 2 (chosen, rejected); 'list' N >= 2 ranked best first (pairs included);
+# 'unpaired' is KTO's N = 2 (labelled completion, mismatched completion) with `labels`.
+LAYOUTS = ("single", "pair", "list", "unpaired")
+
+
 class LossSpec(NamedTuple):
     """A registry entry: one formula, how `compute_loss` feeds it, and what it accepts."""
 
     fn: Callable[..., Array]  # the pure formula above, e.g. `dpo`
-    feed: Callable[[_TermInputs], tuple[Array, ...]]  # its positional [B] inputs
+    feed: Callable[[_TermInputs], tuple[Array, ...]]  # its positional inputs
     needs_reference: bool
-    needs_pairs: bool
+    layout: str  # one of LAYOUTS
     defaults: Mapping[str, Any]  # every accepted parameter with its default, incl. 'reduction'
     reductions: tuple[str, ...] = REDUCTIONS
     reward_scale: str | None = "beta"  # param scaling 'rewards/*' (None: unit scale)
+    # True when the loss depends on the log-ratios only through d = Δ_w − Δ_l, where a
+    # per-prompt normaliser cancels: the only losses an f-divergence other than reverse KL may
+    # be mixed with (`check_combination`).
+    difference_only: bool = False
 
+    @property
+    def needs_pairs(self) -> bool:
+        """Whether the loss needs N >= 2 responses per prompt."""
+        return self.layout != "single"
+
+
+# Every loss hyper-parameter, once: name -> (config type, meaning). `LOSSES` below says which
+# loss accepts which with what default; configs/base.py declares exactly these `config.loss`
+# fields and dil_jax/validation.py reads exactly these (tests/test_objectives.py checks both).
+PARAMS: dict[str, tuple[type, str]] = {
+    "beta": (float, "temperature on Δ (DPO family); DIL: optional temperature on Δ"),
+    "reduction": (str, "'sum' (papers' equations) or 'mean' over response tokens (DIL code)"),
+    "label_smoothing": (float, "ε: cdpo / robust / exo_pair / aot label noise, in [0, 0.5)"),
+    "gamma": (float, "simpo target margin γ"),
+    "lam": (float, "cpo NLL weight / orpo odds-ratio weight λ"),
+    "alpha": (float, "dil_basu power α; fdpo α-divergence α"),
+    "divergence": (str, "fdpo: reverse_kl | forward_kl | js | alpha"),
+    "max_log_ratio": (float, "overflow guard: exp(β·Δ) exact up to this, tangent beyond"),
+    "tau": (float, "discopop modulation temperature τ"),
+    "desirable_weight": (float, "kto λ_D"),
+    "undesirable_weight": (float, "kto λ_U"),
+}
+LOSS_PARAM_KEYS: tuple[str, ...] = tuple(PARAMS)
 
 _DIL = {"beta": 1.0, "max_log_ratio": DEFAULT_MAX_LOG_RATIO, "reduction": "mean"}
+_BETA_SUM = {"beta": 0.1, "reduction": "sum"}
 
 # Defaults: DIL on mean log-probs with β = 1 (the official code); DPO-style losses on sums with
 # β = 0.1 (TRL); IPO on means (Azar et al. / TRL); SimPO β = 2.0 (SimPO repo configs) and
 # γ = 0.5 (TRL CPOConfig.simpo_gamma; the SimPO repo's gamma_beta_ratio = 0.5 means γ = 1.0 at
 # β = 2.0); CPO λ = 1.0 (TRL cpo_alpha); ORPO λ = 0.1 (Hong et al., TRL ORPOConfig.beta);
-# label smoothing 0.1 so that cdpo/robust differ from dpo unless asked.
+# label smoothing 0.1 so that cdpo/robust differ from dpo unless asked; exo_pair ε = 1e-3 and
+# discopop τ = 0.05 (TRL); KTO λ_D = λ_U = 1 (TRL KTOConfig).
 LOSSES: dict[str, LossSpec] = {
-    "dil_lsif": LossSpec(dil_lsif, _feed_deltas, True, True, dict(_DIL)),
-    "dil_ukl": LossSpec(dil_ukl, _feed_deltas, True, True, dict(_DIL)),
-    "dil_bce": LossSpec(dil_bce, _feed_deltas, True, True, {"beta": 1.0, "reduction": "mean"}),
-    "dil_basu": LossSpec(dil_basu, _feed_deltas, True, True, dict(_DIL, alpha=0.5)),
-    "dpo": LossSpec(dpo, _feed_deltas, True, True, {"beta": 0.1, "reduction": "sum"}),
-    "cdpo": LossSpec(cdpo, _feed_deltas, True, True,
-                     {"beta": 0.1, "label_smoothing": 0.1, "reduction": "sum"}),
-    "robust": LossSpec(robust_dpo, _feed_deltas, True, True,
-                       {"beta": 0.1, "label_smoothing": 0.1, "reduction": "sum"}),
-    "ipo": LossSpec(ipo, _feed_deltas, True, True, {"beta": 0.1, "reduction": "mean"}),
-    "hinge": LossSpec(hinge, _feed_deltas, True, True, {"beta": 0.1, "reduction": "sum"}),
-    "fdpo": LossSpec(fdpo, _feed_deltas, True, True,
+    # DIL (objectives.md §1): pairs or ranked lists.
+    "dil_lsif": LossSpec(dil_lsif, _feed_ranked_deltas, True, "list", dict(_DIL)),
+    "dil_ukl": LossSpec(dil_ukl, _feed_ranked_deltas, True, "list", dict(_DIL)),
+    "dil_bce": LossSpec(dil_bce, _feed_ranked_deltas, True, "list",
+                        {"beta": 1.0, "reduction": "mean"}),
+    "dil_basu": LossSpec(dil_basu, _feed_ranked_deltas, True, "list", dict(_DIL, alpha=0.5)),
+    # The DPO family (objectives.md §2) and TRL's loss types.
+    "dpo": LossSpec(dpo, _feed_deltas, True, "pair", dict(_BETA_SUM), difference_only=True),
+    "cdpo": LossSpec(cdpo, _feed_deltas, True, "pair", dict(_BETA_SUM, label_smoothing=0.1),
+                     difference_only=True),
+    "robust": LossSpec(robust_dpo, _feed_deltas, True, "pair",
+                       dict(_BETA_SUM, label_smoothing=0.1), difference_only=True),
+    "ipo": LossSpec(ipo, _feed_deltas, True, "pair", {"beta": 0.1, "reduction": "mean"},
+                    difference_only=True),
+    "hinge": LossSpec(hinge, _feed_deltas, True, "pair", dict(_BETA_SUM), difference_only=True),
+    "fdpo": LossSpec(fdpo, _feed_deltas, True, "pair",
                      {"beta": 0.1, "divergence": "reverse_kl", "alpha": 0.5,
-                      "max_log_ratio": DEFAULT_MAX_LOG_RATIO, "reduction": "sum"}),
-    "simpo": LossSpec(simpo, _feed_policy_pair, False, True,
+                      "max_log_ratio": DEFAULT_MAX_LOG_RATIO, "reduction": "sum"},
+                     difference_only=True),
+    "exo_pair": LossSpec(exo_pair, _feed_deltas, True, "pair",
+                         dict(_BETA_SUM, label_smoothing=1e-3), difference_only=True),
+    "nca_pair": LossSpec(nca_pair, _feed_deltas, True, "pair", dict(_BETA_SUM)),
+    "sppo_hard": LossSpec(sppo_hard, _feed_deltas, True, "pair", dict(_BETA_SUM)),
+    "aot": LossSpec(aot, _feed_aot, True, "pair", dict(_BETA_SUM, label_smoothing=0.0)),
+    "aot_pair": LossSpec(aot_pair, _feed_deltas, True, "pair",
+                         dict(_BETA_SUM, label_smoothing=0.0)),
+    "apo_zero": LossSpec(apo_zero, _feed_deltas, True, "pair", dict(_BETA_SUM)),
+    "apo_down": LossSpec(apo_down, _feed_deltas, True, "pair", dict(_BETA_SUM)),
+    "discopop": LossSpec(discopop, _feed_deltas, True, "pair", dict(_BETA_SUM, tau=0.05),
+                         difference_only=True),
+    # TRL's `sigmoid_norm`: DPO on length-normalised log-ratios.
+    "sigmoid_norm": LossSpec(dpo, _feed_deltas, True, "pair", {"beta": 0.1, "reduction": "mean"},
+                             reductions=("mean",), difference_only=True),
+    # TRL's `bco_pair` is DIL-BCE with TRL's defaults (β = 0.1 on sums) and without TRL's
+    # running-mean reward shift δ (see `dil_bce`).
+    "bco_pair": LossSpec(dil_bce, _feed_deltas, True, "pair", dict(_BETA_SUM)),
+    "cal_dpo": LossSpec(cal_dpo, _feed_deltas, True, "pair", dict(_BETA_SUM), reward_scale=None),
+    # Reference-free.
+    "simpo": LossSpec(simpo, _feed_policy_pair, False, "pair",
                       {"beta": 2.0, "gamma": 0.5, "reduction": "mean"}, reductions=("mean",)),
-    "cpo": LossSpec(cpo, _feed_cpo, False, True, {"beta": 0.1, "lam": 1.0, "reduction": "sum"}),
-    "orpo": LossSpec(orpo, _feed_policy_pair, False, True, {"lam": 0.1, "reduction": "mean"},
+    "simper": LossSpec(simper, _feed_policy_pair, False, "pair", {"reduction": "mean"},
+                       reductions=("mean",), reward_scale=None),
+    "cpo": LossSpec(cpo, _feed_cpo, False, "pair", {"beta": 0.1, "lam": 1.0, "reduction": "sum"}),
+    "orpo": LossSpec(orpo, _feed_policy_pair, False, "pair", {"lam": 0.1, "reduction": "mean"},
                      reductions=("mean",), reward_scale="lam"),
-    "sft": LossSpec(sft, _feed_chosen, False, False, {"reduction": "mean"}, reward_scale=None),
+    # Listwise and unpaired feedback.
+    "plackett_luce": LossSpec(plackett_luce, _feed_list, True, "list", dict(_BETA_SUM)),
+    "kto": LossSpec(kto, _feed_kto, True, "unpaired",
+                    dict(_BETA_SUM, desirable_weight=1.0, undesirable_weight=1.0)),
+    "sft": LossSpec(sft, _feed_chosen, False, "single", {"reduction": "mean"}, reward_scale=None),
 }
-LOSSES["slic"] = LOSSES["hinge"]
+# Other names for the same entries: SLiC's, and TRL's `loss_type` names.
+ALIASES = {"slic": "hinge", "sigmoid": "dpo", "sft_nll": "sft", "pl_dpo": "plackett_luce"}
+for _alias, _name in ALIASES.items():
+    LOSSES[_alias] = LOSSES[_name]
+
+assert all(k in PARAMS for spec in LOSSES.values() for k in spec.defaults), "undeclared param"
+assert all(spec.layout in LAYOUTS for spec in LOSSES.values())
 
 
-def _check_param(where: str, key: str, value: Any, spec: LossSpec) -> Any:
-    """Validates one hyper-parameter and returns it normalised; raises naming the field."""
+def _check_param(key: str, value: Any, spec: LossSpec) -> Any:
+    """Validates one hyper-parameter and returns it normalised; ValueError(msg) when bad."""
 
     def bad(msg: str) -> ValueError:
-        return ValueError(f"{where}: field {key!r} {msg}, got {value!r}")
+        return ValueError(f"{msg}, got {value!r}")
 
     if key == "reduction":
         if value not in spec.reductions:
@@ -486,9 +763,9 @@ def _check_param(where: str, key: str, value: Any, spec: LossSpec) -> Any:
         raise bad("must be > 0")
     if key == "label_smoothing" and not 0.0 <= value < 0.5:
         raise bad("must be in [0, 0.5)")
-    if key == "alpha" and value <= 0:
+    if key in ("alpha", "tau") and value <= 0:
         raise bad("must be > 0")
-    if key == "lam" and value < 0:
+    if key in ("lam", "desirable_weight", "undesirable_weight") and value < 0:
         raise bad("must be >= 0")
     if key == "max_log_ratio" and not 0 < value <= _MAX_ALLOWED_LOG_RATIO:
         raise bad(f"must be in (0, {_MAX_ALLOWED_LOG_RATIO}] (exp(2x) must be finite in float32)")
@@ -507,21 +784,32 @@ def _as_dict(item: Any) -> dict[str, Any]:
     raise ValueError(f"a loss term must be a mapping like {{'name': 'dpo'}}, got {item!r}")
 
 
-def parse_loss_terms(spec: Any) -> tuple[LossTerm, ...]:
+def _field_error(prefix: str | None, where: str, key: str, msg: str) -> ValueError:
+    """`<prefix>.<key>: msg` given the config path, else `where: field 'key' msg`."""
+    if prefix is not None:
+        return ValueError(f"{prefix}.{key}: {msg}")
+    return ValueError(f"{where}: field {key!r} {msg}")
+
+
+def parse_loss_terms(spec: Any, *, fields: Sequence[str] | None = None
+                     ) -> tuple[LossTerm, ...]:
     """Turns a config's loss list into validated `LossTerm`s with all defaults filled in.
 
     Args:
       spec: a sequence of mappings (dicts or ConfigDicts) `{'name': ..., 'weight': ..., **params}`,
         e.g. `[{'name': 'dil_lsif'}, {'name': 'sft', 'weight': 0.1}]`; a single mapping, a bare
         loss name or `LossTerm`s are accepted too.
+      fields: optionally, each entry's config path (e.g. `'config.loss'`,
+        `'config.loss.extra_terms[0]'`): errors then name `<path>.<field>`.
 
     Returns:
       One `LossTerm` per entry, `params` holding every parameter of that loss (defaults filled).
 
     Raises:
-      ValueError naming the offending entry and field: unknown loss names or parameters,
-      beta <= 0, label_smoothing outside [0, 0.5), alpha <= 0, lam < 0, a bad reduction or
-      divergence, non-numeric values, a negative weight or an empty list.
+      ValueError naming the offending entry and field: unknown loss names, a parameter the loss
+      does not use, beta <= 0, label_smoothing outside [0, 0.5), alpha/tau <= 0, negative
+      weights (lam, λ_D, λ_U, weight), a bad reduction or divergence, non-numeric values, an
+      empty list, or a combination `check_combination` refuses.
     """
     if isinstance(spec, (str, LossTerm, Mapping)) or hasattr(spec, "to_dict"):
         spec = [spec]
@@ -530,31 +818,81 @@ def parse_loss_terms(spec: Any) -> tuple[LossTerm, ...]:
         raise ValueError("loss terms: at least one term is needed")
     terms = []
     for i, item in enumerate(items):
-        fields = _as_dict(item)
-        name = fields.pop("name", None)
-        if name not in LOSSES:
-            raise ValueError(f"loss term {i}: field 'name' must be one of {sorted(LOSSES)}, "
-                             f"got {name!r}")
+        prefix = None if fields is None else fields[i]
+        fields_i = _as_dict(item)
+        name = fields_i.pop("name", None)
         where = f"loss term {i} ({name!r})"
-        weight = fields.pop("weight", 1.0)
+        if name not in LOSSES:
+            raise _field_error(prefix, f"loss term {i}", "name",
+                               f"must be one of {sorted(LOSSES)}, got {name!r}")
+        weight = fields_i.pop("weight", 1.0)
         if (isinstance(weight, bool) or not isinstance(weight, numbers.Real)
                 or not math.isfinite(weight) or weight < 0):
-            raise ValueError(f"{where}: field 'weight' must be a finite number >= 0, "
-                             f"got {weight!r}")
+            raise _field_error(prefix, where, "weight",
+                               f"must be a finite number >= 0, got {weight!r}")
         loss_spec = LOSSES[name]
         params = dict(loss_spec.defaults)
-        for key, value in fields.items():
+        for key, value in fields_i.items():
             if key not in loss_spec.defaults:
-                raise ValueError(f"{where}: unknown field {key!r}; {name} accepts "
-                                 f"{sorted(loss_spec.defaults)} besides 'name' and 'weight'")
-            params[key] = _check_param(where, key, value, loss_spec)
+                raise _field_error(prefix, where, key,
+                                   f"is not used by loss {name!r} (unknown field); {name} "
+                                   f"accepts {sorted(loss_spec.defaults)} besides 'name' and "
+                                   "'weight'")
+            try:
+                params[key] = _check_param(key, value, loss_spec)
+            except ValueError as e:
+                raise _field_error(prefix, where, key, str(e)) from None
         if name == "dil_basu" and (1 + params["alpha"]) * params["max_log_ratio"] >= (
                 _FLOAT32_EXP_LIMIT):
-            raise ValueError(f"{where}: field 'alpha' too large for max_log_ratio="
-                             f"{params['max_log_ratio']}: (1 + alpha) * max_log_ratio must be "
-                             f"< {_FLOAT32_EXP_LIMIT}, got alpha={params['alpha']}")
+            raise _field_error(prefix, where, "alpha",
+                               f"too large for max_log_ratio={params['max_log_ratio']}: "
+                               f"(1 + alpha) * max_log_ratio must be < {_FLOAT32_EXP_LIMIT}, "
+                               f"got alpha={params['alpha']}")
+        if name == "exo_pair" and params["label_smoothing"] <= 0:
+            raise _field_error(prefix, where, "label_smoothing",
+                               "must be in (0, 0.5) for exo_pair (log ε), got "
+                               f"{params['label_smoothing']!r}")
         terms.append(LossTerm(name=name, weight=float(weight), params=params))
-    return tuple(terms)
+    terms = tuple(terms)
+    check_combination(terms, fields=fields)
+    return terms
+
+
+def check_combination(terms: Sequence[LossTerm], *, fields: Sequence[str] | None = None) -> None:
+    """Refuses loss combinations whose maths does not hold (each error names the term).
+
+    * Layouts must agree: KTO's batch (a labelled completion and a mismatched one) is not a
+      (chosen, rejected) pair, so 'unpaired' losses combine with nothing else (not even `sft`,
+      which would imitate undesirable completions).
+    * An f-divergence other than reverse KL (`fdpo` with divergence ≠ 'reverse_kl') has an
+      optimum π* with f'(π*/π_ref) = (r − λ(x))/β whose per-prompt normaliser λ(x) cancels only
+      in chosen − rejected differences. Mixed with a reference-based loss that reads Δ_w or Δ_l
+      on its own (DIL's partition-function-1 ratio, KTO, APO, NCA, SPPO, Cal-DPO, AOT ...) the
+      terms target different, incompatible optima: refused. Reference-free terms (sft, simpo
+      ...) do not involve π_ref and may be added.
+    """
+
+    def name_of(i: int) -> str:
+        t = terms[i]
+        return f"{fields[i] if fields is not None else f'loss term {i}'} ({t.name!r})"
+
+    layouts = [LOSSES[t.name].layout for t in terms]
+    if "unpaired" in layouts and len(terms) > 1:
+        i = layouts.index("unpaired")
+        j = next(k for k in range(len(terms)) if k != i)
+        raise ValueError(f"{name_of(i)} reads KTO's unpaired batches (labelled completion, "
+                         f"mismatched completion) and cannot be combined with {name_of(j)}")
+    for i, t in enumerate(terms):
+        if t.params.get("divergence", "reverse_kl") == "reverse_kl":
+            continue
+        for j, other in enumerate(terms):
+            spec = LOSSES[other.name]
+            if spec.needs_reference and not spec.difference_only:
+                raise ValueError(
+                    f"{name_of(i)} with divergence={t.params['divergence']!r}: an f-divergence "
+                    f"other than reverse KL is only valid with losses that depend on chosen − "
+                    f"rejected differences (where the normaliser cancels); {name_of(j)} reads "
+                    "the log-ratios on their own")
 
 
 def needs_reference(terms: tuple[LossTerm, ...]) -> bool:
@@ -563,8 +901,21 @@ def needs_reference(terms: tuple[LossTerm, ...]) -> bool:
 
 
 def needs_pairs(terms: tuple[LossTerm, ...]) -> bool:
-    """Whether any term needs (chosen, rejected) pairs, i.e. N = 2."""
+    """Whether any term needs N >= 2 responses per prompt (pairs, lists or KTO's layout)."""
     return any(LOSSES[t.name].needs_pairs for t in terms)
+
+
+def data_layout(terms: tuple[LossTerm, ...]) -> str:
+    """The batch layout the terms need: 'single', 'pair', 'list' or 'unpaired' (see LAYOUTS).
+
+    'pair' when any term needs exactly N = 2; 'list' when every multi-response term also takes
+    N > 2; 'unpaired' for KTO; 'single' when only index 0 is read (N >= 1).
+    """
+    layouts = {LOSSES[t.name].layout for t in terms}
+    for layout in ("unpaired", "pair", "list"):
+        if layout in layouts:
+            return layout
+    return "single"
 
 
 def _reduce(logps: Array, n_tokens: Array, reduction: str) -> Array:
@@ -575,6 +926,31 @@ def _reduce(logps: Array, n_tokens: Array, reduction: str) -> Array:
     return logps / jnp.maximum(_f32(n_tokens), 1.0)  # guard empty (padding) rows
 
 
+def _check_inputs(terms: tuple[LossTerm, ...], seqs: SequenceLogps) -> int:
+    if not terms:
+        raise ValueError("compute_loss: no loss terms")
+    if seqs.policy.ndim != 2:
+        raise ValueError(f"SequenceLogps.policy must be [B, N], got {seqs.policy.shape}")
+    n = seqs.policy.shape[1]
+    for t in terms:
+        spec = LOSSES[t.name]
+        if spec.layout in ("pair", "unpaired") and n != 2:
+            hint = (": with demonstrations only, use 'sft'" if n == 1 else
+                    ": for N > 2 ranked responses use a listwise loss (plackett_luce, dil_*)")
+            raise ValueError(f"loss {t.name!r} needs (chosen, rejected) pairs [B, 2] but got "
+                             f"[B, {n}]{hint}")
+        if spec.layout == "list" and n < 2:
+            raise ValueError(f"loss {t.name!r} needs N >= 2 responses per prompt but got "
+                             f"[B, {n}]: with demonstrations only, use 'sft'")
+        if spec.needs_reference and seqs.reference is None:
+            raise ValueError(f"loss {t.name!r} needs reference log-probs: "
+                             f"SequenceLogps.reference is None")
+        if spec.layout == "unpaired" and seqs.labels is None:
+            raise ValueError(f"loss {t.name!r} needs SequenceLogps.labels [B] (1 desirable, "
+                             "0 undesirable)")
+    return n
+
+
 def compute_loss(
     terms: tuple[LossTerm, ...], seqs: SequenceLogps
 ) -> tuple[Array, dict[str, Array]]:
@@ -582,36 +958,27 @@ def compute_loss(
 
     Args:
       terms: from `parse_loss_terms`.
-      seqs: per-sequence log-probs, `[B, 2]` (chosen, rejected) or `[B, 1]` (demonstrations).
+      seqs: per-sequence log-probs, `[B, 2]` (chosen, rejected; KTO: own, mismatched), `[B, N]`
+        ranked lists (N > 2, absent responses with n_tokens 0) or `[B, 1]` (demonstrations).
 
     Returns:
       loss: [B] float32, Σ_k weight_k · loss_k; average it (over real rows) in the step.
       metrics: dict of [B] float32 arrays: 'loss', 'loss/<name>' per term (unweighted; a repeated
-        name gets a '_<index>' suffix) and, for N = 2, the TRL names 'rewards/chosen',
+        name gets a '_<index>' suffix) and, for N >= 2, the TRL names 'rewards/chosen',
         'rewards/rejected', 'rewards/margins', 'rewards/accuracies', 'logps/chosen',
         'logps/rejected' (+ 'logits/chosen', 'logits/rejected' when mean_logits is given: as in
         TRL, the mean logit over every response token of the batch, `token_weighted_mean`, the
         same value on every row so that any average over rows reproduces it).
-        Rewards and logps come from the first pair-wise term (else the first term) in its
+        Rewards and logps come from the first multi-response term (else the first term) in its
         reduction: β·Δ for reference-based losses (Δ for DIL at β = 1), β·logp for
-        reference-free ones (λ·logp for ORPO, as TRL; logp for sft). For N = 1 only
-        'logps/chosen' (and 'logits/chosen') join the losses.
+        reference-free ones (λ·logp for ORPO, as TRL; logp for sft, simper, cal_dpo). For
+        N > 2, 'rejected' is the mean over the real lower-ranked responses. KTO: 'kto/reward'
+        β·Δ of each completion, 'kto/desirable' its label and 'kl' the batch reference point z.
+        For N = 1 only 'logps/chosen' (and 'logits/chosen') join the losses.
     """
-    if not terms:
-        raise ValueError("compute_loss: no loss terms")
-    n = seqs.policy.shape[1]
-    if n not in (1, 2):
-        raise ValueError(f"SequenceLogps.policy must be [B, 1] or [B, 2], got {seqs.policy.shape}")
-    for t in terms:
-        spec = LOSSES[t.name]
-        if spec.needs_pairs and n != 2:
-            raise ValueError(f"loss {t.name!r} needs (chosen, rejected) pairs [B, 2] but got "
-                             f"[B, {n}]: with demonstrations only, use 'sft'")
-        if spec.needs_reference and seqs.reference is None:
-            raise ValueError(f"loss {t.name!r} needs reference log-probs: "
-                             f"SequenceLogps.reference is None")
-
+    n = _check_inputs(terms, seqs)
     policy_mean = _reduce(seqs.policy, seqs.n_tokens, "mean")  # [B, N]
+    valid = (_f32(seqs.n_tokens) > 0).astype(jnp.float32)  # [B, N]
     total = jnp.zeros(seqs.policy.shape[:1], jnp.float32)  # [B]
     metrics: dict[str, Array] = {}
     for i, t in enumerate(terms):
@@ -622,24 +989,28 @@ def compute_loss(
             policy=_reduce(seqs.policy, seqs.n_tokens, reduction),
             reference=(None if seqs.reference is None
                        else _reduce(seqs.reference, seqs.n_tokens, reduction)),
-            policy_mean=policy_mean)
+            policy_mean=policy_mean, valid=valid, labels=seqs.labels)
         term_loss = spec.fn(*spec.feed(inputs), **params)  # [B]
         total = total + t.weight * term_loss
         key = f"loss/{t.name}"
         metrics[key if key not in metrics else f"{key}_{i}"] = term_loss
     metrics["loss"] = total
 
-    lead = next((t for t in terms if LOSSES[t.name].needs_pairs), terms[0]) if n == 2 else None
+    lead = next((t for t in terms if LOSSES[t.name].needs_pairs), None) if n >= 2 else None
     if lead is None:
         metrics["logps/chosen"] = _reduce(seqs.policy[:, 0], seqs.n_tokens[:, 0],
                                           terms[0].params["reduction"])
+    elif LOSSES[lead.name].layout == "unpaired":
+        metrics.update(_kto_metrics(lead, seqs))
     else:
         metrics.update(_reward_metrics(lead, seqs))
     if seqs.mean_logits is not None:
         token_mean = token_weighted_mean(seqs.mean_logits, seqs.n_tokens)  # [N]
         metrics["logits/chosen"] = jnp.broadcast_to(token_mean[0], seqs.policy.shape[:1])
-        if n == 2:
-            metrics["logits/rejected"] = jnp.broadcast_to(token_mean[1], seqs.policy.shape[:1])
+        if n >= 2:
+            rest = token_weighted_mean(seqs.mean_logits[:, 1:].reshape(-1, 1),
+                                       seqs.n_tokens[:, 1:].reshape(-1, 1))[0]
+            metrics["logits/rejected"] = jnp.broadcast_to(rest, seqs.policy.shape[:1])
     return total, metrics
 
 
@@ -660,21 +1031,44 @@ def token_weighted_mean(per_sequence_mean: Array, n_tokens: Array) -> Array:
     return jnp.sum(_f32(per_sequence_mean) * n, axis=0) / jnp.maximum(jnp.sum(n, axis=0), 1.0)
 
 
-def _reward_metrics(term: LossTerm, seqs: SequenceLogps) -> dict[str, Array]:
-    """TRL's implicit-reward metrics for one term (objectives.md §5), each [B]."""
+def implicit_rewards(term: LossTerm, seqs: SequenceLogps) -> tuple[Array, Array]:
+    """The term's implicit rewards `[B, N]` (β·Δ, β·logp, ...) and the policy logps `[B, N]`.
+
+    In the term's reduction: β·Δ for reference-based losses (Δ for DIL at β = 1), scale·logp for
+    reference-free ones, with the scale of `LossSpec.reward_scale` (1 when None).
+    """
     spec = LOSSES[term.name]
     reduction = term.params["reduction"]
-    policy = _reduce(seqs.policy, seqs.n_tokens, reduction)  # [B, 2]
+    policy = _reduce(seqs.policy, seqs.n_tokens, reduction)  # [B, N]
     scale = 1.0 if spec.reward_scale is None else term.params[spec.reward_scale]
     if spec.needs_reference:
-        rewards = scale * (policy - _reduce(seqs.reference, seqs.n_tokens, reduction))  # [B, 2]
-    else:
-        rewards = scale * policy  # [B, 2]
+        return scale * (policy - _reduce(seqs.reference, seqs.n_tokens, reduction)), policy
+    return scale * policy, policy
+
+
+def _reward_metrics(term: LossTerm, seqs: SequenceLogps) -> dict[str, Array]:
+    """TRL's implicit-reward metrics for one term (objectives.md §5), each [B]."""
+    rewards, policy = implicit_rewards(term, seqs)  # [B, N]
+    valid = (_f32(seqs.n_tokens[:, 1:]) > 0).astype(jnp.float32)  # [B, N−1]
+    rejected = _mean_rejected(rewards[:, 1:], valid)  # [B] (= index 1 for pairs)
     return {
         "rewards/chosen": rewards[:, 0],
-        "rewards/rejected": rewards[:, 1],
-        "rewards/margins": rewards[:, 0] - rewards[:, 1],
-        "rewards/accuracies": (rewards[:, 0] > rewards[:, 1]).astype(jnp.float32),
+        "rewards/rejected": rejected,
+        "rewards/margins": rewards[:, 0] - rejected,
+        "rewards/accuracies": (rewards[:, 0] > rejected).astype(jnp.float32),
         "logps/chosen": policy[:, 0],
-        "logps/rejected": policy[:, 1],
+        "logps/rejected": _mean_rejected(policy[:, 1:], valid),
+    }
+
+
+def _kto_metrics(term: LossTerm, seqs: SequenceLogps) -> dict[str, Array]:
+    """KTO's metrics, each [B]: per-completion reward, label, logps and the reference point."""
+    rewards, policy = implicit_rewards(term, seqs)  # [B, 2]
+    delta = rewards[:, 1] / term.params["beta"]  # mismatched completions' Δ
+    z = jnp.maximum(jnp.mean(delta), 0.0)
+    return {
+        "kto/reward": rewards[:, 0],
+        "kto/desirable": _f32(seqs.labels),
+        "logps/completion": policy[:, 0],
+        "kl": jnp.broadcast_to(z, rewards[:, 0].shape),
     }
