@@ -14,7 +14,6 @@ padded row generates exactly what it would unpadded.
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -139,8 +138,7 @@ def _generate(model, params, prompt_ids, prompt_mask, rng, *, max_new_tokens, te
 def last_position_logits(model, params, hidden_last: jax.Array) -> jax.Array:
     """[B, D] final hidden states -> [B, V] float32 logits through the family's LM head (and its
     logit soft-cap, Gemma 2), the same projection the model's own `output='logits'` applies."""
-    family = sys.modules[type(model).__module__]  # every family module has lm_head_kernel
-    kernel = family.lm_head_kernel(params)  # [D, V]
+    kernel = model.lm_head_kernel(params)  # [D, V]
     logits = jnp.einsum("BD,DV->BV", hidden_last.astype(model.dtype), kernel.astype(model.dtype),
                         preferred_element_type=jnp.float32)
     cap = getattr(model, "logit_softcap", None)

@@ -1,8 +1,8 @@
 """Checks shared by the model-family tests (test_gpt_neox.py, test_gpt2.py, test_gemma.py).
 
-Each family module honours one contract (see dil_jax/models/llama.py and blocks.py), so the
+Every family honours one contract (dil_jax/models/family.py, blocks.CausalLM), so the
 invariance, cache, packing, sharding-rule and Hugging Face parity checks are written once
-here and called with a family module, its model class and a tiny config. Everything runs
+here and called with a family's `FAMILY` record, its model class and a tiny config. Everything runs
 jitted on numpy inputs: eager flax on 2 shared cores is far slower than compiling.
 """
 
@@ -21,6 +21,12 @@ def fwd(model, params, ids, mask=None, positions=None, cache=None, segment_ids=N
         output="logits"):
     return model.apply({"params": params}, ids, mask, positions, cache, output=output,
                        segment_ids=segment_ids)
+
+
+def hf_params(family, state_dict, cfg, **kw):
+    from dil_jax.models import hf
+
+    return hf.params_from_hf_state_dict(state_dict, family.name, cfg, **kw)
 
 
 def random_params(model, scale=0.08, seed=0):
@@ -170,16 +176,16 @@ def check_converter(family, cfg, params, scanned, n_layers):
     unrolled = unstack(params, scanned, n_layers)
     assert to_hf_state_dict(family, cfg, unrolled, scan_layers=False).keys() == sd.keys()
     for scan, want in ((True, params), (False, unrolled)):
-        got = family.params_from_hf_state_dict(sd, cfg, scan_layers=scan)
+        got = hf_params(family, sd, cfg, scan_layers=scan)
         assert jax.tree.structure(got) == jax.tree.structure(want)
         jax.tree.map(np.testing.assert_array_equal, got, want)
     some_key = sorted(k for k in sd if ".1." in k)[0]
     with pytest.raises(KeyError, match=re.escape(some_key)):
-        family.params_from_hf_state_dict({k: v for k, v in sd.items() if k != some_key}, cfg)
+        hf_params(family, {k: v for k, v in sd.items() if k != some_key}, cfg)
     with pytest.raises(KeyError, match="extra.weight"):
-        family.params_from_hf_state_dict({**sd, "extra.weight": np.zeros(3)}, cfg)
+        hf_params(family, {**sd, "extra.weight": np.zeros(3)}, cfg)
     with pytest.raises(ValueError, match=re.escape(some_key)):
-        family.params_from_hf_state_dict({**sd, some_key: np.zeros((3, 5), np.float32)}, cfg)
+        hf_params(family, {**sd, some_key: np.zeros((3, 5), np.float32)}, cfg)
     return sd
 
 
@@ -205,7 +211,7 @@ def check_hf_parity(family, model, hf_model, *, vocab, eos, pad, generate=True, 
     from dil_jax.sampling import make_generate_fn
 
     sd = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
-    params = family.params_from_hf_state_dict(sd, model.config)
+    params = hf_params(family, sd, model.config)
     rng = np.random.default_rng(0)
     x = rng.integers(2, vocab - 1, (B, T)).astype(np.int64)
     mask = np.ones_like(x)
@@ -248,7 +254,7 @@ def check_hf_config_round_trip(family, config_cls, model_cls, cfg, hf_model_cls=
     cls = hf_model_cls or getattr(transformers, d["architectures"][0])
     hf_model = cls(hf_cfg)
     sd = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
-    params = family.params_from_hf_state_dict(sd, cfg)  # checks every shape, every key
+    params = hf_params(family, sd, cfg)  # checks every shape, every key
     abstract = jax.eval_shape(lambda: model_cls(cfg).init(
         jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
     assert jax.tree.map(np.shape, params) == jax.tree.map(lambda a: a.shape, abstract)

@@ -66,7 +66,7 @@ def test_invariances(tiny):
     """Head contract (with the final softcap), scan == unrolled == remat, cache decode ==
     full (past the window), packing == separate."""
     model, params = tiny
-    ref = fc.check_outputs_and_head(gemma, model, params, CFG2.vocab_size, CFG2.hidden_size)
+    ref = fc.check_outputs_and_head(gemma.FAMILY, model, params, CFG2.vocab_size, CFG2.hidden_size)
     fc.check_scan_unrolled_remat(GemmaForCausalLM, CFG2, params, CFG2.vocab_size, SCANNED,
                                  CFG2.num_hidden_layers, ref, remat=True)
     fc.check_cache_decode(model, params, CFG2.vocab_size, ref)
@@ -109,18 +109,18 @@ def test_bf16_compute_close(tiny):
 
 
 def test_partition_rules_cover_every_param():
-    fc.check_partition_rules(gemma, GemmaForCausalLM, CFG2)
-    fc.check_partition_rules(gemma, GemmaForCausalLM,
+    fc.check_partition_rules(gemma.FAMILY, GemmaForCausalLM, CFG2)
+    fc.check_partition_rules(gemma.FAMILY, GemmaForCausalLM,
                              dataclasses.replace(CFG1, tie_word_embeddings=False,
                                                  attention_bias=True))
 
 
 def test_converter_round_trip_and_errors(tiny):
     _, params = tiny
-    sd = fc.check_converter(gemma, CFG2, params, SCANNED, CFG2.num_hidden_layers)
+    sd = fc.check_converter(gemma.FAMILY, CFG2, params, SCANNED, CFG2.num_hidden_layers)
     assert "model.layers.2.pre_feedforward_layernorm.weight" in sd
     assert "lm_head.weight" not in sd  # tied
-    gemma.params_from_hf_state_dict({**sd, "lm_head.weight": sd["model.embed_tokens.weight"]},
+    fc.hf_params(gemma.FAMILY, {**sd, "lm_head.weight": sd["model.embed_tokens.weight"]},
                                     CFG2)
 
 
@@ -142,7 +142,8 @@ def _hf_model(cfg):
 def test_hf_parity(cfg):
     """Logits on a right-padded batch and 32 greedy tokens on left-padded prompts, with the
     sequences longer than Gemma 2's window."""
-    fc.check_hf_parity(gemma, GemmaForCausalLM(cfg), _hf_model(cfg), vocab=128, eos=127, pad=0)
+    fc.check_hf_parity(gemma.FAMILY, GemmaForCausalLM(cfg), _hf_model(cfg), vocab=128, eos=127,
+                       pad=0)
 
 
 @pytest.mark.torch
@@ -158,4 +159,4 @@ def test_to_hf_round_trip():
                                     attn_logit_softcapping=None, query_pre_attn_scalar=None)
     assert no_window.query_pre_attn_scalar == CFG2.head_dim
     for cfg in (CFG2, CFG1, untied, no_window):
-        fc.check_hf_config_round_trip(gemma, GemmaConfig, GemmaForCausalLM, cfg)
+        fc.check_hf_config_round_trip(gemma.FAMILY, GemmaConfig, GemmaForCausalLM, cfg)

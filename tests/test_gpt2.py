@@ -42,7 +42,7 @@ def test_config_round_trip_and_validation():
 def test_invariances(tiny):
     """Head contract, scan == unrolled == remat, cache decode == full, packing == separate."""
     model, params = tiny
-    ref = fc.check_outputs_and_head(gpt2, model, params, CFG.vocab_size, CFG.n_embd)
+    ref = fc.check_outputs_and_head(gpt2.FAMILY, model, params, CFG.vocab_size, CFG.n_embd)
     fc.check_scan_unrolled_remat(GPT2LMHeadModel, CFG, params, CFG.vocab_size, SCANNED,
                                  CFG.n_layer, ref)
     fc.check_cache_decode(model, params, CFG.vocab_size, ref)
@@ -50,14 +50,14 @@ def test_invariances(tiny):
 
 
 def test_partition_rules_cover_every_param():
-    fc.check_partition_rules(gpt2, GPT2LMHeadModel, CFG)
-    fc.check_partition_rules(gpt2, GPT2LMHeadModel,
+    fc.check_partition_rules(gpt2.FAMILY, GPT2LMHeadModel, CFG)
+    fc.check_partition_rules(gpt2.FAMILY, GPT2LMHeadModel,
                              dataclasses.replace(CFG, tie_word_embeddings=False))
 
 
 def test_converter_round_trip_and_errors(tiny):
     _, params = tiny
-    sd = fc.check_converter(gpt2, CFG, params, SCANNED, CFG.n_layer)
+    sd = fc.check_converter(gpt2.FAMILY, CFG, params, SCANNED, CFG.n_layer)
     # Conv1D weights are [in, out]: the same arrays as our kernels, no transpose.
     np.testing.assert_array_equal(sd["transformer.h.0.attn.c_attn.weight"],
                                   params["transformer"]["h"]["attn"]["c_attn"]["kernel"][0])
@@ -66,7 +66,7 @@ def test_converter_round_trip_and_errors(tiny):
     bare = {k.removeprefix("transformer."): v for k, v in sd.items()}
     bare.update({"h.0.attn.bias": 0, "h.1.attn.masked_bias": 0,
                  "lm_head.weight": bare["wte.weight"]})
-    got = gpt2.params_from_hf_state_dict(bare, CFG)
+    got = fc.hf_params(gpt2.FAMILY, bare, CFG)
     np.testing.assert_array_equal(got["transformer"]["wpe"]["embedding"],
                                   params["transformer"]["wpe"]["embedding"])
 
@@ -87,10 +87,10 @@ def _hf_model(cfg):
 def test_hf_parity():
     """Tied head: logits and greedy generation (left padding indexes wpe by real-token
     count); untied head with 1/(layer+1) score scaling: logits."""
-    fc.check_hf_parity(gpt2, GPT2LMHeadModel(CFG), _hf_model(CFG), vocab=128, eos=127, pad=0)
+    fc.check_hf_parity(gpt2.FAMILY, GPT2LMHeadModel(CFG), _hf_model(CFG), vocab=128, eos=127, pad=0)
     var = dataclasses.replace(CFG, tie_word_embeddings=False,
                               scale_attn_by_inverse_layer_idx=True, activation_function="gelu")
-    fc.check_hf_parity(gpt2, GPT2LMHeadModel(var), _hf_model(var), vocab=128, eos=127, pad=0,
+    fc.check_hf_parity(gpt2.FAMILY, GPT2LMHeadModel(var), _hf_model(var), vocab=128, eos=127, pad=0,
                        generate=False)
 
 
@@ -103,4 +103,4 @@ def test_hf_export_loads_in_transformers(tiny, tmp_path):
 @pytest.mark.torch
 def test_to_hf_round_trip():
     for cfg in (CFG, dataclasses.replace(CFG, tie_word_embeddings=False, n_inner=96)):
-        fc.check_hf_config_round_trip(gpt2, GPT2Config, GPT2LMHeadModel, cfg)
+        fc.check_hf_config_round_trip(gpt2.FAMILY, GPT2Config, GPT2LMHeadModel, cfg)

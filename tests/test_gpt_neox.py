@@ -46,7 +46,7 @@ def test_config_round_trip_and_validation():
 def test_invariances(tiny):
     """Head contract, scan == unrolled, cache decode == full, packing == separate."""
     model, params = tiny
-    ref = fc.check_outputs_and_head(gpt_neox, model, params, CFG.vocab_size, CFG.hidden_size)
+    ref = fc.check_outputs_and_head(gpt_neox.FAMILY, model, params, CFG.vocab_size, CFG.hidden_size)
     fc.check_scan_unrolled_remat(GPTNeoXForCausalLM, CFG, params, CFG.vocab_size, SCANNED,
                                  CFG.num_hidden_layers, ref)
     fc.check_cache_decode(model, params, CFG.vocab_size, ref)
@@ -54,19 +54,19 @@ def test_invariances(tiny):
 
 
 def test_partition_rules_cover_every_param():
-    fc.check_partition_rules(gpt_neox, GPTNeoXForCausalLM, CFG)
-    fc.check_partition_rules(gpt_neox, GPTNeoXForCausalLM,
+    fc.check_partition_rules(gpt_neox.FAMILY, GPTNeoXForCausalLM, CFG)
+    fc.check_partition_rules(gpt_neox.FAMILY, GPTNeoXForCausalLM,
                              dataclasses.replace(CFG, tie_word_embeddings=True))
 
 
 def test_converter_round_trip_and_errors(tiny):
     _, params = tiny
-    sd = fc.check_converter(gpt_neox, CFG, params, SCANNED, CFG.num_hidden_layers)
+    sd = fc.check_converter(gpt_neox.FAMILY, CFG, params, SCANNED, CFG.num_hidden_layers)
     assert "embed_out.weight" in sd  # the hub checkpoints' name
     # transformers v5 calls the head lm_head in memory; old checkpoints carry mask buffers.
     extra = {"lm_head.weight": sd.pop("embed_out.weight"),
              "gpt_neox.layers.0.attention.bias": 0, "gpt_neox.layers.0.attention.masked_bias": 0}
-    gpt_neox.params_from_hf_state_dict({**sd, **extra}, CFG)
+    fc.hf_params(gpt_neox.FAMILY, {**sd, **extra}, CFG)
 
 
 def _hf_model(cfg):
@@ -84,10 +84,10 @@ def _hf_model(cfg):
 @pytest.mark.torch
 def test_hf_parity():
     """Parallel residual: logits and greedy generation; sequential residual: logits."""
-    fc.check_hf_parity(gpt_neox, GPTNeoXForCausalLM(CFG), _hf_model(CFG), vocab=128, eos=127,
+    fc.check_hf_parity(gpt_neox.FAMILY, GPTNeoXForCausalLM(CFG), _hf_model(CFG), vocab=128, eos=127,
                        pad=0)
     seq = dataclasses.replace(CFG, use_parallel_residual=False)
-    fc.check_hf_parity(gpt_neox, GPTNeoXForCausalLM(seq), _hf_model(seq), vocab=128, eos=127,
+    fc.check_hf_parity(gpt_neox.FAMILY, GPTNeoXForCausalLM(seq), _hf_model(seq), vocab=128, eos=127,
                        pad=0, generate=False)
 
 
@@ -102,5 +102,6 @@ def test_hf_export_loads_in_transformers(tiny, tmp_path):
 def test_to_hf_round_trip():
     for cfg in (CFG, dataclasses.replace(CFG, use_parallel_residual=False,
                                          tie_word_embeddings=True, attention_bias=False)):
-        hf_cfg = fc.check_hf_config_round_trip(gpt_neox, GPTNeoXConfig, GPTNeoXForCausalLM, cfg)
+        hf_cfg = fc.check_hf_config_round_trip(gpt_neox.FAMILY, GPTNeoXConfig,
+                                               GPTNeoXForCausalLM, cfg)
         assert hf_cfg.rope_parameters["partial_rotary_factor"] == cfg.rotary_pct

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from dil_jax import sharding
-from dil_jax.models import hf, llama
+from dil_jax.models import blocks, hf, llama
 from dil_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -163,7 +163,7 @@ def test_segment_ids_packed_row_matches_separate_sequences():
     packed_out, separate_out = run(params)
     np.testing.assert_allclose(packed_out[0, :5], separate_out[0], atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(packed_out[0, 5:9], separate_out[1, :4], atol=1e-5, rtol=1e-5)
-    positions = llama.default_positions(jnp.asarray(segments > 0), jnp.asarray(segments))
+    positions = blocks.default_positions(jnp.asarray(segments > 0), jnp.asarray(segments))
     np.testing.assert_array_equal(positions[0], [0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 0, 0])
     with pytest.raises(ValueError, match="segment_ids"):
         model.apply({"params": params}, packed, segment_ids=segments,

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dil_jax.models import llama
+from dil_jax.models import blocks, hf, llama
 from dil_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -84,7 +84,7 @@ def test_shapes_and_outputs(tiny):
     assert cache is None
     hidden, _ = fwd(model, params, ids, output="hidden")
     assert hidden.shape == (2, 8, CFG.hidden_size)
-    kernel = np.asarray(llama.lm_head_kernel(params))
+    kernel = np.asarray(llama.FAMILY.lm_head_kernel(params))
     np.testing.assert_allclose(np.asarray(hidden) @ kernel, logits, atol=1e-5)
     # Initialising through output='hidden' still creates lm_head.
     p2 = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, output="hidden"))["params"]
@@ -108,7 +108,7 @@ def test_tied_embeddings(tiny):
     logits, hidden = both(params)
     emb = np.asarray(params["model"]["embed_tokens"]["embedding"])
     np.testing.assert_allclose(logits, np.asarray(hidden) @ emb.T, atol=1e-5)
-    np.testing.assert_array_equal(llama.lm_head_kernel(params), emb.T)
+    np.testing.assert_array_equal(llama.FAMILY.lm_head_kernel(params), emb.T)
 
 
 def test_causal(tiny):
@@ -209,9 +209,11 @@ def test_llama3_rope_hand_computation():
     for i in (1, 2):
         s = (64 / (2 * math.pi / base[i]) - 1.0) / (4.0 - 1.0)
         want[i] = (1 - s) * base[i] / 8.0 + s * base[i]
-    np.testing.assert_allclose(llama.rope_inv_freq(CFG), want, rtol=1e-6)
+    got = blocks.rope_inv_freq(CFG.head_dim, CFG.rope_theta, CFG.rope_scaling)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
     plain = LlamaConfig(64, 32, 48, 1, 2, 2, head_dim=16)
-    np.testing.assert_allclose(llama.rope_inv_freq(plain), base, rtol=1e-6)
+    np.testing.assert_allclose(blocks.rope_inv_freq(plain.head_dim, plain.rope_theta), base,
+                               rtol=1e-6)
 
 
 def _path(key_path):
@@ -250,17 +252,18 @@ def test_converter_round_trip_and_errors(tiny):
     unrolled = _unstack(params, CFG.num_hidden_layers)
     sd = _hf_state_dict(unrolled, CFG)
     for scan, want in ((True, params), (False, unrolled)):
-        got = llama.params_from_hf_state_dict(sd, CFG, scan_layers=scan)
+        got = hf.params_from_hf_state_dict(sd, "llama", CFG, scan_layers=scan)
         assert jax.tree.structure(got) == jax.tree.structure(want)
         jax.tree.map(np.testing.assert_array_equal, got, want)
     with pytest.raises(KeyError, match="model.layers.1.mlp.up_proj.weight"):
-        llama.params_from_hf_state_dict(
-            {k: v for k, v in sd.items() if k != "model.layers.1.mlp.up_proj.weight"}, CFG)
+        hf.params_from_hf_state_dict(
+            {k: v for k, v in sd.items() if k != "model.layers.1.mlp.up_proj.weight"}, "llama",
+            CFG)
     with pytest.raises(KeyError, match="extra.weight"):
-        llama.params_from_hf_state_dict({**sd, "extra.weight": np.zeros(3)}, CFG)
+        hf.params_from_hf_state_dict({**sd, "extra.weight": np.zeros(3)}, "llama", CFG)
     bad = {**sd, "model.layers.0.self_attn.k_proj.weight": np.zeros((3, 32), np.float32)}
     with pytest.raises(ValueError, match="model.layers.0.self_attn.k_proj.weight"):
-        llama.params_from_hf_state_dict(bad, CFG)
+        hf.params_from_hf_state_dict(bad, "llama", CFG)
 
 
 # PyTorch parity (logits, greedy generation, export round trip) for Llama, Mistral, Qwen2 and

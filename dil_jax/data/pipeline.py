@@ -28,7 +28,6 @@ each global batch (``jax.process_index`` / ``jax.process_count``).
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import itertools
 import logging
 import os
@@ -39,7 +38,7 @@ from collections.abc import Callable, Mapping
 import jax
 import numpy as np
 
-from dil_jax import models, objectives, validation
+from dil_jax import models, objectives, progress, validation
 from dil_jax.data import cache, formats, sources, tokenize
 from dil_jax.data.batching import TokenizedDataset, normalise_buckets
 from dil_jax.data.gold_task import GoldTask
@@ -260,9 +259,7 @@ def validate_data_config(config) -> None:
 
 
 def _accepts_segment_ids(family: str) -> bool:
-    module = models.get_family(family)
-    model_cls = getattr(module, models.FAMILIES[family][2])
-    return "segment_ids" in inspect.signature(model_cls.__call__).parameters
+    return models.get_family(family).packing
 
 
 # ----------------------------------------------------------------------------- building
@@ -324,8 +321,9 @@ def _build_split(split: str, config, tok, tok_digest: str, cache_dir: str):
         arrays, report_dict = hit
         report = SplitReport.from_dict(split, d.on_bad_record, report_dict)
         report.info["cache"] = {"file": cache.path_for(cache_dir, split, key), "hit": True}
-        logging.info("%s data: tokenised examples loaded from %s", split,
-                     report.info["cache"]["file"])
+        progress.announce(f"{split} data: tokenised-data cache hit, "
+                          f"{len(arrays['example_id'])} examples loaded from "
+                          f"{report.info['cache']['file']} (no tokenisation)")
     else:
         report = SplitReport(split, d.on_bad_record)
         arrays = _tokenise_split(read, config, tok, report, key)

@@ -16,12 +16,13 @@ ring buffer): simple and exact, at the cost of full-length caches on local layer
 
 Parameter paths mirror the HF state dict (`model/embed_tokens/embedding`,
 `model/layers/self_attn/q_proj/kernel`, `model/layers/pre_feedforward_layernorm/weight`...).
-Shape letters as in llama.py.
+Shape letters as in blocks.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,9 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from dil_jax.models import blocks, hf
-from dil_jax.models.hf import HFParam, identity, transpose
-from dil_jax.models.llama import KVCache, apply_rope, default_positions, rope_cos_sin
+from dil_jax.models import blocks
+from dil_jax.models.family import ArchConfig, Family, HFParam, identity, layer_entries, transpose
 from dil_jax.sharding import constrain_batch
 
 _LAYER_TYPES = ("sliding_attention", "full_attention")
@@ -51,7 +51,7 @@ _GEMMA2_ONLY = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_
 
 
 @dataclasses.dataclass(frozen=True)
-class GemmaConfig:
+class GemmaConfig(ArchConfig):
     """Architecture hyperparameters, named as in `transformers.Gemma2Config` (Gemma 1's
     `hidden_act` is read into `hidden_activation`). Gemma-2-only fields must stay None for
     model_type 'gemma'. `layer_types` defaults, for Gemma 2 with a window, to HF's
@@ -113,21 +113,6 @@ class GemmaConfig:
     @property
     def is_gemma2(self) -> bool:
         return self.model_type == "gemma2"
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        for key in ("layer_types", "eos_token_id"):
-            if isinstance(d[key], tuple):
-                d[key] = list(d[key])
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> GemmaConfig:
-        """Inverse of `to_dict`; raises on unknown keys, naming them."""
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"GemmaConfig.from_dict: unknown keys {unknown}")
-        return cls(**d)
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> GemmaConfig:
@@ -210,7 +195,7 @@ class GemmaAttention(nn.Module):
         q = dense(H * Dh, "q_proj")(x).reshape(B, T, H, Dh)
         k = dense(K * Dh, "k_proj")(x).reshape(B, T, K, Dh)
         v = dense(K * Dh, "v_proj")(x).reshape(B, T, K, Dh)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = blocks.apply_rope(q, cos, sin), blocks.apply_rope(k, cos, sin)
         if cache_k is not None:
             cache_k, cache_v = blocks.update_cache(cache_k, cache_v, k, v, index)
             k, v = cache_k, cache_v  # [B, S, K, Dh]
@@ -275,9 +260,11 @@ class GemmaModel(nn.Module):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens",
                      embedding_init=nn.initializers.normal(0.02), **kw)(input_ids)  # [B, T, D]
-        h = h * blocks.sqrt_scale(cfg.hidden_size, self.dtype)  # normaliser in compute dtype
+        # sqrt(D) rounded to the compute dtype, as HF computes it (55.4256 -> 55.5 in bf16).
+        h = h * jnp.asarray(math.sqrt(cfg.hidden_size), self.dtype)
         h = constrain_batch(h)  # keep activations on the batch axes (FSDP gathers weights)
-        cos, sin = rope_cos_sin(positions, blocks.rope_inv_freq(cfg.head_dim, cfg.rope_theta))
+        inv_freq = blocks.rope_inv_freq(cfg.head_dim, cfg.rope_theta)
+        cos, sin = blocks.rope_cos_sin(positions, inv_freq)  # [B, T, Dh]
         is_sliding = np.array([t == "sliding_attention" for t in cfg.layer_types or ()]
                               or [False] * cfg.num_hidden_layers)  # [L]
         window = cfg.sliding_window if is_sliding.any() else None
@@ -288,83 +275,20 @@ class GemmaModel(nn.Module):
             shared=(cos, sin, masks.full, masks.local, masks.index), remat=self.remat,
             scan_layers=self.scan_layers)
         h = GemmaRMSNorm(cfg.rms_norm_eps, name="norm", **kw)(h)  # [B, T, D]
-        new_cache = None
-        if cache is not None:
-            T = input_ids.shape[1]
-            new_cache = KVCache(new_k, new_v, masks.key_mask, (masks.index + T).astype(jnp.int32))
-        return h, new_cache
+        return h, blocks.next_cache(cache, new_k, new_v, masks, input_ids.shape[1])
 
 
-class GemmaForCausalLM(nn.Module):
-    """Gemma / Gemma 2 causal LM: `apply(vars, ids, mask, positions, cache, output=...) ->
-    (out, cache)`; the contract is documented on `__call__`."""
+class GemmaForCausalLM(blocks.CausalLM):
+    """Gemma / Gemma 2 causal LM (params `model/...`, head tied to `embed_tokens` by default);
+    the contract is documented on `blocks.CausalLM.__call__`. Gemma 2's logits are
+    soft-capped; the KV cache keeps every slot on local layers too."""
 
-    config: GemmaConfig
-    dtype: Any = jnp.float32  # compute dtype
-    param_dtype: Any = jnp.float32  # storage dtype
-    remat: bool = False  # jax.checkpoint each decoder layer
-    scan_layers: bool = True  # nn.scan over layers: params get a leading [L] axis
+    backbone = GemmaModel
 
     @property
     def logit_softcap(self) -> float | None:
         """Gemma 2's final_logit_softcapping, for log-prob code that applies the head itself."""
         return self.config.final_logit_softcapping
-
-    @nn.compact
-    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, *,
-                 output="logits", segment_ids=None):
-        """Forward pass.
-
-        Args:
-          input_ids: [B, T] int32.
-          attention_mask: [B, T], 1 = real token (left or right padding); default all ones.
-          positions: [B, T] RoPE positions; default counts real tokens from 0 (per segment
-            with `segment_ids`; continuing after the cached tokens with a cache).
-          cache: None, or a `KVCache` from `init_cache`.
-          output: 'logits' -> [B, T, V] (softcapped for Gemma 2); 'hidden' -> [B, T, D]
-            after the final norm (the caller applies `lm_head_kernel` and `logit_softcap`).
-          segment_ids: [B, T] int packed-sequence ids: a token attends only to earlier
-            tokens with the same id; 0 = padding (the default attention_mask is
-            `segment_ids > 0`). Not with a cache.
-
-        Returns:
-          (out, new_cache); new_cache is None when cache is None.
-        """
-        if output not in ("logits", "hidden"):
-            raise ValueError(f"output must be 'logits' or 'hidden', got {output!r}")
-        cfg = self.config
-        if attention_mask is None:
-            attention_mask = blocks.default_attention_mask(input_ids, segment_ids)
-        if positions is None:
-            positions = default_positions(attention_mask, segment_ids, cache)
-        h, new_cache = GemmaModel(cfg, self.dtype, self.param_dtype, self.remat,
-                                  self.scan_layers, name="model")(
-            input_ids, attention_mask, positions, cache, segment_ids)
-        if output == "hidden" and not self.is_initializing():
-            return h, new_cache
-        if cfg.tie_word_embeddings:
-            embedding = self.variables["params"]["model"]["embed_tokens"]["embedding"]  # [V, D]
-            logits = jnp.einsum("BTD,VD->BTV", h, embedding.astype(self.dtype))
-        else:
-            logits = blocks.dense(cfg.vocab_size, False, self.dtype, self.param_dtype,
-                                  "lm_head")(h)  # [B, T, V]
-        logits = blocks.softcap(logits, cfg.final_logit_softcapping)  # float32 inside
-        return (h if output == "hidden" else logits), new_cache
-
-    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
-        """An empty cache of `max_length` slots (all layers, local ones too); needs no params."""
-        cfg = self.config
-        return blocks.new_cache(cfg.num_hidden_layers, batch_size, max_length,
-                                cfg.num_key_value_heads, cfg.head_dim,
-                                self.dtype if dtype is None else dtype)
-
-
-def lm_head_kernel(params) -> jax.Array:
-    """The output projection [D, V] (before any softcap): `lm_head/kernel`, or the transposed
-    tied embedding."""
-    if "lm_head" in params:
-        return params["lm_head"]["kernel"]
-    return params["model"]["embed_tokens"]["embedding"].T
 
 
 _NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
@@ -415,9 +339,9 @@ def hf_tensor_map(config: GemmaConfig, *, scan_layers: bool = True) -> dict[str,
                                                 identity, False),
         "model/norm/weight": HFParam(("model.norm.weight",), identity, identity, False),
     }
-    out.update(blocks.layer_entries(layer, num_layers=config.num_hidden_layers,
-                                    our_prefix="model/layers", hf_prefix="model.layers",
-                                    scan_layers=scan_layers))
+    out.update(layer_entries(layer, num_layers=config.num_hidden_layers,
+                             our_prefix="model/layers", hf_prefix="model.layers",
+                             scan_layers=scan_layers))
     if not config.tie_word_embeddings:
         out["lm_head/kernel"] = HFParam(("lm_head.weight",), transpose, transpose, False)
     return out
@@ -431,25 +355,7 @@ def ignored_hf_keys(config: GemmaConfig) -> tuple[str, ...]:
     return keys
 
 
-def hf_key_aliases(config: GemmaConfig) -> tuple[tuple[str, str], ...]:
-    """(regex, replacement) renames for incoming HF keys: none needed for Gemma."""
-    del config
-    return ()
-
-
-def params_from_hf_state_dict(state_dict: Mapping[str, Any], config: GemmaConfig, *,
-                              scan_layers: bool = True, dtype=None) -> dict:
-    """An in-memory HF Gemma / Gemma 2 state dict (numpy-convertible arrays) -> our params (numpy).
-
-    A thin wrapper over `hf_tensor_map` (`hf.load_params` streams files instead). Every key
-    is consumed exactly once (or is in `ignored_hf_keys`), every param filled with its exact
-    shape; errors name the key. A tied checkpoint's output weight, if present, must equal the
-    embedding. `dtype` optionally casts every array (default: keep the input dtype).
-    """
-    if config.tie_word_embeddings:
-        blocks.check_tied_head(state_dict, ("lm_head.weight",),
-                               "model.embed_tokens.weight", who="gemma")
-    expected = blocks.abstract_params(GemmaForCausalLM(config, scan_layers=scan_layers))
-    params = hf.convert_state_dict(state_dict, "gemma", config, expected,
-                                   scan_layers=scan_layers)
-    return params if dtype is None else jax.tree.map(lambda x: x.astype(dtype), params)
+FAMILY = Family(
+    name="gemma", config_cls=GemmaConfig, model_cls=GemmaForCausalLM,
+    hf_model_types=tuple(_HF_DEFAULTS), partition_rules=partition_rules,
+    hf_tensor_map=hf_tensor_map, ignored_hf_keys=ignored_hf_keys)

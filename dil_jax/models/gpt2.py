@@ -9,29 +9,27 @@ HF's GPT-2 uses `Conv1D`, whose weight is stored [in, out] — already a flax De
 so conversion needs no transposes (only the untied `lm_head.weight`, an nn.Linear, is [out,
 in]). Parameter paths mirror the HF state dict: `transformer/wte/embedding`,
 `transformer/h/attn/c_attn/kernel`, `transformer/h/ln_1/weight`, `transformer/ln_f/bias`.
-Shape letters as in llama.py.
+Shape letters as in blocks.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from dil_jax.models import blocks, hf
-from dil_jax.models.hf import HFParam, identity, transpose
-from dil_jax.models.llama import KVCache, default_positions
+from dil_jax.models import blocks
+from dil_jax.models.family import ArchConfig, Family, HFParam, identity, layer_entries, transpose
 from dil_jax.sharding import constrain_batch
 
 
 @dataclasses.dataclass(frozen=True)
-class GPT2Config:
+class GPT2Config(ArchConfig):
     """Architecture hyperparameters with `transformers.GPT2Config`'s own names (n_embd,
     n_layer, ...); the generic names (hidden_size, ...) are read-only properties.
 
@@ -67,20 +65,7 @@ class GPT2Config:
     max_position_embeddings = property(lambda self: self.n_positions)
     intermediate_size = property(lambda self: self.n_inner or 4 * self.n_embd)
     head_dim = property(lambda self: self.n_embd // self.n_head)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        if isinstance(self.eos_token_id, tuple):
-            d["eos_token_id"] = list(self.eos_token_id)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> GPT2Config:
-        """Inverse of `to_dict`; raises on unknown keys, naming them."""
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"GPT2Config.from_dict: unknown keys {unknown}")
-        return cls(**d)
+    num_key_value_heads = property(lambda self: self.n_head)  # multi-head: K = H
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> GPT2Config:
@@ -188,79 +173,25 @@ class GPT2Model(nn.Module):
             per_layer=(scale.astype(np.float32),), shared=(masks.full, masks.index),
             remat=self.remat, scan_layers=self.scan_layers)
         h = blocks.LayerNorm(cfg.layer_norm_epsilon, name="ln_f", **kw)(h)  # [B, T, D]
-        new_cache = None
-        if cache is not None:
-            T = input_ids.shape[1]
-            new_cache = KVCache(new_k, new_v, masks.key_mask, (masks.index + T).astype(jnp.int32))
-        return h, new_cache
+        return h, blocks.next_cache(cache, new_k, new_v, masks, input_ids.shape[1])
 
 
-class GPT2LMHeadModel(nn.Module):
-    """GPT-2 causal LM: `apply(vars, ids, mask, positions, cache, output=...) -> (out,
-    cache)`; the contract is documented on `__call__`."""
+class GPT2LMHeadModel(blocks.CausalLM):
+    """GPT-2 causal LM (params `transformer/...`, head tied to `wte` or `lm_head`); the
+    contract is documented on `blocks.CausalLM.__call__`. Default positions index `wpe` and
+    must stay below n_positions."""
 
-    config: GPT2Config
-    dtype: Any = jnp.float32  # compute dtype
-    param_dtype: Any = jnp.float32  # storage dtype
-    remat: bool = False  # jax.checkpoint each block
-    scan_layers: bool = True  # nn.scan over blocks: params get a leading [L] axis
-    logit_softcap: ClassVar[float | None] = None
+    backbone = GPT2Model
+    backbone_name = "transformer"
+    embed_name = "wte"
 
-    @nn.compact
-    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, *,
-                 output="logits", segment_ids=None):
-        """Forward pass.
-
-        Args:
-          input_ids: [B, T] int32.
-          attention_mask: [B, T], 1 = real token (left or right padding); default all ones.
-          positions: [B, T] rows of `wpe`; default counts real tokens from 0 (per segment with
-            `segment_ids`; continuing after the cached tokens with a cache). Must stay below
-            n_positions.
-          cache: None, or a `KVCache` from `init_cache`.
-          output: 'logits' -> [B, T, V]; 'hidden' -> [B, T, D] after `ln_f`.
-          segment_ids: [B, T] int packed-sequence ids: a token attends only to earlier
-            tokens with the same id; 0 = padding (the default attention_mask is
-            `segment_ids > 0`). Not with a cache.
-
-        Returns:
-          (out, new_cache); new_cache is None when cache is None.
-        """
-        if output not in ("logits", "hidden"):
-            raise ValueError(f"output must be 'logits' or 'hidden', got {output!r}")
-        cfg = self.config
-        if attention_mask is None:
-            attention_mask = blocks.default_attention_mask(input_ids, segment_ids)
-        if positions is None:
-            positions = default_positions(attention_mask, segment_ids, cache)
-        h, new_cache = GPT2Model(cfg, self.dtype, self.param_dtype, self.remat,
-                                 self.scan_layers, name="transformer")(
-            input_ids, attention_mask, positions, cache, segment_ids)
-        if output == "hidden" and not self.is_initializing():
-            return h, new_cache
-        if cfg.tie_word_embeddings:
-            embedding = self.variables["params"]["transformer"]["wte"]["embedding"]  # [V, D]
-            logits = jnp.einsum("BTD,VD->BTV", h, embedding.astype(self.dtype))
-        else:
-            logits = blocks.dense(cfg.vocab_size, False, self.dtype, self.param_dtype,
-                                  "lm_head")(h)  # [B, T, V]
-        return (h if output == "hidden" else logits), new_cache
-
-    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> blocks.KVCache:
         """An empty cache of `max_length` (<= n_positions) slots; needs no params."""
         cfg = self.config
         if max_length > cfg.n_positions:
             raise ValueError(f"max_length={max_length} > n_positions={cfg.n_positions}: GPT-2 "
                              "has no position embedding beyond n_positions")
-        return blocks.new_cache(cfg.n_layer, batch_size, max_length, cfg.n_head, cfg.head_dim,
-                                self.dtype if dtype is None else dtype)
-
-
-def lm_head_kernel(params) -> jax.Array:
-    """The output projection [D, V]: the transposed tied `wte`, or `lm_head/kernel`."""
-    if "lm_head" in params:
-        return params["lm_head"]["kernel"]
-    return params["transformer"]["wte"]["embedding"].T
+        return super().init_cache(batch_size, max_length, dtype)
 
 
 def partition_rules() -> tuple[tuple[str, P], ...]:
@@ -311,8 +242,8 @@ def hf_tensor_map(config: GPT2Config, *, scan_layers: bool = True) -> dict[str, 
     for p in ("weight", "bias"):
         out[f"transformer/ln_f/{p}"] = HFParam((f"transformer.ln_f.{p}",), identity, identity,
                                                False)
-    out.update(blocks.layer_entries(layer, num_layers=config.n_layer, our_prefix="transformer/h",
-                                    hf_prefix="transformer.h", scan_layers=scan_layers))
+    out.update(layer_entries(layer, num_layers=config.n_layer, our_prefix="transformer/h",
+                             hf_prefix="transformer.h", scan_layers=scan_layers))
     if not config.tie_word_embeddings:
         out["lm_head/kernel"] = HFParam(("lm_head.weight",), transpose, transpose, False)
     return out
@@ -334,19 +265,8 @@ def hf_key_aliases(config: GPT2Config) -> tuple[tuple[str, str], ...]:
     return ((r"^(h\.\d+|wte|wpe|ln_f)\.", r"transformer.\1."),)
 
 
-def params_from_hf_state_dict(state_dict: Mapping[str, Any], config: GPT2Config, *,
-                              scan_layers: bool = True, dtype=None) -> dict:
-    """An in-memory HF GPT-2 state dict (numpy-convertible arrays) -> our params (numpy).
-
-    A thin wrapper over `hf_tensor_map` (`hf.load_params` streams files instead). Every key
-    is consumed exactly once (or is in `ignored_hf_keys`), every param filled with its exact
-    shape; errors name the key. A tied checkpoint's output weight, if present, must equal the
-    embedding. `dtype` optionally casts every array (default: keep the input dtype).
-    """
-    if config.tie_word_embeddings:
-        blocks.check_tied_head(state_dict, ("lm_head.weight",),
-                               "transformer.wte.weight", who="gpt2")
-    expected = blocks.abstract_params(GPT2LMHeadModel(config, scan_layers=scan_layers))
-    params = hf.convert_state_dict(state_dict, "gpt2", config, expected,
-                                   scan_layers=scan_layers)
-    return params if dtype is None else jax.tree.map(lambda x: x.astype(dtype), params)
+FAMILY = Family(
+    name="gpt2", config_cls=GPT2Config, model_cls=GPT2LMHeadModel, hf_model_types=("gpt2",),
+    partition_rules=partition_rules, hf_tensor_map=hf_tensor_map,
+    ignored_hf_keys=ignored_hf_keys, hf_key_aliases=hf_key_aliases,
+    max_positions_field="n_positions")

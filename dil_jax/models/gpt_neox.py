@@ -13,28 +13,26 @@ and an untied output projection `embed_out`.
 
 Parameter paths mirror the HF state dict: `gpt_neox/embed_in/embedding`,
 `gpt_neox/layers/attention/query_key_value/kernel`, `gpt_neox/final_layer_norm/weight`,
-`embed_out/kernel`. Shape letters as in llama.py (R = rotary dims per head).
+`embed_out/kernel`. Shape letters as in blocks.py (R = rotary dims per head).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from dil_jax.models import blocks, hf
-from dil_jax.models.hf import HFParam, identity, transpose
-from dil_jax.models.llama import KVCache, apply_rope, default_positions, rope_cos_sin
+from dil_jax.models import blocks
+from dil_jax.models.family import ArchConfig, Family, HFParam, identity, layer_entries, transpose
 from dil_jax.sharding import constrain_batch
 
 
 @dataclasses.dataclass(frozen=True)
-class GPTNeoXConfig:
+class GPTNeoXConfig(ArchConfig):
     """Architecture hyperparameters, named as in `transformers.GPTNeoXConfig` (v4 names for
     the rotary fields; `from_hf` also reads v5's `rope_parameters`)."""
 
@@ -71,22 +69,12 @@ class GPTNeoXConfig:
         return self.hidden_size // self.num_attention_heads
 
     @property
+    def num_key_value_heads(self) -> int:
+        return self.num_attention_heads  # multi-head: K = H
+
+    @property
     def rotary_ndims(self) -> int:
         return int(self.head_dim * self.rotary_pct)  # HF truncates the same way
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        if isinstance(self.eos_token_id, tuple):
-            d["eos_token_id"] = list(self.eos_token_id)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> GPTNeoXConfig:
-        """Inverse of `to_dict`; raises on unknown keys, naming them."""
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"GPTNeoXConfig.from_dict: unknown keys {unknown}")
-        return cls(**d)
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> GPTNeoXConfig:
@@ -140,8 +128,8 @@ class GPTNeoXAttention(nn.Module):
         qkv = dense(3 * D, "query_key_value")(x).reshape(B, T, H, 3, Dh)  # HF per-head layout
         q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]  # [B, T, H, Dh]
         # RoPE on the first R dims of each head, the rest passes through.
-        q = jnp.concatenate([apply_rope(q[..., :R], cos, sin), q[..., R:]], axis=-1)
-        k = jnp.concatenate([apply_rope(k[..., :R], cos, sin), k[..., R:]], axis=-1)
+        q = jnp.concatenate([blocks.apply_rope(q[..., :R], cos, sin), q[..., R:]], axis=-1)
+        k = jnp.concatenate([blocks.apply_rope(k[..., :R], cos, sin), k[..., R:]], axis=-1)
         if cache_k is not None:
             cache_k, cache_v = blocks.update_cache(cache_k, cache_v, k, v, index)
             k, v = cache_k, cache_v  # [B, S, H, Dh]
@@ -204,84 +192,24 @@ class GPTNeoXModel(nn.Module):
                      embedding_init=nn.initializers.normal(0.02), **kw)(input_ids)  # [B, T, D]
         h = constrain_batch(h)  # keep activations on the batch axes (FSDP gathers weights)
         inv_freq = blocks.rope_inv_freq(cfg.rotary_ndims, cfg.rotary_emb_base)
-        cos, sin = rope_cos_sin(positions, inv_freq)  # [B, T, R]
+        cos, sin = blocks.rope_cos_sin(positions, inv_freq)  # [B, T, R]
         masks = blocks.make_masks(attention_mask, segment_ids, cache)
         h, new_k, new_v = blocks.layer_stack(
             GPTNeoXLayer, (cfg,), kw, name="layers", num_layers=cfg.num_hidden_layers, h=h,
             cache=cache, shared=(cos, sin, masks.full, masks.index), remat=self.remat,
             scan_layers=self.scan_layers)
         h = blocks.LayerNorm(cfg.layer_norm_eps, name="final_layer_norm", **kw)(h)  # [B, T, D]
-        new_cache = None
-        if cache is not None:
-            T = input_ids.shape[1]
-            new_cache = KVCache(new_k, new_v, masks.key_mask, (masks.index + T).astype(jnp.int32))
-        return h, new_cache
+        return h, blocks.next_cache(cache, new_k, new_v, masks, input_ids.shape[1])
 
 
-class GPTNeoXForCausalLM(nn.Module):
-    """GPT-NeoX causal LM: `apply(vars, ids, mask, positions, cache, output=...) -> (out,
-    cache)`; the contract is documented on `__call__`."""
+class GPTNeoXForCausalLM(blocks.CausalLM):
+    """GPT-NeoX causal LM (params `gpt_neox/...`, untied head `embed_out`); the contract is
+    documented on `blocks.CausalLM.__call__`."""
 
-    config: GPTNeoXConfig
-    dtype: Any = jnp.float32  # compute dtype
-    param_dtype: Any = jnp.float32  # storage dtype
-    remat: bool = False  # jax.checkpoint each layer
-    scan_layers: bool = True  # nn.scan over layers: params get a leading [L] axis
-    logit_softcap: ClassVar[float | None] = None
-
-    @nn.compact
-    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, *,
-                 output="logits", segment_ids=None):
-        """Forward pass.
-
-        Args:
-          input_ids: [B, T] int32.
-          attention_mask: [B, T], 1 = real token (left or right padding); default all ones.
-          positions: [B, T] RoPE positions; default counts real tokens from 0 (per segment
-            with `segment_ids`; continuing after the cached tokens with a cache).
-          cache: None, or a `KVCache` from `init_cache`.
-          output: 'logits' -> [B, T, V]; 'hidden' -> [B, T, D] after the final norm.
-          segment_ids: [B, T] int packed-sequence ids: a token attends only to earlier
-            tokens with the same id; 0 = padding (the default attention_mask is
-            `segment_ids > 0`). Not with a cache.
-
-        Returns:
-          (out, new_cache); new_cache is None when cache is None.
-        """
-        if output not in ("logits", "hidden"):
-            raise ValueError(f"output must be 'logits' or 'hidden', got {output!r}")
-        cfg = self.config
-        if attention_mask is None:
-            attention_mask = blocks.default_attention_mask(input_ids, segment_ids)
-        if positions is None:
-            positions = default_positions(attention_mask, segment_ids, cache)
-        h, new_cache = GPTNeoXModel(cfg, self.dtype, self.param_dtype, self.remat,
-                                    self.scan_layers, name="gpt_neox")(
-            input_ids, attention_mask, positions, cache, segment_ids)
-        # The output projection must exist after init even when traced with output='hidden'.
-        if output == "hidden" and not self.is_initializing():
-            return h, new_cache
-        if cfg.tie_word_embeddings:
-            embedding = self.variables["params"]["gpt_neox"]["embed_in"]["embedding"]  # [V, D]
-            logits = jnp.einsum("BTD,VD->BTV", h, embedding.astype(self.dtype))
-        else:
-            logits = blocks.dense(cfg.vocab_size, False, self.dtype, self.param_dtype,
-                                  "embed_out")(h)  # [B, T, V]
-        return (h if output == "hidden" else logits), new_cache
-
-    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
-        """An empty cache of `max_length` slots; needs no params."""
-        cfg = self.config
-        return blocks.new_cache(cfg.num_hidden_layers, batch_size, max_length,
-                                cfg.num_attention_heads, cfg.head_dim,
-                                self.dtype if dtype is None else dtype)
-
-
-def lm_head_kernel(params) -> jax.Array:
-    """The output projection [D, V]: `embed_out/kernel`, or the transposed tied embedding."""
-    if "embed_out" in params:
-        return params["embed_out"]["kernel"]
-    return params["gpt_neox"]["embed_in"]["embedding"].T
+    backbone = GPTNeoXModel
+    backbone_name = "gpt_neox"
+    embed_name = "embed_in"
+    head_name = "embed_out"
 
 
 def partition_rules() -> tuple[tuple[str, P], ...]:
@@ -335,9 +263,9 @@ def hf_tensor_map(config: GPTNeoXConfig, *, scan_layers: bool = True) -> dict[st
         "gpt_neox/final_layer_norm/bias": HFParam(("gpt_neox.final_layer_norm.bias",),
                                                   identity, identity, False),
     }
-    out.update(blocks.layer_entries(layer, num_layers=config.num_hidden_layers,
-                                    our_prefix="gpt_neox/layers", hf_prefix="gpt_neox.layers",
-                                    scan_layers=scan_layers))
+    out.update(layer_entries(layer, num_layers=config.num_hidden_layers,
+                             our_prefix="gpt_neox/layers", hf_prefix="gpt_neox.layers",
+                             scan_layers=scan_layers))
     if not config.tie_word_embeddings:
         out["embed_out/kernel"] = HFParam(("embed_out.weight",), transpose, transpose, False)
     return out
@@ -359,19 +287,8 @@ def hf_key_aliases(config: GPTNeoXConfig) -> tuple[tuple[str, str], ...]:
     return ((r"^lm_head\.weight$", "embed_out.weight"),)
 
 
-def params_from_hf_state_dict(state_dict: Mapping[str, Any], config: GPTNeoXConfig, *,
-                              scan_layers: bool = True, dtype=None) -> dict:
-    """An in-memory HF GPT-NeoX state dict (numpy-convertible arrays) -> our params (numpy).
-
-    A thin wrapper over `hf_tensor_map` (`hf.load_params` streams files instead). Every key
-    is consumed exactly once (or is in `ignored_hf_keys`), every param filled with its exact
-    shape; errors name the key. A tied checkpoint's output weight, if present, must equal the
-    embedding. `dtype` optionally casts every array (default: keep the input dtype).
-    """
-    if config.tie_word_embeddings:
-        blocks.check_tied_head(state_dict, ("embed_out.weight", "lm_head.weight"),
-                               "gpt_neox.embed_in.weight", who="gpt_neox")
-    expected = blocks.abstract_params(GPTNeoXForCausalLM(config, scan_layers=scan_layers))
-    params = hf.convert_state_dict(state_dict, "gpt_neox", config, expected,
-                                   scan_layers=scan_layers)
-    return params if dtype is None else jax.tree.map(lambda x: x.astype(dtype), params)
+FAMILY = Family(
+    name="gpt_neox", config_cls=GPTNeoXConfig, model_cls=GPTNeoXForCausalLM,
+    hf_model_types=("gpt_neox",), partition_rules=partition_rules, hf_tensor_map=hf_tensor_map,
+    ignored_hf_keys=ignored_hf_keys, hf_key_aliases=hf_key_aliases,
+    tied_head_hf_keys=("embed_out.weight", "lm_head.weight"))

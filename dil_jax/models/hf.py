@@ -9,28 +9,9 @@ consumed exactly once (or deliberately ignored), every param is filled, and ever
 with the config; errors name the file and tensor. Export (`save_pretrained`) writes a
 directory that `transformers.AutoModelForCausalLM.from_pretrained` loads with no manual step.
 
-The family contract
--------------------
-Each `dil_jax/models/<family>.py` (llama.py is the reference) provides:
-
-* A frozen config dataclass with `to_dict()` / `from_dict(d)`, `from_hf(hf: dict)` (from a
-  config.json; raises ValueError naming the field for unsupported features, e.g. an active
-  sliding window or an unknown rope type) and `to_hf(torch_dtype='float32') -> dict` (a
-  complete config.json: model_type, architectures, torch_dtype, token ids ...).
-* The module: `__call__(input_ids, attention_mask=None, positions=None, cache=None, *,
-  output='logits', segment_ids=None) -> (out, cache)`, `init_cache(batch, max_length)`, and
-  the class attribute `logit_softcap`. `segment_ids [B, T]` packs sequences in a row: tokens
-  attend only within equal ids (on top of causal and padding masks); 0 = padding.
-* `lm_head_kernel(params) -> [D, V]` and `partition_rules()`.
-* `hf_tensor_map(config, *, scan_layers=True) -> dict[str, HFParam]`, keyed by our
-  '/'-joined param path (every param exactly once), and `ignored_hf_keys(config) -> tuple of
-  regexes` for checkpoint keys legitimately unused (RoPE `inv_freq` buffers, a tied
-  `lm_head.weight`). Optionally `hf_key_aliases(config) -> ((regex, replacement), ...)`,
-  renames applied to checkpoint keys before the map (e.g. a missing `model.` prefix).
-
-Use `identity` and `transpose` from this module as `HFParam` transforms where they fit: the
-loader recognises them and reads only the needed slice of each tensor; any other transform is
-applied to whole per-layer tensors.
+What a family provides to these functions (its tensor map, ignored keys, key aliases, config
+`from_hf`/`to_hf`) is its `Family` record, written down in `family.py` and looked up by name in
+`registry.py`.
 """
 
 from __future__ import annotations
@@ -40,14 +21,19 @@ import math
 import pathlib
 import re
 import shutil
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 
-from dil_jax.models import FAMILIES, HF_MODEL_TYPES, get_family
+from dil_jax.models.family import HFParam, identity, transpose
+from dil_jax.models.registry import HF_MODEL_TYPES, get_family
 from dil_jax.sharding import path_str
+
+__all__ = ["HFParam", "convert_state_dict", "copy_tokenizer_files", "identity", "load_config",
+           "load_params", "open_checkpoint", "params_from_hf_state_dict", "read_hf_config",
+           "resolve", "save_pretrained", "transpose"]
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -62,31 +48,6 @@ TOKENIZER_FILES = (
 TEMPLATE_DIR = "additional_chat_templates"
 _CONFIG_PATTERNS = ["config.json", "generation_config.json"]
 _WEIGHT_PATTERNS = [*_CONFIG_PATTERNS, "*.safetensors", SAFE_INDEX]
-
-
-class HFParam(NamedTuple):
-    """How one of our params maps to Hugging Face tensors.
-
-    hf_keys: the HF state-dict keys; one per layer when `stacked` (our scanned [L, ...] param
-      is the per-layer tensors stacked on axis 0), else exactly one.
-    to_ours: per-key transform HF array -> our array (numpy in, numpy out), e.g. `transpose`.
-    to_hf: its inverse.
-    stacked: whether `hf_keys` are stacked into one param.
-    """
-
-    hf_keys: tuple[str, ...]
-    to_ours: Callable[[np.ndarray], np.ndarray]
-    to_hf: Callable[[np.ndarray], np.ndarray]
-    stacked: bool
-
-
-def identity(x: np.ndarray) -> np.ndarray:
-    return x
-
-
-def transpose(x: np.ndarray) -> np.ndarray:
-    """[out, in] Linear weight <-> [in, out] Dense kernel (its own inverse)."""
-    return x.T
 
 
 # ----------------------------------------------------------------------------- locating
@@ -123,10 +84,6 @@ def resolve(path_or_id: str | pathlib.Path, *, revision: str | None = None,
     return pathlib.Path(local)
 
 
-def config_class(family_name: str) -> type:
-    return getattr(get_family(family_name), FAMILIES[family_name][1])
-
-
 def read_hf_config(path_or_id, *, revision: str | None = None) -> tuple[pathlib.Path, dict]:
     """(config.json path, its dict). Raises FileNotFoundError naming the directory."""
     directory = resolve(path_or_id, revision=revision, allow_patterns=_CONFIG_PATTERNS)
@@ -151,7 +108,7 @@ def load_config(path_or_id, *, revision: str | None = None) -> tuple[str, Any]:
                          f"{sorted(HF_MODEL_TYPES)})")
     family_name = HF_MODEL_TYPES[model_type]
     try:
-        return family_name, config_class(family_name).from_hf(hf)
+        return family_name, get_family(family_name).config_cls.from_hf(hf)
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{file}: {e}") from e
 
@@ -365,9 +322,8 @@ def _full_index(index, ndim: int) -> tuple[slice, ...]:
 
 def _family_maps(family_name: str, arch_config, scan_layers: bool):
     family = get_family(family_name)
-    aliases = getattr(family, "hf_key_aliases", lambda config: ())(arch_config)
     return (family.hf_tensor_map(arch_config, scan_layers=scan_layers),
-            tuple(family.ignored_hf_keys(arch_config)), tuple(aliases))
+            tuple(family.ignored_hf_keys(arch_config)), tuple(family.hf_key_aliases(arch_config)))
 
 
 def _flat(tree) -> dict[str, Any]:
@@ -442,6 +398,38 @@ def convert_state_dict(state_dict: Mapping[str, Any], family_name: str, arch_con
     return jax.tree_util.tree_map_with_path(
         lambda p, leaf: _read_block(tensors, tensor_map[path_str(p)],
                                     _full_index((), len(leaf.shape))), expected)
+
+
+def params_from_hf_state_dict(state_dict: Mapping[str, Any], family_name: str, arch_config, *,
+                              scan_layers: bool = True, dtype=None) -> dict:
+    """An in-memory HF state dict (numpy-convertible arrays) -> our params (numpy).
+
+    A thin wrapper over `convert_state_dict` (`load_params` streams files instead). Every key
+    is consumed exactly once (or is ignored by the family), every param filled with its exact
+    shape; errors name the key. A tied checkpoint's output weight, if present, must equal the
+    embedding.
+
+    Args:
+      state_dict: HF name -> array (anything `np.asarray` accepts).
+      family_name, arch_config: the model family and its config dataclass.
+      scan_layers: produce the scanned (`layers`, [L, ...]) or unrolled (`layers_<i>`) layout.
+      dtype: optional cast for every array (e.g. np.float32); default keeps the input dtype.
+    """
+    family = get_family(family_name)
+    model = family.model_cls(arch_config, scan_layers=scan_layers)
+    if arch_config.tie_word_embeddings:
+        embed_path = f"{model.backbone_name}/{model.embed_name}/embedding"
+        embed_key = family.hf_tensor_map(arch_config)[embed_path].hf_keys[0]
+        for key in family.tied_head_hf_keys:
+            if key in state_dict and embed_key in state_dict and not np.array_equal(
+                    np.asarray(state_dict[key]), np.asarray(state_dict[embed_key])):
+                raise ValueError(f"{family_name}: tie_word_embeddings=True but {key} != "
+                                 f"{embed_key}")
+    expected = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                                 jax.numpy.zeros((1, 1), jax.numpy.int32)))
+    params = convert_state_dict(state_dict, family_name, arch_config, expected["params"],
+                                scan_layers=scan_layers)
+    return params if dtype is None else jax.tree.map(lambda x: x.astype(dtype), params)
 
 
 # ----------------------------------------------------------------------------- writing
