@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dil_jax import progress
 from dil_jax.data.gold_task import EOS, PAD
 from dil_jax.logprobs import sequence_logps
 from dil_jax.sampling import make_generate_fn
@@ -57,12 +58,16 @@ def gold_evaluation(trainer, task, policy_params, ref_params, cfg) -> dict:
     n = cfg.eval.gold_prompts
     prompts = task.sample_prompts(n, seed=cfg.data.seed + 2)  # [n, P], disjoint from training
     keys = jax.random.split(jax.random.key(cfg.seed + 7), 3)
-    ref_tok, _, ref_logp, _ = sample_and_score(trainer, task, ref_params, ref_params, prompts,
-                                               keys[0], cfg)
-    ref_tok2, _, _, _ = sample_and_score(trainer, task, ref_params, ref_params, prompts, keys[1],
-                                         cfg)
-    pol_tok, _, pol_logp, pol_ref_logp = sample_and_score(trainer, task, policy_params, ref_params,
-                                                          prompts, keys[2], cfg)
+    with progress.bar(total=3, desc=f"gold evaluation ({n} prompts)", unit="sampling") as bar:
+        ref_tok, _, ref_logp, _ = sample_and_score(trainer, task, ref_params, ref_params,
+                                                   prompts, keys[0], cfg)
+        bar.update()
+        ref_tok2, _, _, _ = sample_and_score(trainer, task, ref_params, ref_params, prompts,
+                                             keys[1], cfg)
+        bar.update()
+        pol_tok, _, pol_logp, pol_ref_logp = sample_and_score(
+            trainer, task, policy_params, ref_params, prompts, keys[2], cfg)
+        bar.update()
     r_ref = task.gold_reward(prompts, ref_tok)
     r_ref2 = task.gold_reward(prompts, ref_tok2)
     r_pol = task.gold_reward(prompts, pol_tok)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from dil_jax import sharding
+from dil_jax import progress, sharding
 from dil_jax.logprobs import sequence_logps
 
 TOKEN_KEYS = ("input_ids", "attention_mask", "loss_mask")
@@ -65,7 +65,8 @@ def compute_reference_logps(trainer, ref_params, arrays, batch_size: int) -> np.
     local = batch_size // jax.process_count()
     out = []
     with jax.set_mesh(trainer.mesh):
-        for start in range(0, n, batch_size):
+        for start in progress.bar(range(0, n, batch_size), desc="reference log-probs",
+                                  unit="batch"):
             rows = np.arange(start, start + batch_size) % n  # wrap the tail: fixed shape
             rows = rows[jax.process_index() * local:(jax.process_index() + 1) * local]
             batch = trainer.put_batch({k: arrays[k][rows] for k in TOKEN_KEYS})
@@ -86,7 +87,7 @@ def with_reference_logps(trainer, ref_params, arrays, config, workdir: str) -> d
         ref = np.load(path)
         if ref.shape != expected:
             raise ValueError(f"reference cache {path} has shape {ref.shape}, expected {expected}")
-        logging.info("reference log-probs loaded from %s", path)
+        progress.announce(f"reference log-probs: cache hit, loaded {path} (no forward pass)")
     else:
         ref = compute_reference_logps(trainer, ref_params, arrays, config.reference.batch_size)
         if jax.process_index() == 0:

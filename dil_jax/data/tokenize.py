@@ -44,6 +44,7 @@ import os
 
 import numpy as np
 
+from dil_jax import progress
 from dil_jax.data.formats import CHAT_FORMATS, Example
 from dil_jax.data.report import BadRecord, DataError, SplitReport
 
@@ -212,9 +213,17 @@ def _batch_tokenize(tok, columns: dict[str, list[str]], num_proc: int, fingerpri
     # time on long responses).
     features = datasets.Features({f"{k}_ids": datasets.List(datasets.Value("int32"))
                                   for k in columns})
-    ds = ds.map(encode, batched=True, batch_size=1000, remove_columns=list(columns),
-                features=features, num_proc=num_proc if num_proc > 1 else None,
-                keep_in_memory=True, new_fingerprint=fingerprint, desc="tokenising")
+    # datasets draws its own bar ("tokenising"); only process 0 shows it.
+    quiet = not progress.is_chief() and datasets.is_progress_bar_enabled()
+    if quiet:
+        datasets.disable_progress_bars()
+    try:
+        ds = ds.map(encode, batched=True, batch_size=1000, remove_columns=list(columns),
+                    features=features, num_proc=num_proc if num_proc > 1 else None,
+                    keep_in_memory=True, new_fingerprint=fingerprint, desc="tokenising")
+    finally:
+        if quiet:
+            datasets.enable_progress_bars()
     table = ds.with_format("arrow")[:]
     out = {}
     for k in columns:
@@ -253,7 +262,8 @@ def tokenize_examples(examples: list[Example], tok, renderer: Renderer, *, max_l
     num = len(examples[0].responses) if examples else 1
     names = RESPONSE_NAMES[num]
     rendered, kept = [], []
-    for ex in examples:
+    for ex in progress.bar(examples, desc=f"{report.name} records: reading, rendering",
+                           unit="rec", leave=False):
         try:
             rendered.append(renderer.render(ex))
             kept.append(ex)
@@ -270,7 +280,8 @@ def tokenize_examples(examples: list[Example], tok, renderer: Renderer, *, max_l
         return values[offsets[i]:offsets[i + 1]]
 
     seqs, plens, ids = [], [], []
-    for i, ex in enumerate(kept):
+    for i, ex in enumerate(progress.bar(kept, desc=f"{report.name} examples: checking, cutting",
+                                        unit="ex", leave=False)):
         prompt_text, fulls = rendered[i]
         prompt = row("prompt", i)
         try:
