@@ -734,7 +734,7 @@ LOSSES: dict[str, LossSpec] = {
     "sft": LossSpec(sft, _feed_chosen, False, "single", {"reduction": "mean"}, reward_scale=None),
 }
 # Other names for the same entries: SLiC's, and TRL's `loss_type` names.
-ALIASES = {"slic": "hinge", "sigmoid": "dpo", "sft_nll": "sft", "pl_dpo": "plackett_luce"}
+ALIASES = {"slic": "hinge", "sigmoid": "dpo", "pl_dpo": "plackett_luce"}
 for _alias, _name in ALIASES.items():
     LOSSES[_alias] = LOSSES[_name]
 
