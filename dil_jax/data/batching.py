@@ -166,3 +166,48 @@ def pack_plan(lengths: np.ndarray, order: np.ndarray, row_length: int,
         rows.append(np.asarray(current))
     full = len(rows) // batch_size * batch_size
     return [rows[i:i + batch_size] for i in range(0, full, batch_size)]
+
+
+def kto_pairs(batch: dict[str, np.ndarray], shift: int = 1) -> dict[str, np.ndarray]:
+    """KTO's batch layout from a batch of single labelled completions (numpy, host-side).
+
+    Pair index 0 keeps each example's own ``prompt_i + completion_i``; index 1 is the mismatched
+    ``prompt_i + completion_{(i + shift) mod B}`` whose log-ratio estimates KTO's reference point
+    (Ethayarajh et al. 2024; TRL builds the same KL completions by shifting within the batch).
+    Sequences are spliced at the token level (as TRL concatenates prompt and completion ids) and
+    right-padded; a mismatched sequence longer than ``T`` loses its response tail, which only
+    affects the (gradient-free) KL estimate.
+
+    Args:
+      batch: bucketed arrays ``input_ids``, ``attention_mask``, ``loss_mask`` ``[B, 1, T]``
+        (prompt then response, right-padded); other keys (``labels [B]``, ``example_id``) pass
+        through.
+      shift: which other example lends its completion (B >= 2 needs shift mod B != 0).
+    Returns:
+      The same keys with ``[B, 2, T]`` sequence arrays.
+    """
+    ids, attn, loss = (np.asarray(batch[k]) for k in ("input_ids", "attention_mask", "loss_mask"))
+    if ids.ndim != 3 or ids.shape[1] != 1:
+        raise ValueError(f"kto_pairs needs single completions [B, 1, T], got {ids.shape}")
+    b, _, t = ids.shape
+    if b < 2 or shift % b == 0:
+        raise ValueError(f"kto_pairs needs a batch of >= 2 examples and shift mod B != 0, got "
+                         f"B={b}, shift={shift}")
+    prompt = (attn[:, 0] != 0) & (loss[:, 0] == 0)  # [B, T]
+    response = loss[:, 0] != 0  # [B, T]
+    out_ids = np.zeros((b, t), ids.dtype)
+    out_attn = np.zeros((b, t), attn.dtype)
+    out_loss = np.zeros((b, t), loss.dtype)
+    for i in range(b):  # host-side, once per batch
+        j = (i + shift) % b
+        p_tok, r_tok = ids[i, 0][prompt[i]], ids[j, 0][response[j]]
+        r_tok = r_tok[:max(t - len(p_tok), 0)]
+        n = len(p_tok) + len(r_tok)
+        out_ids[i, :n] = np.concatenate([p_tok, r_tok])
+        out_attn[i, :n] = 1
+        out_loss[i, len(p_tok):n] = 1
+    out = dict(batch)
+    out["input_ids"] = np.concatenate([ids, out_ids[:, None]], axis=1)
+    out["attention_mask"] = np.concatenate([attn, out_attn[:, None]], axis=1)
+    out["loss_mask"] = np.concatenate([loss, out_loss[:, None]], axis=1)
+    return out

@@ -35,6 +35,18 @@ Demonstration formats (N = 1):
 - ``chat_messages``: SFT-style ``{"messages": [...]}``; the final message must be the assistant's
   and is the response, everything before it the prompt.
 
+Unpaired feedback (KTO; one labelled response per record, N = 1 at parse time; the step's
+``[B, 2]`` layout pairs each completion with a mismatched one, ``batching.kto_pairs``):
+
+- ``prompt_completion_label``: TRL's unpaired schema ``{"prompt": str, "completion": str,
+  "label": bool}`` (true: desirable); the label lands in ``Example.label``.
+
+Listwise feedback (N >= 2 ranked responses, best first, a variable number per record):
+
+- ``ranked_responses``: ``{"prompt": str, "responses": [str | {"text": str}, ...],
+  "scores": [float, ...]}`` (e.g. UltraFeedback's four scored completions); sorted by score,
+  highest first (a stable sort: ties keep their order). Two or more distinct responses needed.
+
 Field names: the defaults above, or any dotted path given in ``config.data.field_map`` (e.g.
 ``prompt='info.post'``). Problems with one record (a missing or mistyped field, an empty
 response, chosen identical to rejected) raise :class:`~dil_jax.data.report.BadRecord` naming
@@ -53,7 +65,9 @@ from dil_jax.data.report import BadRecord, DataError, Location, SplitReport
 PREFERENCE_FORMATS = ("prompt_chosen_rejected", "chat_pairs", "hh_transcripts", "comparison",
                       "demonstration_pairs")
 DEMONSTRATION_FORMATS = ("prompt_response", "chat_messages")
-FORMATS = PREFERENCE_FORMATS + DEMONSTRATION_FORMATS
+UNPAIRED_FORMATS = ("prompt_completion_label",)
+LISTWISE_FORMATS = ("ranked_responses",)
+FORMATS = PREFERENCE_FORMATS + DEMONSTRATION_FORMATS + UNPAIRED_FORMATS + LISTWISE_FORMATS
 CHAT_FORMATS = ("chat_pairs", "chat_messages")  # prompts exist only as messages: need a template
 # config.data.format may also name a kind, detected within it, or 'auto'.
 KINDS = ("preference", "sft", "auto")
@@ -65,9 +79,11 @@ DEFAULT_FIELDS = {
     "rejected": ("rejected",),
     "response": ("response", "output", "completion"),
     "messages": ("messages",),
-    "responses": ("summaries",),
+    "responses": ("summaries", "responses", "completions"),
     "response_text": ("text",),
     "choice": ("choice",),
+    "label": ("label",),
+    "scores": ("scores",),
 }
 FIELD_MAP_KEYS = tuple(DEFAULT_FIELDS)
 
@@ -86,6 +102,8 @@ class Example:
       prompt_messages: the prompt as chat messages ending in a user turn (chat rendering).
       responses: N response strings for plain rendering (chosen first).
       chat_responses: the same responses as assistant message contents (chat rendering).
+      label: unpaired formats only: True for a desirable response, False for an undesirable
+        one (KTO); None elsewhere.
     """
 
     index: int
@@ -94,10 +112,14 @@ class Example:
     prompt_messages: tuple[dict, ...] | None
     responses: tuple[str, ...]
     chat_responses: tuple[str, ...]
+    label: bool | None = None
 
 
-def num_responses(fmt: str) -> int:
-    """N, the pair axis: 2 for preference formats, 1 for demonstrations."""
+def num_responses(fmt: str) -> int | None:
+    """N, the pair axis: 2 for preference formats, 1 for demonstrations and unpaired records
+    (KTO's mismatched completion is added at batching), None (varies) for ranked lists."""
+    if fmt in LISTWISE_FORMATS:
+        return None
     return 2 if fmt in PREFERENCE_FORMATS else 1
 
 
@@ -282,6 +304,48 @@ def parse_chat_messages(record, field_map, report):
     return None, prompt, (response,), (response,)
 
 
+def parse_prompt_completion_label(record, field_map, report):
+    """TRL's unpaired format -> (prompt, (completion,), label); see :func:`parse_records`."""
+    prompt, p_path = _text(record, "prompt", field_map)
+    completion, c_path = _text(record, "response", field_map)
+    label, _ = _field(record, "label", field_map, bool, "true (desirable) or false")
+    _nonempty(prompt, p_path, "prompt")
+    _nonempty(completion, c_path)
+    report.count("labels/desirable" if label else "labels/undesirable")
+    return prompt, _user(prompt), (completion,), (completion,), label
+
+
+def parse_ranked_responses(record, field_map, report):
+    """A prompt, N >= 2 responses and their scores -> the responses sorted best first."""
+    prompt, p_path = _text(record, "prompt", field_map)
+    _nonempty(prompt, p_path, "prompt")
+    candidates, path = _field(record, "responses", field_map, list, "a list of responses")
+    scores, s_path = _field(record, "scores", field_map, list, "a list of numbers")
+    if len(candidates) < 2:
+        raise BadRecord(path, "wrong_type", f"expected at least two responses, got "
+                        f"{len(candidates)}")
+    if len(scores) != len(candidates):
+        raise BadRecord(s_path, "wrong_type", f"expected {len(candidates)} scores (one per "
+                        f"response), got {len(scores)}")
+    key = field_map.get("response_text") or DEFAULT_FIELDS["response_text"][0]
+    texts = []
+    for i, c in enumerate(candidates):
+        if isinstance(c, Mapping) and key:
+            c = c.get(key)
+        if not isinstance(c, str):
+            raise BadRecord(f"{path}[{i}]" + (f".{key}" if key else ""), "wrong_type",
+                            "expected a string")
+        texts.append(_nonempty(c, f"{path}[{i}]"))
+    for i, v in enumerate(scores):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise BadRecord(f"{s_path}[{i}]", "wrong_type", "expected a number")
+    if len(set(texts)) < len(texts):
+        raise BadRecord(path, "identical_responses", "two responses are identical")
+    order = sorted(range(len(texts)), key=lambda i: -float(scores[i]))  # stable: ties keep order
+    ranked = tuple(texts[i] for i in order)
+    return prompt, _user(prompt), ranked, ranked
+
+
 PARSERS = {
     "prompt_chosen_rejected": parse_prompt_chosen_rejected,
     "chat_pairs": parse_chat_pairs,
@@ -290,6 +354,8 @@ PARSERS = {
     "prompt_response": parse_prompt_response,
     "demonstration_pairs": parse_prompt_response,  # each side; joined by join_demonstrations
     "chat_messages": parse_chat_messages,
+    "prompt_completion_label": parse_prompt_completion_label,
+    "ranked_responses": parse_ranked_responses,
 }
 
 
@@ -352,11 +418,12 @@ def parse_records(records: Iterable[tuple[Location, Mapping]], fmt: str,
     for index, (loc, record) in enumerate(records):
         report.count(counter)
         try:
-            prompt_text, messages, responses, chat = parser(record, field_map, report)
+            prompt_text, messages, responses, chat, *label = parser(record, field_map, report)
         except BadRecord as err:
             report.reject(loc, err)
             continue
-        out.append(Example(index, loc, prompt_text, messages, tuple(responses), tuple(chat)))
+        out.append(Example(index, loc, prompt_text, messages, tuple(responses), tuple(chat),
+                           label[0] if label else None))
     return out
 
 
