@@ -238,3 +238,26 @@ def test_dil_steps_on_real_model_sharded(hf_dir, tokenizer, tiny_config):
     assert trainer.trace_count == 1
     moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), state.params, ref)
     assert min(jax.tree.leaves(moved)) > 0, moved
+
+
+def test_ready_config_builds_on_the_converted_model(hf_dir, shared_data, tmp_path):
+    """configs/dil_smollm2_ultrafeedback.py on a fresh GGUF conversion: its architecture, data
+    (SmolLM2's chat template, nothing lost to length) and sharded abstract state build."""
+    from conftest import REPO
+
+    from dil_jax import config_files
+    from dil_jax.data import pipeline
+
+    config = config_files.load(REPO / "configs" / "dil_smollm2_ultrafeedback.py").get_config(
+        str(hf_dir))
+    assert config.optim.learning_rate <= 1e-6 and config.loss.name == "dil_lsif"
+    trainer = train.Trainer(config)  # mesh (1, -1, 1) over the 8 simulated devices
+    assert trainer.model.config.num_hidden_layers == 30 and trainer.trace_count == 0
+    train_data, eval_data, _ = pipeline.build_datasets(config, workdir=str(tmp_path / "run"))
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    assert report["tokenizer"]["vocab"] == 49152
+    assert report["train"]["examples"] == 994 and report["eval"]["examples"] == 199
+    assert report["train"]["counts"]["prompt_truncated"] > 0
+    assert set(report["train"]["bad_records"]) == {"empty_response", "identical_responses"}
+    assert len(train_data) // config.train.global_batch_size * 2 >= config.train.steps
+    assert len(eval_data) >= config.eval.batch_size * config.eval.num_batches

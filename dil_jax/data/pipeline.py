@@ -69,9 +69,12 @@ def build_datasets(config, workdir: str | None = None):
         return _gold_task(config)
     validate_data_config(config)
     tok = tokenize.load_tokenizer(data.tokenizer, data.eos_token)
-    if len(tok) > config.model.vocab_size:
-        raise DataError(f"config.model.vocab_size={config.model.vocab_size} is smaller than the "
-                        f"tokenizer's vocabulary ({len(tok)} tokens, {data.tokenizer})")
+    # The model's own vocabulary: with config.model.hf_path it is that model's config.json's.
+    vocab_size = models.architecture_config(config.model).vocab_size
+    if len(tok) > vocab_size:
+        raise DataError(f"the model's vocabulary ({vocab_size}, config.model.vocab_size or "
+                        f"hf_path's config.json) is smaller than the tokenizer's ({len(tok)} "
+                        f"tokens, {data.tokenizer})")
     cache_dir = data.cache_dir or (os.path.join(os.path.dirname(os.path.abspath(workdir)),
                                                 "data_cache") if workdir else "")
     tok_digest = tokenize.tokenizer_digest(tok)
