@@ -8,7 +8,7 @@
   python -m dil_jax.afd.main --config=configs/afd_harmless_gpt2.py --workdir=/tmp/afd_hh_adv \
       --method=adversarial
 
-Paper setup (paper-setups.md, AfD): π_0 = pretrained GPT-2 (``init.mode='hf'``); forward KL =
+Paper setup (docs/paper-setups.md, AfD): π_0 = pretrained GPT-2 (``init.mode='hf'``); forward KL =
 SFT on GPT-4 demonstrations to the HH Harmless prompts for 2 epochs (the demonstrations are not
 public: ``afd.demonstrations.train_files`` is left empty and must be given, records
 ``{"prompt": ..., "response": ...}``); Init-SFT / Init-Demo / SFT-Demo classifiers and a

@@ -1,8 +1,8 @@
 """Density-ratio diagnostics of a preference batch: cheap, optional metrics for the train step.
 
-DIL reads every preference loss as an estimate of the density ratio r = π_θ/π_ref (objectives.md
-§1). These pure functions report what that estimate looks like on a batch, from the same
-`objectives.SequenceLogps` the loss consumes (no extra forward pass):
+DIL reads every preference loss as an estimate of the density ratio r = π_θ/π_ref
+(docs/objectives.md §1). These pure functions report what that estimate looks like on a batch,
+from the same `objectives.SequenceLogps` the loss consumes (no extra forward pass):
 
 * quantiles of log r = log π_θ − log π_ref on the chosen and on the rejected responses;
 * DIL's implied `E_ref[r]`: rejected responses stand in for samples of π_ref, and a consistent
@@ -99,7 +99,7 @@ def likelihood_collapse_alarm(previous: Mapping[str, float], current: Mapping[st
                               tolerance: float = 0.0) -> bool:
     """True when the chosen log-likelihood fell while the reward margin rose.
 
-    The DPO failure mode DIL targets (objectives.md §4, D1): the margin widens because both
+    The DPO failure mode DIL targets (docs/objectives.md §4, D1): the margin widens because both
     likelihoods fall, the rejected one faster. Compare two snapshots of the logged metrics
     (ideally smoothed, e.g. EMAs over a window) with 'logps/chosen' and 'rewards/margins'.
 

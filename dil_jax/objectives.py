@@ -2,7 +2,7 @@
 
 Everything here works on small arrays of summed (or length-averaged) response log-probabilities,
 never on models, batches or configs. The formulas are the contract of
-`docs/objectives.md` (in the shared docs): each one lives once below as a small function citing
+`docs/objectives.md`: each one lives once below as a small function citing
 its equation, and `tests/test_objectives.py` checks each against hand-computed numbers.
 
 Two layers:
@@ -77,7 +77,8 @@ def guarded_exp(x, limit: float) -> Array:
 
 
 # ---------------------------------------------------------------------------------------------
-# DIL: Bregman density-ratio estimation (Xiao et al. 2025, arXiv 2503.05079, §4; objectives §1)
+# DIL: Bregman density-ratio estimation (Xiao et al. 2025, arXiv 2503.05079, §4;
+# docs/objectives.md §1)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -125,8 +126,8 @@ def bregman_ratio_loss(
 ) -> Array:
     """General DIL loss for a generator h: `L_h = h'(r_l)·r_l − h(r_l) − h'(r_w)`.
 
-    objectives.md §1 (the paper's Bregman density-ratio objective, one triple at a time): chosen
-    responses are samples of π_chosen, rejected ones stand in for samples of π_ref, and
+    docs/objectives.md §1 (the paper's Bregman density-ratio objective, one triple at a time):
+    chosen responses are samples of π_chosen, rejected ones stand in for samples of π_ref, and
     `r = exp(β·Δ)` is the model's ratio π_θ/π_ref. This generic form exists to define and test
     the closed forms below; prefer those in training, they are written in numerically stable
     log-space where possible (e.g. BCE via log σ) and drop the additive constants.
@@ -161,7 +162,7 @@ def dil_lsif(
 ) -> Array:
     """DIL with LSIF, the paper's main method: `−r_w + ½ r_l²`.
 
-    objectives.md §1 table, h(r) = (r−1)²/2 (the generic form minus the constant ½). Gradients
+    docs/objectives.md §1 table, h(r) = (r−1)²/2 (the generic form minus the constant ½). Gradients
     ∂/∂Δ_w = −r_w, ∂/∂Δ_l = r_l² (times β). Computed as `−exp(βΔ_w) + ½ exp(2βΔ_l)` with each
     exponential guarded above (`guarded_exp`: exact for βΔ ≤ max_log_ratio, tangent beyond).
 
@@ -193,7 +194,7 @@ def dil_ukl(
 ) -> Array:
     """DIL with the unnormalised KL (KLIEP-type) generator: `−Δ_w + r_l` (paper form).
 
-    objectives.md §1 table, h(r) = r log r − r. Gradients ∂/∂Δ_w = −1 (everywhere: the linear
+    docs/objectives.md §1 table, h(r) = r log r − r. Gradients ∂/∂Δ_w = −1 (everywhere: the linear
     chosen term is never clipped), ∂/∂Δ_l = r_l (exact up to βΔ_l = max_log_ratio, tangent above).
 
     The official code writes the chosen term as `−logp_θ(y_w)` instead of `−Δ_w`; the two differ
@@ -213,7 +214,7 @@ def dil_bce(delta_w: Array, delta_l: Array, rejected_mask: Array | None = None, 
             beta: float = 1.0) -> Array:
     """DIL with the logistic (binary KL) generator: `−log σ(βΔ_w) − log σ(−βΔ_l)`.
 
-    objectives.md §1 table, h(r) = r log r − (1+r) log(1+r). Gradients ∂/∂Δ_w = −σ(−Δ_w),
+    docs/objectives.md §1 table, h(r) = r log r − (1+r) log(1+r). Gradients ∂/∂Δ_w = −σ(−Δ_w),
     ∂/∂Δ_l = σ(Δ_l). Written with log σ, exact and finite for any Δ, so it needs no guard (and
     accepts no max_log_ratio). TRL's `bco_pair` is this loss plus a running-mean reward shift δ
     inside both sigmoids, which the alias `bco_pair` here leaves out (δ = 0).
@@ -233,7 +234,8 @@ def dil_basu(
 ) -> Array:
     """DIL with Basu's power divergence BA_α: `r_l^{1+α} − ((1+α)/α)·r_w^α`.
 
-    objectives.md §1 table (not in the paper; a natural extension), h(r) = (r^{1+α} − r)/α, α > 0.
+    docs/objectives.md §1 table (not in the paper; a natural extension),
+    h(r) = (r^{1+α} − r)/α, α > 0.
     The generic form is this plus the constant 1/α; α = 1 gives 2× LSIF. Gradients
     ∂/∂Δ_w = −(1+α) r_w^α, ∂/∂Δ_l = (1+α) r_l^{1+α}, exact up to βΔ = max_log_ratio (tangent
     above, `guarded_exp`). Needs (1+α)·max_log_ratio < 88 so that the guard itself is finite.
@@ -255,8 +257,8 @@ def dil_basu(
 def cpc_ratio_loss(delta_pos: Array, delta_neg: Array, *, beta: float) -> Array:
     """Contrastive (CPC / InfoNCE) ratio estimation: `−log [r_+^β / (r_+^β + Σ_k r_k^β)]`.
 
-    objectives.md §1, proposition 4: with one positive (chosen) and one negative (rejected) this
-    is exactly DPO, `−log σ(β(Δ_w − Δ_l))` — DPO is DIL with a contrastive ratio estimator.
+    docs/objectives.md §1, proposition 4: with one positive (chosen) and one negative (rejected)
+    this is exactly DPO, `−log σ(β(Δ_w − Δ_l))` — DPO is DIL with a contrastive ratio estimator.
 
     Args:
       delta_pos: [B] log-ratio of the positive.
@@ -269,7 +271,7 @@ def cpc_ratio_loss(delta_pos: Array, delta_neg: Array, *, beta: float) -> Array:
 
 
 # ---------------------------------------------------------------------------------------------
-# The DPO family (objectives.md §2); d = Δ_w − Δ_l.
+# The DPO family (docs/objectives.md §2); d = Δ_w − Δ_l.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -682,13 +684,13 @@ _BETA_SUM = {"beta": 0.1, "reduction": "sum"}
 # label smoothing 0.1 so that cdpo/robust differ from dpo unless asked; exo_pair ε = 1e-3 and
 # discopop τ = 0.05 (TRL); KTO λ_D = λ_U = 1 (TRL KTOConfig).
 LOSSES: dict[str, LossSpec] = {
-    # DIL (objectives.md §1): pairs or ranked lists.
+    # DIL (docs/objectives.md §1): pairs or ranked lists.
     "dil_lsif": LossSpec(dil_lsif, _feed_ranked_deltas, True, "list", dict(_DIL)),
     "dil_ukl": LossSpec(dil_ukl, _feed_ranked_deltas, True, "list", dict(_DIL)),
     "dil_bce": LossSpec(dil_bce, _feed_ranked_deltas, True, "list",
                         {"beta": 1.0, "reduction": "mean"}),
     "dil_basu": LossSpec(dil_basu, _feed_ranked_deltas, True, "list", dict(_DIL, alpha=0.5)),
-    # The DPO family (objectives.md §2) and TRL's loss types.
+    # The DPO family (docs/objectives.md §2) and TRL's loss types.
     "dpo": LossSpec(dpo, _feed_deltas, True, "pair", dict(_BETA_SUM), difference_only=True),
     "cdpo": LossSpec(cdpo, _feed_deltas, True, "pair", dict(_BETA_SUM, label_smoothing=0.1),
                      difference_only=True),
@@ -1047,7 +1049,7 @@ def implicit_rewards(term: LossTerm, seqs: SequenceLogps) -> tuple[Array, Array]
 
 
 def _reward_metrics(term: LossTerm, seqs: SequenceLogps) -> dict[str, Array]:
-    """TRL's implicit-reward metrics for one term (objectives.md §5), each [B]."""
+    """TRL's implicit-reward metrics for one term (docs/objectives.md §5), each [B]."""
     rewards, policy = implicit_rewards(term, seqs)  # [B, N]
     valid = (_f32(seqs.n_tokens[:, 1:]) > 0).astype(jnp.float32)  # [B, N−1]
     rejected = _mean_rejected(rewards[:, 1:], valid)  # [B] (= index 1 for pairs)

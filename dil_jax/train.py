@@ -92,7 +92,7 @@ def train_step(state: TrainState, batch, ref_params, *, model, family, tx, terms
       ref_params: frozen reference parameters (ignored when ``ref_logps`` is given or no loss
         term needs a reference).
     Returns:
-      The updated state and scalar float32 metrics (objectives.md §5 names).
+      The updated state and scalar float32 metrics (docs/objectives.md §5 names).
     """
     global_batch = batch["input_ids"].shape[0]
 

@@ -1,4 +1,4 @@
-"""Reproduce the AfD claims C2–C7 (objectives.md §4) on the built-in gold-reward task.
+"""Reproduce the AfD claims C2–C7 (docs/objectives.md §4) on the built-in gold-reward task.
 
   python experiments/afd_claims.py --out=experiments/results            # 3 seeds (~30 min CPU)
   python experiments/afd_claims.py --reduced --out=/tmp/afd_reduced     # CI smoke (~1 min)

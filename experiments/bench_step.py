@@ -6,8 +6,8 @@
 Everything is measured in one run on one machine: the DIL-LSIF train step (policy forward and
 backward on chosen and rejected, plus the in-step reference forward) is timed after compilation,
 and the matmul peak is measured with a square ``jnp.dot`` of the same dtype. FLOPs are counted
-honestly (objectives.md §5): 6·P per policy token (forward + backward), 2·P per reference token,
-plus attention scores and values (causal, counted at full T² as XLA computes them); XLA's own
+honestly (docs/objectives.md §5): 6·P per policy token (forward + backward), 2·P per reference
+token, plus attention scores and values (causal, counted at full T² as XLA computes them); XLA's own
 count of the compiled step is printed beside it.
 """
 

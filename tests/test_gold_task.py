@@ -246,7 +246,7 @@ def test_single_mode_experts(source, mode):
     resp = TASK.sample_responses(prompts, seed=9, source=source)
     assert TASK.gold_reward(prompts, resp).mean() >= 0.9
     assert (TASK.mode_of(prompts, resp) == mode).mean() > 0.99
-    # Not exactly perfect: demonstrations leave room to be beaten (objectives.md §4 C5).
+    # Not exactly perfect: demonstrations leave room to be beaten (docs/objectives.md §4 C5).
     assert TASK.gold_reward(prompts, resp).mean() < 1.0
 
 

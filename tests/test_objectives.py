@@ -10,7 +10,7 @@ import pytest
 
 from dil_jax import objectives as obj
 
-# objectives.md §1 test vectors: mean log-probs (pw, pl, rw, rl) and DPO(β=0.1), LSIF,
+# docs/objectives.md §1 test vectors: mean log-probs (pw, pl, rw, rl) and DPO(β=0.1), LSIF,
 # UKL (code form), BCE.
 VECTORS = np.array([
     # pw,  pl,   rw,   rl,   dpo,      lsif,      ukl_code, bce
@@ -115,7 +115,7 @@ def test_beta_is_a_temperature_on_delta():
         np.testing.assert_allclose(fn(dw, dl, beta=0.5), fn(0.5 * dw, 0.5 * dl), atol=1e-7)
 
 
-# --- propositions (objectives.md §1) ----------------------------------------------------------
+# --- propositions (docs/objectives.md §1) -----------------------------------------------------
 
 
 def _random_dists(seed, k=7):
@@ -315,7 +315,7 @@ def test_guard_is_exact_inside_and_tangent_outside():
 
 
 def _analytic_grads(name, dw, dl, m):
-    """objectives.md §1 gradient table, with the tangent slope where β·Δ passes the guard m."""
+    """docs/objectives.md §1 gradient table, with the tangent slope where β·Δ passes the guard m."""
     e = math.exp
     if name == "dil_lsif":
         return -e(min(dw, m)), e(min(2 * dl, 2 * m))

@@ -45,7 +45,8 @@ def test_bce_loss_hand_computed():
 
 
 def test_bce_minimiser_is_the_log_density_ratio():
-    # Population BCE over a free tabular logit recovers log p_pos − log p_neg (objectives §3).
+    # Population BCE over a free tabular logit recovers log p_pos − log p_neg
+    # (docs/objectives.md §3).
     p_pos, p_neg = np.array([0.5, 0.3, 0.2]), np.array([0.2, 0.2, 0.6])
 
     def population(f):

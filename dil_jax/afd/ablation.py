@@ -5,13 +5,13 @@ its figures are dil_jax/plots.py):
 from one base policy π_0 (the quickstart's base-distribution SFT), each method trains with the
 same budget, then is sampled on held-out prompts:
 
-* preference objectives on base Bradley–Terry pairs (objectives.md §1–2): the DIL generators
+* preference objectives on base Bradley–Terry pairs (docs/objectives.md §1–2): the DIL generators
   (LSIF, UKL, BCE, Basu α), DPO and f-DPO with each divergence;
 * demonstration objectives on the two-mode expert (§3): forward KL = SFT, reverse KL =
   adversarial imitation (dil_jax/afd/adversarial.py).
 
 Reported per method: the training dynamics of the chosen / rejected log-likelihood and their
-margin (``metrics.jsonl``, objectives.md §5 names), gold reward and KL to π_0 of the final
+margin (``metrics.jsonl``, docs/objectives.md §5 names), gold reward and KL to π_0 of the final
 policy's samples, entropy, and the share of samples in each gold mode (mode coverage).
 """
 

@@ -1,4 +1,4 @@
-"""Reverse-KL adversarial imitation (AfD, objectives.md §3): discriminator vs policy, alternating.
+"""Reverse-KL adversarial imitation (AfD, docs/objectives.md §3): alternating discriminator/policy.
 
 Every iteration, for a batch of demonstration prompts:
 
@@ -31,7 +31,7 @@ of both classes are logged (``lengths/*``, :func:`dil_jax.afd.rollouts.length_st
 Reward choices (``adversarial.reward``), all functions of the same discriminator logit f:
 
 * ``'logit'`` — ``r = f = log D − log(1 − D)``: the reverse-KL reward; maximising
-  ``E_π[f*]`` minimises ``KL(d_π || d_expert)`` (objectives.md §3). This is also AIRL's reward.
+  ``E_π[f*]`` minimises ``KL(d_π || d_expert)`` (docs/objectives.md §3). This is also AIRL's reward.
 * ``'gail'`` — ``r = −log(1 − D) = softplus(f)``: GAIL's original reward for the Jensen–Shannon
   minimax game ``min_π max_D E_expert[log D] + E_π[log(1 − D)]``. Always positive (a survival
   bonus); it saturates weakly where the discriminator is sure a sample is fake.

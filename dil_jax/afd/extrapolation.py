@@ -1,5 +1,5 @@
 """Alignment from demonstrations (Sun & van der Schaar, arXiv 2405.15624): reward-model
-extrapolation with Best-of-N, the paper's practical algorithm (objectives.md §3).
+extrapolation with Best-of-N, the paper's practical algorithm (docs/objectives.md §3).
 
 Stages, each in its own sub-directory of the workdir and each resumable:
 

@@ -1,9 +1,9 @@
 """Reward models and discriminators: a scalar head on any model family's backbone.
 
-One module serves three roles of the AfD paper (objectives.md §3): the *classifier* reward models
-of reward-model extrapolation (Init-SFT, Init-Demo, SFT-Demo: BCE on positives vs negatives), the
-*Bradley–Terry* reward model on preference pairs, and the *discriminator* of adversarial
-(reverse-KL) imitation. The backbone is any family in ``dil_jax/models`` run with
+One module serves three roles of the AfD paper (docs/objectives.md §3): the *classifier* reward
+models of reward-model extrapolation (Init-SFT, Init-Demo, SFT-Demo: BCE on positives vs
+negatives), the *Bradley–Terry* reward model on preference pairs, and the *discriminator* of
+adversarial (reverse-KL) imitation. The backbone is any family in ``dil_jax/models`` run with
 ``output='hidden'``; its params are the policy's own tree (so a reward model starts from π_0 or
 π_SFT weights as they are), next to a float32 linear head ``reward_head`` ``[D] -> 1``.
 
@@ -114,7 +114,7 @@ def bce_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = N
 
     ``L = ½·mean_{pos}[−log σ(f)] + ½·mean_{neg}[−log σ(−f)]`` (a class that is absent from the
     batch contributes 0). The population minimiser is ``f* = log p_pos − log p_neg`` for equal
-    class priors: the density log-ratio objectives.md §3 uses as the reverse-KL reward.
+    class priors: the density log-ratio docs/objectives.md §3 uses as the reverse-KL reward.
 
     Args:
       logits: [...] float, f.

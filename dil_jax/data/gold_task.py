@@ -24,7 +24,7 @@ in a few hundred steps; reversal or sorting would need absolute-position arithme
 the task about capacity rather than alignment. The modes are nevertheless genuinely distinct: the
 rotation has no fixed point, so the two rules disagree at *every* position, a response cannot
 score well on both, and the very first response token already commits to a mode. Two equally
-good modes are what the mode-coverage claim needs (objectives.md §4 C2: SFT spreads over both,
+good modes are what the mode-coverage claim needs (docs/objectives.md §4 C2: SFT spreads over both,
 reverse-KL methods concentrate).
 
 The gold reward, in [0, 1]. Each mode's target is its ``L`` tokens followed by ``EOS``. The
@@ -58,7 +58,7 @@ mean reward the copy circuit took ~1000 steps to appear; a constant hazard is al
 thing for an autoregressive model to represent.) With the defaults the base mean gold reward is
 ≈0.31, about 10% of responses are in each mode by ``mode_of``, and ~15% are complete answers: the
 high-reward responses of both modes are well inside the base support, so aligning it is
-reweighting, not discovery, the regime the KL-regularised objectives of objectives.md assume.
+reweighting, not discovery, the regime the KL-regularised objectives of docs/objectives.md assume.
 Measured on CPU with a scratch 2-layer, width-64 RoPE transformer: 600 pretraining steps (batch
 128, AdamW 3e-3; the loss plateaus after ~200) give a reference policy whose samples score ≈0.24,
 and 300 DPO steps (β = 0.1, 64 pairs a step, Adam 1e-3) on base preference pairs raise that to
