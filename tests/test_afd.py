@@ -164,3 +164,26 @@ def test_claims_script_reduced(tmp_path):
     assert set(runs[0]["bon"]) == set(afd.REWARD_MODELS)
     for png in ("afd_bon_win_rate.png", "afd_bon_gold.png", "afd_mode_coverage.png"):
         assert (out / png).stat().st_size > 1000
+
+
+def test_afd_main_prints_tables_not_json():
+    """``python -m dil_jax.afd.main`` prints markdown tables (the JSON goes to the workdir)."""
+    from dil_jax.afd import main as afd_main
+
+    summary = {"reward_models": {"init_sft": {"auc": 0.71, "accuracy": 0.64, "step": 40},
+                                 "bt": {"auc": 0.8, "accuracy": 0.7, "step": 40}},
+               "bon": {"init_sft": [{"n": 1, "kl": 0.0, "gold": 0.1, "gold_normalised": 0.2,
+                                     "win_rate": 0.5},
+                                    {"n": 4, "kl": 0.64, "gold": 0.3, "gold_normalised": 0.6,
+                                     "win_rate": 0.62}]},
+               "demo_gold": 0.5, "sft_gold": 0.1}
+    text = afd_main.summary_tables(summary)
+    lines = text.splitlines()
+    assert "| reward model | accuracy | auc | step |" in lines
+    assert "| init_sft | 0.640 | 0.710 | 40 |" in lines
+    assert "| init_sft | 4 | 0.640 | 0.300 | 0.600 | 0.620 |" in lines
+    assert "demo_gold = 0.500, sft_gold = 0.100" in lines
+    assert "{" not in text and len(lines) < 20
+    adv = afd_main.summary_tables({"step": 100, "train": {"kl": 0.25, "disc/auc": 0.9}})
+    assert adv.splitlines()[2:] == ["| metric | value |", "| --- | --- |", "| disc/auc | 0.900 |",
+                                    "| kl | 0.250 |"]
