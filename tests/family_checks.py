@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dil_jax.errors import WeightsError
+
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames="output")
 def fwd(model, params, ids, mask=None, positions=None, cache=None, segment_ids=None,
@@ -180,9 +182,9 @@ def check_converter(family, cfg, params, scanned, n_layers):
         assert jax.tree.structure(got) == jax.tree.structure(want)
         jax.tree.map(np.testing.assert_array_equal, got, want)
     some_key = sorted(k for k in sd if ".1." in k)[0]
-    with pytest.raises(KeyError, match=re.escape(some_key)):
+    with pytest.raises(WeightsError, match=re.escape(some_key)):
         hf_params(family, {k: v for k, v in sd.items() if k != some_key}, cfg)
-    with pytest.raises(KeyError, match="extra.weight"):
+    with pytest.raises(WeightsError, match="extra.weight"):
         hf_params(family, {**sd, "extra.weight": np.zeros(3)}, cfg)
     with pytest.raises(ValueError, match=re.escape(some_key)):
         hf_params(family, {**sd, some_key: np.zeros((3, 5), np.float32)}, cfg)

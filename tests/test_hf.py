@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from dil_jax import sharding
+from dil_jax.errors import WeightsError
 from dil_jax.models import blocks, hf, llama
 from dil_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
@@ -268,13 +269,13 @@ def test_bad_inputs_name_the_file_and_tensor(saved, mesh, tmp_path):
     tensors = load_file(extra / shard)
     save_file({**tensors, "model.layers.0.mystery.weight": np.zeros(3, np.float32)},
               extra / shard, metadata={"format": "pt"})
-    with pytest.raises(KeyError, match=f"unused keys.*mystery.*{shard}"):
+    with pytest.raises(WeightsError, match=f"unused keys.*mystery.*{shard}"):
         load(extra)
     lacking = _copy(out, tmp_path / "lacking")
     tensors = load_file(lacking / shard)
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, lacking / shard, metadata={"format": "pt"})
-    with pytest.raises(KeyError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+    with pytest.raises(WeightsError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
         load(lacking)
     with pytest.raises(ValueError, match="scan_layers"):
         hf.load_params(out, "llama", cfg, target, scan_layers=False)

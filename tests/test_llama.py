@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dil_jax.errors import WeightsError
 from dil_jax.models import blocks, hf, llama
 from dil_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
@@ -255,11 +256,11 @@ def test_converter_round_trip_and_errors(tiny):
         got = hf.params_from_hf_state_dict(sd, "llama", CFG, scan_layers=scan)
         assert jax.tree.structure(got) == jax.tree.structure(want)
         jax.tree.map(np.testing.assert_array_equal, got, want)
-    with pytest.raises(KeyError, match="model.layers.1.mlp.up_proj.weight"):
+    with pytest.raises(WeightsError, match="model.layers.1.mlp.up_proj.weight"):
         hf.params_from_hf_state_dict(
             {k: v for k, v in sd.items() if k != "model.layers.1.mlp.up_proj.weight"}, "llama",
             CFG)
-    with pytest.raises(KeyError, match="extra.weight"):
+    with pytest.raises(WeightsError, match="extra.weight"):
         hf.params_from_hf_state_dict({**sd, "extra.weight": np.zeros(3)}, "llama", CFG)
     bad = {**sd, "model.layers.0.self_attn.k_proj.weight": np.zeros((3, 32), np.float32)}
     with pytest.raises(ValueError, match="model.layers.0.self_attn.k_proj.weight"):

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
+import pickle
 import re
 import shutil
 from collections.abc import Mapping, Sequence
@@ -27,6 +29,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from dil_jax.errors import WeightsError
 from dil_jax.models.family import HFParam, identity, transpose
 from dil_jax.models.registry import HF_MODEL_TYPES, get_family
 from dil_jax.sharding import path_str
@@ -69,7 +72,7 @@ def resolve(path_or_id: str | pathlib.Path, *, revision: str | None = None,
     if path.is_dir():
         return path
     if path.exists():
-        raise NotADirectoryError(f"{path} is a file; expected a Hugging Face model directory")
+        raise WeightsError(f"{path} is a file; expected a Hugging Face model directory")
     text = str(path_or_id)
     if path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1:
         raise FileNotFoundError(f"model directory {text} does not exist")
@@ -91,26 +94,29 @@ def read_hf_config(path_or_id, *, revision: str | None = None) -> tuple[pathlib.
     if not file.is_file():
         raise FileNotFoundError(f"{directory} has no config.json (not a Hugging Face model "
                                 "directory?)")
-    return file, json.loads(file.read_text())
+    try:
+        return file, json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{file} is not valid JSON ({e})") from e
 
 
 def load_config(path_or_id, *, revision: str | None = None) -> tuple[str, Any]:
     """`(family_name, arch_config)` from a HF model's config.json.
 
     Raises:
-      FileNotFoundError naming the directory without config.json; ValueError naming the file
+      FileNotFoundError naming the directory without config.json; WeightsError naming the file
       for an unsupported `model_type` or a feature the family does not implement.
     """
     file, hf = read_hf_config(path_or_id, revision=revision)
     model_type = hf.get("model_type")
     if model_type not in HF_MODEL_TYPES:
-        raise ValueError(f"{file}: model_type={model_type!r} is not supported (supported: "
+        raise WeightsError(f"{file}: model_type={model_type!r} is not supported (supported: "
                          f"{sorted(HF_MODEL_TYPES)})")
     family_name = HF_MODEL_TYPES[model_type]
     try:
         return family_name, get_family(family_name).config_cls.from_hf(hf)
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{file}: {e}") from e
+        raise WeightsError(f"{file}: {e}") from e
 
 
 # ----------------------------------------------------------------------------- reading
@@ -143,16 +149,28 @@ def _aliased(names_to_file: Mapping[str, str], aliases) -> tuple[dict, dict]:
         for pattern, repl in compiled:
             new = pattern.sub(repl, new)
         if new in where:
-            raise KeyError(f"{file}: tensor {name!r} renames to {new!r}, which "
-                           f"{where[new]} already holds as {raw[new]!r}")
+            raise WeightsError(f"{file}: tensor {name!r} renames to {new!r}, which "
+                               f"{where[new]} already holds as {raw[new]!r}")
         where[new], raw[new] = file, name
     return where, raw
+
+
+def _first_line(e: BaseException) -> str:
+    """A library error's first non-empty line: one line per bad input, never a wall of text."""
+    return next((line.strip() for line in str(e).splitlines() if line.strip()),
+                type(e).__name__)
 
 
 def _shard_files(directory: pathlib.Path, index_name: str) -> dict[str, str]:
     """Tensor name -> shard path from an index; raises naming a missing shard and a tensor."""
     index_file = directory / index_name
-    weight_map = json.loads(index_file.read_text())["weight_map"]
+    try:
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{index_file} is not a shard index with a weight_map "
+                           f"({type(e).__name__}: {e})") from e
     holds: dict[str, list[str]] = {}
     for tensor, shard in weight_map.items():
         holds.setdefault(shard, []).append(tensor)
@@ -164,26 +182,72 @@ def _shard_files(directory: pathlib.Path, index_name: str) -> dict[str, str]:
     return {t: str(directory / s) for t, s in weight_map.items()}
 
 
+_SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2,
+                         "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8,
+                         "U64": 8, "F64": 8}
+
+
+def _check_safetensors_header(file: str) -> None:
+    """WeightsError naming the file and tensor when the header cannot describe this file.
+
+    Read before safetensors opens the file, so that a header length of 2**62, a non-JSON header
+    or a tensor claiming a petabyte is one line naming what is wrong, not a parser error about
+    whichever tensor happened to come next.
+    """
+    bad = f"{file} is not a readable safetensors file"
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little")
+        if len(head) < 8 or n > size - 8:
+            raise WeightsError(f"{bad}: its header length says {n:,} bytes but the file has "
+                               f"{size:,} (truncated download?)")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise WeightsError(f"{bad}: its header is not JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise WeightsError(f"{bad}: its header is not a JSON object")
+    data_bytes = size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            shape, dtype = [int(d) for d in info["shape"]], info["dtype"]
+            start, end = (int(o) for o in info["data_offsets"])
+        except (TypeError, KeyError, ValueError) as e:
+            raise WeightsError(f"{bad}: tensor {name!r} has a malformed header entry "
+                               f"({type(e).__name__}: {e})") from e
+        want = math.prod(shape) * _SAFETENSORS_ITEMSIZE.get(dtype, 0)
+        if (dtype in _SAFETENSORS_ITEMSIZE and end - start != want) or not (
+                0 <= start <= end <= data_bytes):
+            raise WeightsError(f"{bad}: tensor {name!r} claims shape {shape} {dtype} "
+                               f"({want:,} bytes) at bytes [{start:,}, {end:,}) of a "
+                               f"{data_bytes:,}-byte data section (truncated download?)")
+
+
 def _open_safetensors(files: Sequence[str], expected: Mapping[str, str] | None, aliases):
     from safetensors import safe_open  # noqa: PLC0415
 
     handles, names_to_file = {}, {}
     for file in files:
+        _check_safetensors_header(file)
         try:
             handles[file] = safe_open(file, framework="np")
         except Exception as e:  # noqa: BLE001 (SafetensorError is not importable publicly)
-            raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt "
-                             f"download?): {e}") from e
+            raise WeightsError(f"{file} is not a readable safetensors file (truncated or "
+                               f"corrupt download?): {_first_line(e)}") from e
         for name in handles[file].keys():  # noqa: SIM118 (safe_open is not a Mapping)
             if name in names_to_file:
-                raise KeyError(f"tensor {name!r} is in both {names_to_file[name]} and {file}")
+                raise WeightsError(f"tensor {name!r} is in both {names_to_file[name]} and "
+                                   f"{file}")
             names_to_file[name] = file
     if expected is not None:
         for name, file in expected.items():
             if names_to_file.get(name) != file:
                 actual = names_to_file.get(name, "no shard")
-                raise KeyError(f"the index says {file} holds tensor {name!r}, but {actual} "
-                               "does")
+                raise WeightsError(f"the index says {file} holds tensor {name!r}, but "
+                                   f"{actual} does")
     where, raw = _aliased(names_to_file, aliases)
 
     def read(name, file, index):
@@ -192,7 +256,7 @@ def _open_safetensors(files: Sequence[str], expected: Mapping[str, str] | None, 
                 return handles[file].get_tensor(name)
             return handles[file].get_slice(name)[index]
         except Exception as e:  # noqa: BLE001
-            raise ValueError(f"{file}: cannot read tensor {name!r}: {e}") from e
+            raise WeightsError(f"{file}: cannot read tensor {name!r}: {_first_line(e)}") from e
 
     return _Tensors(where, raw, lambda name: handles[names_to_file[name]].get_slice(
         name).get_shape(), read, handles.clear)
@@ -208,11 +272,22 @@ def _open_torch(files: Sequence[str], aliases):
     for file in files:
         try:
             sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as e:  # weights-only refusal: never retried unsafely
+            blocked = [line for line in str(e).splitlines() if "GLOBAL" in line]
+            raise WeightsError(
+                f"{file}: refused to load: its pickle needs more than tensors "
+                f"({(blocked or [_first_line(e)])[0].strip()}); it may run code, so dil_jax "
+                "reads it only with weights_only=True. Convert it to safetensors where you "
+                "trust it") from e
         except Exception as e:  # noqa: BLE001
-            raise ValueError(f"{file} is not a readable PyTorch checkpoint: {e}") from e
+            raise WeightsError(f"{file} is not a readable PyTorch checkpoint: "
+                               f"{_first_line(e)}") from e
+        if not isinstance(sd, Mapping):
+            raise WeightsError(f"{file} holds a {type(sd).__name__}, not a state dict")
         for name, t in sd.items():
             if name in names_to_file:
-                raise KeyError(f"tensor {name!r} is in both {names_to_file[name]} and {file}")
+                raise WeightsError(f"tensor {name!r} is in both {names_to_file[name]} and "
+                                   f"{file}")
             tensors[name], names_to_file[name] = t, file
     where, raw = _aliased(names_to_file, aliases)
 
@@ -230,7 +305,7 @@ def open_checkpoint(directory: pathlib.Path, aliases=()) -> _Tensors:
 
     Raises:
       FileNotFoundError naming the directory without weights, or a missing shard and a tensor
-      it should hold; ValueError naming a truncated/corrupt file.
+      it should hold; WeightsError naming a truncated/corrupt/unsafe file.
     """
     if (directory / SAFE_INDEX).is_file():
         expected = _shard_files(directory, SAFE_INDEX)
@@ -267,7 +342,7 @@ def _check(tensors: _Tensors, tensor_map: Mapping[str, HFParam], targets: Mappin
     no_entry = sorted(set(targets) - set(tensor_map))
     no_param = sorted(set(tensor_map) - set(targets))
     if no_entry or no_param:
-        raise ValueError(f"{who}: the target params and the tensor map disagree (a scan_layers "
+        raise WeightsError(f"{who}: the target params and the tensor map disagree (a scan_layers "
                          f"mismatch?): params without an entry {no_entry[:4]}, entries without "
                          f"a param {no_param[:4]}")
     consumed: dict[str, str] = {}
@@ -276,27 +351,27 @@ def _check(tensors: _Tensors, tensor_map: Mapping[str, HFParam], targets: Mappin
             raise ValueError(f"{who}: {path} maps to {len(hp.hf_keys)} keys but is not stacked")
         missing = [k for k in hp.hf_keys if k not in tensors.where]
         if missing:
-            raise KeyError(f"{who}: missing key {missing[0]!r} (for {path}"
-                           f"{f', and {len(missing) - 1} more' if len(missing) > 1 else ''})")
+            raise WeightsError(f"{who}: missing key {missing[0]!r} (for {path}"
+                               f"{f', and {len(missing) - 1} more' if len(missing) > 1 else ''})")
         shape = tuple(targets[path].shape)
         if hp.stacked and (not shape or shape[0] != len(hp.hf_keys)):
-            raise ValueError(f"{who}: {path} has shape {shape} but stacks {len(hp.hf_keys)} "
+            raise WeightsError(f"{who}: {path} has shape {shape} but stacks {len(hp.hf_keys)} "
                              "tensors")
         want = hp.to_hf(_view(shape[1:] if hp.stacked else shape)).shape
         for key in hp.hf_keys:
             if key in consumed:
-                raise KeyError(f"{who}: key {key!r} used twice ({consumed[key]} and {path})")
+                raise WeightsError(f"{who}: key {key!r} used twice ({consumed[key]} and {path})")
             consumed[key] = path
             got = tensors.shape(key)
             if got != tuple(want):
-                raise ValueError(f"{tensors.where[key]}: tensor {key!r} has shape {got}, but the "
-                                 f"config implies {tuple(want)} (for {path} {shape})")
+                raise WeightsError(f"{tensors.where[key]}: tensor {key!r} has shape {got}, but "
+                                   f"the config implies {tuple(want)} (for {path} {shape})")
     patterns = [re.compile(p) for p in ignored]
     unused = sorted(k for k in tensors.where
                     if k not in consumed and not any(p.search(k) for p in patterns))
     if unused:
-        raise KeyError(f"{who}: unused keys {unused} (in "
-                       f"{sorted({tensors.where[k] for k in unused})})")
+        raise WeightsError(f"{who}: unused keys {unused} (in "
+                           f"{sorted({tensors.where[k] for k in unused})})")
 
 
 def _read_one(tensors: _Tensors, key: str, fn, index: tuple[slice, ...]) -> np.ndarray:
@@ -348,7 +423,7 @@ def load_params(path_or_id, family_name: str, arch_config, abstract_params, *,
       devices hold (whole per-layer tensors for transforms other than identity/transpose).
 
     Raises:
-      FileNotFoundError / KeyError / ValueError naming the file and tensor, before any tensor
+      FileNotFoundError / WeightsError naming the file and tensor, before any tensor
       is read, for: no config/weights, a missing shard, a truncated file, missing or unused
       tensors, shapes that disagree with the config.
     """
