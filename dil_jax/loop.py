@@ -41,6 +41,7 @@ import optax
 from tqdm.auto import tqdm
 
 from dil_jax import checkpointing, sharding
+from dil_jax import workdir as workdir_lib
 from dil_jax.metrics import MetricWriter
 
 NONFINITE_POLICIES = ("halt", "skip")
@@ -268,11 +269,24 @@ def run(task: Task, workdir: str, *, step_fn: StepFn, settings: LoopSettings, da
       schedule: learning-rate schedule, logged as ``lr``.
       check: ``(host metrics, step, manager)`` called on every step's metrics (fetched every
         step when given); raise to stop before that step is saved.
+    The workdir is locked for the call (``dil_jax.workdir.lock``: a second run on it is refused,
+    a dead run's lock taken over) and checked writable before anything is restored.
+
     Raises:
+      WorkdirError: another live run holds the workdir, or it cannot be written.
       NonFiniteError: a non-finite step under 'halt' (or too many consecutive skips).
       Preempted: after saving, when SIGTERM or orbax's preemption notice arrived.
     """
     os.makedirs(workdir, exist_ok=True)
+    with workdir_lib.lock(workdir):
+        return _run_locked(task, workdir, step_fn=step_fn, settings=settings, data=data,
+                           init_state=init_state, resume_config=resume_config,
+                           max_steps=max_steps, evaluate=evaluate, schedule=schedule,
+                           check=check, label=label)
+
+
+def _run_locked(task, workdir, *, step_fn, settings, data, init_state, resume_config, max_steps,
+                evaluate, schedule, check, label) -> LoopResult:
     marker = os.path.join(workdir, PREEMPTED_MARKER)
     if jax.process_index() == 0 and os.path.exists(marker):
         os.remove(marker)  # this call resumes the preempted run

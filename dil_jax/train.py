@@ -32,6 +32,7 @@ from dil_jax import (
     objectives,
     reference,
     sharding,
+    spec,
     validation,
 )
 from dil_jax.data import pipeline
@@ -146,6 +147,7 @@ class Trainer:
     """
 
     def __init__(self, config, *, mesh=None, total_steps: int | None = None):
+        config = spec.resolve(config)  # one architecture: hf_path's config.json wins
         validation.validate_config(config, num_devices=len(jax.devices()) if mesh is None
                                    else mesh.size, process_count=jax.process_count())
         self.config = config
@@ -278,6 +280,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None, max_steps: int | None
       loop.Preempted after saving, when SIGTERM arrived; loop.NonFiniteError on a non-finite
       step under ``train.on_nonfinite='halt'``.
     """
+    config = spec.resolve(config)
     sharding.maybe_initialize_distributed(config.mesh.coordinator_address,
                                           config.mesh.num_processes, config.mesh.process_id)
     os.makedirs(workdir, exist_ok=True)

@@ -65,7 +65,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dil_jax import checkpointing, logprobs, loop, sharding
+from dil_jax import checkpointing, logprobs, loop, sharding, spec
 from dil_jax.afd import reward_model, rollouts
 from dil_jax.data import pipeline
 from dil_jax.errors import ConfigError, DataError
@@ -250,6 +250,7 @@ class AdversarialImitation:
     """
 
     def __init__(self, config, *, mesh=None):
+        config = spec.resolve(config)
         adv = config.afd.adversarial
         if adv.reward not in REWARDS:
             raise ConfigError(f"afd.adversarial.reward={adv.reward!r}: expected one of {REWARDS}")

@@ -38,10 +38,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from dil_jax import checkpointing, logprobs
+from dil_jax import checkpointing, logprobs, spec
 from dil_jax import train as core
 from dil_jax.afd import adversarial, reward_model, rollouts
 from dil_jax.data import pipeline
+from dil_jax.data.gold_task import GoldTask
+from dil_jax.models import hf
 
 REWARD_MODELS = ("init_sft", "init_demo", "sft_demo", "bt", "log_ratio")
 LEARNED = ("init_sft", "init_demo", "sft_demo", "bt")
@@ -170,8 +172,6 @@ def initial_policy(config, workdir: str, *, mesh=None):
     trainer = core.Trainer(config, mesh=mesh)
     init = config.init
     if init.mode == "hf":
-        from dil_jax.models import hf  # noqa: PLC0415 (only this mode needs it)
-
         m = config.model
         return trainer, hf.load_params(m.hf_path, m.family, trainer.model.config,
                                        trainer.abstract_params(),
@@ -309,6 +309,7 @@ def run_extrapolation(config, workdir: str, *, mesh=None,
       ``{'reward_models': {name: held-out metrics}, 'bon': {name: [per-N metrics]},
       'demo_gold', 'sft_gold'}`` (also written to ``<workdir>/afd_results.json``).
     """
+    config = spec.resolve(config)
     afd = config.afd
     unknown = sorted(set(afd.reward_models) - set(REWARD_MODELS))
     if unknown:
@@ -324,8 +325,6 @@ def run_extrapolation(config, workdir: str, *, mesh=None,
     demos, held_out = demonstration_arrays(sft_cfg)
     task = None
     if config.data.source == "gold_task":
-        from dil_jax.data.gold_task import GoldTask  # noqa: PLC0415
-
         task = GoldTask()
         gold_fn = gold_fn or task.gold_reward
     sampling = afd.sampling

@@ -54,7 +54,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dil_jax import loop, sharding
+from dil_jax import loop, sharding, spec
 from dil_jax.data import pipeline
 from dil_jax.errors import ConfigError
 from dil_jax.metrics import MetricWriter
@@ -327,6 +327,7 @@ class RewardModel:
         if rm_cfg.global_batch_size <= 0 or rm_cfg.global_batch_size % dp:
             raise ConfigError(f"{field}.global_batch_size={rm_cfg.global_batch_size} must be "
                               f"a positive multiple of the data-parallel size {dp}")
+        model_cfg = spec.resolve_model(model_cfg, f"{field}.model")
         self.model_cfg, self.cfg, self.mesh, self.seed = model_cfg, rm_cfg, mesh, seed
         self.model, self.family = build_model(model_cfg)
         self.tx = make_optimizer(rm_cfg, rm_cfg.steps)

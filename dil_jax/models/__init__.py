@@ -11,16 +11,19 @@ special-case a family.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import jax.numpy as jnp
 
+from dil_jax.errors import ConfigError
 from dil_jax.models import hf
 from dil_jax.models.family import Family
 from dil_jax.models.registry import FAMILIES, HF_MODEL_TYPES, family_of, get_family
 
-__all__ = ["DTYPES", "FAMILIES", "HF_MODEL_TYPES", "RUNTIME_KEYS", "Family",
-           "architecture_config", "build_model", "family_of", "get_family", "max_positions"]
+__all__ = ["DTYPES", "FAMILIES", "GENERIC_FIELDS", "HF_MODEL_TYPES", "RUNTIME_KEYS", "Family",
+           "architecture_config", "build_model", "family_kwargs", "family_of", "generic_view",
+           "get_family", "max_positions"]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -28,12 +31,85 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 RUNTIME_KEYS = ("family", "dtype", "param_dtype", "remat", "scan_layers", "hf_path")
 
 
+# The family-independent architecture fields of config.model (Llama / HF names).
+GENERIC_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+                  "rope_theta", "rms_norm_eps", "tie_word_embeddings")
+
+# family -> {generic name: the family's config field} (absent: the family has no such field).
+FAMILY_NAMES: dict[str, dict[str, str]] = {
+    "llama": {f: f for f in GENERIC_FIELDS},
+    "gemma": {f: f for f in GENERIC_FIELDS},
+    "gpt_neox": {"vocab_size": "vocab_size", "hidden_size": "hidden_size",
+                 "intermediate_size": "intermediate_size",
+                 "num_hidden_layers": "num_hidden_layers",
+                 "num_attention_heads": "num_attention_heads",
+                 "max_position_embeddings": "max_position_embeddings",
+                 "rope_theta": "rotary_emb_base", "rms_norm_eps": "layer_norm_eps",
+                 "tie_word_embeddings": "tie_word_embeddings"},
+    "gpt2": {"vocab_size": "vocab_size", "hidden_size": "n_embd", "intermediate_size": "n_inner",
+             "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
+             "max_position_embeddings": "n_positions", "rms_norm_eps": "layer_norm_epsilon",
+             "tie_word_embeddings": "tie_word_embeddings"},
+}
+
+
+
+def family_kwargs(model_cfg, field: str = "config.model") -> dict:
+    """``config.model`` without ``hf_path`` -> keyword arguments of the family's config class.
+
+    Generic names are translated (GPT-2's ``n_embd`` ...); a generic field the family has no
+    counterpart is ignored (RoPE constants by the learned-position families; a
+    ``num_key_value_heads`` below ``num_attention_heads`` with a warning, since GPT-2 and
+    GPT-NeoX have no grouped-query attention); any other key must be a field of the family's
+    config class (a ConfigError naming it).
+    """
+    family = model_cfg.family
+    names = FAMILY_NAMES.get(family)
+    if names is None:
+        raise ConfigError(f"{field}.family={family!r}: expected one of {sorted(FAMILY_NAMES)}")
+    cls = get_family(family).config_cls
+    known = {f.name for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in model_cfg.items():
+        if key in RUNTIME_KEYS or value is None:
+            continue
+        if key in GENERIC_FIELDS:
+            if key in names:
+                out[names[key]] = value
+            elif key == "num_key_value_heads" and value != model_cfg.get("num_attention_heads"):
+                logging.warning("%s.num_key_value_heads=%s is ignored: family %r has no "
+                                "grouped-query attention (every head has its own keys/values)",
+                                field, value, family)
+            continue
+        if key not in known:
+            raise ConfigError(f"{field}.{key}: not a field of {cls.__name__} (family "
+                              f"{family!r}); its fields are {sorted(known)}")
+        out[key] = value
+    return out
+
+
+def generic_view(family: str, arch) -> dict:
+    """The generic fields of a built architecture (``arch``: a family config dataclass)."""
+    out = {}
+    for generic, own in FAMILY_NAMES[family].items():
+        value = getattr(arch, own, None)
+        if generic == "intermediate_size" and value is None and family == "gpt2":
+            value = 4 * arch.n_embd  # GPT-2's n_inner=None means 4·n_embd
+        if value is not None:
+            out[generic] = value
+    if "num_key_value_heads" not in out and "num_attention_heads" in out:
+        out["num_key_value_heads"] = out["num_attention_heads"]
+    return out
+
+
 def architecture_config(model_cfg) -> Any:
     """``config.model`` -> the family's frozen config dataclass (unknown keys raise).
 
     When ``config.model.hf_path`` is set (a HF model directory or hub id), the architecture is
-    that model's config.json and the architecture fields of ``config.model`` are ignored;
-    ``config.model.family`` must name the same family.
+    that model's config.json (``dil_jax.spec.resolve`` has copied its values into the generic
+    fields); ``config.model.family`` must name the same family. Otherwise the generic fields
+    are translated to the family's names (:func:`family_kwargs`).
     """
     hf_path = model_cfg.get("hf_path")
     if hf_path:
@@ -42,13 +118,7 @@ def architecture_config(model_cfg) -> Any:
             raise ValueError(f"config.model.family={model_cfg.family!r}, but config.model."
                              f"hf_path={hf_path!r} is a {family!r} model")
         return arch
-    cls = get_family(model_cfg.family).config_cls
-    fields = {f.name for f in dataclasses.fields(cls)}
-    arch = {k: v for k, v in model_cfg.items() if k not in RUNTIME_KEYS}
-    unknown = sorted(set(arch) - fields)
-    if unknown:
-        raise ValueError(f"config.model has fields {unknown} that {cls.__name__} does not know")
-    return cls(**arch)
+    return get_family(model_cfg.family).config_cls(**family_kwargs(model_cfg))
 
 
 def build_model(model_cfg) -> tuple[Any, Family]:
