@@ -254,6 +254,7 @@ def run(task: Task, workdir: str, *, step_fn: StepFn, settings: LoopSettings, da
         evaluate: Callable[[TrainState], dict] | None = None,
         schedule: Callable | None = None,
         check: Callable[[Mapping[str, float], int, Any], None] | None = None,
+        on_log: Callable[[Mapping[str, float], int], Mapping[str, float]] | None = None,
         label: str = "train") -> LoopResult:
     """Drives ``task`` from the workdir's latest checkpoint (or ``init_state()``) to
     ``settings.steps``.
@@ -269,6 +270,8 @@ def run(task: Task, workdir: str, *, step_fn: StepFn, settings: LoopSettings, da
       schedule: learning-rate schedule, logged as ``lr``.
       check: ``(host metrics, step, manager)`` called on every step's metrics (fetched every
         step when given); raise to stop before that step is saved.
+      on_log: ``(host metrics, step) -> extra metrics`` merged into each logged record (host-side
+        statistics across logged steps, e.g. moving averages and alarms).
     The workdir is locked for the call (``dil_jax.workdir.lock``: a second run on it is refused,
     a dead run's lock taken over) and checked writable before anything is restored.
 
@@ -282,11 +285,11 @@ def run(task: Task, workdir: str, *, step_fn: StepFn, settings: LoopSettings, da
         return _run_locked(task, workdir, step_fn=step_fn, settings=settings, data=data,
                            init_state=init_state, resume_config=resume_config,
                            max_steps=max_steps, evaluate=evaluate, schedule=schedule,
-                           check=check, label=label)
+                           check=check, on_log=on_log, label=label)
 
 
 def _run_locked(task, workdir, *, step_fn, settings, data, init_state, resume_config, max_steps,
-                evaluate, schedule, check, label) -> LoopResult:
+                evaluate, schedule, check, on_log, label) -> LoopResult:
     marker = os.path.join(workdir, PREEMPTED_MARKER)
     if jax.process_index() == 0 and os.path.exists(marker):
         os.remove(marker)  # this call resumes the preempted run
@@ -352,6 +355,8 @@ def _run_locked(task, workdir, *, step_fn, settings, data, init_state, resume_co
                         host["tokens_per_second"] = tokens / max(elapsed, 1e-9)
                         if schedule is not None:
                             host["lr"] = float(schedule(step - 1))
+                        if on_log is not None:
+                            host.update(on_log(host, step))
                         writer.write(step, host)
                         last = host
                         tick, tokens = time.perf_counter(), 0.0
