@@ -24,4 +24,11 @@ def test_divergence_ablation_notebook_reduced(tmp_path, monkeypatch):
     assert not [o for o in outputs if o.get("output_type") == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 3  # dynamics, gold vs KL, modes
+    table = next(o["data"]["text/markdown"] for o in outputs
+                 if "text/markdown" in o.get("data", {}))
+    rows = table.splitlines()[2:]
+    assert len(rows) == 5, table
+    # The reduced budget still moves the methods apart: not one gold reward (or KL) for all.
+    assert len({row.split(" | ")[1] for row in rows}) > 1, table
+    assert len({row.split(" | ")[2] for row in rows}) > 1, table
     assert os.path.isdir(tmp_path / "runs" / "base")

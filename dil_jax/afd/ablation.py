@@ -48,6 +48,12 @@ METHODS: dict[str, tuple[dict, dict]] = {
 REDUCED_METHODS = ("dil_lsif", "dpo", "fdpo(js)", "sft (forward KL)", "adversarial (reverse KL)")
 
 
+# Training budget per method: (steps, global batch, preference lr, sft lr). The reduced budget
+# (a 1-layer width-32 model, a few CPU minutes for the whole notebook) has a raised lr so the
+# methods still move away from π_0 and from each other; it is a smoke test, not evidence.
+BUDGET = {False: (200, 64, 1e-4, 1e-3), True: (30, 16, 2e-3, 3e-3)}
+
+
 def make_config(config, reduced: bool):
     """``config`` (configs/afd_gold.py's) on one device; ``reduced`` shrinks it to a smoke test.
 
@@ -58,18 +64,18 @@ def make_config(config, reduced: bool):
         c.mesh.shape = (1, 1, 1)
         c.train.progress_bar = c.train.tensorboard = c.checkpoint.async_save = False
         c.eval.every_steps = c.eval.gold_prompts = 0
-        c.train.log_every = 5 if reduced else 10
+        c.train.log_every = 1 if reduced else 10  # reduced: every step, so curves have points
     config.eval.gold_prompts = 32 if reduced else 256
     a = config.afd.adversarial
-    a.steps, a.prompts_per_step, a.samples_per_prompt = (2, 8, 2) if reduced else (100, 16, 4)
-    a.learning_rate = a.disc.learning_rate = 3e-4
-    a.log_every, a.checkpoint_every = (1, 2) if reduced else (10, 50)
+    a.steps, a.prompts_per_step, a.samples_per_prompt = (10, 8, 2) if reduced else (100, 16, 4)
+    a.learning_rate = a.disc.learning_rate = 3e-3 if reduced else 3e-4
+    a.log_every, a.checkpoint_every = (1, 10) if reduced else (10, 50)
     if reduced:
         for m in (config.model, config.init.pretrain.model):
             m.num_hidden_layers, m.hidden_size, m.intermediate_size = 1, 32, 64
         p = config.init.pretrain
-        p.train.steps, p.data.num_train, p.train.global_batch_size = 20, 256, 32
-        p.checkpoint.every_steps = 20
+        p.train.steps, p.data.num_train, p.train.global_batch_size = 60, 512, 32
+        p.checkpoint.every_steps = 60
         config.data.num_eval = 32
     return config
 
@@ -89,7 +95,7 @@ def _mesh():
 def run_method(name: str, config, base_dir: str, workroot: str, *, reduced: bool) -> dict:
     """Trains one method from π_0 and evaluates it; returns metrics and the dynamics."""
     data, loss = METHODS[name]
-    steps, batch = (5, 16) if reduced else (200, 64)
+    steps, batch, pref_lr, sft_lr = BUDGET[reduced]
     workdir = os.path.join(workroot, name.replace(" ", "_").replace("(", "_").replace(")", ""))
     trainer = core.Trainer(config, mesh=_mesh())
     init_params = checkpointing.load_params(base_dir, trainer.abstract_params())
@@ -102,7 +108,7 @@ def run_method(name: str, config, base_dir: str, workroot: str, *, reduced: bool
                                             demos=demos, mesh=_mesh())
         params = out["policy_params"]
     else:
-        lr = 1e-3 if loss["name"] == "sft" else 1e-4
+        lr = sft_lr if loss["name"] == "sft" else pref_lr
         cfg = afd.stage_config(config, data=data, loss=loss["name"], steps=steps,
                                learning_rate=lr, batch_size=batch, init_dir=base_dir)
         for key, value in loss.items():
