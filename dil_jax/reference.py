@@ -18,9 +18,8 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
-from dil_jax import progress, sharding
+from dil_jax import progress, scoring, sharding
 from dil_jax.logprobs import sequence_logps
 
 TOKEN_KEYS = ("input_ids", "attention_mask", "loss_mask")
@@ -57,23 +56,12 @@ def content_key(arrays, params, model_cfg) -> str:
 
 
 def compute_reference_logps(trainer, ref_params, arrays, batch_size: int) -> np.ndarray:
-    """[n, N] summed reference log-probs in one sharded pass (tail padded by repetition)."""
-
-    n = len(arrays["input_ids"])
+    """[n, N] summed reference log-probs in one sharded pass (``scoring.score_in_batches``)."""
     fn = jax.jit(lambda p, b: sequence_logps(trainer.model, trainer.family, p, b,
                                              **trainer.chunks).sum_logps)
-    local = batch_size // jax.process_count()
-    out = []
-    with jax.set_mesh(trainer.mesh):
-        for start in progress.bar(range(0, n, batch_size), desc="reference log-probs",
-                                  unit="batch"):
-            rows = np.arange(start, start + batch_size) % n  # wrap the tail: fixed shape
-            rows = rows[jax.process_index() * local:(jax.process_index() + 1) * local]
-            batch = trainer.put_batch({k: arrays[k][rows] for k in TOKEN_KEYS})
-            logps = fn(ref_params, batch)
-            out.append(np.asarray(multihost_utils.process_allgather(logps, tiled=True)
-                                  if jax.process_count() > 1 else jax.device_get(logps)))
-    return np.concatenate(out)[:n].astype(np.float32)
+    return scoring.score_in_batches(fn, ref_params, arrays, mesh=trainer.mesh,
+                                    batch_size=batch_size, keys=TOKEN_KEYS,
+                                    desc="reference log-probs").astype(np.float32)
 
 
 def with_reference_logps(trainer, ref_params, arrays, config, workdir: str) -> dict:

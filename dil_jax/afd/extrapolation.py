@@ -38,7 +38,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from dil_jax import checkpointing, logprobs, spec
+from dil_jax import checkpointing, logprobs, scoring, spec
 from dil_jax import train as core
 from dil_jax.afd import adversarial, reward_model, rollouts
 from dil_jax.data import pipeline
@@ -243,17 +243,8 @@ def sequence_logp_scores(trainer, params, arrays, batch_size: int = 256) -> np.n
     """``log π(y|x)`` summed over response tokens for ``[n, N, T]`` arrays -> ``[n, N]``."""
     score = _logp_fn(trainer.model, trainer.family, trainer.chunks["seq_chunk"],
                      trainer.chunks["vocab_chunk"])
-    n = len(arrays["input_ids"])
-    dp = trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"]
-    bs = max(dp, min(batch_size, -(-n // dp) * dp) // dp * dp)
-    out = []
-    with jax.set_mesh(trainer.mesh):
-        for start in range(0, n, bs):
-            rows = np.arange(start, start + bs) % n
-            batch = trainer.put_batch({k: arrays[k][rows] for k in
-                                       ("input_ids", "attention_mask", "loss_mask")})
-            out.append(np.asarray(score(params, batch)))
-    return np.concatenate(out)[:n]
+    return scoring.score_in_batches(score, params, arrays, mesh=trainer.mesh,
+                                    batch_size=batch_size)
 
 
 def gold_policy_eval(trainer, task, params, ref_params, *, num_prompts: int, seed: int,

@@ -54,7 +54,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dil_jax import loop, sharding, spec
+from dil_jax import loop, scoring, sharding, spec
 from dil_jax.data import pipeline
 from dil_jax.errors import ConfigError
 from dil_jax.metrics import MetricWriter
@@ -398,19 +398,9 @@ class RewardModel:
 
     def score(self, params, arrays: Mapping[str, np.ndarray], batch_size: int = 256
               ) -> np.ndarray:
-        """Rewards ``[n, N]`` of every sequence of ``arrays`` (the tail padded by repetition)."""
-        n = len(arrays["input_ids"])
-        dp = sharding.data_parallel_size(self.mesh)
-        bs = max(dp, min(batch_size, -(-n // dp) * dp) // dp * dp)
-        out = []
-        with jax.set_mesh(self.mesh):
-            for start in range(0, n, bs):
-                rows = np.arange(start, start + bs) % n
-                batch = {k: arrays[k][rows] for k in ("input_ids", "attention_mask",
-                                                      "loss_mask")}
-                out.append(np.asarray(jax.device_get(self.score_fn(params,
-                                                                   self.put_batch(batch)))))
-        return np.concatenate(out)[:n]
+        """Rewards ``[n, N]`` of every sequence of ``arrays`` (``scoring.score_in_batches``)."""
+        return scoring.score_in_batches(self.score_fn, params, arrays, mesh=self.mesh,
+                                        batch_size=batch_size)
 
     def checkpoint_config(self, data_description: str) -> ml_collections.ConfigDict:
         """What a checkpoint records and a resume must match (checkpointing.RESUME_MUST_MATCH)."""
