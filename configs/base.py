@@ -45,7 +45,9 @@ def get_config() -> ConfigDict:
     config.data.source = "gold_task"
     # 'preference' (N=2 chosen/rejected) or 'sft' (N=1); real data: the format is detected within
     # that kind, or 'auto', or named: prompt_chosen_rejected, chat_pairs, hh_transcripts,
-    # comparison, demonstration_pairs, prompt_response, chat_messages (dil_jax/data/formats.py).
+    # comparison, demonstration_pairs, prompt_response, chat_messages, and (named only)
+    # prompt_completion_label (KTO's labelled completions), ranked_responses (N >= 2 scored
+    # responses, listwise losses) (dil_jax/data/formats.py).
     config.data.format = "preference"
     config.data.response_source = "base"  # gold task: which distribution the responses come from
     config.data.num_train = 4096  # gold task: examples generated
@@ -64,9 +66,10 @@ def get_config() -> ConfigDict:
     config.data.eval_split = ""  # '' -> hold out num_eval training examples
     config.data.max_records = 0  # read at most this many records per split (0: all)
     # canonical field -> dotted path in the records ('' = the format's default names)
+    # ('label': KTO's desirable flag, 'scores': the ranks of ranked_responses)
     config.data.field_map = ConfigDict({k: "" for k in (
         "prompt", "chosen", "rejected", "response", "messages", "responses", "response_text",
-        "choice")})
+        "choice", "label", "scores")})
     # tokenisation (dil_jax/data/tokenize.py)
     config.data.tokenizer = ""  # local dir, tokenizer.json path or hub id
     config.data.eos_token = ""  # overrides/supplies the EOS token ('<|endoftext|>' for GPT-2)
@@ -159,6 +162,11 @@ def get_config() -> ConfigDict:
     # max_nonfinite consecutive skips.
     config.train.on_nonfinite = "halt"
     config.train.max_nonfinite = 10
+    # Density-ratio diagnostics in metrics.jsonl (dil_jax/diagnostics.py; pair/list losses with a
+    # reference): log r quantiles on chosen/rejected, DIL's implied E_ref[r], per-example gradient
+    # weights, and on the host EMAs of logps/chosen and rewards/margins with the
+    # likelihood-collapse alarm. Cheap (no extra forward pass); off by default.
+    config.train.diagnostics = False
 
     # ---- evaluation ----
     config.eval = ConfigDict()

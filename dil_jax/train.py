@@ -36,11 +36,15 @@ from dil_jax import (
     validation,
 )
 from dil_jax.data import pipeline
+from dil_jax.diagnostics import density_ratio_diagnostics, likelihood_collapse_alarm
+from dil_jax.errors import ConfigError
 from dil_jax.loop import TrainState
 from dil_jax.models import build_model, hf, max_positions
 
-# Batch keys the step reads; segment_ids/positions [B, N, T] come with packed data.
-STEP_KEYS = ("input_ids", "attention_mask", "loss_mask", "ref_logps", "segment_ids", "positions")
+# Batch keys the step reads; segment_ids/positions [B, N, T] come with packed data, labels [B]
+# with KTO's unpaired data (1 desirable, 0 undesirable).
+STEP_KEYS = ("input_ids", "attention_mask", "loss_mask", "ref_logps", "segment_ids", "positions",
+             "labels")
 
 
 def make_optimizer(optim_cfg, total_steps: int):
@@ -54,8 +58,15 @@ def make_optimizer(optim_cfg, total_steps: int):
 
 # ----------------------------------------------------------------------------- the step
 
-def _pair_stats(model, family, params, batch, ref_params, *, terms, chunks):
-    """Policy (and reference) statistics of a batch -> per-example losses [B] and metrics."""
+def _pair_stats(model, family, params, batch, ref_params, *, terms, chunks,
+                diagnostics: bool = False):
+    """Policy (and reference) statistics of a batch -> per-example losses [B] and metrics.
+
+    With ``diagnostics`` (``config.train.diagnostics``), a reference and N >= 2 responses, the
+    density-ratio diagnostics of the batch (``dil_jax.diagnostics``) join the metrics: their
+    ``[B]`` arrays as they are, their batch scalars broadcast to ``[B]`` so that the step's
+    average over rows returns them (under accumulation: their mean over micro-batches).
+    """
     pol = logprobs.sequence_logps(model, family, params, batch, **chunks)
     reference = None
     if objectives.needs_reference(terms):
@@ -67,8 +78,13 @@ def _pair_stats(model, family, params, batch, ref_params, *, terms, chunks):
             reference = ref.sum_logps
     n_tokens = jnp.maximum(pol.n_tokens, 1.0)
     seqs = objectives.SequenceLogps(policy=pol.sum_logps, n_tokens=pol.n_tokens,
-                                    reference=reference, mean_logits=pol.sum_mean_logits / n_tokens)
+                                    reference=reference, mean_logits=pol.sum_mean_logits / n_tokens,
+                                    labels=batch.get("labels"))
     losses, metrics = objectives.compute_loss(terms, seqs)
+    if diagnostics and reference is not None and seqs.policy.shape[1] >= 2:
+        rows = losses.shape[0]
+        diag = density_ratio_diagnostics(terms, seqs)  # scalars and [B] arrays
+        metrics.update({k: jnp.broadcast_to(v, (rows,)) for k, v in diag.items()})
     return losses, metrics, jnp.sum(pol.n_tokens)
 
 
@@ -83,7 +99,7 @@ def _microbatches(batch: Mapping[str, jax.Array], accum: int):
 
 
 def train_step(state: TrainState, batch, ref_params, *, model, family, tx, terms, accum_steps,
-               chunks) -> tuple[TrainState, dict[str, jax.Array]]:
+               chunks, diagnostics: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimiser update on a global batch, accumulating gradients over micro-batches.
 
     Args:
@@ -92,6 +108,7 @@ def train_step(state: TrainState, batch, ref_params, *, model, family, tx, terms
         ``ref_logps [B, N]`` (precomputed reference, summed over response tokens).
       ref_params: frozen reference parameters (ignored when ``ref_logps`` is given or no loss
         term needs a reference).
+      diagnostics: add the density-ratio diagnostics to the metrics (see ``_pair_stats``).
     Returns:
       The updated state and scalar float32 metrics (docs/objectives.md §5 names).
     """
@@ -99,7 +116,7 @@ def train_step(state: TrainState, batch, ref_params, *, model, family, tx, terms
 
     def micro_loss(params, micro):
         losses, metrics, n_tok = _pair_stats(model, family, params, micro, ref_params,
-                                             terms=terms, chunks=chunks)
+                                             terms=terms, chunks=chunks, diagnostics=diagnostics)
         # Sum over this micro-batch, normalised by the global batch: exact under accumulation.
         loss = jnp.sum(losses) / global_batch
         sums = {k: jnp.sum(v) / global_batch for k, v in metrics.items()}
@@ -155,6 +172,11 @@ class Trainer:
         self.model, self.family = build_model(config.model)
         self.terms = validation.loss_terms(config.loss)
         self.needs_reference = objectives.needs_reference(self.terms)
+        self.layout = objectives.data_layout(self.terms)  # 'single' | 'pair' | 'list' | 'unpaired'
+        # Density-ratio diagnostics: KTO's index 1 is a mismatched completion, no sample of
+        # π_ref, so they are computed for pair and list layouts only.
+        self.diagnostics = bool(config.train.diagnostics and self.needs_reference
+                                and self.layout in ("pair", "list"))
         # Frozen reference params enter the step only in 'inline' mode; otherwise the argument
         # is None and no second model is held on the devices.
         self.reference_inline = self.needs_reference and config.reference.mode == "inline"
@@ -213,7 +235,8 @@ class Trainer:
         if self._train_step is None:
             step = functools.partial(
                 train_step, model=self.model, family=self.family, tx=self.tx, terms=self.terms,
-                accum_steps=self.config.optim.grad_accum_steps, chunks=self.chunks)
+                accum_steps=self.config.optim.grad_accum_steps, chunks=self.chunks,
+                diagnostics=self.diagnostics)
 
             self._train_step = loop.counted_jit(
                 self, loop.guard_finite(step, self.config.train.on_nonfinite),
@@ -253,6 +276,39 @@ class Trainer:
 
 # ----------------------------------------------------------------------------- the run
 
+class CollapseMonitor:
+    """``loop.run``'s ``on_log`` hook: smoothed chosen log-likelihood and margin, and the alarm.
+
+    Keeps exponential moving averages (weight ``decay`` on the past) of ``logps/chosen`` and
+    ``rewards/margins`` over the logged steps and reports, per logged step, ``ema/logps/chosen``,
+    ``ema/rewards/margins`` and ``alarm/likelihood_collapse`` (1.0 when the smoothed chosen
+    log-likelihood fell while the smoothed margin rose since the previous logged step:
+    ``diagnostics.likelihood_collapse_alarm``, the DPO failure DIL targets, docs/objectives.md
+    §4 D1). The averages live on the host and restart with the process (a resumed run's first
+    logged step has no previous snapshot and reports 0).
+    """
+
+    KEYS = ("logps/chosen", "rewards/margins")
+
+    def __init__(self, decay: float = 0.9):
+        self.decay = decay
+        self.ema: dict[str, float] | None = None
+
+    def __call__(self, host: Mapping[str, float], step: int) -> dict[str, float]:
+        if not all(k in host for k in self.KEYS):
+            return {}
+        current = {k: float(host[k]) for k in self.KEYS}
+        previous = self.ema
+        if previous is None:
+            self.ema = current
+        else:
+            self.ema = {k: self.decay * previous[k] + (1 - self.decay) * current[k]
+                        for k in self.KEYS}
+        alarm = previous is not None and likelihood_collapse_alarm(previous, self.ema)
+        return {**{f"ema/{k}": v for k, v in self.ema.items()},
+                "alarm/likelihood_collapse": float(alarm)}
+
+
 def loop_settings(cfg) -> loop.LoopSettings:
     """The core run's ``train``/``checkpoint``/``eval`` sections as loop settings."""
     return loop.LoopSettings(
@@ -287,6 +343,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None, max_steps: int | None
     trainer = Trainer(config, mesh=mesh)
     cfg = config
     train_data, eval_data, task = pipeline.build_datasets(cfg, workdir=workdir)
+    loop.check_stop(workdir, "loading the initial policy")
 
     init_params = _initial_params(trainer, workdir)  # the reference, and the policy's start
     ref_params = init_params if trainer.reference_inline else None
@@ -299,7 +356,9 @@ def train_and_evaluate(config, workdir: str, *, mesh=None, max_steps: int | None
         train_data = pipeline.with_reference(train_data, add_reference)
         if eval_data is not None:
             eval_data = pipeline.with_reference(eval_data, add_reference)
-    train_iter = pipeline.make_iterator(train_data, cfg.train.global_batch_size, seed=cfg.data.seed)
+    loop.check_stop(workdir, "training")
+    train_iter = pipeline.make_iterator(train_data, cfg.train.global_batch_size, seed=cfg.data.seed,
+                                        unpaired=trainer.layout == "unpaired")
 
     def run_eval(state):
         return _run_eval(trainer, state, ref_params, eval_data, cfg)
@@ -309,7 +368,8 @@ def train_and_evaluate(config, workdir: str, *, mesh=None, max_steps: int | None
         step_fn=lambda state, batch, step: trainer.run_step(state, batch, ref_params),
         init_state=lambda: trainer.init_state(cfg.seed, params=init_params),
         resume_config=cfg, max_steps=max_steps, evaluate=run_eval if eval_data else None,
-        schedule=trainer.schedule)
+        schedule=trainer.schedule,
+        on_log=CollapseMonitor() if trainer.diagnostics else None)
     state = result.state
     summary = {"step": result.step, "train": result.train, "eval": result.eval,
                "workdir": workdir}
@@ -338,10 +398,11 @@ def _initial_params(trainer: Trainer, workdir: str):
         m = trainer.config.model
         return hf.load_params(m.hf_path, m.family, trainer.model.config,
                               trainer.abstract_params(), scan_layers=m.scan_layers)
-    raise ValueError(f"config.init.mode={init.mode!r}: expected {validation.INIT_MODES}")
+    raise ConfigError(f"config.init.mode={init.mode!r}: expected {validation.INIT_MODES}")
 
 
 def _run_eval(trainer, state, ref_params, eval_data, cfg) -> dict[str, float]:
-    it = pipeline.make_iterator(eval_data, cfg.eval.batch_size, shuffle=False)
+    it = pipeline.make_iterator(eval_data, cfg.eval.batch_size, shuffle=False,
+                                unpaired=trainer.layout == "unpaired")
     batches = [next(it) for _ in range(min(cfg.eval.num_batches, it.batches_per_epoch))]
     return trainer.evaluate(state.params, ref_params, batches)

@@ -82,6 +82,10 @@ def _validate(config, *, num_devices: int, process_count: int) -> None:
     _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
     _require(config.reference.mode in REFERENCE_MODES, "reference.mode", config.reference.mode,
              f"expected one of {REFERENCE_MODES}")
+    if objectives.data_layout(terms) == "unpaired":
+        _require(config.reference.mode == "inline", "reference.mode", config.reference.mode,
+                 "KTO's mismatched completions depend on which examples share a batch, so "
+                 "their reference log-probs cannot be precomputed; use 'inline'")
     if objectives.needs_reference(terms) and config.reference.mode == "precomputed":
         _require(config.reference.batch_size % dp == 0, "reference.batch_size",
                  config.reference.batch_size, f"must be a multiple of data-parallel size {dp}")
@@ -90,6 +94,8 @@ def _validate(config, *, num_devices: int, process_count: int) -> None:
     _require(t.on_nonfinite in loop.NONFINITE_POLICIES, "train.on_nonfinite", t.on_nonfinite,
              f"expected one of {loop.NONFINITE_POLICIES}")
     _require(t.max_nonfinite >= 0, "train.max_nonfinite", t.max_nonfinite, "must be >= 0")
+    _require(isinstance(t.diagnostics, bool), "train.diagnostics", t.diagnostics,
+             "expected True or False")
     c = config.checkpoint
     _require(c.every_steps > 0, "checkpoint.every_steps", c.every_steps, "must be positive")
     _require(c.keep >= 1, "checkpoint.keep", c.keep, "must be >= 1")

@@ -25,6 +25,7 @@ import numpy as np
 
 CACHE_VERSION = 2  # bump when the tokenisation changes what it produces (2: long prompts cut)
 ARRAY_KEYS = ("tokens", "starts", "lengths", "prompt_lengths", "example_id")
+OPTIONAL_KEYS = ("labels",)  # [n] per-example arrays some formats add (KTO's labels)
 
 
 def content_key(parts: dict) -> str:
@@ -49,7 +50,8 @@ def load(cache_dir: str, split: str, key: str) -> tuple[dict, dict] | None:
         return None
     try:
         with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in ARRAY_KEYS}
+            present = tuple(k for k in OPTIONAL_KEYS if k in f.files)
+            arrays = {k: f[k] for k in ARRAY_KEYS + present}
             report = json.loads(str(f["report"]))
         _check(arrays, report)
     except Exception as e:  # noqa: BLE001 - zip, npy, JSON and shape errors share no base
@@ -68,6 +70,8 @@ def _check(arrays: dict, report) -> None:
             arrays["prompt_lengths"].shape != starts.shape
             or arrays["example_id"].shape != starts.shape[:1]):
         raise ValueError("array shapes do not fit together")
+    if any(arrays[k].shape != starts.shape[:1] for k in OPTIONAL_KEYS if k in arrays):
+        raise ValueError("per-example arrays do not fit the number of examples")
     if starts.size and (starts.min() < 0 or lengths.min() < 0
                         or (starts + lengths).max() > tokens.size):
         raise ValueError("starts/lengths point outside the token array")
@@ -77,6 +81,7 @@ def save(cache_dir: str, split: str, key: str, arrays: dict, report: dict) -> st
     os.makedirs(cache_dir, exist_ok=True)
     path = path_for(cache_dir, split, key)
     tmp = f"{path}.tmp-{os.getpid()}.npz"
-    np.savez(tmp, report=np.array(json.dumps(report)), **{k: arrays[k] for k in ARRAY_KEYS})
+    np.savez(tmp, report=np.array(json.dumps(report)),
+             **{k: arrays[k] for k in ARRAY_KEYS + OPTIONAL_KEYS if k in arrays})
     os.replace(tmp, path)
     return path

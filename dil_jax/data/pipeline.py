@@ -33,17 +33,18 @@ import logging
 import os
 import string
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import jax
 import numpy as np
 
 from dil_jax import models, objectives, progress, validation
 from dil_jax.data import cache, formats, sources, tokenize
-from dil_jax.data.batching import TokenizedDataset, normalise_buckets
+from dil_jax.data.batching import TokenizedDataset, kto_pairs, normalise_buckets
 from dil_jax.data.gold_task import GoldTask
 from dil_jax.data.iterator import BatchIterator, BucketIterator
 from dil_jax.data.report import DataError, SplitReport, write_report
+from dil_jax.errors import ConfigError
 
 SOURCES = ("gold_task", "files", "hub")
 GOLD_FORMATS = ("preference", "sft")
@@ -64,7 +65,7 @@ def build_datasets(config, workdir: str | None = None):
     """
     data = config.data
     if data.source not in SOURCES:
-        raise ValueError(f"config.data.source={data.source!r}: expected one of {SOURCES}")
+        raise ConfigError(f"config.data.source={data.source!r}: expected one of {SOURCES}")
     if data.source == "gold_task":
         return _gold_task(config)
     validate_data_config(config)
@@ -81,11 +82,8 @@ def build_datasets(config, workdir: str | None = None):
     buckets = normalise_buckets(data.buckets, data.max_length)
 
     train, train_report = _build_split("train", config, tok, tok_digest, cache_dir)
-    if train.num_responses == 1 and objectives.needs_pairs(validation.loss_terms(config.loss)):
-        raise DataError(f"the data holds demonstrations (N=1, format "
-                        f"{train_report.info.get('format', data.format)!r}) but "
-                        f"config.loss.name={config.loss.name!r} needs chosen/rejected pairs; use "
-                        "loss.name='sft' or a preference format")
+    check_layout(config, train_report.info.get("format", data.format), train.num_responses,
+                 error=DataError)
     has_eval_source = bool(data.eval_files if data.source == "files" else data.eval_split)
     if has_eval_source:
         held_out, eval_report = _build_split("eval", config, tok, tok_digest, cache_dir)
@@ -124,16 +122,50 @@ def build_datasets(config, workdir: str | None = None):
 
 
 def make_iterator(data, global_batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                  process_index: int | None = None, process_count: int | None = None):
+                  process_index: int | None = None, process_count: int | None = None,
+                  unpaired: bool = False):
     """This process's resumable iterator over ``data`` (``jax.process_index`` slice).
 
-    ``data`` is a dict of fixed-shape arrays (gold task) or a :class:`TokenizedDataset`.
+    Args:
+      data: a dict of fixed-shape arrays (gold task) or a :class:`TokenizedDataset`.
+      unpaired: KTO's layout: every batch of single labelled completions ``[B, 1, T]`` becomes
+        ``[B, 2, T]`` on the host, before sharding (:class:`UnpairedIterator`).
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     cls = BucketIterator if isinstance(data, TokenizedDataset) else BatchIterator
-    return cls(data, global_batch_size, seed=seed, shuffle=shuffle,
-               process_index=process_index, process_count=process_count)
+    it = cls(data, global_batch_size, seed=seed, shuffle=shuffle,
+             process_index=process_index, process_count=process_count)
+    if unpaired:
+        if global_batch_size // process_count < 2:
+            raise DataError(f"KTO pairs each completion with another example's of the same "
+                            f"batch: each process needs >= 2 rows, got a batch of "
+                            f"{global_batch_size} over {process_count} processes")
+        return UnpairedIterator(it)
+    return it
+
+
+class UnpairedIterator(Iterator[dict[str, np.ndarray]]):
+    """KTO's batches: each labelled completion plus a mismatched one (``batching.kto_pairs``).
+
+    Pair index 1 holds ``prompt_i + completion_{i+1}`` of the same batch (this process's rows,
+    as TRL shifts within each per-device batch), so it depends on which examples share a batch:
+    nothing about it can be precomputed (``reference.mode='precomputed'`` is refused). The
+    position (``get_state``/``set_state``) is the wrapped iterator's.
+    """
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.batches_per_epoch = inner.batches_per_epoch
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return kto_pairs(next(self.inner))
+
+    def get_state(self) -> dict:
+        return self.inner.get_state()
+
+    def set_state(self, state: Mapping) -> None:
+        self.inner.set_state(state)
 
 
 def with_reference(data, compute: Callable[[dict], dict]):
@@ -207,7 +239,7 @@ def validate_data_config(config) -> None:
 
     def require(ok, field, expected):
         if not ok:
-            raise ValueError(f"config.data.{field}={d[field]!r}: {expected}")
+            raise ConfigError(f"config.data.{field}={d[field]!r}: {expected}")
 
     if d.source == "files":
         require(len(d.train_files) > 0, "train_files", "source 'files' needs at least one file")
@@ -244,7 +276,7 @@ def validate_data_config(config) -> None:
     require(not unknown, "field_map", f"unknown keys {sorted(unknown)}; expected "
             f"{formats.FIELD_MAP_KEYS}")
     if d.max_length > _max_positions(config):
-        raise ValueError(f"config.data.max_length={d.max_length} exceeds "
+        raise ConfigError(f"config.data.max_length={d.max_length} exceeds "
                          f"the model's maximum sequence length {_max_positions(config)}")
     terms = validation.loss_terms(config.loss)
     if d.packing:
@@ -254,11 +286,53 @@ def validate_data_config(config) -> None:
         require(_accepts_segment_ids(config.model.family), "packing",
                 f"model family {config.model.family!r} takes no segment_ids, so packed "
                 "examples would attend to each other")
-    kind = "sft" if d.format in formats.DEMONSTRATION_FORMATS + ("sft",) else "preference"
-    if kind == "sft":
-        require(not objectives.needs_pairs(terms), "format",
-                f"demonstrations (N=1) cannot train loss terms that need pairs "
-                f"({[t.name for t in terms]}); use loss.name='sft' or a preference format")
+    check_layout(config, d.format, None, error=ValueError)
+
+
+def format_kind(fmt: str) -> str:
+    """What a data format (or format kind) holds: 'sft' (N = 1 demonstrations), 'preference'
+    (N = 2 pairs), 'unpaired' (labelled single completions) or 'list' (N >= 2 ranked)."""
+    if fmt in formats.DEMONSTRATION_FORMATS + ("sft",):
+        return "sft"
+    if fmt in formats.UNPAIRED_FORMATS:
+        return "unpaired"
+    if fmt in formats.LISTWISE_FORMATS:
+        return "list"
+    return "preference"
+
+
+def check_layout(config, fmt: str, num_responses: int | None, *, error=ValueError) -> None:
+    """Refuses data whose layout the loss terms cannot read (``objectives.data_layout``).
+
+    'pair' losses need N = 2 (chosen, rejected), 'list' losses N >= 2 ranked responses,
+    'unpaired' (KTO) the labelled completions of ``prompt_completion_label``, which in turn only
+    KTO may train (an NLL term would imitate the undesirable completions too).
+
+    Args:
+      fmt: the data's format (or, before the data is read, the configured kind).
+      num_responses: N of the built data; None when not known yet (ranked lists vary).
+      error: the exception class raised.
+    """
+    terms = validation.loss_terms(config.loss)
+    layout = objectives.data_layout(terms)
+    names = [t.name for t in terms]
+    kind = format_kind(fmt)
+    if layout == "unpaired" and kind != "unpaired":
+        raise error(f"config.data.format={fmt!r}: loss terms {names} read unpaired labelled "
+                    f"completions (KTO); use format {formats.UNPAIRED_FORMATS[0]!r} "
+                    "({prompt, completion, label} records)")
+    if kind == "unpaired" and layout != "unpaired":
+        raise error(f"config.data.format={fmt!r} holds labelled single completions, which only "
+                    f"KTO trains (loss.name='kto'); loss terms {names} would imitate or rank "
+                    "undesirable completions")
+    if kind == "sft" and layout in ("pair", "list"):
+        raise error(f"the data holds demonstrations (N=1, format {fmt!r}) but "
+                    f"config.loss.name={config.loss.name!r} needs chosen/rejected pairs "
+                    f"(loss terms {names}); use loss.name='sft' or a preference format")
+    if layout == "pair" and num_responses is not None and num_responses != 2:
+        raise error(f"config.data.format={fmt!r} gives N={num_responses} responses per prompt "
+                    f"but loss terms {names} need exactly 2 (chosen, rejected); for ranked "
+                    "lists use a listwise loss (plackett_luce, dil_*)")
 
 
 def _accepts_segment_ids(family: str) -> bool:
@@ -270,14 +344,15 @@ def _accepts_segment_ids(family: str) -> bool:
 def _gold_task(config):
     data = config.data
     if data.format not in GOLD_FORMATS:
-        raise ValueError(f"config.data.format={data.format!r}: the gold task has formats "
+        raise ConfigError(f"config.data.format={data.format!r}: the gold task has formats "
                          f"{GOLD_FORMATS}")
+    check_layout(config, data.format, 2 if data.format == "preference" else 1)
     task = GoldTask()
     if task.seq_len > _max_positions(config):
-        raise ValueError(f"the model's maximum sequence length {_max_positions(config)} is "
+        raise ConfigError(f"the model's maximum sequence length {_max_positions(config)} is "
                          f"shorter than the gold task's sequences ({task.seq_len} tokens)")
     if task.vocab_size > config.model.vocab_size:
-        raise ValueError(f"config.model.vocab_size={config.model.vocab_size} is smaller than the "
+        raise ConfigError(f"config.model.vocab_size={config.model.vocab_size} is smaller than the "
                          f"gold task's vocabulary ({task.vocab_size})")
     make = task.preference_dataset if data.format == "preference" else task.sft_dataset
     # Distinct seeds for train and held-out data: no prompt stream is shared.
@@ -317,7 +392,9 @@ def _build_split(split: str, config, tok, tok_digest: str, cache_dir: str):
         "response_template": d.response_template, "max_length": d.max_length,
         "max_prompt_length": d.max_prompt_length, "truncation_mode": d.truncation_mode,
         "too_long": d.too_long, "boundary_mismatch": d.boundary_mismatch,
-        "on_bad_record": d.on_bad_record, "max_records": d.max_records})
+        "on_bad_record": d.on_bad_record, "max_records": d.max_records,
+        # labelled records keep their labels (cache.OPTIONAL_KEYS): never a label-less hit
+        **({"labels": True} if d.format in formats.UNPAIRED_FORMATS else {})})
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     hit = cache.load(cache_dir, split, key) if cache_dir else None
     if hit is not None:
@@ -339,7 +416,9 @@ def _build_split(split: str, config, tok, tok_digest: str, cache_dir: str):
         raise DataError(f"no {split} examples left after filtering {description}: "
                         f"{report.counts.get('records_read', 0)} records read, rejected "
                         f"{dict(report.bad)}, other counts {dict(report.counts)}")
-    return TokenizedDataset(**arrays, pad_id=int(pad_id), digest=key), report
+    arrays = dict(arrays)
+    extras = {k: arrays.pop(k) for k in cache.OPTIONAL_KEYS if k in arrays}  # labels [n]
+    return TokenizedDataset(**arrays, pad_id=int(pad_id), extras=extras, digest=key), report
 
 
 def _tokenise_split(read, config, tok, report: SplitReport, key: str) -> dict:

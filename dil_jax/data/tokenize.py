@@ -55,6 +55,11 @@ BOUNDARY_POLICIES = ("repair", "reject")
 RESPONSE_NAMES = {1: ("response",), 2: ("chosen", "rejected")}
 
 
+def response_names(num: int) -> tuple[str, ...]:
+    """Field names of N responses in reports: response; chosen, rejected; responses[j]."""
+    return RESPONSE_NAMES.get(num, tuple(f"responses[{j}]" for j in range(num)))
+
+
 def load_tokenizer(spec: str, eos_token: str = ""):
     """A fast ``transformers`` tokenizer from a directory, a ``tokenizer.json`` or a hub id.
 
@@ -191,7 +196,7 @@ class Renderer:
         except Exception as e:  # jinja's raise_exception and template errors vary in type
             raise BadRecord("prompt", "template_error",
                             f"the chat template failed: {type(e).__name__}: {e}") from e
-        names = RESPONSE_NAMES[len(fulls)]
+        names = response_names(len(fulls))
         for name, full in zip(names, fulls, strict=True):
             if not full.startswith(prompt):
                 raise BadRecord(name, "template_prefix_mismatch",
@@ -255,12 +260,18 @@ def tokenize_examples(examples: list[Example], tok, renderer: Renderer, *, max_l
                       fingerprint: str = "") -> dict[str, np.ndarray]:
     """Token sequences of every example, checked, EOS-terminated and truncated.
 
+    Ranked lists (a variable number of responses per example) are padded to the largest N of
+    ``examples``: an absent response's slot holds the prompt alone (zero response tokens, so
+    its loss mask is empty and the objectives leave it out).
+
     Returns:
       Ragged arrays: ``tokens`` int32 (all sequences back to back), ``starts`` int64 ``[n, N]``,
-      ``lengths`` and ``prompt_lengths`` int32 ``[n, N]``, ``example_id`` int32 ``[n]``.
+      ``lengths`` and ``prompt_lengths`` int32 ``[n, N]``, ``example_id`` int32 ``[n]``; and
+      ``labels`` int32 ``[n]`` (1 desirable, 0 undesirable) when the examples carry labels.
     """
-    num = len(examples[0].responses) if examples else 1
-    names = RESPONSE_NAMES[num]
+    num = max((len(ex.responses) for ex in examples), default=1)
+    names = response_names(num)
+    has_labels = any(ex.label is not None for ex in examples)
     rendered, kept = [], []
     for ex in progress.bar(examples, desc=f"{report.name} records: reading, rendering",
                            unit="rec", leave=False):
@@ -270,8 +281,8 @@ def tokenize_examples(examples: list[Example], tok, renderer: Renderer, *, max_l
         except BadRecord as err:
             report.reject(ex.location, err)
     columns = {"prompt": [p for p, _ in rendered]}
-    for j in range(num):
-        columns[f"full_{j}"] = [f[j] for _, f in rendered]
+    for j in range(num):  # "" stands in for an absent response of a shorter ranked list
+        columns[f"full_{j}"] = [f[j] if j < len(f) else "" for _, f in rendered]
     flat = _batch_tokenize(tok, columns, num_proc, fingerprint or "dil_jax") if kept else {}
     eos = tok.eos_token_id
 
@@ -279,14 +290,14 @@ def tokenize_examples(examples: list[Example], tok, renderer: Renderer, *, max_l
         values, offsets = flat[col]
         return values[offsets[i]:offsets[i + 1]]
 
-    seqs, plens, ids = [], [], []
+    seqs, plens, ids, labels = [], [], [], []
     for i, ex in enumerate(progress.bar(kept, desc=f"{report.name} examples: checking, cutting",
                                         unit="ex", leave=False)):
         prompt_text, fulls = rendered[i]
         prompt = row("prompt", i)
         try:
             responses = []
-            for j in range(num):
+            for j in range(len(fulls)):
                 full = row(f"full_{j}", i)
                 if len(full) >= len(prompt) and np.array_equal(full[:len(prompt)], prompt):
                     response = full[len(prompt):]
@@ -321,12 +332,17 @@ def tokenize_examples(examples: list[Example], tok, renderer: Renderer, *, max_l
                 report.count(f"{names[j]}_truncated")
                 responses[j] = r[:budget]
         seqs.extend(np.concatenate([prompt, r]) for r in responses)
+        seqs.extend(prompt for _ in range(num - len(responses)))  # absent: no response tokens
         plens.append([len(prompt)] * num)
         ids.append(ex.index)
+        labels.append(int(bool(ex.label)))
     n = len(ids)
     lengths = np.array([len(s) for s in seqs], np.int32).reshape(n, num)
     starts = (np.cumsum(lengths.ravel()) - lengths.ravel()).reshape(n, num).astype(np.int64)
     tokens = np.concatenate(seqs).astype(np.int32) if seqs else np.zeros(0, np.int32)
-    return {"tokens": tokens, "starts": starts, "lengths": lengths,
-            "prompt_lengths": np.array(plens, np.int32).reshape(n, num),
-            "example_id": np.array(ids, np.int32)}
+    out = {"tokens": tokens, "starts": starts, "lengths": lengths,
+           "prompt_lengths": np.array(plens, np.int32).reshape(n, num),
+           "example_id": np.array(ids, np.int32)}
+    if has_labels:
+        out["labels"] = np.array(labels, np.int32)
+    return out
