@@ -198,3 +198,71 @@ def plot_heldout_dynamics(runs: Mapping[str, tuple[Sequence[Mapping], Mapping]],
     fig.suptitle(f"Log-likelihood dynamics ({REDUCTION_LABELS[reduction]} over response tokens)")
     fig.tight_layout(rect=(0, 0, 0.9, 0.96))
     return fig, notes
+
+
+# ----------------------------------------------------------------------------- diagnostics
+
+DIAGNOSTIC_KEY = "ratio/log_r_chosen_q50"  # present when config.train.diagnostics was on
+
+
+def has_diagnostics(records: Sequence[Mapping]) -> bool:
+    """Whether a run logged the density-ratio diagnostics (``config.train.diagnostics``)."""
+    return any(DIAGNOSTIC_KEY in r for r in records)
+
+
+def plot_ratio_diagnostics(runs: Mapping[str, tuple[Sequence[Mapping], Mapping]], *,
+                           smoothing: float = 0.9):
+    """The density-ratio diagnostics of ``dil_jax.diagnostics`` over training, per run.
+
+    Panels: the 10/50/90 % quantiles of log r = log π_θ − log π_ref on chosen and on rejected
+    responses (median line, 10–90 % band); DIL's implied E_ref[r] on a log scale (its log,
+    ``ratio/log_implied_ref_mean_r``, with the consistent value 0 marked); the smoothed chosen
+    log-likelihood (``ema/logps/chosen``) with the steps where the likelihood-collapse alarm
+    fired (chosen falling while the margin rises) marked.
+
+    Args:
+      runs: label -> (the run's ``metrics.jsonl`` records, its stored config dict).
+      smoothing: EMA weight for the log r medians and E_ref[r] (raw values faint behind).
+
+    Returns:
+      ``(figure, notes)``; runs without diagnostics are left out with a note.
+    """
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.9))
+    notes = []
+    for label, (records, _) in runs.items():
+        rows = [r for r in records if DIAGNOSTIC_KEY in r]
+        if not rows:
+            notes.append(f"{label}: no density-ratio diagnostics in metrics.jsonl (run with "
+                         "config.train.diagnostics=True, a reference-based pair or list loss)")
+            continue
+        steps = np.array([r["step"] for r in rows])
+        line = None
+        for which, style in (("chosen", "-"), ("rejected", "--")):
+            q = {p: np.array([r[f"ratio/log_r_{which}_q{p}"] for r in rows], np.float64)
+                 for p in (10, 50, 90)}
+            kw = {} if line is None else {"color": line.get_color()}
+            (line,) = axes[0].plot(steps, smooth(q[50], smoothing), style,
+                                   label=f"{label} {which}", **kw)
+            axes[0].fill_between(steps, q[10], q[90], color=line.get_color(), alpha=0.12)
+        log_mean = np.array([r["ratio/log_implied_ref_mean_r"] for r in rows], np.float64)
+        axes[1].plot(steps, smooth(log_mean, smoothing), color=line.get_color(), label=label)
+        axes[1].plot(steps, log_mean, color=line.get_color(), alpha=0.2, lw=0.8)
+        ema = [r for r in rows if "ema/logps/chosen" in r]
+        if ema:
+            e_steps = np.array([r["step"] for r in ema])
+            axes[2].plot(e_steps, [r["ema/logps/chosen"] for r in ema],
+                         color=line.get_color(), label=label)
+            fired = [r for r in ema if r.get("alarm/likelihood_collapse", 0.0) > 0]
+            axes[2].scatter([r["step"] for r in fired], [r["ema/logps/chosen"] for r in fired],
+                            color="red", marker="v", s=18, zorder=3)
+    axes[0].set_title("log r = log π_θ − log π_ref (median, 10–90 % band)", fontsize=10)
+    axes[1].axhline(0.0, color="grey", lw=0.8, ls=":")
+    axes[1].set_title("log implied E_ref[r] (0 when consistent)", fontsize=10)
+    axes[2].set_title("EMA chosen log-likelihood (▼ collapse alarm)", fontsize=10)
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig, notes

@@ -10,6 +10,10 @@ per-token mean over response tokens, default) or ``sum`` (the per-sequence sum);
 ``dil_jax.objectives.compute_loss``), read from the config stored with its checkpoints, and a
 run logged in the other one is left out with a note instead of sharing an axis with it.
 Held-out values need ``config.eval.every_steps > 0``. The output folder is created.
+
+Runs trained with ``config.train.diagnostics=True`` also get ``<out>_diagnostics.png``: the
+density-ratio diagnostics (log-ratio quantiles on chosen and rejected, DIL's implied E_ref[r],
+the smoothed chosen log-likelihood with the likelihood-collapse alarm marked).
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ def main() -> None:
     args = p.parse_args()
     if not 0 <= args.smoothing < 1:
         p.error("--smoothing must be in [0, 1)")
-    fig, notes = plots.plot_heldout_dynamics(load_runs(args.runs), reduction=args.reduction,
+    runs = load_runs(args.runs)
+    fig, notes = plots.plot_heldout_dynamics(runs, reduction=args.reduction,
                                              smoothing=args.smoothing)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
@@ -59,6 +64,13 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     print(f"wrote {out} ({plots.REDUCTION_LABELS[args.reduction]})")
+    if any(plots.has_diagnostics(records) for records, _ in runs.values()):
+        fig, notes = plots.plot_ratio_diagnostics(runs, smoothing=args.smoothing)
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+        diag = out.with_name(f"{out.stem}_diagnostics{out.suffix}")
+        fig.savefig(diag, dpi=120)
+        print(f"wrote {diag} (density-ratio diagnostics)")
 
 
 if __name__ == "__main__":

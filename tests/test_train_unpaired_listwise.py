@@ -2,10 +2,13 @@
 the density-ratio diagnostics in metrics.jsonl, and the layout checks that refuse bad mixes."""
 
 import json
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
+from conftest import REPO
 from data_testing import files_config, make_tokenizer, write_jsonl
 
 from dil_jax import sharding, train
@@ -152,6 +155,14 @@ def test_diagnostics_in_metrics_jsonl_of_a_gold_task_run(tiny_config, tmp_path):
     # DPO's weights: ∂L/∂logp_w = −β σ(−βd) = −0.05 at d = 0, +0.05 on the rejected one
     assert abs(first["grad_weight/chosen"] + 0.05) < 1e-5
     assert abs(first["grad_weight/rejected"] - 0.05) < 1e-5
+
+    # experiments/plot_dynamics.py draws them next to the Figure-2 plot
+    out = tmp_path / "figs" / "dyn.png"
+    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "plot_dynamics.py"),
+                           f"dpo={tmp_path}", f"--out={out}"], capture_output=True, text=True,
+                          cwd=REPO, check=True)
+    diag = tmp_path / "figs" / "dyn_diagnostics.png"
+    assert diag.stat().st_size > 10_000 and "density-ratio diagnostics" in proc.stdout
 
 
 def test_diagnostics_off_by_default_keep_the_metrics(tiny_config):

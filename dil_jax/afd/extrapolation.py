@@ -12,7 +12,9 @@ Stages, each in its own sub-directory of the workdir and each resumable:
 4. ``rm_<name>/`` — reward models (dil_jax/afd/reward_model.py), each a backbone + scalar head:
    **init_sft** (π_SFT samples 1 vs π_0 samples 0: homogeneous, the paper's proposal),
    **init_demo** (demonstrations vs π_0 samples), **sft_demo** (demonstrations vs π_SFT samples)
-   — the two heterogeneous ones can key on the demonstrator's style rather than quality — and
+   — the two heterogeneous ones can key on the demonstrator's style rather than quality, and on
+   length: their demonstrations are cut to ``afd.sampling.max_new_tokens`` like the samples, the
+   lengths of both classes reported as ``lengths`` in ``afd_results.json`` — and
    **bt** (Bradley–Terry on preference pairs, ``afd.preferences``). The training-free
    **log_ratio** reward ``log π_SFT(y|x) − log π_0(y|x)`` is the optimum the Init-SFT
    classifier approximates (summed over response tokens).
@@ -43,6 +45,7 @@ from dil_jax import train as core
 from dil_jax.afd import adversarial, reward_model, rollouts
 from dil_jax.data import pipeline
 from dil_jax.data.gold_task import GoldTask
+from dil_jax.errors import ConfigError
 from dil_jax.models import hf
 
 REWARD_MODELS = ("init_sft", "init_demo", "sft_demo", "bt", "log_ratio")
@@ -114,7 +117,7 @@ def best_of_n_metrics(rewards: np.ndarray, gold: np.ndarray, random_gold: np.nda
     out = []
     for big_n in n_values:
         if big_n > k:
-            raise ValueError(f"afd.bon.n_values has N={big_n} but only {k} candidates per "
+            raise ConfigError(f"afd.bon.n_values has N={big_n} but only {k} candidates per "
                              "prompt were sampled")
         reps = 1 if big_n == k else subsets
         g_sum = np.zeros(n)
@@ -144,7 +147,7 @@ def stage_config(config, *, data: Mapping, loss: str, steps: int, learning_rate:
     c = ml_collections.ConfigDict(config.to_dict())
     for key, value in dict(data).items():
         if key not in c.data:
-            raise ValueError(f"AfD data override {key!r} is not a config.data field")
+            raise ConfigError(f"AfD data override {key!r} is not a config.data field")
         c.data[key] = value
     c.loss.name = loss
     c.loss.reduction = reduction
@@ -183,7 +186,7 @@ def initial_policy(config, workdir: str, *, mesh=None):
     elif init.mode == "checkpoint":
         base_dir = init.checkpoint_dir
     else:
-        raise ValueError(f"config.init.mode={init.mode!r}: AfD needs π_0 from 'pretrain', "
+        raise ConfigError(f"config.init.mode={init.mode!r}: AfD needs π_0 from 'pretrain', "
                          "'checkpoint' or 'hf' (it seeds the SFT stage)")
     return trainer, checkpointing.load_params(base_dir, trainer.abstract_params()), base_dir
 
@@ -215,7 +218,7 @@ def dense(dataset) -> dict[str, np.ndarray]:
     """Trainer arrays ``[n, N, T]`` of a dataset: the gold task's dict as it is, a real-data
     ``TokenizedDataset`` right-padded to its longest bucket."""
     if dataset is None:
-        raise ValueError("AfD needs held-out demonstrations: set data.num_eval > 0 or an eval "
+        raise ConfigError("AfD needs held-out demonstrations: set data.num_eval > 0 or an eval "
                          "source in afd.demonstrations")
     if isinstance(dataset, Mapping):
         return {k: np.asarray(v) for k, v in dataset.items()}
@@ -272,14 +275,31 @@ def log_ratio_scores(trainer, sft_params, init_params, arrays, batch_size: int =
             - sequence_logp_scores(trainer, init_params, arrays, batch_size))
 
 
-def classifier_datasets(demos, init_samples, sft_samples, preference_pairs) -> dict[str, dict]:
-    """The four reward models' training sets (see module doc)."""
+def classifier_datasets(demos, init_samples, sft_samples, preference_pairs, *,
+                        budget: int | None = None) -> dict[str, dict]:
+    """The four reward models' training sets (see module doc).
+
+    Samples stop at ``afd.sampling.max_new_tokens`` while demonstrations do not, so in the two
+    heterogeneous sets (init_demo, sft_demo) response length alone would separate the classes,
+    as it did for the adversarial discriminator. With ``budget`` (that ``max_new_tokens``) the
+    demonstrations' responses are cut to it first (``rollouts.truncate_responses``); Init-SFT
+    compares samples with samples and needs no cut.
+    """
+    cut = demos if budget is None else rollouts.truncate_responses(demos, budget)
     return {
         "init_sft": reward_model.labelled_pairs(sft_samples, init_samples),
-        "init_demo": reward_model.labelled_pairs(demos, init_samples),
-        "sft_demo": reward_model.labelled_pairs(demos, sft_samples),
+        "init_demo": reward_model.labelled_pairs(cut, init_samples),
+        "sft_demo": reward_model.labelled_pairs(cut, sft_samples),
         "bt": dict(preference_pairs),
     }
+
+
+def classifier_length_stats(demos, init_samples, sft_samples, budget: int
+                            ) -> dict[str, dict[str, float]]:
+    """``rollouts.length_stats`` of both classes of each heterogeneous classifier, before the
+    demonstrations are cut (how much length matching changes)."""
+    return {"init_demo": rollouts.length_stats(demos, init_samples, budget),
+            "sft_demo": rollouts.length_stats(demos, sft_samples, budget)}
 
 
 def _pick(arrays, rows, keys=("input_ids", "attention_mask", "loss_mask")):
@@ -304,10 +324,10 @@ def run_extrapolation(config, workdir: str, *, mesh=None,
     afd = config.afd
     unknown = sorted(set(afd.reward_models) - set(REWARD_MODELS))
     if unknown:
-        raise ValueError(f"afd.reward_models has unknown entries {unknown}; expected a subset of "
+        raise ConfigError(f"afd.reward_models has unknown entries {unknown}; expected a subset of "
                          f"{REWARD_MODELS}")
     if not afd.bon.n_values or min(afd.bon.n_values) < 1:
-        raise ValueError(f"afd.bon.n_values={tuple(afd.bon.n_values)}: needs N >= 1")
+        raise ConfigError(f"afd.bon.n_values={tuple(afd.bon.n_values)}: needs N >= 1")
     reward_model.check_compatible(config.model, config.model)
     os.makedirs(workdir, exist_ok=True)
     trainer, init_params, base_dir = initial_policy(config, workdir, mesh=mesh)
@@ -343,7 +363,11 @@ def run_extrapolation(config, workdir: str, *, mesh=None,
     pref_cfg = stage_config(config, data=afd.preferences, loss="dpo", steps=1,
                             learning_rate=1e-3, batch_size=8, init_dir=base_dir)
     pairs = dense(pipeline.build_datasets(pref_cfg)[0])
-    datasets = classifier_datasets(demos_rm, init_samples, sft_samples, pairs)
+    datasets = classifier_datasets(demos_rm, init_samples, sft_samples, pairs, budget=width)
+    lengths = classifier_length_stats(demos_rm, init_samples, sft_samples, width)
+    for name, stats in lengths.items():
+        logging.info("AfD %s classifier, response lengths before matching to %d tokens: %s",
+                     name, width, stats)
 
     # -- reward models.
     backbone = init_params if afd.rm_backbone == "init" else sft_params
@@ -375,7 +399,8 @@ def run_extrapolation(config, workdir: str, *, mesh=None,
             scores[name] = log_ratio_scores(trainer, sft_params, init_params, pool)
         else:
             scores[name] = rms[name].score(rm_params[name], pool)
-    results = {"reward_models": rm_results, "bon": {}, "n_prompts": int(n_eval)}
+    results = {"reward_models": rm_results, "bon": {}, "n_prompts": int(n_eval),
+               "lengths": lengths}
     np.savez(os.path.join(workdir, "bon_candidates.npz"), prompts=prompts, tokens=pool["tokens"],
              **{f"score/{k}": v for k, v in scores.items()})
     if gold_fn is not None:
