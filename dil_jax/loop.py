@@ -24,6 +24,7 @@ the step being saved is read first.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -162,25 +163,57 @@ def guard_finite(step_fn: Callable, policy: str) -> Callable:
 
 # ----------------------------------------------------------------------------- preemption
 
-class _SigtermFlag:
-    """SIGTERM (TPU preemption, ``kill``) -> finish the current step, save, stop cleanly."""
+# SIGTERM is process-wide by nature: one flag, set by the handler, read at every step and at
+# the boundaries of the phases before the loop (tokenisation, reference precompute).
+_STOP = threading.Event()
 
-    def __init__(self):
-        self.requested = False
-        self._previous = None
 
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
+def _on_sigterm(signum, frame):
+    logging.warning("SIGTERM received: stopping at the next safe point (after the current step "
+                    "and its checkpoint, or before the next phase)")
+    _STOP.set()
 
-    def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint before exiting")
-        self.requested = True
 
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """Turns SIGTERM (TPU preemption, ``kill``, a scheduler) into a stop request for the block.
+
+    Entry points wrap the whole run in it, so a SIGTERM during start-up, tokenisation or the
+    reference precompute stops cleanly too; :func:`run` installs it itself when nobody has.
+    Nested uses are no-ops. Only the main thread can install signal handlers.
+    """
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is _on_sigterm):
+        yield
+        return
+    _STOP.clear()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def stop_requested() -> bool:
+    return _STOP.is_set()
+
+
+def mark_preempted(workdir: str, step: int) -> Preempted:
+    """Writes ``<workdir>/PREEMPTED`` (process 0) and returns the exception to raise."""
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, PREEMPTED_MARKER), "w") as f:
+            f.write(f"{step}\n")
+    return Preempted(step, workdir)
+
+
+def check_stop(workdir: str, phase: str) -> None:
+    """Raises :class:`Preempted` at a phase boundary when SIGTERM has arrived."""
+    if _STOP.is_set():
+        ckpt = checkpointing.checkpoint_dir(workdir)
+        steps = [int(d) for d in os.listdir(ckpt) if d.isdigit()] if os.path.isdir(ckpt) else []
+        logging.warning("stopping before %s after a preemption signal", phase)
+        raise mark_preempted(workdir, max(steps, default=0))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -332,14 +365,14 @@ def _run_locked(task, workdir, *, step_fn, settings, data, init_state, resume_co
         return host
 
     try:
-        with _SigtermFlag() as sigterm:
+        with stop_on_sigterm():
             for step in range(start + 1, end + 1):
                 batch = next(data)
                 state, metrics = step_fn(state, batch, step)
                 if "attention_mask" in batch:
                     tokens += float(np.sum(batch["attention_mask"]))
                 log_now = step % settings.log_every == 0 or step == end
-                preempted = sigterm.requested or ckpt.reached_preemption(step)
+                preempted = _STOP.is_set() or ckpt.reached_preemption(step)
                 save_now = step % settings.checkpoint_every == 0 or step == end or preempted
                 if pending is not None:
                     settle(*pending)  # the previous step, now certainly done
@@ -375,10 +408,7 @@ def _run_locked(task, workdir, *, step_fn, settings, data, init_state, resume_co
                     logging.warning("%s: stopping at step %d after a preemption signal",
                                     label, step)
                     ckpt.wait_until_finished()
-                    if jax.process_index() == 0:
-                        with open(marker, "w") as f:
-                            f.write(f"{step}\n")
-                    raise Preempted(step, workdir)
+                    raise mark_preempted(workdir, step)
             if pending is not None:
                 settle(*pending)
     finally:

@@ -16,7 +16,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from dil_jax import evaluate, train
-from dil_jax.runtime import exit_on_bad_input, quiet_absl_logging
+from dil_jax.runtime import exit_on_bad_input, parse_flags, quiet_absl_logging
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.",
                                           lock_config=True)
@@ -43,4 +43,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 
+from absl import flags
 from absl import logging as absl_logging
 
 from dil_jax import loop
@@ -16,6 +18,29 @@ def quiet_absl_logging() -> None:
     flag never reads as 'default' under app.run, so the command line is checked)."""
     if not any(a.split("=")[0] in ("-v", "--verbosity", "-verbosity") for a in sys.argv[1:]):
         absl_logging.set_verbosity(absl_logging.WARNING)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing with bad input as one line and exit status 2: an unknown
+    ``--config.a.b`` key (with ml_collections' "did you mean" hint), a config file that does not
+    exist or does not load, a value of the wrong type. Pass as ``app.run(main,
+    flags_parser=parse_flags)``."""
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # noqa: BLE001 (whatever the parser raised, the user sees one line)
+        text = str(e)
+        key = re.search(r"'\\?'?([A-Za-z0-9_]+)", text)
+        hint = re.search(r'Did you mean "([A-Za-z0-9_]+)"', text)
+        if isinstance(e, (AttributeError, KeyError)) and key:
+            name = key.group(1)
+            args = [a.split("=")[0] for a in argv[1:] if a.split("=")[0].endswith("." + name)]
+            message = f"{args[0] if args else name}: unknown config field"
+            if hint:
+                message += f" (did you mean {hint.group(1)!r}?)"
+        else:
+            message = " ".join(text.replace("\\n", " ").split())
+        print(f"dil_jax: error: bad command line: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 @contextlib.contextmanager
@@ -30,7 +55,8 @@ def exit_on_bad_input():
       step; exit status 75 so a scheduler can tell it from a finished run and requeue it.
     """
     try:
-        yield
+        with loop.stop_on_sigterm():  # SIGTERM in any phase stops cleanly (loop.check_stop)
+            yield
     except (InputError, FileNotFoundError) as e:
         print(f"dil_jax: error: {e}", file=sys.stderr)
         sys.exit(2)

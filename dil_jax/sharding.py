@@ -20,6 +20,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dil_jax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the leading batch dimension is split over both
 
@@ -45,18 +47,19 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, int
     """
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3:
-        raise ValueError(f"config.mesh.shape must have 3 entries (data, fsdp, tensor), got {shape}")
+        raise ConfigError(f"config.mesh.shape must have 3 entries (data, fsdp, tensor), got "
+                          f"{shape}")
     if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-        raise ValueError(f"config.mesh.shape={shape}: entries must be positive, with at most "
+        raise ConfigError(f"config.mesh.shape={shape}: entries must be positive, with at most "
                          "one -1")
     known = int(np.prod([s for s in shape if s != -1]))
     if -1 in shape:
         if num_devices % known:
-            raise ValueError(f"config.mesh.shape={shape}: {known} does not divide the "
+            raise ConfigError(f"config.mesh.shape={shape}: {known} does not divide the "
                              f"{num_devices} available devices")
         shape = tuple(num_devices // known if s == -1 else s for s in shape)
     if int(np.prod(shape)) != num_devices:
-        raise ValueError(f"config.mesh.shape={shape} needs {int(np.prod(shape))} devices but "
+        raise ConfigError(f"config.mesh.shape={shape} needs {int(np.prod(shape))} devices but "
                          f"{num_devices} are available")
     return shape  # type: ignore[return-value]
 

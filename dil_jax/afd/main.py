@@ -23,7 +23,7 @@ from ml_collections import config_flags
 
 from dil_jax.afd import adversarial
 from dil_jax.afd import extrapolation as afd
-from dil_jax.runtime import exit_on_bad_input, quiet_absl_logging
+from dil_jax.runtime import exit_on_bad_input, parse_flags, quiet_absl_logging
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a get_config() file with an "
                                           "'afd' section.", lock_config=True)
@@ -97,4 +97,4 @@ def summary_tables(summary: dict) -> str:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -56,7 +56,7 @@ from jax.sharding import PartitionSpec as P
 
 from dil_jax import loop, scoring, sharding, spec
 from dil_jax.data import pipeline
-from dil_jax.errors import ConfigError
+from dil_jax.errors import ConfigError, DataError
 from dil_jax.metrics import MetricWriter
 from dil_jax.models import build_model
 
@@ -436,24 +436,24 @@ def validate_classifier_data(arrays: Mapping[str, np.ndarray], *, loss: str,
                              name: str = "reward-model data") -> None:
     """Clear errors for empty sets and sequences without response tokens."""
     if "input_ids" not in arrays or len(arrays["input_ids"]) == 0:
-        raise ValueError(f"{name}: the dataset is empty (no examples)")
+        raise DataError(f"{name}: the dataset is empty (no examples)")
     ids = arrays["input_ids"]
     if ids.ndim != 3:
-        raise ValueError(f"{name}: input_ids must be [n, N, T], got shape {ids.shape}")
+        raise DataError(f"{name}: input_ids must be [n, N, T], got shape {ids.shape}")
     empty = np.asarray(arrays["loss_mask"]).sum(-1) == 0  # [n, N]
     if empty.any():
         i, j = np.argwhere(empty)[0]
-        raise ValueError(f"{name}: example {i}, sequence {j} has no response tokens "
+        raise DataError(f"{name}: example {i}, sequence {j} has no response tokens "
                          "(loss_mask is all zero): a prompt without a response")
     if loss == "bradley_terry" and ids.shape[1] != 2:
-        raise ValueError(f"{name}: bradley_terry needs pairs [n, 2, T], got N={ids.shape[1]}")
+        raise DataError(f"{name}: bradley_terry needs pairs [n, 2, T], got N={ids.shape[1]}")
     if loss == "bce":
         labels = arrays.get("labels")
         if labels is not None:
             if not np.any(labels == 1) or not np.any(labels == 0):
-                raise ValueError(f"{name}: labels need both positives (1) and negatives (0)")
+                raise DataError(f"{name}: labels need both positives (1) and negatives (0)")
         elif ids.shape[1] < 2:
-            raise ValueError(f"{name}: without labels, BCE needs index 0 positive and at least "
+            raise DataError(f"{name}: without labels, BCE needs index 0 positive and at least "
                              "one negative per row (N >= 2)")
 
 
@@ -503,7 +503,7 @@ def train_reward_model(rm: RewardModel, arrays: Mapping[str, np.ndarray], workdi
     validate_classifier_data(arrays, loss=cfg.loss)
     train_arrays, eval_arrays = split_held_out(arrays, cfg.eval_fraction, rm.seed)
     if len(train_arrays["input_ids"]) < cfg.global_batch_size:
-        raise ValueError(f"reward-model data: {len(train_arrays['input_ids'])} training examples "
+        raise DataError(f"reward-model data: {len(train_arrays['input_ids'])} training examples "
                          f"is fewer than reward_model.global_batch_size={cfg.global_batch_size}")
     it = pipeline.make_iterator(train_arrays, cfg.global_batch_size, seed=rm.seed)
     settings = loop.LoopSettings(
@@ -531,7 +531,7 @@ def labelled_pairs(positive: Mapping[str, np.ndarray], negative: Mapping[str, np
     """Classifier data from positives ``[n, 1, T]`` and negatives ``[n, k, T]`` on the same
     prompts: ``[n, 1 + k, T]``, index 0 the positive (``labels`` [1, 0, ..., 0])."""
     if len(positive["input_ids"]) != len(negative["input_ids"]):
-        raise ValueError(f"positives ({len(positive['input_ids'])}) and negatives "
+        raise DataError(f"positives ({len(positive['input_ids'])}) and negatives "
                          f"({len(negative['input_ids'])}) must share their prompts row by row")
     t = max(positive["input_ids"].shape[-1], negative["input_ids"].shape[-1])
     out = {}

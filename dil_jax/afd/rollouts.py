@@ -25,6 +25,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from dil_jax import sharding
+from dil_jax.errors import ConfigError, DataError
 from dil_jax.sampling import make_generate_fn
 
 
@@ -59,16 +60,16 @@ def prompts_from_arrays(arrays: Mapping[str, np.ndarray]) -> tuple[np.ndarray, n
     if ids.ndim == 3:
         ids, attn, loss = ids[:, 0], attn[:, 0], loss[:, 0]
     if len(ids) == 0:
-        raise ValueError("demonstrations: the set is empty (no prompts to sample from)")
+        raise DataError("demonstrations: the set is empty (no prompts to sample from)")
     has_response = loss.any(axis=1)
     if not has_response.all():
-        raise ValueError(f"demonstrations: row {int(np.argmin(has_response))} has no response "
+        raise DataError(f"demonstrations: row {int(np.argmin(has_response))} has no response "
                          "tokens (loss_mask all zero): a prompt without a demonstration")
     first = loss.argmax(axis=1)  # [n] first response position
     is_prompt = (attn != 0) & (np.arange(ids.shape[1])[None] < first[:, None])  # [n, T]
     lengths = is_prompt.sum(axis=1)
     if (lengths == 0).any():
-        raise ValueError(f"demonstrations: row {int(np.argmin(lengths))} has an empty prompt")
+        raise DataError(f"demonstrations: row {int(np.argmin(lengths))} has an empty prompt")
     p = int(lengths.max())
     out_ids = np.zeros((len(ids), p), np.int32)
     out_mask = np.zeros((len(ids), p), np.int32)
@@ -114,10 +115,10 @@ def sample(model, params, prompt_ids: np.ndarray, prompt_mask: np.ndarray, k: in
     if n == 0:
         raise ValueError("sampling: no prompts")
     if k < 1:
-        raise ValueError(f"{field}={k}: must be >= 1")
+        raise ConfigError(f"{field}={k}: must be >= 1")
     dp = sharding.data_parallel_size(mesh)
     if k > sampling_cfg.max_batch:
-        raise ValueError(f"{field}={k} is larger than sampling.max_batch="
+        raise ConfigError(f"{field}={k} is larger than sampling.max_batch="
                          f"{sampling_cfg.max_batch}, the most sequences one sampler call holds; "
                          "raise sampling.max_batch (memory permitting) or lower N")
     per_call = max(1, min(n, sampling_cfg.max_batch // k))  # prompts per call

@@ -22,6 +22,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 
 from dil_jax.data.batching import TokenizedDataset, bucket_plan, pack_plan
+from dil_jax.errors import ConfigError, DataError
 
 
 @dataclasses.dataclass
@@ -51,10 +52,10 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
             raise ValueError(f"dataset arrays disagree on the number of examples: {sizes}")
         self.num_examples = next(iter(sizes.values()))
         if self.global_batch_size % self.process_count:
-            raise ValueError(f"global batch size {self.global_batch_size} is not divisible by "
+            raise ConfigError(f"global batch size {self.global_batch_size} is not divisible by "
                              f"the process count {self.process_count}")
         if self.num_examples < self.global_batch_size:
-            raise ValueError(f"the dataset has {self.num_examples} examples, fewer than one "
+            raise DataError(f"the dataset has {self.num_examples} examples, fewer than one "
                              f"global batch of {self.global_batch_size}")
         self.batches_per_epoch = self.num_examples // self.global_batch_size
 
@@ -83,7 +84,7 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
         """Resumes at a saved position; refuses a state saved over different data or batching."""
         for key in ("seed", "num_examples", "global_batch_size"):
             if int(state[key]) != getattr(self, key):
-                raise ValueError(f"data iterator state was saved with {key}={state[key]} but "
+                raise ConfigError(f"data iterator state was saved with {key}={state[key]} but "
                                  f"this run has {key}={getattr(self, key)}: the data or "
                                  "batching changed")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
@@ -110,19 +111,19 @@ class BucketIterator(Iterator[dict[str, np.ndarray]]):
 
     def __post_init__(self):
         if self.global_batch_size % self.process_count:
-            raise ValueError(f"global batch size {self.global_batch_size} is not divisible by "
+            raise ConfigError(f"global batch size {self.global_batch_size} is not divisible by "
                              f"the process count {self.process_count}")
         self.num_examples = len(self.data)
         if self.num_examples < self.global_batch_size:
-            raise ValueError(f"the dataset has {self.num_examples} examples, fewer than one "
+            raise DataError(f"the dataset has {self.num_examples} examples, fewer than one "
                              f"global batch of {self.global_batch_size}")
         if not self.data.buckets:
-            raise ValueError("the dataset has no bucket lengths")
+            raise ConfigError("the dataset has no bucket lengths")
         self._natural = self.data.natural_buckets()  # [n]
         self._plans: dict[int, list] = {}
         self.batches_per_epoch = len(self.plan(0))
         if not self.batches_per_epoch:
-            raise ValueError(f"{self.num_examples} examples pack into fewer than one global "
+            raise DataError(f"{self.num_examples} examples pack into fewer than one global "
                              f"batch of {self.global_batch_size} rows")
 
     @property
@@ -173,7 +174,7 @@ class BucketIterator(Iterator[dict[str, np.ndarray]]):
         mine = self.get_state()
         for key in ("seed", "num_examples", "global_batch_size", "layout", "buckets", "digest"):
             if key not in state or state[key] != mine[key]:
-                raise ValueError(f"data iterator state was saved with {key}={state.get(key)!r} "
+                raise ConfigError(f"data iterator state was saved with {key}={state.get(key)!r} "
                                  f"but this run has {key}={mine[key]!r}: the data or batching "
                                  "changed")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])

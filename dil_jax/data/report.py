@@ -15,7 +15,7 @@ import dataclasses
 import json
 import os
 
-from dil_jax.errors import DataError  # noqa: F401 (re-exported: data modules raise it)
+from dil_jax.errors import ConfigError, DataError
 
 BAD_RECORD_POLICIES = ("error", "skip")
 MAX_EXAMPLES = 20  # rejected records quoted verbatim in the report, per split
@@ -61,7 +61,7 @@ class SplitReport:
 
     def __post_init__(self):
         if self.on_bad_record not in BAD_RECORD_POLICIES:
-            raise ValueError(f"config.data.on_bad_record={self.on_bad_record!r}: expected one "
+            raise ConfigError(f"config.data.on_bad_record={self.on_bad_record!r}: expected one "
                              f"of {BAD_RECORD_POLICIES}")
 
     def count(self, key: str, n: int = 1) -> None:

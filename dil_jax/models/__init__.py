@@ -118,7 +118,13 @@ def architecture_config(model_cfg) -> Any:
             raise ValueError(f"config.model.family={model_cfg.family!r}, but config.model."
                              f"hf_path={hf_path!r} is a {family!r} model")
         return arch
-    return get_family(model_cfg.family).config_cls(**family_kwargs(model_cfg))
+    family = get_family(model_cfg.family)
+    try:
+        return family.config_cls(**family_kwargs(model_cfg))
+    except (TypeError, ValueError) as e:  # the family's own checks, e.g. heads vs KV heads
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"config.model ({family.name}): {e}") from e
 
 
 def build_model(model_cfg) -> tuple[Any, Family]:
