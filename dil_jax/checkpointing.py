@@ -288,10 +288,13 @@ def _refuse_misfit(step_dir: str, item: str, target) -> None:
     Checked before reading so that a config change (another optimiser, model shape) is reported
     as such, and a read failure afterwards can only mean damage.
     """
+    handler = ocp.StandardCheckpointHandler()
     try:
-        stored = ocp.StandardCheckpointHandler().metadata(epath.Path(step_dir) / item)
+        stored = handler.metadata(epath.Path(step_dir) / item)
     except Exception:  # noqa: BLE001 - unreadable metadata is damage, found by the read below
         return
+    finally:
+        handler.close()
     have, want = _shapes_by_path(stored), _shapes_by_path(target)
     if have == want:
         return

@@ -194,11 +194,14 @@ def test_checkpoint_from_another_run_is_refused_not_skipped(run_copy, trainer, t
     assert (ckpts / "6").is_dir() and not (run_copy / "checkpoints.damaged").exists()
 
 
-def test_changed_optimizer_is_a_config_error_not_damage(run_copy):
-    config = make_tiny_config(**{"optim.grad_clip": 0.0})
-    trainer = train.Trainer(config)
+def test_state_that_does_not_fit_is_a_config_error_not_damage(run_copy):
+    # A run whose state shapes differ (here: a narrower model, as an optimiser change would
+    # change opt_state) while the recorded config passes the RESUME_MUST_MATCH comparison.
+    config = make_tiny_config()
+    trainer = train.Trainer(make_tiny_config(**{"model.hidden_size": 32}))
     manager = checkpointing.make_manager(str(run_copy), config.checkpoint)
-    with pytest.raises(ConfigError, match=r"does not fit this run's state"):
+    with pytest.raises(ConfigError, match=r"does not fit this run's state .*params entries "
+                                          r"differ.*checkpoint has \(64"):
         checkpointing.restore_latest(manager, trainer, config)
     assert not (run_copy / "checkpoints.damaged").exists()
 
