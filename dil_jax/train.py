@@ -81,6 +81,11 @@ def _pair_stats(model, family, params, batch, ref_params, *, terms, chunks,
                                     reference=reference, mean_logits=pol.sum_mean_logits / n_tokens,
                                     labels=batch.get("labels"))
     losses, metrics = objectives.compute_loss(terms, seqs)
+    # Both reductions of the response log-likelihood, whatever the loss's own (`logps/*`):
+    # Figure 2 compares DIL (per-token means) and DPO (per-sequence sums) on one axis.
+    for j, name in enumerate(("chosen", "rejected")[:pol.sum_logps.shape[1]]):
+        metrics[f"logps_sum/{name}"] = pol.sum_logps[:, j]
+        metrics[f"logps_mean/{name}"] = pol.sum_logps[:, j] / n_tokens[:, j]
     if diagnostics and reference is not None and seqs.policy.shape[1] >= 2:
         rows = losses.shape[0]
         diag = density_ratio_diagnostics(terms, seqs)  # scalars and [B] arrays

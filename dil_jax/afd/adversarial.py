@@ -429,12 +429,7 @@ def load_last_good(config, workdir: str, *, mesh=None) -> tuple[int, dict]:
     run = AdversarialImitation(config, mesh=mesh)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             run.abstract_state.params, run.state_sharding.params)
-    manager = checkpointing.make_manager(
-        workdir, ml_collections.ConfigDict({"keep": 2, "async_save": False}))
-    step = manager.latest_step()
-    manager.close()
-    if step is None:
-        raise FileNotFoundError(f"no adversarial checkpoint in {workdir}")
+    step = checkpointing.read_meta(workdir)["step"]  # the newest whole step (damage skipped)
     return step, checkpointing.load_params(workdir, abstract, step)
 
 
