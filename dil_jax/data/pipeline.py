@@ -6,12 +6,16 @@ Two kinds of dataset come out of :func:`build_datasets`:
   trainer's pair layout, ``input_ids``, ``attention_mask``, ``loss_mask`` ``[n, N, T]``
   (N = 2: chosen, rejected; N = 1: demonstrations) and ``example_id [n]``;
 - real data (``source='files'`` or ``'hub'``): a ragged
-  :class:`~dil_jax.data.batching.TokenizedDataset`, read (:mod:`~dil_jax.data.sources`), parsed
+  :class:`~dil_jax.data.batching.TokenizedDataset` (N = 2 pairs, N = 1 demonstrations or KTO's
+  labelled completions with ``extras['labels']``, or ranked lists padded to the largest N),
+  read (:mod:`~dil_jax.data.sources`), parsed
   (:mod:`~dil_jax.data.formats`), tokenised (:mod:`~dil_jax.data.tokenize`) and cached on disk
   (:mod:`~dil_jax.data.cache`), whose batches are bucketed or packed at iteration time
   (:mod:`~dil_jax.data.batching`).
 
-:func:`make_iterator` returns the matching resumable iterator for either. Loss masks are
+:func:`make_iterator` returns the matching resumable iterator for either (for KTO, wrapped so
+each batch gains its mismatched completions on the host). :func:`check_layout` refuses data
+whose layout the loss terms cannot read (``objectives.data_layout``). Loss masks are
 explicit and never derived from ``ids != pad`` (the pad id may equal EOS).
 
 The report. Every real-data build writes ``<workdir>/data_report.json``: per split the records
