@@ -1,6 +1,7 @@
 """Every bad input ends in one line naming the field, file or tensor, exit status 2, no traceback;
 SIGTERM before the step loop stops with the preemption status and marker (issue 10 §3, §5)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import time
 
 import pytest
 from conftest import REPO, SHARED_DATA
+from test_data_formats import BAD_CASES, GOOD
 
 GPT2_TOKENIZER = SHARED_DATA / "tokenizers" / "gpt2"
 UF_EVAL = SHARED_DATA / "ultrafeedback-binarized-subset" / "eval_clean.jsonl.gz"
@@ -23,8 +25,8 @@ def run_main(tmp_path, *args, module="dil_jax.main", config=None, timeout=300):
                           timeout=timeout)
 
 
-def real_data(*extra):
-    return ("--config.data.source=files", f"--config.data.train_files=('{UF_EVAL}',)",
+def real_data(*extra, train_file=UF_EVAL):
+    return ("--config.data.source=files", f"--config.data.train_files=('{train_file}',)",
             f"--config.data.tokenizer={GPT2_TOKENIZER}", "--config.data.eos_token=<|endoftext|>",
             "--config.data.chat_template=plain", "--config.model.vocab_size=50304",
             "--config.model.max_position_embeddings=1024", "--config.data.max_length=256",
@@ -57,7 +59,7 @@ CASES = [
      "config.data.max_length=4096"),
     ("prompt budget >= max_length", real_data("--config.data.max_prompt_length=256"), True,
      "max_prompt_length"),
-    ("data file is a directory", real_data(f"--config.data.train_files=('{REPO}',)"), True,
+    ("data file is a directory", real_data(train_file=REPO), True,
      "is a directory"),
     ("missing tokenizer path", real_data("--config.data.tokenizer=/nonexistent/tok"), True,
      "/nonexistent/tok"),
@@ -97,3 +99,21 @@ def test_sigterm_before_the_step_loop_stops_cleanly(tmp_path, shared_data):
     assert proc.returncode == 75, (proc.returncode, err[-2000:])
     assert "Traceback" not in err, err[-2000:]
     assert (tmp_path / "run" / "PREEMPTED").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reason", sorted(BAD_CASES))
+def test_bad_record_through_the_cli(tmp_path, reason, shared_data):
+    """Each bad-record case of tests/test_data_formats.py, end to end: file:line, field, exit 2."""
+    line, field = BAD_CASES[reason]
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in GOOD[:2]) + line + b"\n")
+    args = [a for a in real_data("--config.data.format=prompt_chosen_rejected", train_file=path)
+            if "on_bad_record" not in a]  # the default: 'error'
+    out = run_main(tmp_path, *args)
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
+    error = [ln for ln in out.stderr.splitlines() if ln.startswith("dil_jax: error:")]
+    assert len(error) == 1 and "data.jsonl:3: " in error[0] and f"[{reason}]" in error[0]
+    if field:
+        assert f"field '{field}'" in error[0]

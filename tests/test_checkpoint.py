@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from dil_jax import loop, train
+from dil_jax import loop, metrics, sharding, train
 
 
 def params_of(summary):
@@ -40,11 +40,25 @@ def test_interrupted_and_resumed_run_is_bit_identical(tiny_config, tmp_path):
 
 
 def test_resume_on_a_different_mesh(tiny_config, tmp_path):
+    """Interrupted on (8,1,1), resumed on (2,2,2) and on 4 devices: the same losses and params
+    as the uninterrupted run on the original mesh (1e-5)."""
     config = tiny_config(**{"mesh.shape": (8, 1, 1)})
-    train.train_and_evaluate(config, str(tmp_path), max_steps=3)
+    full = train.train_and_evaluate(config, str(tmp_path / "full"))
+    train.train_and_evaluate(config, str(tmp_path / "part"), max_steps=3)
     config.mesh.shape = (2, 2, 2)  # resharded on restore
-    out = train.train_and_evaluate(config, str(tmp_path))
+    train.train_and_evaluate(config, str(tmp_path / "part"), max_steps=2)
+    config.mesh.shape = (1, 2, 2)  # and onto fewer devices
+    out = train.train_and_evaluate(config, str(tmp_path / "part"),
+                                   mesh=sharding.make_mesh((1, 2, 2), devices=jax.devices()[:4]))
     assert out["step"] == 6
+
+    def losses(run):
+        return [r["loss"] for r in metrics.read_metrics(str(tmp_path / run)) if "loss" in r]
+
+    np.testing.assert_allclose(losses("part"), losses("full"), atol=1e-5, rtol=0)
+    for a, b in zip(jax.tree.leaves(jax.device_get(full["state"].params)),
+                    jax.tree.leaves(jax.device_get(out["state"].params)), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
 def test_incompatible_checkpoint_refuses_to_resume(tiny_config, tmp_path):
