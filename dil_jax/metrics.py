@@ -59,8 +59,11 @@ def read_run_config(workdir: str) -> dict:
     """The config stored with the run's newest checkpoint (``checkpoints/<step>/meta``), as a
     dict; ``{}`` when the workdir has no checkpoint (for plots and tables)."""
     root = os.path.join(workdir, "checkpoints")
-    steps = sorted((int(n) for n in os.listdir(root) if n.isdigit()), reverse=True) \
-        if os.path.isdir(root) else []
+    steps = (
+        sorted((int(n) for n in os.listdir(root) if n.isdigit()), reverse=True)
+        if os.path.isdir(root)
+        else []
+    )
     for step in steps:
         path = os.path.join(root, str(step), "meta", "metadata")
         if os.path.isfile(path):

@@ -157,7 +157,11 @@ def _mean_rejected(x: Array, mask: Array | None) -> Array:
 
 
 def dil_lsif(
-    delta_w: Array, delta_l: Array, rejected_mask: Array | None = None, *, beta: float = 1.0,
+    delta_w: Array,
+    delta_l: Array,
+    rejected_mask: Array | None = None,
+    *,
+    beta: float = 1.0,
     max_log_ratio: float = DEFAULT_MAX_LOG_RATIO,
 ) -> Array:
     """DIL with LSIF, the paper's main method: `−r_w + ½ r_l²`.
@@ -185,11 +189,16 @@ def dil_lsif(
     dw = beta * _f32(delta_w)  # [B]
     dl = beta * _f32(delta_l)  # [B] or [B, K]
     return -guarded_exp(dw, max_log_ratio) + _mean_rejected(
-        0.5 * guarded_exp(2.0 * dl, 2.0 * max_log_ratio), rejected_mask)
+        0.5 * guarded_exp(2.0 * dl, 2.0 * max_log_ratio), rejected_mask
+    )
 
 
 def dil_ukl(
-    delta_w: Array, delta_l: Array, rejected_mask: Array | None = None, *, beta: float = 1.0,
+    delta_w: Array,
+    delta_l: Array,
+    rejected_mask: Array | None = None,
+    *,
+    beta: float = 1.0,
     max_log_ratio: float = DEFAULT_MAX_LOG_RATIO,
 ) -> Array:
     """DIL with the unnormalised KL (KLIEP-type) generator: `−Δ_w + r_l` (paper form).
@@ -207,11 +216,13 @@ def dil_ukl(
       [B] float32 per-example loss.
     """
     return -beta * _f32(delta_w) + _mean_rejected(
-        guarded_exp(beta * _f32(delta_l), max_log_ratio), rejected_mask)
+        guarded_exp(beta * _f32(delta_l), max_log_ratio), rejected_mask
+    )
 
 
-def dil_bce(delta_w: Array, delta_l: Array, rejected_mask: Array | None = None, *,
-            beta: float = 1.0) -> Array:
+def dil_bce(
+    delta_w: Array, delta_l: Array, rejected_mask: Array | None = None, *, beta: float = 1.0
+) -> Array:
     """DIL with the logistic (binary KL) generator: `−log σ(βΔ_w) − log σ(−βΔ_l)`.
 
     docs/objectives.md §1 table, h(r) = r log r − (1+r) log(1+r). Gradients ∂/∂Δ_w = −σ(−Δ_w),
@@ -228,7 +239,11 @@ def dil_bce(delta_w: Array, delta_l: Array, rejected_mask: Array | None = None, 
 
 
 def dil_basu(
-    delta_w: Array, delta_l: Array, rejected_mask: Array | None = None, *, alpha: float,
+    delta_w: Array,
+    delta_l: Array,
+    rejected_mask: Array | None = None,
+    *,
+    alpha: float,
     beta: float = 1.0,
     max_log_ratio: float = DEFAULT_MAX_LOG_RATIO,
 ) -> Array:
@@ -246,12 +261,13 @@ def dil_basu(
     if isinstance(alpha, numbers.Real) and (1.0 + alpha) * max_log_ratio >= _FLOAT32_EXP_LIMIT:
         raise ValueError(
             f"dil_basu: (1 + alpha) * max_log_ratio = {(1.0 + alpha) * max_log_ratio} overflows "
-            f"float32 exp; lower alpha or max_log_ratio")
+            f"float32 exp; lower alpha or max_log_ratio"
+        )
     dw = beta * _f32(delta_w)
     dl = beta * _f32(delta_l)
-    return (_mean_rejected(guarded_exp((1.0 + alpha) * dl, (1.0 + alpha) * max_log_ratio),
-                           rejected_mask)
-            - (1.0 + alpha) / alpha * guarded_exp(alpha * dw, alpha * max_log_ratio))
+    return _mean_rejected(
+        guarded_exp((1.0 + alpha) * dl, (1.0 + alpha) * max_log_ratio), rejected_mask
+    ) - (1.0 + alpha) / alpha * guarded_exp(alpha * dw, alpha * max_log_ratio)
 
 
 def cpc_ratio_loss(delta_pos: Array, delta_neg: Array, *, beta: float) -> Array:
@@ -330,8 +346,13 @@ def _f_prime(delta: Array, divergence: str, alpha: float, max_log_ratio: float) 
 
 
 def fdpo(
-    delta_w: Array, delta_l: Array, *, beta: float, divergence: str = "reverse_kl",
-    alpha: float = 0.5, max_log_ratio: float = DEFAULT_MAX_LOG_RATIO,
+    delta_w: Array,
+    delta_l: Array,
+    *,
+    beta: float,
+    divergence: str = "reverse_kl",
+    alpha: float = 0.5,
+    max_log_ratio: float = DEFAULT_MAX_LOG_RATIO,
 ) -> Array:
     """f-DPO: `−log σ(β f'(r_w) − β f'(r_l))`, r = exp(Δ). Wang et al. 2023, "Beyond Reverse KL".
 
@@ -398,8 +419,9 @@ def exo_pair(delta_w: Array, delta_l: Array, *, beta: float, label_smoothing: fl
     """
     z = beta * (_f32(delta_w) - _f32(delta_l))  # [B]
     eps = label_smoothing
-    return (jax.nn.sigmoid(z) * (jax.nn.log_sigmoid(z) - math.log1p(-eps))
-            + jax.nn.sigmoid(-z) * (jax.nn.log_sigmoid(-z) - math.log(eps)))
+    return jax.nn.sigmoid(z) * (jax.nn.log_sigmoid(z) - math.log1p(-eps)) + jax.nn.sigmoid(-z) * (
+        jax.nn.log_sigmoid(-z) - math.log(eps)
+    )
 
 
 def nca_pair(delta_w: Array, delta_l: Array, *, beta: float) -> Array:
@@ -410,8 +432,7 @@ def nca_pair(delta_w: Array, delta_l: Array, *, beta: float) -> Array:
     the chosen likelihood up in absolute terms.
     """
     zw, zl = beta * _f32(delta_w), beta * _f32(delta_l)
-    return (-jax.nn.log_sigmoid(zw) - 0.5 * jax.nn.log_sigmoid(-zw)
-            - 0.5 * jax.nn.log_sigmoid(-zl))
+    return -jax.nn.log_sigmoid(zw) - 0.5 * jax.nn.log_sigmoid(-zw) - 0.5 * jax.nn.log_sigmoid(-zl)
 
 
 def sppo_hard(delta_w: Array, delta_l: Array, *, beta: float) -> Array:
@@ -424,8 +445,9 @@ def sppo_hard(delta_w: Array, delta_l: Array, *, beta: float) -> Array:
     return (_f32(delta_w) - t) ** 2 + (_f32(delta_l) + t) ** 2
 
 
-def aot(delta_w: Array, delta_l: Array, ref_margin: Array, *, beta: float,
-        label_smoothing: float = 0.0) -> Array:
+def aot(
+    delta_w: Array, delta_l: Array, ref_margin: Array, *, beta: float, label_smoothing: float = 0.0
+) -> Array:
     """AOT (paired): cDPO on `sort(logp_θ(y_w) − logp_θ(y_l)) − sort(ref margin)` over the batch.
 
     Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal Transport" (TRL
@@ -443,8 +465,7 @@ def aot(delta_w: Array, delta_l: Array, ref_margin: Array, *, beta: float,
     return cdpo(d, jnp.zeros_like(d), beta=beta, label_smoothing=label_smoothing)
 
 
-def aot_pair(delta_w: Array, delta_l: Array, *, beta: float,
-             label_smoothing: float = 0.0) -> Array:
+def aot_pair(delta_w: Array, delta_l: Array, *, beta: float, label_smoothing: float = 0.0) -> Array:
     """AOT (unpaired form): cDPO on `sort(Δ_w) − sort(Δ_l)` over the batch.
 
     Melnyk et al. 2024 (TRL `loss_type='aot_pair'`): the chosen log-ratio distribution should
@@ -525,8 +546,15 @@ def plackett_luce(deltas: Array, mask: Array | None = None, *, beta: float) -> A
     return jnp.sum(jnp.where(valid, tail_lse - z, 0.0), axis=1)
 
 
-def kto(delta: Array, kl_delta: Array, labels: Array, *, beta: float, desirable_weight: float,
-        undesirable_weight: float) -> Array:
+def kto(
+    delta: Array,
+    kl_delta: Array,
+    labels: Array,
+    *,
+    beta: float,
+    desirable_weight: float,
+    undesirable_weight: float,
+) -> Array:
     """KTO: `λ_D(1 − σ(β(Δ − z)))` on desirable, `λ_U(1 − σ(β(z − Δ)))` on undesirable outputs.
 
     Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization", eq. 8,
@@ -687,52 +715,111 @@ LOSSES: dict[str, LossSpec] = {
     # DIL (docs/objectives.md §1): pairs or ranked lists.
     "dil_lsif": LossSpec(dil_lsif, _feed_ranked_deltas, True, "list", dict(_DIL)),
     "dil_ukl": LossSpec(dil_ukl, _feed_ranked_deltas, True, "list", dict(_DIL)),
-    "dil_bce": LossSpec(dil_bce, _feed_ranked_deltas, True, "list",
-                        {"beta": 1.0, "reduction": "mean"}),
+    "dil_bce": LossSpec(
+        dil_bce, _feed_ranked_deltas, True, "list", {"beta": 1.0, "reduction": "mean"}
+    ),
     "dil_basu": LossSpec(dil_basu, _feed_ranked_deltas, True, "list", dict(_DIL, alpha=0.5)),
     # The DPO family (docs/objectives.md §2) and TRL's loss types.
     "dpo": LossSpec(dpo, _feed_deltas, True, "pair", dict(_BETA_SUM), difference_only=True),
-    "cdpo": LossSpec(cdpo, _feed_deltas, True, "pair", dict(_BETA_SUM, label_smoothing=0.1),
-                     difference_only=True),
-    "robust": LossSpec(robust_dpo, _feed_deltas, True, "pair",
-                       dict(_BETA_SUM, label_smoothing=0.1), difference_only=True),
-    "ipo": LossSpec(ipo, _feed_deltas, True, "pair", {"beta": 0.1, "reduction": "mean"},
-                    difference_only=True),
+    "cdpo": LossSpec(
+        cdpo, _feed_deltas, True, "pair", dict(_BETA_SUM, label_smoothing=0.1), difference_only=True
+    ),
+    "robust": LossSpec(
+        robust_dpo,
+        _feed_deltas,
+        True,
+        "pair",
+        dict(_BETA_SUM, label_smoothing=0.1),
+        difference_only=True,
+    ),
+    "ipo": LossSpec(
+        ipo, _feed_deltas, True, "pair", {"beta": 0.1, "reduction": "mean"}, difference_only=True
+    ),
     "hinge": LossSpec(hinge, _feed_deltas, True, "pair", dict(_BETA_SUM), difference_only=True),
-    "fdpo": LossSpec(fdpo, _feed_deltas, True, "pair",
-                     {"beta": 0.1, "divergence": "reverse_kl", "alpha": 0.5,
-                      "max_log_ratio": DEFAULT_MAX_LOG_RATIO, "reduction": "sum"},
-                     difference_only=True),
-    "exo_pair": LossSpec(exo_pair, _feed_deltas, True, "pair",
-                         dict(_BETA_SUM, label_smoothing=1e-3), difference_only=True),
+    "fdpo": LossSpec(
+        fdpo,
+        _feed_deltas,
+        True,
+        "pair",
+        {
+            "beta": 0.1,
+            "divergence": "reverse_kl",
+            "alpha": 0.5,
+            "max_log_ratio": DEFAULT_MAX_LOG_RATIO,
+            "reduction": "sum",
+        },
+        difference_only=True,
+    ),
+    "exo_pair": LossSpec(
+        exo_pair,
+        _feed_deltas,
+        True,
+        "pair",
+        dict(_BETA_SUM, label_smoothing=1e-3),
+        difference_only=True,
+    ),
     "nca_pair": LossSpec(nca_pair, _feed_deltas, True, "pair", dict(_BETA_SUM)),
     "sppo_hard": LossSpec(sppo_hard, _feed_deltas, True, "pair", dict(_BETA_SUM)),
     "aot": LossSpec(aot, _feed_aot, True, "pair", dict(_BETA_SUM, label_smoothing=0.0)),
-    "aot_pair": LossSpec(aot_pair, _feed_deltas, True, "pair",
-                         dict(_BETA_SUM, label_smoothing=0.0)),
+    "aot_pair": LossSpec(
+        aot_pair, _feed_deltas, True, "pair", dict(_BETA_SUM, label_smoothing=0.0)
+    ),
     "apo_zero": LossSpec(apo_zero, _feed_deltas, True, "pair", dict(_BETA_SUM)),
     "apo_down": LossSpec(apo_down, _feed_deltas, True, "pair", dict(_BETA_SUM)),
-    "discopop": LossSpec(discopop, _feed_deltas, True, "pair", dict(_BETA_SUM, tau=0.05),
-                         difference_only=True),
+    "discopop": LossSpec(
+        discopop, _feed_deltas, True, "pair", dict(_BETA_SUM, tau=0.05), difference_only=True
+    ),
     # TRL's `sigmoid_norm`: DPO on length-normalised log-ratios.
-    "sigmoid_norm": LossSpec(dpo, _feed_deltas, True, "pair", {"beta": 0.1, "reduction": "mean"},
-                             reductions=("mean",), difference_only=True),
+    "sigmoid_norm": LossSpec(
+        dpo,
+        _feed_deltas,
+        True,
+        "pair",
+        {"beta": 0.1, "reduction": "mean"},
+        reductions=("mean",),
+        difference_only=True,
+    ),
     # TRL's `bco_pair` is DIL-BCE with TRL's defaults (β = 0.1 on sums) and without TRL's
     # running-mean reward shift δ (see `dil_bce`).
     "bco_pair": LossSpec(dil_bce, _feed_deltas, True, "pair", dict(_BETA_SUM)),
     "cal_dpo": LossSpec(cal_dpo, _feed_deltas, True, "pair", dict(_BETA_SUM), reward_scale=None),
     # Reference-free.
-    "simpo": LossSpec(simpo, _feed_policy_pair, False, "pair",
-                      {"beta": 2.0, "gamma": 0.5, "reduction": "mean"}, reductions=("mean",)),
-    "simper": LossSpec(simper, _feed_policy_pair, False, "pair", {"reduction": "mean"},
-                       reductions=("mean",), reward_scale=None),
+    "simpo": LossSpec(
+        simpo,
+        _feed_policy_pair,
+        False,
+        "pair",
+        {"beta": 2.0, "gamma": 0.5, "reduction": "mean"},
+        reductions=("mean",),
+    ),
+    "simper": LossSpec(
+        simper,
+        _feed_policy_pair,
+        False,
+        "pair",
+        {"reduction": "mean"},
+        reductions=("mean",),
+        reward_scale=None,
+    ),
     "cpo": LossSpec(cpo, _feed_cpo, False, "pair", {"beta": 0.1, "lam": 1.0, "reduction": "sum"}),
-    "orpo": LossSpec(orpo, _feed_policy_pair, False, "pair", {"lam": 0.1, "reduction": "mean"},
-                     reductions=("mean",), reward_scale="lam"),
+    "orpo": LossSpec(
+        orpo,
+        _feed_policy_pair,
+        False,
+        "pair",
+        {"lam": 0.1, "reduction": "mean"},
+        reductions=("mean",),
+        reward_scale="lam",
+    ),
     # Listwise and unpaired feedback.
     "plackett_luce": LossSpec(plackett_luce, _feed_list, True, "list", dict(_BETA_SUM)),
-    "kto": LossSpec(kto, _feed_kto, True, "unpaired",
-                    dict(_BETA_SUM, desirable_weight=1.0, undesirable_weight=1.0)),
+    "kto": LossSpec(
+        kto,
+        _feed_kto,
+        True,
+        "unpaired",
+        dict(_BETA_SUM, desirable_weight=1.0, undesirable_weight=1.0),
+    ),
     "sft": LossSpec(sft, _feed_chosen, False, "single", {"reduction": "mean"}, reward_scale=None),
 }
 # Other names for the same entries: SLiC's, and TRL's `loss_type` names.
@@ -793,8 +880,7 @@ def _field_error(prefix: str | None, where: str, key: str, msg: str) -> ValueErr
     return ValueError(f"{where}: field {key!r} {msg}")
 
 
-def parse_loss_terms(spec: Any, *, fields: Sequence[str] | None = None
-                     ) -> tuple[LossTerm, ...]:
+def parse_loss_terms(spec: Any, *, fields: Sequence[str] | None = None) -> tuple[LossTerm, ...]:
     """Turns a config's loss list into validated `LossTerm`s with all defaults filled in.
 
     Args:
@@ -825,35 +911,53 @@ def parse_loss_terms(spec: Any, *, fields: Sequence[str] | None = None
         name = fields_i.pop("name", None)
         where = f"loss term {i} ({name!r})"
         if name not in LOSSES:
-            raise _field_error(prefix, f"loss term {i}", "name",
-                               f"must be one of {sorted(LOSSES)}, got {name!r}")
+            raise _field_error(
+                prefix, f"loss term {i}", "name", f"must be one of {sorted(LOSSES)}, got {name!r}"
+            )
         weight = fields_i.pop("weight", 1.0)
-        if (isinstance(weight, bool) or not isinstance(weight, numbers.Real)
-                or not math.isfinite(weight) or weight < 0):
-            raise _field_error(prefix, where, "weight",
-                               f"must be a finite number >= 0, got {weight!r}")
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, numbers.Real)
+            or not math.isfinite(weight)
+            or weight < 0
+        ):
+            raise _field_error(
+                prefix, where, "weight", f"must be a finite number >= 0, got {weight!r}"
+            )
         loss_spec = LOSSES[name]
         params = dict(loss_spec.defaults)
         for key, value in fields_i.items():
             if key not in loss_spec.defaults:
-                raise _field_error(prefix, where, key,
-                                   f"is not used by loss {name!r} (unknown field); {name} "
-                                   f"accepts {sorted(loss_spec.defaults)} besides 'name' and "
-                                   "'weight'")
+                raise _field_error(
+                    prefix,
+                    where,
+                    key,
+                    f"is not used by loss {name!r} (unknown field); {name} "
+                    f"accepts {sorted(loss_spec.defaults)} besides 'name' and "
+                    "'weight'",
+                )
             try:
                 params[key] = _check_param(key, value, loss_spec)
             except ValueError as e:
                 raise _field_error(prefix, where, key, str(e)) from None
         if name == "dil_basu" and (1 + params["alpha"]) * params["max_log_ratio"] >= (
-                _FLOAT32_EXP_LIMIT):
-            raise _field_error(prefix, where, "alpha",
-                               f"too large for max_log_ratio={params['max_log_ratio']}: "
-                               f"(1 + alpha) * max_log_ratio must be < {_FLOAT32_EXP_LIMIT}, "
-                               f"got alpha={params['alpha']}")
+            _FLOAT32_EXP_LIMIT
+        ):
+            raise _field_error(
+                prefix,
+                where,
+                "alpha",
+                f"too large for max_log_ratio={params['max_log_ratio']}: "
+                f"(1 + alpha) * max_log_ratio must be < {_FLOAT32_EXP_LIMIT}, "
+                f"got alpha={params['alpha']}",
+            )
         if name == "exo_pair" and params["label_smoothing"] <= 0:
-            raise _field_error(prefix, where, "label_smoothing",
-                               "must be in (0, 0.5) for exo_pair (log ε), got "
-                               f"{params['label_smoothing']!r}")
+            raise _field_error(
+                prefix,
+                where,
+                "label_smoothing",
+                f"must be in (0, 0.5) for exo_pair (log ε), got {params['label_smoothing']!r}",
+            )
         terms.append(LossTerm(name=name, weight=float(weight), params=params))
     terms = tuple(terms)
     check_combination(terms, fields=fields)
@@ -882,8 +986,10 @@ def check_combination(terms: Sequence[LossTerm], *, fields: Sequence[str] | None
     if "unpaired" in layouts and len(terms) > 1:
         i = layouts.index("unpaired")
         j = next(k for k in range(len(terms)) if k != i)
-        raise ValueError(f"{name_of(i)} reads KTO's unpaired batches (labelled completion, "
-                         f"mismatched completion) and cannot be combined with {name_of(j)}")
+        raise ValueError(
+            f"{name_of(i)} reads KTO's unpaired batches (labelled completion, "
+            f"mismatched completion) and cannot be combined with {name_of(j)}"
+        )
     for i, t in enumerate(terms):
         if t.params.get("divergence", "reverse_kl") == "reverse_kl":
             continue
@@ -894,7 +1000,8 @@ def check_combination(terms: Sequence[LossTerm], *, fields: Sequence[str] | None
                     f"{name_of(i)} with divergence={t.params['divergence']!r}: an f-divergence "
                     f"other than reverse KL is only valid with losses that depend on chosen − "
                     f"rejected differences (where the normaliser cancels); {name_of(j)} reads "
-                    "the log-ratios on their own")
+                    "the log-ratios on their own"
+                )
 
 
 def needs_reference(terms: tuple[LossTerm, ...]) -> bool:
@@ -937,19 +1044,27 @@ def _check_inputs(terms: tuple[LossTerm, ...], seqs: SequenceLogps) -> int:
     for t in terms:
         spec = LOSSES[t.name]
         if spec.layout in ("pair", "unpaired") and n != 2:
-            hint = (": with demonstrations only, use 'sft'" if n == 1 else
-                    ": for N > 2 ranked responses use a listwise loss (plackett_luce, dil_*)")
-            raise ValueError(f"loss {t.name!r} needs (chosen, rejected) pairs [B, 2] but got "
-                             f"[B, {n}]{hint}")
+            hint = (
+                ": with demonstrations only, use 'sft'"
+                if n == 1
+                else ": for N > 2 ranked responses use a listwise loss (plackett_luce, dil_*)"
+            )
+            raise ValueError(
+                f"loss {t.name!r} needs (chosen, rejected) pairs [B, 2] but got [B, {n}]{hint}"
+            )
         if spec.layout == "list" and n < 2:
-            raise ValueError(f"loss {t.name!r} needs N >= 2 responses per prompt but got "
-                             f"[B, {n}]: with demonstrations only, use 'sft'")
+            raise ValueError(
+                f"loss {t.name!r} needs N >= 2 responses per prompt but got "
+                f"[B, {n}]: with demonstrations only, use 'sft'"
+            )
         if spec.needs_reference and seqs.reference is None:
-            raise ValueError(f"loss {t.name!r} needs reference log-probs: "
-                             f"SequenceLogps.reference is None")
+            raise ValueError(
+                f"loss {t.name!r} needs reference log-probs: SequenceLogps.reference is None"
+            )
         if spec.layout == "unpaired" and seqs.labels is None:
-            raise ValueError(f"loss {t.name!r} needs SequenceLogps.labels [B] (1 desirable, "
-                             "0 undesirable)")
+            raise ValueError(
+                f"loss {t.name!r} needs SequenceLogps.labels [B] (1 desirable, 0 undesirable)"
+            )
     return n
 
 
@@ -989,9 +1104,15 @@ def compute_loss(
         reduction = params.pop("reduction")
         inputs = _TermInputs(
             policy=_reduce(seqs.policy, seqs.n_tokens, reduction),
-            reference=(None if seqs.reference is None
-                       else _reduce(seqs.reference, seqs.n_tokens, reduction)),
-            policy_mean=policy_mean, valid=valid, labels=seqs.labels)
+            reference=(
+                None
+                if seqs.reference is None
+                else _reduce(seqs.reference, seqs.n_tokens, reduction)
+            ),
+            policy_mean=policy_mean,
+            valid=valid,
+            labels=seqs.labels,
+        )
         term_loss = spec.fn(*spec.feed(inputs), **params)  # [B]
         total = total + t.weight * term_loss
         key = f"loss/{t.name}"
@@ -1000,8 +1121,9 @@ def compute_loss(
 
     lead = next((t for t in terms if LOSSES[t.name].needs_pairs), None) if n >= 2 else None
     if lead is None:
-        metrics["logps/chosen"] = _reduce(seqs.policy[:, 0], seqs.n_tokens[:, 0],
-                                          terms[0].params["reduction"])
+        metrics["logps/chosen"] = _reduce(
+            seqs.policy[:, 0], seqs.n_tokens[:, 0], terms[0].params["reduction"]
+        )
     elif LOSSES[lead.name].layout == "unpaired":
         metrics.update(_kto_metrics(lead, seqs))
     else:
@@ -1010,8 +1132,9 @@ def compute_loss(
         token_mean = token_weighted_mean(seqs.mean_logits, seqs.n_tokens)  # [N]
         metrics["logits/chosen"] = jnp.broadcast_to(token_mean[0], seqs.policy.shape[:1])
         if n >= 2:
-            rest = token_weighted_mean(seqs.mean_logits[:, 1:].reshape(-1, 1),
-                                       seqs.n_tokens[:, 1:].reshape(-1, 1))[0]
+            rest = token_weighted_mean(
+                seqs.mean_logits[:, 1:].reshape(-1, 1), seqs.n_tokens[:, 1:].reshape(-1, 1)
+            )[0]
             metrics["logits/rejected"] = jnp.broadcast_to(rest, seqs.policy.shape[:1])
     return total, metrics
 

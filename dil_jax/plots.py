@@ -23,8 +23,10 @@ import numpy as np
 
 from dil_jax import objectives, validation
 
-REDUCTION_LABELS = {"mean": "per-token mean log-likelihood",
-                    "sum": "per-sequence summed log-likelihood"}
+REDUCTION_LABELS = {
+    "mean": "per-token mean log-likelihood",
+    "sum": "per-sequence summed log-likelihood",
+}
 
 
 def plot_dynamics(results: Sequence[dict]):
@@ -37,10 +39,14 @@ def plot_dynamics(results: Sequence[dict]):
         steps = [m["step"] for m in rows]
         axes[0].plot(steps, [m["logps/chosen"] for m in rows], label=r["name"])
         axes[1].plot(steps, [m["logps/rejected"] for m in rows], label=r["name"])
-        axes[2].plot(steps, [m["logps/chosen"] - m["logps/rejected"] for m in rows],
-                     label=r["name"])
-    for ax, title in zip(axes, ("chosen log-likelihood", "rejected log-likelihood",
-                                "margin (chosen − rejected)"), strict=True):
+        axes[2].plot(
+            steps, [m["logps/chosen"] - m["logps/rejected"] for m in rows], label=r["name"]
+        )
+    for ax, title in zip(
+        axes,
+        ("chosen log-likelihood", "rejected log-likelihood", "margin (chosen − rejected)"),
+        strict=True,
+    ):
         ax.set_title(title)
         ax.set_xlabel("step")
     axes[0].legend(fontsize=7)
@@ -52,8 +58,15 @@ def plot_gold_vs_kl(results: Sequence[dict]):
     """Final gold reward against the Monte-Carlo KL to π_0, one point per method."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for r in results:
-        ax.errorbar(r["kl"], r["gold_reward"], xerr=r["kl_se"], yerr=r["gold_reward_se"],
-                    marker="o", capsize=3, label=r["name"])
+        ax.errorbar(
+            r["kl"],
+            r["gold_reward"],
+            xerr=r["kl_se"],
+            yerr=r["gold_reward_se"],
+            marker="o",
+            capsize=3,
+            label=r["name"],
+        )
     ax.set_xlabel("KL(π || π_0) per response (nats)")
     ax.set_ylabel("gold reward")
     ax.legend(fontsize=7)
@@ -100,8 +113,9 @@ def logged_reduction(config: Mapping) -> str | None:
     return lead.params["reduction"]
 
 
-def logps_key(records: Sequence[Mapping], split: str, which: str, reduction: str,
-              run_reduction: str | None) -> str | None:
+def logps_key(
+    records: Sequence[Mapping], split: str, which: str, reduction: str, run_reduction: str | None
+) -> str | None:
     """The metrics key holding ``which`` ('chosen'/'rejected') in ``reduction``, or None.
 
     Prefers keys that name their reduction (``[eval/]logps_mean/chosen``,
@@ -137,8 +151,12 @@ def _series(records: Sequence[Mapping], key_c: str, key_r: str):
     return steps, chosen, rejected
 
 
-def plot_heldout_dynamics(runs: Mapping[str, tuple[Sequence[Mapping], Mapping]], *,
-                          reduction: str = "mean", smoothing: float = 0.9):
+def plot_heldout_dynamics(
+    runs: Mapping[str, tuple[Sequence[Mapping], Mapping]],
+    *,
+    reduction: str = "mean",
+    smoothing: float = 0.9,
+):
     """The DIL paper's Figure 2 for one or more runs.
 
     Top row: held-out (``eval/*``) chosen and rejected log-likelihood and the margin
@@ -162,22 +180,31 @@ def plot_heldout_dynamics(runs: Mapping[str, tuple[Sequence[Mapping], Mapping]],
     for row, split in enumerate(("eval", "train")):
         for label, (records, config) in runs.items():
             run_red = logged_reduction(config)
-            key_c, key_r = (logps_key(records, split, w, reduction, run_red)
-                            for w in ("chosen", "rejected"))
+            key_c, key_r = (
+                logps_key(records, split, w, reduction, run_red) for w in ("chosen", "rejected")
+            )
             if key_c is None or key_r is None:
-                why = (f"logged {REDUCTION_LABELS[run_red]}s" if run_red else
-                       "its loss reduction is unknown (no stored config)")
-                if not any(("eval/" if split == "eval" else "") + "logps/chosen" in r
-                           for r in records):
-                    why = ("no eval/logps records (set config.eval.every_steps)"
-                           if split == "eval" else "no logps records")
-                notes.append(f"{label}: {split} curves left out: {why}; {reduction} needs "
-                             f"'{'eval/' if split == 'eval' else ''}logps_{reduction}/chosen' "
-                             "and '.../rejected' in metrics.jsonl")
+                why = (
+                    f"logged {REDUCTION_LABELS[run_red]}s"
+                    if run_red
+                    else "its loss reduction is unknown (no stored config)"
+                )
+                if not any(
+                    ("eval/" if split == "eval" else "") + "logps/chosen" in r for r in records
+                ):
+                    why = (
+                        "no eval/logps records (set config.eval.every_steps)"
+                        if split == "eval"
+                        else "no logps records"
+                    )
+                notes.append(
+                    f"{label}: {split} curves left out: {why}; {reduction} needs "
+                    f"'{'eval/' if split == 'eval' else ''}logps_{reduction}/chosen' "
+                    "and '.../rejected' in metrics.jsonl"
+                )
                 continue
             steps, chosen, rejected = _series(records, key_c, key_r)
-            for ax, values in zip(axes[row], (chosen, rejected, chosen - rejected),
-                                  strict=True):
+            for ax, values in zip(axes[row], (chosen, rejected, chosen - rejected), strict=True):
                 if split == "eval":
                     (line,) = ax.plot(steps, values, marker="o", ms=3, label=label)
                 else:
@@ -210,8 +237,9 @@ def has_diagnostics(records: Sequence[Mapping]) -> bool:
     return any(DIAGNOSTIC_KEY in r for r in records)
 
 
-def plot_ratio_diagnostics(runs: Mapping[str, tuple[Sequence[Mapping], Mapping]], *,
-                           smoothing: float = 0.9):
+def plot_ratio_diagnostics(
+    runs: Mapping[str, tuple[Sequence[Mapping], Mapping]], *, smoothing: float = 0.9
+):
     """The density-ratio diagnostics of ``dil_jax.diagnostics`` over training, per run.
 
     Panels: the 10/50/90 % quantiles of log r = log π_θ − log π_ref on chosen and on rejected
@@ -232,17 +260,22 @@ def plot_ratio_diagnostics(runs: Mapping[str, tuple[Sequence[Mapping], Mapping]]
     for label, (records, _) in runs.items():
         rows = [r for r in records if DIAGNOSTIC_KEY in r]
         if not rows:
-            notes.append(f"{label}: no density-ratio diagnostics in metrics.jsonl (run with "
-                         "config.train.diagnostics=True, a reference-based pair or list loss)")
+            notes.append(
+                f"{label}: no density-ratio diagnostics in metrics.jsonl (run with "
+                "config.train.diagnostics=True, a reference-based pair or list loss)"
+            )
             continue
         steps = np.array([r["step"] for r in rows])
         line = None
         for which, style in (("chosen", "-"), ("rejected", "--")):
-            q = {p: np.array([r[f"ratio/log_r_{which}_q{p}"] for r in rows], np.float64)
-                 for p in (10, 50, 90)}
+            q = {
+                p: np.array([r[f"ratio/log_r_{which}_q{p}"] for r in rows], np.float64)
+                for p in (10, 50, 90)
+            }
             kw = {} if line is None else {"color": line.get_color()}
-            (line,) = axes[0].plot(steps, smooth(q[50], smoothing), style,
-                                   label=f"{label} {which}", **kw)
+            (line,) = axes[0].plot(
+                steps, smooth(q[50], smoothing), style, label=f"{label} {which}", **kw
+            )
             axes[0].fill_between(steps, q[10], q[90], color=line.get_color(), alpha=0.12)
         log_mean = np.array([r["ratio/log_implied_ref_mean_r"] for r in rows], np.float64)
         axes[1].plot(steps, smooth(log_mean, smoothing), color=line.get_color(), label=label)
@@ -250,11 +283,18 @@ def plot_ratio_diagnostics(runs: Mapping[str, tuple[Sequence[Mapping], Mapping]]
         ema = [r for r in rows if "ema/logps/chosen" in r]
         if ema:
             e_steps = np.array([r["step"] for r in ema])
-            axes[2].plot(e_steps, [r["ema/logps/chosen"] for r in ema],
-                         color=line.get_color(), label=label)
+            axes[2].plot(
+                e_steps, [r["ema/logps/chosen"] for r in ema], color=line.get_color(), label=label
+            )
             fired = [r for r in ema if r.get("alarm/likelihood_collapse", 0.0) > 0]
-            axes[2].scatter([r["step"] for r in fired], [r["ema/logps/chosen"] for r in fired],
-                            color="red", marker="v", s=18, zorder=3)
+            axes[2].scatter(
+                [r["step"] for r in fired],
+                [r["ema/logps/chosen"] for r in fired],
+                color="red",
+                marker="v",
+                s=18,
+                zorder=3,
+            )
     axes[0].set_title("log r = log π_θ − log π_ref (median, 10–90 % band)", fontsize=10)
     axes[1].axhline(0.0, color="grey", lw=0.8, ls=":")
     axes[1].set_title("log implied E_ref[r] (0 when consistent)", fontsize=10)

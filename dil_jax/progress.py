@@ -19,11 +19,24 @@ def is_chief() -> bool:
     return jax.process_index() == 0
 
 
-def bar(iterable: Iterable | None = None, *, total: int | None = None, desc: str,
-        unit: str = "it", leave: bool = True) -> tqdm:
+def bar(
+    iterable: Iterable | None = None,
+    *,
+    total: int | None = None,
+    desc: str,
+    unit: str = "it",
+    leave: bool = True,
+) -> tqdm:
     """A tqdm bar on process 0, a silent pass-through elsewhere."""
-    return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, dynamic_ncols=True,
-                disable=not is_chief())
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        unit=unit,
+        leave=leave,
+        dynamic_ncols=True,
+        disable=not is_chief(),
+    )
 
 
 def announce(message: str) -> None:

@@ -39,8 +39,10 @@ def params_fingerprint(params) -> str:
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         moments = np.asarray(jax.device_get(_leaf_fingerprint(leaf)), np.float64)
         # Rounded so that a different mesh (another reduction order) finds the same cache file.
-        h.update(f"{sharding.path_str(path)}:{leaf.shape}:{leaf.dtype}:"
-                 f"{np.array2string(moments, precision=5)}".encode())
+        h.update(
+            f"{sharding.path_str(path)}:{leaf.shape}:{leaf.dtype}:"
+            f"{np.array2string(moments, precision=5)}".encode()
+        )
     return h.hexdigest()
 
 
@@ -57,17 +59,25 @@ def content_key(arrays, params, model_cfg) -> str:
 
 def compute_reference_logps(trainer, ref_params, arrays, batch_size: int) -> np.ndarray:
     """[n, N] summed reference log-probs in one sharded pass (``scoring.score_in_batches``)."""
-    fn = jax.jit(lambda p, b: sequence_logps(trainer.model, trainer.family, p, b,
-                                             **trainer.chunks).sum_logps)
-    return scoring.score_in_batches(fn, ref_params, arrays, mesh=trainer.mesh,
-                                    batch_size=batch_size, keys=TOKEN_KEYS,
-                                    desc="reference log-probs").astype(np.float32)
+    fn = jax.jit(
+        lambda p, b: sequence_logps(trainer.model, trainer.family, p, b, **trainer.chunks).sum_logps
+    )
+    return scoring.score_in_batches(
+        fn,
+        ref_params,
+        arrays,
+        mesh=trainer.mesh,
+        batch_size=batch_size,
+        keys=TOKEN_KEYS,
+        desc="reference log-probs",
+    ).astype(np.float32)
 
 
 def with_reference_logps(trainer, ref_params, arrays, config, workdir: str) -> dict:
     """``arrays`` plus ``ref_logps [n, N]``, from the on-disk cache when present."""
     cache_dir = config.reference.cache_dir or os.path.join(
-        os.path.dirname(os.path.abspath(workdir)), "reference_cache")
+        os.path.dirname(os.path.abspath(workdir)), "reference_cache"
+    )
     key = content_key(arrays, ref_params, config.model)
     path = os.path.join(cache_dir, f"ref_logps-{key}.npy")
     expected = arrays["input_ids"].shape[:2]
@@ -85,5 +95,3 @@ def with_reference_logps(trainer, ref_params, arrays, config, workdir: str) -> d
             os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache
         logging.info("reference log-probs computed and cached at %s", path)
     return dict(arrays, ref_logps=ref)
-
-

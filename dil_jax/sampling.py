@@ -36,8 +36,9 @@ class GenerationOutput(NamedTuple):
     logps: jax.Array
 
 
-def filter_logits(logits: jax.Array, *, temperature: float, top_k: int = 0,
-                  top_p: float = 1.0) -> jax.Array:
+def filter_logits(
+    logits: jax.Array, *, temperature: float, top_k: int = 0, top_p: float = 1.0
+) -> jax.Array:
     """Temperature, then top-k, then nucleus (top-p) filtering, HF's order.
 
     Args:
@@ -66,8 +67,9 @@ def filter_logits(logits: jax.Array, *, temperature: float, top_k: int = 0,
     return logits
 
 
-def sample_token(logits: jax.Array, rng: jax.Array, *, temperature: float, top_k: int = 0,
-                 top_p: float = 1.0) -> tuple[jax.Array, jax.Array]:
+def sample_token(
+    logits: jax.Array, rng: jax.Array, *, temperature: float, top_k: int = 0, top_p: float = 1.0
+) -> tuple[jax.Array, jax.Array]:
     """logits [B, V] -> (token [B] int32, its log-prob [B] float32)."""
     logits = logits.astype(jnp.float32)  # log-softmax in float32
     if temperature == 0.0:
@@ -81,8 +83,20 @@ def sample_token(logits: jax.Array, rng: jax.Array, *, temperature: float, top_k
     return token.astype(jnp.int32), logp
 
 
-def _generate(model, params, prompt_ids, prompt_mask, rng, *, max_new_tokens, temperature,
-              top_p, top_k, eos_ids, pad_id) -> GenerationOutput:
+def _generate(
+    model,
+    params,
+    prompt_ids,
+    prompt_mask,
+    rng,
+    *,
+    max_new_tokens,
+    temperature,
+    top_p,
+    top_k,
+    eos_ids,
+    pad_id,
+) -> GenerationOutput:
     """Traceable body of `generate` (see there)."""
     B, P = prompt_ids.shape
     M = max_new_tokens
@@ -105,8 +119,9 @@ def _generate(model, params, prompt_ids, prompt_mask, rng, *, max_new_tokens, te
     # Prefill: the whole prompt in one call; its last slot is real for every (left-padded) row.
     # Only that slot's logits are needed, so the LM head runs on [B, D], never [B, P, V].
     cache = model.init_cache(B, P + M)
-    hidden, cache = model.apply({"params": params}, prompt_ids, prompt_mask, positions, cache,
-                                output="hidden")  # [B, P, D]
+    hidden, cache = model.apply(
+        {"params": params}, prompt_ids, prompt_mask, positions, cache, output="hidden"
+    )  # [B, P, D]
     logits = last_position_logits(model, params, hidden[:, -1])  # [B, V]
     token, logp = sample(logits, jax.random.fold_in(rng, 0))
     tokens = jnp.full((B, M), pad_id, jnp.int32)
@@ -139,22 +154,42 @@ def last_position_logits(model, params, hidden_last: jax.Array) -> jax.Array:
     """[B, D] final hidden states -> [B, V] float32 logits through the family's LM head (and its
     logit soft-cap, Gemma 2), the same projection the model's own `output='logits'` applies."""
     kernel = model.lm_head_kernel(params)  # [D, V]
-    logits = jnp.einsum("BD,DV->BV", hidden_last.astype(model.dtype), kernel.astype(model.dtype),
-                        preferred_element_type=jnp.float32)
+    logits = jnp.einsum(
+        "BD,DV->BV",
+        hidden_last.astype(model.dtype),
+        kernel.astype(model.dtype),
+        preferred_element_type=jnp.float32,
+    )
     cap = getattr(model, "logit_softcap", None)
     return logits if not cap else cap * jnp.tanh(logits / cap)
 
 
 @functools.lru_cache(maxsize=32)
 def _cached_generate_fn(model, max_new_tokens, temperature, top_p, top_k, eos_ids, pad_id):
-    return jax.jit(functools.partial(
-        _generate, model, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-        top_k=top_k, eos_ids=eos_ids, pad_id=pad_id))
+    return jax.jit(
+        functools.partial(
+            _generate,
+            model,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            eos_ids=eos_ids,
+            pad_id=pad_id,
+        )
+    )
 
 
-def make_generate_fn(model, *, max_new_tokens: int, temperature: float = 1.0,
-                     top_p: float = 1.0, top_k: int = 0, eos_id: int | Sequence[int],
-                     pad_id: int):
+def make_generate_fn(
+    model,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    eos_id: int | Sequence[int],
+    pad_id: int,
+):
     """A jitted `fn(params, prompt_ids, prompt_mask, rng) -> GenerationOutput`.
 
     Sampling settings are static (baked into the compiled loop); the function is cached per
@@ -166,14 +201,31 @@ def make_generate_fn(model, *, max_new_tokens: int, temperature: float = 1.0,
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     eos_ids = (int(eos_id),) if isinstance(eos_id, int) else tuple(int(e) for e in eos_id)
-    return _cached_generate_fn(model, int(max_new_tokens), float(temperature), float(top_p),
-                               int(top_k), eos_ids, int(pad_id))
+    return _cached_generate_fn(
+        model,
+        int(max_new_tokens),
+        float(temperature),
+        float(top_p),
+        int(top_k),
+        eos_ids,
+        int(pad_id),
+    )
 
 
-def generate(model, params: Any, prompt_ids: jax.Array, prompt_mask: jax.Array,
-             rng: jax.Array, *, max_new_tokens: int, temperature: float = 1.0,
-             top_p: float = 1.0, top_k: int = 0, eos_id: int | Sequence[int],
-             pad_id: int) -> GenerationOutput:
+def generate(
+    model,
+    params: Any,
+    prompt_ids: jax.Array,
+    prompt_mask: jax.Array,
+    rng: jax.Array,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    eos_id: int | Sequence[int],
+    pad_id: int,
+) -> GenerationOutput:
     """Sample continuations of LEFT-padded prompts with a KV cache.
 
     Args:
@@ -192,6 +244,13 @@ def generate(model, params: Any, prompt_ids: jax.Array, prompt_mask: jax.Array,
       GenerationOutput with tokens, mask, logps, each [B, M]. Decoding stops early once every
       row has emitted EOS.
     """
-    fn = make_generate_fn(model, max_new_tokens=max_new_tokens, temperature=temperature,
-                          top_p=top_p, top_k=top_k, eos_id=eos_id, pad_id=pad_id)
+    fn = make_generate_fn(
+        model,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        eos_id=eos_id,
+        pad_id=pad_id,
+    )
     return fn(params, prompt_ids, prompt_mask, rng)

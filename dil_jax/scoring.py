@@ -29,9 +29,16 @@ def batch_size_for(n: int, requested: int, mesh) -> int:
     return max(unit, min(requested, -(-n // unit) * unit) // unit * unit)
 
 
-def score_in_batches(fn: Callable, params, arrays: Mapping[str, np.ndarray], *, mesh,
-                     batch_size: int, keys: Sequence[str] = TOKEN_KEYS,
-                     desc: str | None = None) -> np.ndarray:
+def score_in_batches(
+    fn: Callable,
+    params,
+    arrays: Mapping[str, np.ndarray],
+    *,
+    mesh,
+    batch_size: int,
+    keys: Sequence[str] = TOKEN_KEYS,
+    desc: str | None = None,
+) -> np.ndarray:
     """``fn(params, batch)`` over every row of ``arrays``, concatenated: ``[n, ...]`` numpy.
 
     Args:
@@ -48,10 +55,15 @@ def score_in_batches(fn: Callable, params, arrays: Mapping[str, np.ndarray], *, 
     starts = range(0, n, bs)
     out = []
     with jax.set_mesh(mesh):
-        for start in (progress.bar(starts, desc=desc, unit="batch") if desc else starts):
-            rows = (np.arange(start, start + bs) % n)[lo:lo + local]  # wrap: one shape
+        for start in progress.bar(starts, desc=desc, unit="batch") if desc else starts:
+            rows = (np.arange(start, start + bs) % n)[lo : lo + local]  # wrap: one shape
             batch = sharding.host_local_to_global({k: arrays[k][rows] for k in keys}, mesh)
             result = fn(params, batch)
-            out.append(np.asarray(multihost_utils.process_allgather(result, tiled=True)
-                                  if jax.process_count() > 1 else jax.device_get(result)))
+            out.append(
+                np.asarray(
+                    multihost_utils.process_allgather(result, tiled=True)
+                    if jax.process_count() > 1
+                    else jax.device_get(result)
+                )
+            )
     return np.concatenate(out)[:n]

@@ -26,8 +26,9 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the leading batch dimension is split over both
 
 
-def maybe_initialize_distributed(coordinator_address: str | None, num_processes: int | None,
-                                 process_id: int | None) -> None:
+def maybe_initialize_distributed(
+    coordinator_address: str | None, num_processes: int | None, process_id: int | None
+) -> None:
     """Multi-host start-up through JAX's own runtime; a no-op for single-process runs.
 
     On Cloud TPU pods and SLURM/Kubernetes GPU clusters ``jax.distributed.initialize()`` discovers
@@ -35,8 +36,9 @@ def maybe_initialize_distributed(coordinator_address: str | None, num_processes:
     """
     if (coordinator_address is None and not num_processes) or jax.distributed.is_initialized():
         return  # single process, or a nested run (init.mode='pretrain') in an initialised one
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, int, int]:
@@ -47,20 +49,26 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, int
     """
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3:
-        raise ConfigError(f"config.mesh.shape must have 3 entries (data, fsdp, tensor), got "
-                          f"{shape}")
+        raise ConfigError(
+            f"config.mesh.shape must have 3 entries (data, fsdp, tensor), got {shape}"
+        )
     if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-        raise ConfigError(f"config.mesh.shape={shape}: entries must be positive, with at most "
-                         "one -1")
+        raise ConfigError(
+            f"config.mesh.shape={shape}: entries must be positive, with at most one -1"
+        )
     known = int(np.prod([s for s in shape if s != -1]))
     if -1 in shape:
         if num_devices % known:
-            raise ConfigError(f"config.mesh.shape={shape}: {known} does not divide the "
-                             f"{num_devices} available devices")
+            raise ConfigError(
+                f"config.mesh.shape={shape}: {known} does not divide the "
+                f"{num_devices} available devices"
+            )
         shape = tuple(num_devices // known if s == -1 else s for s in shape)
     if int(np.prod(shape)) != num_devices:
-        raise ConfigError(f"config.mesh.shape={shape} needs {int(np.prod(shape))} devices but "
-                         f"{num_devices} are available")
+        raise ConfigError(
+            f"config.mesh.shape={shape} needs {int(np.prod(shape))} devices but "
+            f"{num_devices} are available"
+        )
     return shape  # type: ignore[return-value]
 
 
@@ -71,8 +79,7 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
     if len(devices) == len(jax.devices()):
         # Topology-aware device order (ICI rings on TPU) when the mesh covers everything.
         return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
-                axis_types=(AxisType.Auto,) * 3)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
 def batch_spec(ndim: int) -> P:
@@ -127,11 +134,15 @@ def match_partition_rules(rules: Sequence[tuple[str, P]], tree, mesh: Mesh | Non
         for pattern, spec in compiled:
             if any(pattern.search(sfx) for sfx in suffixes):
                 if len(spec) > len(shape):
-                    raise ValueError(f"partition rule {pattern.pattern!r} -> {spec} has more "
-                                     f"entries than parameter {name} of shape {shape}")
+                    raise ValueError(
+                        f"partition rule {pattern.pattern!r} -> {spec} has more "
+                        f"entries than parameter {name} of shape {shape}"
+                    )
                 return _fit_spec(spec, shape, mesh) if mesh is not None else spec
-        raise ValueError(f"no partition rule matches parameter {name!r} (shape {shape}); add a "
-                         "rule to the model family's partition_rules()")
+        raise ValueError(
+            f"no partition rule matches parameter {name!r} (shape {shape}); add a "
+            "rule to the model family's partition_rules()"
+        )
 
     return jax.tree_util.tree_map_with_path(spec_for, tree)
 
@@ -146,8 +157,9 @@ def _fit_spec(spec: P, shape: tuple[int, ...], mesh) -> P:
 
 
 def shardings_from_specs(mesh: Mesh, specs):
-    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs,
-                                  is_leaf=lambda x: isinstance(x, P))
+    return jax.tree_util.tree_map(
+        lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P)
+    )
 
 
 def constrain(x: jax.Array, spec: P) -> jax.Array:

@@ -43,8 +43,10 @@ def resolve_model(model_cfg, field: str = "config.model") -> ml_collections.Conf
         if family != m.family:
             base_default = m.family == "llama"
             if not base_default:
-                raise ConfigError(f"{field}.family={m.family!r}, but {field}.hf_path="
-                                  f"{m.hf_path!r} is a {family!r} model")
+                raise ConfigError(
+                    f"{field}.family={m.family!r}, but {field}.hf_path="
+                    f"{m.hf_path!r} is a {family!r} model"
+                )
             m.family = family
         for key, value in generic_view(family, arch).items():
             if key in m:

@@ -43,23 +43,40 @@ from dil_jax.models import build_model, hf, max_positions
 
 # Batch keys the step reads; segment_ids/positions [B, N, T] come with packed data, labels [B]
 # with KTO's unpaired data (1 desirable, 0 undesirable).
-STEP_KEYS = ("input_ids", "attention_mask", "loss_mask", "ref_logps", "segment_ids", "positions",
-             "labels")
+STEP_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "loss_mask",
+    "ref_logps",
+    "segment_ids",
+    "positions",
+    "labels",
+)
 
 
 def make_optimizer(optim_cfg, total_steps: int):
     """``config.optim`` -> ``loop.make_optimizer`` (the one optimiser factory)."""
     o = optim_cfg
     return loop.make_optimizer(
-        learning_rate=o.learning_rate, total_steps=total_steps, warmup_ratio=o.warmup_ratio,
-        schedule=o.schedule, end_lr_factor=o.end_lr_factor, weight_decay=o.weight_decay,
-        b1=o.b1, b2=o.b2, eps=o.eps, grad_clip=o.grad_clip)
+        learning_rate=o.learning_rate,
+        total_steps=total_steps,
+        warmup_ratio=o.warmup_ratio,
+        schedule=o.schedule,
+        end_lr_factor=o.end_lr_factor,
+        weight_decay=o.weight_decay,
+        b1=o.b1,
+        b2=o.b2,
+        eps=o.eps,
+        grad_clip=o.grad_clip,
+    )
 
 
 # ----------------------------------------------------------------------------- the step
 
-def _pair_stats(model, family, params, batch, ref_params, *, terms, chunks,
-                diagnostics: bool = False):
+
+def _pair_stats(
+    model, family, params, batch, ref_params, *, terms, chunks, diagnostics: bool = False
+):
     """Policy (and reference) statistics of a batch -> per-example losses [B] and metrics.
 
     With ``diagnostics`` (``config.train.diagnostics``), a reference and N >= 2 responses, the
@@ -73,17 +90,22 @@ def _pair_stats(model, family, params, batch, ref_params, *, terms, chunks,
         if "ref_logps" in batch:  # precomputed once, cached on disk
             reference = batch["ref_logps"].astype(jnp.float32)
         else:  # frozen reference evaluated in the step; never differentiated
-            ref = logprobs.sequence_logps(model, family, jax.lax.stop_gradient(ref_params),
-                                          batch, **chunks)
+            ref = logprobs.sequence_logps(
+                model, family, jax.lax.stop_gradient(ref_params), batch, **chunks
+            )
             reference = ref.sum_logps
     n_tokens = jnp.maximum(pol.n_tokens, 1.0)
-    seqs = objectives.SequenceLogps(policy=pol.sum_logps, n_tokens=pol.n_tokens,
-                                    reference=reference, mean_logits=pol.sum_mean_logits / n_tokens,
-                                    labels=batch.get("labels"))
+    seqs = objectives.SequenceLogps(
+        policy=pol.sum_logps,
+        n_tokens=pol.n_tokens,
+        reference=reference,
+        mean_logits=pol.sum_mean_logits / n_tokens,
+        labels=batch.get("labels"),
+    )
     losses, metrics = objectives.compute_loss(terms, seqs)
     # Both reductions of the response log-likelihood, whatever the loss's own (`logps/*`):
     # Figure 2 compares DIL (per-token means) and DPO (per-sequence sums) on one axis.
-    for j, name in enumerate(("chosen", "rejected")[:pol.sum_logps.shape[1]]):
+    for j, name in enumerate(("chosen", "rejected")[: pol.sum_logps.shape[1]]):
         metrics[f"logps_sum/{name}"] = pol.sum_logps[:, j]
         metrics[f"logps_mean/{name}"] = pol.sum_logps[:, j] / n_tokens[:, j]
     if diagnostics and reference is not None and seqs.policy.shape[1] >= 2:
@@ -103,8 +125,19 @@ def _microbatches(batch: Mapping[str, jax.Array], accum: int):
     return {k: split(v) for k, v in batch.items()}
 
 
-def train_step(state: TrainState, batch, ref_params, *, model, family, tx, terms, accum_steps,
-               chunks, diagnostics: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+    state: TrainState,
+    batch,
+    ref_params,
+    *,
+    model,
+    family,
+    tx,
+    terms,
+    accum_steps,
+    chunks,
+    diagnostics: bool = False,
+) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimiser update on a global batch, accumulating gradients over micro-batches.
 
     Args:
@@ -120,8 +153,16 @@ def train_step(state: TrainState, batch, ref_params, *, model, family, tx, terms
     global_batch = batch["input_ids"].shape[0]
 
     def micro_loss(params, micro):
-        losses, metrics, n_tok = _pair_stats(model, family, params, micro, ref_params,
-                                             terms=terms, chunks=chunks, diagnostics=diagnostics)
+        losses, metrics, n_tok = _pair_stats(
+            model,
+            family,
+            params,
+            micro,
+            ref_params,
+            terms=terms,
+            chunks=chunks,
+            diagnostics=diagnostics,
+        )
         # Sum over this micro-batch, normalised by the global batch: exact under accumulation.
         loss = jnp.sum(losses) / global_batch
         sums = {k: jnp.sum(v) / global_batch for k, v in metrics.items()}
@@ -147,19 +188,26 @@ def train_step(state: TrainState, batch, ref_params, *, model, family, tx, terms
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = loop.cast_like(optax.apply_updates(state.params, updates), state.params)
     opt_state = loop.cast_like(opt_state, state.opt_state)
-    metrics = dict(sums, loss=loss, grad_norm=optax.tree.norm(grads),
-                   param_norm=optax.tree.norm(params), response_tokens=n_tok)
+    metrics = dict(
+        sums,
+        loss=loss,
+        grad_norm=optax.tree.norm(grads),
+        param_norm=optax.tree.norm(params),
+        response_tokens=n_tok,
+    )
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 def eval_step(params, batch, ref_params, *, model, family, terms, chunks) -> dict[str, jax.Array]:
     """Loss and reward metrics on a held-out batch, means over its examples."""
-    losses, metrics, _ = _pair_stats(model, family, params, batch, ref_params, terms=terms,
-                                     chunks=chunks)
+    losses, metrics, _ = _pair_stats(
+        model, family, params, batch, ref_params, terms=terms, chunks=chunks
+    )
     return dict({k: jnp.mean(v) for k, v in metrics.items()}, loss=jnp.mean(losses))
 
 
 # ----------------------------------------------------------------------------- setup
+
 
 class Trainer:
     """Everything a run needs, built from a config: model, mesh, optimiser, shardings, steps.
@@ -170,8 +218,11 @@ class Trainer:
 
     def __init__(self, config, *, mesh=None, total_steps: int | None = None):
         config = spec.resolve(config)  # one architecture: hf_path's config.json wins
-        validation.validate_config(config, num_devices=len(jax.devices()) if mesh is None
-                                   else mesh.size, process_count=jax.process_count())
+        validation.validate_config(
+            config,
+            num_devices=len(jax.devices()) if mesh is None else mesh.size,
+            process_count=jax.process_count(),
+        )
         self.config = config
         self.mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh.shape)
         self.model, self.family = build_model(config.model)
@@ -180,18 +231,22 @@ class Trainer:
         self.layout = objectives.data_layout(self.terms)  # 'single' | 'pair' | 'list' | 'unpaired'
         # Density-ratio diagnostics: KTO's index 1 is a mismatched completion, no sample of
         # π_ref, so they are computed for pair and list layouts only.
-        self.diagnostics = bool(config.train.diagnostics and self.needs_reference
-                                and self.layout in ("pair", "list"))
+        self.diagnostics = bool(
+            config.train.diagnostics and self.needs_reference and self.layout in ("pair", "list")
+        )
         # Frozen reference params enter the step only in 'inline' mode; otherwise the argument
         # is None and no second model is held on the devices.
         self.reference_inline = self.needs_reference and config.reference.mode == "inline"
         self.tx, self.schedule = make_optimizer(config.optim, total_steps or config.train.steps)
         self.max_positions = max_positions(self.model.config)
-        self.chunks = {"seq_chunk": config.logprobs.seq_chunk,
-                       "vocab_chunk": config.logprobs.vocab_chunk}
+        self.chunks = {
+            "seq_chunk": config.logprobs.seq_chunk,
+            "vocab_chunk": config.logprobs.vocab_chunk,
+        }
         self.abstract_state = jax.eval_shape(self._init_state, jax.random.key(0))
-        specs = sharding.match_partition_rules(self.family.partition_rules(),
-                                               self.abstract_state, self.mesh)
+        specs = sharding.match_partition_rules(
+            self.family.partition_rules(), self.abstract_state, self.mesh
+        )
         self.state_sharding = sharding.shardings_from_specs(self.mesh, specs)
         self.params_sharding = self.state_sharding.params
         self.replicated = NamedSharding(self.mesh, P())
@@ -201,8 +256,9 @@ class Trainer:
 
     def _init_state(self, rng) -> TrainState:
         params = self.init_params(rng)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=self.tx.init(params))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params)
+        )
 
     def init_params(self, rng):
         ids = jnp.zeros((1, min(self.max_positions, 8)), jnp.int32)
@@ -210,8 +266,11 @@ class Trainer:
 
     def abstract_params(self):
         """ShapeDtypeStructs with shardings: the restore target for checkpoints and HF weights."""
-        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            self.abstract_state.params, self.params_sharding)
+        return jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            self.abstract_state.params,
+            self.params_sharding,
+        )
 
     def init_state(self, seed: int, params=None) -> TrainState:
         """Sharded initial state, never materialised on one device (jit with out_shardings)."""
@@ -220,15 +279,17 @@ class Trainer:
             return init(jax.random.key(seed))
         # A fresh copy: the state is donated to the step, while `params` may live on as the
         # frozen reference.
-        params = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
-                         out_shardings=self.params_sharding)(params)
+        params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=self.params_sharding)(
+            params
+        )
         opt_init = jax.jit(self.tx.init, out_shardings=self.state_sharding.opt_state)
         step = jax.device_put(jnp.zeros((), jnp.int32), self.replicated)
         return TrainState(step=step, params=params, opt_state=opt_init(params))
 
     def batch_sharding(self, batch):
-        return {k: NamedSharding(self.mesh, sharding.batch_spec(np.ndim(v)))
-                for k, v in batch.items()}
+        return {
+            k: NamedSharding(self.mesh, sharding.batch_spec(np.ndim(v))) for k, v in batch.items()
+        }
 
     def put_batch(self, batch: Mapping[str, np.ndarray]):
         batch = {k: v for k, v in batch.items() if k in STEP_KEYS}
@@ -239,24 +300,40 @@ class Trainer:
         """The jitted step: compiled once per batch shape, state donated, reference not."""
         if self._train_step is None:
             step = functools.partial(
-                train_step, model=self.model, family=self.family, tx=self.tx, terms=self.terms,
-                accum_steps=self.config.optim.grad_accum_steps, chunks=self.chunks,
-                diagnostics=self.diagnostics)
+                train_step,
+                model=self.model,
+                family=self.family,
+                tx=self.tx,
+                terms=self.terms,
+                accum_steps=self.config.optim.grad_accum_steps,
+                chunks=self.chunks,
+                diagnostics=self.diagnostics,
+            )
 
             self._train_step = loop.counted_jit(
-                self, loop.guard_finite(step, self.config.train.on_nonfinite),
+                self,
+                loop.guard_finite(step, self.config.train.on_nonfinite),
                 in_shardings=(self.state_sharding, None, self._ref_sharding),
-                out_shardings=(self.state_sharding, self.replicated), donate_argnums=(0,))
+                out_shardings=(self.state_sharding, self.replicated),
+                donate_argnums=(0,),
+            )
         return self._train_step
 
     @property
     def eval_step(self) -> Callable:
         if self._eval_step is None:
-            step = functools.partial(eval_step, model=self.model, family=self.family,
-                                     terms=self.terms, chunks=self.chunks)
-            self._eval_step = jax.jit(step, in_shardings=(self.params_sharding, None,
-                                                          self._ref_sharding),
-                                      out_shardings=self.replicated)
+            step = functools.partial(
+                eval_step,
+                model=self.model,
+                family=self.family,
+                terms=self.terms,
+                chunks=self.chunks,
+            )
+            self._eval_step = jax.jit(
+                step,
+                in_shardings=(self.params_sharding, None, self._ref_sharding),
+                out_shardings=self.replicated,
+            )
         return self._eval_step
 
     @property
@@ -280,6 +357,7 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------- the run
+
 
 class CollapseMonitor:
     """``loop.run``'s ``on_log`` hook: smoothed chosen log-likelihood and margin, and the alarm.
@@ -307,21 +385,31 @@ class CollapseMonitor:
         if previous is None:
             self.ema = current
         else:
-            self.ema = {k: self.decay * previous[k] + (1 - self.decay) * current[k]
-                        for k in self.KEYS}
+            self.ema = {
+                k: self.decay * previous[k] + (1 - self.decay) * current[k] for k in self.KEYS
+            }
         alarm = previous is not None and likelihood_collapse_alarm(previous, self.ema)
-        return {**{f"ema/{k}": v for k, v in self.ema.items()},
-                "alarm/likelihood_collapse": float(alarm)}
+        return {
+            **{f"ema/{k}": v for k, v in self.ema.items()},
+            "alarm/likelihood_collapse": float(alarm),
+        }
 
 
 def loop_settings(cfg) -> loop.LoopSettings:
     """The core run's ``train``/``checkpoint``/``eval`` sections as loop settings."""
     return loop.LoopSettings(
-        steps=cfg.train.steps, log_every=cfg.train.log_every,
-        checkpoint_every=cfg.checkpoint.every_steps, keep=cfg.checkpoint.keep,
-        async_save=cfg.checkpoint.async_save, tensorboard=cfg.train.tensorboard,
-        progress_bar=cfg.train.progress_bar, desc="train", eval_every=cfg.eval.every_steps,
-        on_nonfinite=cfg.train.on_nonfinite, max_nonfinite=cfg.train.max_nonfinite)
+        steps=cfg.train.steps,
+        log_every=cfg.train.log_every,
+        checkpoint_every=cfg.checkpoint.every_steps,
+        keep=cfg.checkpoint.keep,
+        async_save=cfg.checkpoint.async_save,
+        tensorboard=cfg.train.tensorboard,
+        progress_bar=cfg.train.progress_bar,
+        desc="train",
+        eval_every=cfg.eval.every_steps,
+        on_nonfinite=cfg.train.on_nonfinite,
+        max_nonfinite=cfg.train.max_nonfinite,
+    )
 
 
 def train_and_evaluate(config, workdir: str, *, mesh=None, max_steps: int | None = None) -> dict:
@@ -342,8 +430,9 @@ def train_and_evaluate(config, workdir: str, *, mesh=None, max_steps: int | None
       step under ``train.on_nonfinite='halt'``.
     """
     config = spec.resolve(config)
-    sharding.maybe_initialize_distributed(config.mesh.coordinator_address,
-                                          config.mesh.num_processes, config.mesh.process_id)
+    sharding.maybe_initialize_distributed(
+        config.mesh.coordinator_address, config.mesh.num_processes, config.mesh.process_id
+    )
     os.makedirs(workdir, exist_ok=True)
     trainer = Trainer(config, mesh=mesh)
     cfg = config
@@ -362,22 +451,31 @@ def train_and_evaluate(config, workdir: str, *, mesh=None, max_steps: int | None
         if eval_data is not None:
             eval_data = pipeline.with_reference(eval_data, add_reference)
     loop.check_stop(workdir, "training")
-    train_iter = pipeline.make_iterator(train_data, cfg.train.global_batch_size, seed=cfg.data.seed,
-                                        unpaired=trainer.layout == "unpaired")
+    train_iter = pipeline.make_iterator(
+        train_data,
+        cfg.train.global_batch_size,
+        seed=cfg.data.seed,
+        unpaired=trainer.layout == "unpaired",
+    )
 
     def run_eval(state):
         return _run_eval(trainer, state, ref_params, eval_data, cfg)
 
     result = loop.run(
-        trainer, workdir, settings=loop_settings(cfg), data=train_iter,
+        trainer,
+        workdir,
+        settings=loop_settings(cfg),
+        data=train_iter,
         step_fn=lambda state, batch, step: trainer.run_step(state, batch, ref_params),
         init_state=lambda: trainer.init_state(cfg.seed, params=init_params),
-        resume_config=cfg, max_steps=max_steps, evaluate=run_eval if eval_data else None,
+        resume_config=cfg,
+        max_steps=max_steps,
+        evaluate=run_eval if eval_data else None,
         schedule=trainer.schedule,
-        on_log=CollapseMonitor() if trainer.diagnostics else None)
+        on_log=CollapseMonitor() if trainer.diagnostics else None,
+    )
     state = result.state
-    summary = {"step": result.step, "train": result.train, "eval": result.eval,
-               "workdir": workdir}
+    summary = {"step": result.step, "train": result.train, "eval": result.eval, "workdir": workdir}
     if result.step >= cfg.train.steps and task is not None and cfg.eval.gold_prompts:
         summary["gold"] = evaluate.gold_evaluation(trainer, task, state.params, init_params, cfg)
         with open(os.path.join(workdir, "gold_eval.json"), "w") as f:
@@ -391,7 +489,8 @@ def _initial_params(trainer: Trainer, workdir: str):
     init = trainer.config.init
     if init.mode == "scratch":
         return jax.jit(trainer.init_params, out_shardings=trainer.params_sharding)(
-            jax.random.key(trainer.config.seed))
+            jax.random.key(trainer.config.seed)
+        )
     if init.mode == "pretrain":
         base_dir = os.path.join(workdir, "base")
         base = train_and_evaluate(init.pretrain, base_dir)
@@ -401,13 +500,19 @@ def _initial_params(trainer: Trainer, workdir: str):
         return checkpointing.load_params(init.checkpoint_dir, trainer.abstract_params())
     if init.mode == "hf":  # streamed tensor by tensor into the target shardings
         m = trainer.config.model
-        return hf.load_params(m.hf_path, m.family, trainer.model.config,
-                              trainer.abstract_params(), scan_layers=m.scan_layers)
+        return hf.load_params(
+            m.hf_path,
+            m.family,
+            trainer.model.config,
+            trainer.abstract_params(),
+            scan_layers=m.scan_layers,
+        )
     raise ConfigError(f"config.init.mode={init.mode!r}: expected {validation.INIT_MODES}")
 
 
 def _run_eval(trainer, state, ref_params, eval_data, cfg) -> dict[str, float]:
-    it = pipeline.make_iterator(eval_data, cfg.eval.batch_size, shuffle=False,
-                                unpaired=trainer.layout == "unpaired")
+    it = pipeline.make_iterator(
+        eval_data, cfg.eval.batch_size, shuffle=False, unpaired=trainer.layout == "unpaired"
+    )
     batches = [next(it) for _ in range(min(cfg.eval.num_batches, it.batches_per_epoch))]
     return trainer.evaluate(state.params, ref_params, batches)

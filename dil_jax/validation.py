@@ -68,54 +68,105 @@ def _validate(config, *, num_devices: int, process_count: int) -> None:
     _require(t.steps > 0, "train.steps", t.steps, "must be positive")
     _require(o.grad_accum_steps >= 1, "optim.grad_accum_steps", o.grad_accum_steps, "must be >= 1")
     unit = dp * o.grad_accum_steps
-    _require(t.global_batch_size > 0 and t.global_batch_size % unit == 0,
-             "train.global_batch_size", t.global_batch_size,
-             f"must be a positive multiple of data-parallel size ({dp} = mesh data x fsdp) times "
-             f"optim.grad_accum_steps ({o.grad_accum_steps})")
-    _require(t.global_batch_size % process_count == 0, "train.global_batch_size",
-             t.global_batch_size, f"must divide evenly over {process_count} processes")
+    _require(
+        t.global_batch_size > 0 and t.global_batch_size % unit == 0,
+        "train.global_batch_size",
+        t.global_batch_size,
+        f"must be a positive multiple of data-parallel size ({dp} = mesh data x fsdp) times "
+        f"optim.grad_accum_steps ({o.grad_accum_steps})",
+    )
+    _require(
+        t.global_batch_size % process_count == 0,
+        "train.global_batch_size",
+        t.global_batch_size,
+        f"must divide evenly over {process_count} processes",
+    )
     _require(o.learning_rate > 0, "optim.learning_rate", o.learning_rate, "must be positive")
     _require(0 <= o.warmup_ratio < 1, "optim.warmup_ratio", o.warmup_ratio, "must be in [0, 1)")
-    _require(o.schedule in ("cosine", "linear", "constant"), "optim.schedule", o.schedule,
-             "expected cosine, linear or constant")
+    _require(
+        o.schedule in ("cosine", "linear", "constant"),
+        "optim.schedule",
+        o.schedule,
+        "expected cosine, linear or constant",
+    )
     _require(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables)")
     _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
-    _require(config.reference.mode in REFERENCE_MODES, "reference.mode", config.reference.mode,
-             f"expected one of {REFERENCE_MODES}")
+    _require(
+        config.reference.mode in REFERENCE_MODES,
+        "reference.mode",
+        config.reference.mode,
+        f"expected one of {REFERENCE_MODES}",
+    )
     if objectives.data_layout(terms) == "unpaired":
-        _require(config.reference.mode == "inline", "reference.mode", config.reference.mode,
-                 "KTO's mismatched completions depend on which examples share a batch, so "
-                 "their reference log-probs cannot be precomputed; use 'inline'")
+        _require(
+            config.reference.mode == "inline",
+            "reference.mode",
+            config.reference.mode,
+            "KTO's mismatched completions depend on which examples share a batch, so "
+            "their reference log-probs cannot be precomputed; use 'inline'",
+        )
     if objectives.needs_reference(terms) and config.reference.mode == "precomputed":
-        _require(config.reference.batch_size % dp == 0, "reference.batch_size",
-                 config.reference.batch_size, f"must be a multiple of data-parallel size {dp}")
+        _require(
+            config.reference.batch_size % dp == 0,
+            "reference.batch_size",
+            config.reference.batch_size,
+            f"must be a multiple of data-parallel size {dp}",
+        )
     for key in ("seq_chunk", "vocab_chunk"):
         _require(config.logprobs[key] >= 0, f"logprobs.{key}", config.logprobs[key], "must be >= 0")
-    _require(t.on_nonfinite in loop.NONFINITE_POLICIES, "train.on_nonfinite", t.on_nonfinite,
-             f"expected one of {loop.NONFINITE_POLICIES}")
+    _require(
+        t.on_nonfinite in loop.NONFINITE_POLICIES,
+        "train.on_nonfinite",
+        t.on_nonfinite,
+        f"expected one of {loop.NONFINITE_POLICIES}",
+    )
     _require(t.max_nonfinite >= 0, "train.max_nonfinite", t.max_nonfinite, "must be >= 0")
-    _require(isinstance(t.diagnostics, bool), "train.diagnostics", t.diagnostics,
-             "expected True or False")
+    _require(
+        isinstance(t.diagnostics, bool),
+        "train.diagnostics",
+        t.diagnostics,
+        "expected True or False",
+    )
     c = config.checkpoint
     _require(c.every_steps > 0, "checkpoint.every_steps", c.every_steps, "must be positive")
     _require(c.keep >= 1, "checkpoint.keep", c.keep, "must be >= 1")
     e = config.eval
     if e.every_steps:
-        _require(e.batch_size % dp == 0, "eval.batch_size", e.batch_size,
-                 f"must be a multiple of data-parallel size {dp}")
+        _require(
+            e.batch_size % dp == 0,
+            "eval.batch_size",
+            e.batch_size,
+            f"must be a multiple of data-parallel size {dp}",
+        )
     _require(e.temperature >= 0, "eval.temperature", e.temperature, "must be >= 0")
     _require(0 < e.top_p <= 1, "eval.top_p", e.top_p, "must be in (0, 1]")
     i = config.init
     _require(i.mode in INIT_MODES, "init.mode", i.mode, f"expected one of {INIT_MODES}")
     if i.mode == "pretrain":
-        _require(i.pretrain is not None, "init.pretrain", i.pretrain,
-                 "init.mode='pretrain' needs the pretraining run's config")
+        _require(
+            i.pretrain is not None,
+            "init.pretrain",
+            i.pretrain,
+            "init.mode='pretrain' needs the pretraining run's config",
+        )
         _validate(i.pretrain, num_devices=num_devices, process_count=process_count)
-        _require(i.pretrain.model.to_dict() == m.to_dict(), "init.pretrain.model",
-                 "(differs)", "must equal config.model: the pretrained params become the policy")
+        _require(
+            i.pretrain.model.to_dict() == m.to_dict(),
+            "init.pretrain.model",
+            "(differs)",
+            "must equal config.model: the pretrained params become the policy",
+        )
     if i.mode == "hf":
-        _require(bool(m.get("hf_path")), "model.hf_path", m.get("hf_path"),
-                 "init.mode='hf' needs a Hugging Face model directory or hub id")
+        _require(
+            bool(m.get("hf_path")),
+            "model.hf_path",
+            m.get("hf_path"),
+            "init.mode='hf' needs a Hugging Face model directory or hub id",
+        )
     if i.mode == "checkpoint":
-        _require(bool(i.checkpoint_dir), "init.checkpoint_dir", i.checkpoint_dir,
-                 "init.mode='checkpoint' needs a workdir to load params from")
+        _require(
+            bool(i.checkpoint_dir),
+            "init.checkpoint_dir",
+            i.checkpoint_dir,
+            "init.mode='checkpoint' needs a workdir to load params from",
+        )

@@ -66,7 +66,8 @@ def _acquire(path: str, workdir: str) -> int:
             os.close(fd)
             raise WorkdirError(
                 f"workdir {workdir} is in use by another run ({_describe(holder)} holds "
-                f"{path}); wait for it to finish, stop it, or use another --workdir") from None
+                f"{path}); wait for it to finish, stop it, or use another --workdir"
+            ) from None
         except OSError as e:
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                 os.close(fd)
@@ -76,8 +77,11 @@ def _acquire(path: str, workdir: str) -> int:
             if os.fstat(fd).st_ino == os.stat(path).st_ino:
                 previous = _read_record(fd)
                 if previous and (previous.get("pid"), previous.get("host")) != _me():
-                    logging.warning("workdir %s: taking over the stale lock of %s, which no "
-                                    "longer runs", workdir, _describe(previous))
+                    logging.warning(
+                        "workdir %s: taking over the stale lock of %s, which no longer runs",
+                        workdir,
+                        _describe(previous),
+                    )
                 _write_record(fd)
                 return fd
         os.close(fd)  # the file was replaced between open and flock: try again
@@ -92,12 +96,15 @@ def _check_pid_only(fd: int, path: str, workdir: str) -> None:
         os.close(fd)
         raise WorkdirError(
             f"workdir {workdir} is locked by {_describe(holder)} and this filesystem cannot "
-            f"tell whether that run is alive; delete {path} if it is not")
+            f"tell whether that run is alive; delete {path} if it is not"
+        )
     if _pid_alive(holder.get("pid")):
         os.close(fd)
-        raise WorkdirError(f"workdir {workdir} is in use by another run ({_describe(holder)} "
-                           f"holds {path}); wait for it to finish, stop it, or use another "
-                           "--workdir")
+        raise WorkdirError(
+            f"workdir {workdir} is in use by another run ({_describe(holder)} "
+            f"holds {path}); wait for it to finish, stop it, or use another "
+            "--workdir"
+        )
 
 
 def _me() -> tuple[int, str]:
@@ -127,8 +134,12 @@ def _read_record(fd: int) -> dict | None:
 
 def _write_record(fd: int) -> None:
     pid, host = _me()
-    record = {"pid": pid, "host": host, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "argv": sys.argv}
+    record = {
+        "pid": pid,
+        "host": host,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "argv": sys.argv,
+    }
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
     os.write(fd, (json.dumps(record) + "\n").encode())
@@ -138,8 +149,10 @@ def _write_record(fd: int) -> None:
 def _describe(record: dict | None) -> str:
     if not record:
         return "a process that left no record"
-    return (f"pid {record.get('pid')} on host {record.get('host')}, started "
-            f"{record.get('started', '?')}")
+    return (
+        f"pid {record.get('pid')} on host {record.get('host')}, started "
+        f"{record.get('started', '?')}"
+    )
 
 
 def check_writable(workdir: str, *, min_free_bytes: int = 0) -> None:
@@ -166,5 +179,7 @@ def check_writable(workdir: str, *, min_free_bytes: int = 0) -> None:
     if min_free_bytes:
         free = shutil.disk_usage(workdir).free
         if free < min_free_bytes:
-            raise WorkdirError(f"workdir {workdir} has {free / 2**20:.0f} MiB free, less than "
-                               f"the {min_free_bytes / 2**20:.0f} MiB this run needs")
+            raise WorkdirError(
+                f"workdir {workdir} has {free / 2**20:.0f} MiB free, less than "
+                f"the {min_free_bytes / 2**20:.0f} MiB this run needs"
+            )

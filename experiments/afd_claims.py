@@ -49,13 +49,18 @@ from dil_jax.data.gold_task import GoldTask
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RMS = ("init_sft", "init_demo", "sft_demo", "bt", "log_ratio")
-RM_LABELS = {"init_sft": "Init-SFT RM", "init_demo": "Init-Demo RM", "sft_demo": "SFT-Demo RM",
-             "bt": "Bradley–Terry RM (prefs)", "log_ratio": "log π_SFT − log π_0"}
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-         9: 2.262}
+RM_LABELS = {
+    "init_sft": "Init-SFT RM",
+    "init_demo": "Init-Demo RM",
+    "sft_demo": "SFT-Demo RM",
+    "bt": "Bradley–Terry RM (prefs)",
+    "log_ratio": "log π_SFT − log π_0",
+}
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 # ----------------------------------------------------------------------------- configuration
+
 
 def make_config(seed: int, reduced: bool, base_dir: str = ""):
     """configs/afd_gold.py at full or reduced (CI) scale, for one seed.
@@ -124,32 +129,67 @@ def pretrain_base(workroot: str, reduced: bool) -> str:
 
 
 def baseline_steps(config, reduced):
-    return {"steps": 10 if reduced else 120, "batch": 32 if reduced else 64,
-            "num_train": 128 if reduced else 2048}
+    return {
+        "steps": 10 if reduced else 120,
+        "batch": 32 if reduced else 64,
+        "num_train": 128 if reduced else 2048,
+    }
 
 
 # ----------------------------------------------------------------------------- one seed
 
+
 def policy_eval(trainer, task, params, ref_params, config, demo_gold):
     """Gold reward (normalised), entropy, mode shares and KL of a policy's samples."""
-    ev = afd.gold_policy_eval(trainer, task, params, ref_params,
-                              num_prompts=config.eval.gold_prompts, seed=config.data.seed + 2,
-                              sampling=config.afd.sampling)
-    return {"gold": ev["gold_reward"], "gold_normalised": ev["gold_reward"] / demo_gold,
-            "entropy": ev["entropy"], "kl": ev["kl"], "mode_a": ev["mode_1"],
-            "mode_b": ev["mode_2"], "mode_none": ev["mode_0"],
-            # 1.0 when every in-mode sample follows one mode, 0.5 when both are equally used.
-            "mode_concentration": max(ev["mode_1"], ev["mode_2"])
-            / max(ev["mode_1"] + ev["mode_2"], 1e-9)}
+    ev = afd.gold_policy_eval(
+        trainer,
+        task,
+        params,
+        ref_params,
+        num_prompts=config.eval.gold_prompts,
+        seed=config.data.seed + 2,
+        sampling=config.afd.sampling,
+    )
+    return {
+        "gold": ev["gold_reward"],
+        "gold_normalised": ev["gold_reward"] / demo_gold,
+        "entropy": ev["entropy"],
+        "kl": ev["kl"],
+        "mode_a": ev["mode_1"],
+        "mode_b": ev["mode_2"],
+        "mode_none": ev["mode_0"],
+        # 1.0 when every in-mode sample follows one mode, 0.5 when both are equally used.
+        "mode_concentration": max(ev["mode_1"], ev["mode_2"])
+        / max(ev["mode_1"] + ev["mode_2"], 1e-9),
+    }
 
 
-def core_run(config, workdir, base_dir, *, data_format, source, loss, reduced, beta=None,
-             reduction=None, learning_rate=1e-3):
+def core_run(
+    config,
+    workdir,
+    base_dir,
+    *,
+    data_format,
+    source,
+    loss,
+    reduced,
+    beta=None,
+    reduction=None,
+    learning_rate=1e-3,
+):
     b = baseline_steps(config, reduced)
     data = {"format": data_format, "response_source": source, "num_train": b["num_train"]}
-    cfg = afd.stage_config(config, data=data, loss=loss, steps=b["steps"],
-                           learning_rate=learning_rate, batch_size=b["batch"],
-                           init_dir=base_dir, beta=beta, reduction=reduction)
+    cfg = afd.stage_config(
+        config,
+        data=data,
+        loss=loss,
+        steps=b["steps"],
+        learning_rate=learning_rate,
+        batch_size=b["batch"],
+        init_dir=base_dir,
+        beta=beta,
+        reduction=reduction,
+    )
     cfg.data.num_eval = config.data.num_eval
     summary = core.train_and_evaluate(cfg, workdir, mesh=core_mesh())
     return summary.pop("state").params, cfg
@@ -172,49 +212,94 @@ def run_seed(seed: int, reduced: bool, workroot: str, base_dir: str) -> dict:
     x_cfg.afd.demonstrations.response_source = "expert_a_styled"
     res = afd.run_extrapolation(x_cfg, os.path.join(wd, "extrapolation"), mesh=mesh)
     trainer, init_params = res["trainer"], res["params"]["init"]
-    demo_gold = float(np.mean(task.sft_dataset(2048, seed=config.data.seed + 2,
-                                               source="expert")["gold_reward"]))
+    demo_gold = float(
+        np.mean(task.sft_dataset(2048, seed=config.data.seed + 2, source="expert")["gold_reward"])
+    )
     out["demo_gold"] = demo_gold
-    out["bon"] = {name: [{k: v for k, v in m.items() if not k.endswith("per_prompt")}
-                         for m in rows] for name, rows in res["bon"].items()}
+    out["bon"] = {
+        name: [{k: v for k, v in m.items() if not k.endswith("per_prompt")} for m in rows]
+        for name, rows in res["bon"].items()
+    }
     out["reward_models"] = res["reward_models"]
     out["sft_styled_gold_normalised"] = res["sft_gold"] / res["demo_gold"]
     out["styled_demo_gold"] = res["demo_gold"]
 
     # C5 baseline: DPO with the (styled) demonstrations as chosen, base samples as rejected.
-    params, _ = core_run(config, os.path.join(wd, "dpo_demo_pos"), base_dir,
-                         data_format="preference", source="expert_a_styled_vs_base", loss="dpo",
-                         reduced=reduced, learning_rate=1e-4)
+    params, _ = core_run(
+        config,
+        os.path.join(wd, "dpo_demo_pos"),
+        base_dir,
+        data_format="preference",
+        source="expert_a_styled_vs_base",
+        loss="dpo",
+        reduced=reduced,
+        learning_rate=1e-4,
+    )
     out["dpo_demo_positive"] = policy_eval(trainer, task, params, init_params, config, demo_gold)
 
     # C3: SFT on (mixed-expert) demonstrations vs DPO on base preferences vs SFT on chosen.
-    sft_params, _ = core_run(config, os.path.join(wd, "sft_expert"), base_dir,
-                             data_format="sft", source="expert", loss="sft", reduced=reduced)
+    sft_params, _ = core_run(
+        config,
+        os.path.join(wd, "sft_expert"),
+        base_dir,
+        data_format="sft",
+        source="expert",
+        loss="sft",
+        reduced=reduced,
+    )
     out["sft_demo"] = policy_eval(trainer, task, sft_params, init_params, config, demo_gold)
-    params, _ = core_run(config, os.path.join(wd, "dpo_pref"), base_dir,
-                         data_format="preference", source="base", loss="dpo", reduced=reduced,
-                         learning_rate=1e-3)
+    params, _ = core_run(
+        config,
+        os.path.join(wd, "dpo_pref"),
+        base_dir,
+        data_format="preference",
+        source="base",
+        loss="dpo",
+        reduced=reduced,
+        learning_rate=1e-3,
+    )
     out["dpo_pref"] = policy_eval(trainer, task, params, init_params, config, demo_gold)
-    params, _ = core_run(config, os.path.join(wd, "sft_chosen"), base_dir,
-                         data_format="preference", source="base", loss="sft", reduced=reduced)
+    params, _ = core_run(
+        config,
+        os.path.join(wd, "sft_chosen"),
+        base_dir,
+        data_format="preference",
+        source="base",
+        loss="sft",
+        reduced=reduced,
+    )
     out["sft_chosen"] = policy_eval(trainer, task, params, init_params, config, demo_gold)
     out["init"] = policy_eval(trainer, task, init_params, init_params, config, demo_gold)
 
     # C2: reverse KL (adversarial imitation) on the same mixed-expert demonstrations.
-    demos, _ = afd.demonstration_arrays(afd.stage_config(
-        config, data={"format": "sft", "response_source": "expert",
-                      "num_train": baseline_steps(config, reduced)["num_train"]},
-        loss="sft", steps=1, learning_rate=1e-3, batch_size=8, init_dir=""))
+    demos, _ = afd.demonstration_arrays(
+        afd.stage_config(
+            config,
+            data={
+                "format": "sft",
+                "response_source": "expert",
+                "num_train": baseline_steps(config, reduced)["num_train"],
+            },
+            loss="sft",
+            steps=1,
+            learning_rate=1e-3,
+            batch_size=8,
+            init_dir="",
+        )
+    )
     adv_dir = os.path.join(wd, "adversarial")
     try:
-        adv = adversarial.train_adversarial(config, adv_dir, init_params=init_params,
-                                            demos=demos, mesh=mesh)
+        adv = adversarial.train_adversarial(
+            config, adv_dir, init_params=init_params, demos=demos, mesh=mesh
+        )
         adv_policy, out["adversarial_train"] = adv["policy_params"], adv["train"]
     except adversarial.AdversarialDivergence as e:  # evaluate the last good checkpoint
         logging.warning("%s", e)
         step, params = adversarial.load_last_good(config, adv_dir, mesh=mesh)
-        adv_policy, out["adversarial_train"] = params["policy"], {"diverged": str(e),
-                                                                   "evaluated_step": step}
+        adv_policy, out["adversarial_train"] = (
+            params["policy"],
+            {"diverged": str(e), "evaluated_step": step},
+        )
     out["adversarial"] = policy_eval(trainer, task, adv_policy, init_params, config, demo_gold)
     out["seconds"] = time.time() - t0
     logging.warning("seed %d done in %.0f s", seed, out["seconds"])
@@ -222,6 +307,7 @@ def run_seed(seed: int, reduced: bool, workroot: str, base_dir: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- statistics
+
 
 def mean_ci(values) -> tuple[float, float]:
     """Mean and the half-width of the 95% Student-t interval over seeds."""
@@ -246,25 +332,41 @@ def verdicts(runs) -> dict[str, tuple[str, str]]:
     """(verdict, reason) per claim, from the seed means."""
     mean = lambda xs: float(np.mean(xs))  # noqa: E731
     v = {}
-    sft, adv = (lambda k: [r["sft_demo"][k] for r in runs]), (
-        lambda k: [r["adversarial"][k] for r in runs])
+    sft, adv = (
+        (lambda k: [r["sft_demo"][k] for r in runs]),
+        (lambda k: [r["adversarial"][k] for r in runs]),
+    )
     ent_ok = mean(sft("entropy")) > mean(adv("entropy"))
     conc_ok = mean(adv("mode_concentration")) > mean(sft("mode_concentration")) + 0.05
     gold_ok = mean(adv("gold")) > mean(sft("gold"))
-    reason = (f"entropy SFT {mean(sft('entropy')):.2f} vs reverse-KL {mean(adv('entropy')):.2f}; "
-              f"mode concentration {mean(sft('mode_concentration')):.2f} vs "
-              f"{mean(adv('mode_concentration')):.2f}; gold {mean(sft('gold')):.3f} vs "
-              f"{mean(adv('gold')):.3f}")
-    v["C2"] = ("reproduced" if ent_ok and conc_ok and gold_ok else
-               "partially reproduced" if ent_ok or conc_ok or gold_ok else "not reproduced",
-               reason)
+    reason = (
+        f"entropy SFT {mean(sft('entropy')):.2f} vs reverse-KL {mean(adv('entropy')):.2f}; "
+        f"mode concentration {mean(sft('mode_concentration')):.2f} vs "
+        f"{mean(adv('mode_concentration')):.2f}; gold {mean(sft('gold')):.3f} vs "
+        f"{mean(adv('gold')):.3f}"
+    )
+    v["C2"] = (
+        "reproduced"
+        if ent_ok and conc_ok and gold_ok
+        else "partially reproduced"
+        if ent_ok or conc_ok or gold_ok
+        else "not reproduced",
+        reason,
+    )
 
-    s, d, c = (mean([r[k]["gold_normalised"] for r in runs])
-               for k in ("sft_demo", "dpo_pref", "sft_chosen"))
-    v["C3"] = ("reproduced" if s >= 0.9 and s > d and s > c else
-               "partially reproduced" if s > d or s > c else "not reproduced",
-               f"normalised gold: SFT on demonstrations {s:.3f}, DPO on preferences {d:.3f}, "
-               f"SFT on chosen {c:.3f} (demonstrations = 1)")
+    s, d, c = (
+        mean([r[k]["gold_normalised"] for r in runs])
+        for k in ("sft_demo", "dpo_pref", "sft_chosen")
+    )
+    v["C3"] = (
+        "reproduced"
+        if s >= 0.9 and s > d and s > c
+        else "partially reproduced"
+        if s > d or s > c
+        else "not reproduced",
+        f"normalised gold: SFT on demonstrations {s:.3f}, DPO on preferences {d:.3f}, "
+        f"SFT on chosen {c:.3f} (demonstrations = 1)",
+    )
 
     n_values = [row["n"] for row in runs[0]["bon"]["init_sft"]]
     win = {rm: bon_series(runs, rm, "win_rate").mean(0) for rm in RMS}
@@ -272,86 +374,135 @@ def verdicts(runs) -> dict[str, tuple[str, str]]:
     hetero_low = all(win[rm][-1] < 0.5 for rm in ("init_demo", "sft_demo"))
     hetero_worse = all(win[rm][-1] < win["init_sft"][-1] for rm in ("init_demo", "sft_demo"))
     homo_up = win["init_sft"][-1] > 0.5 and np.all(np.diff(gold["init_sft"]) > -0.02)
-    v["C4"] = ("reproduced" if hetero_low and homo_up else
-               "partially reproduced" if hetero_worse and homo_up else "not reproduced",
-               f"win rate at N={n_values[-1]}: Init-SFT {win['init_sft'][-1]:.2f}, Init-Demo "
-               f"{win['init_demo'][-1]:.2f}, SFT-Demo {win['sft_demo'][-1]:.2f} (random = 0.5)")
+    v["C4"] = (
+        "reproduced"
+        if hetero_low and homo_up
+        else "partially reproduced"
+        if hetero_worse and homo_up
+        else "not reproduced",
+        f"win rate at N={n_values[-1]}: Init-SFT {win['init_sft'][-1]:.2f}, Init-Demo "
+        f"{win['init_demo'][-1]:.2f}, SFT-Demo {win['sft_demo'][-1]:.2f} (random = 0.5)",
+    )
 
     best = float(np.max(gold["init_sft"]))
     best_any = max(float(np.max(gold[rm])) for rm in RMS)
     dpo_pos = mean([r["dpo_demo_positive"]["gold_normalised"] for r in runs])
     exceeds, near = best > 1.0, abs(dpo_pos - 1.0) <= 0.15
-    v["C5"] = ("reproduced" if exceeds and near else
-               "partially reproduced" if exceeds or near else "not reproduced",
-               f"best Init-SFT BoN normalised gold {best:.3f} (best of any reward "
-               f"{best_any:.3f}; > 1 needed); DPO with demonstrations as positives "
-               f"{dpo_pos:.3f} (≈ 1 needed)")
+    v["C5"] = (
+        "reproduced"
+        if exceeds and near
+        else "partially reproduced"
+        if exceeds or near
+        else "not reproduced",
+        f"best Init-SFT BoN normalised gold {best:.3f} (best of any reward "
+        f"{best_any:.3f}; > 1 needed); DPO with demonstrations as positives "
+        f"{dpo_pos:.3f} (≈ 1 needed)",
+    )
 
     lr, rm = gold["log_ratio"], gold["init_sft"]
-    v["C6"] = ("reproduced" if np.all(lr >= rm - 0.01) else
-               "partially reproduced" if lr.max() >= rm.max() - 0.01 else "not reproduced",
-               "normalised gold by N, log-ratio vs Init-SFT: " + ", ".join(
-                   f"N={n}: {a:.3f}/{b:.3f}" for n, a, b in zip(n_values, lr, rm, strict=True)))
+    v["C6"] = (
+        "reproduced"
+        if np.all(lr >= rm - 0.01)
+        else "partially reproduced"
+        if lr.max() >= rm.max() - 0.01
+        else "not reproduced",
+        "normalised gold by N, log-ratio vs Init-SFT: "
+        + ", ".join(f"N={n}: {a:.3f}/{b:.3f}" for n, a, b in zip(n_values, lr, rm, strict=True)),
+    )
 
     # Over-optimisation: judged on the reward whose Best-of-N gains most (if any gains).
     top = max(RMS, key=lambda k: float(np.max(gold[k])))
     peak_at = int(np.argmax(gold[top]))
     gained = gold[top][peak_at] > gold[top][0] + 0.01
-    v["C7"] = ("reproduced" if gained and gold[top][-1] < gold[top][peak_at] - 0.01 else
-               "not reproduced",
-               f"{RM_LABELS[top]} (largest gain): normalised gold peaks at "
-               f"N={n_values[peak_at]} ({gold[top][peak_at]:.3f}) and reads "
-               f"{gold[top][-1]:.3f} at N={n_values[-1]}; N=1: {gold[top][0]:.3f}"
-               + ("" if gained else "; no reward gains at all, so nothing to flatten"))
+    v["C7"] = (
+        "reproduced" if gained and gold[top][-1] < gold[top][peak_at] - 0.01 else "not reproduced",
+        f"{RM_LABELS[top]} (largest gain): normalised gold peaks at "
+        f"N={n_values[peak_at]} ({gold[top][peak_at]:.3f}) and reads "
+        f"{gold[top][-1]:.3f} at N={n_values[-1]}; N=1: {gold[top][0]:.3f}"
+        + ("" if gained else "; no reward gains at all, so nothing to flatten"),
+    )
     return v
 
 
 # ----------------------------------------------------------------------------- report
+
 
 def write_report(runs, out_dir: str, reduced: bool) -> str:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "afd_claims.json"), "w") as f:
         json.dump(runs, f, indent=1)
     n_values = [row["n"] for row in runs[0]["bon"]["init_sft"]]
-    lines = [f"# AfD claims on the gold-reward task ({len(runs)} seeds"
-             f"{', REDUCED smoke scale: not evidence' if reduced else ''})", "",
-             "Mean ± 95% t-interval over seeds. Gold reward normalised so the demonstrations "
-             f"score 1.0 (mean demonstration gold {np.mean([r['demo_gold'] for r in runs]):.3f})."
-             " Generated by `experiments/afd_claims.py`.", "",
-             "## Policies (C2, C3, C5)", "",
-             "| policy | normalised gold | entropy (nats/response) | mode A | mode B | "
-             "mode concentration | KL to π_0 |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    names = {"init": "π_0 (base)", "sft_demo": "SFT on demonstrations (forward KL)",
-             "adversarial": "adversarial imitation (reverse KL)",
-             "dpo_pref": "DPO on base preferences", "sft_chosen": "SFT on preferred responses",
-             "dpo_demo_positive": "DPO, demonstrations as positives"}
+    lines = [
+        f"# AfD claims on the gold-reward task ({len(runs)} seeds"
+        f"{', REDUCED smoke scale: not evidence' if reduced else ''})",
+        "",
+        "Mean ± 95% t-interval over seeds. Gold reward normalised so the demonstrations "
+        f"score 1.0 (mean demonstration gold {np.mean([r['demo_gold'] for r in runs]):.3f})."
+        " Generated by `experiments/afd_claims.py`.",
+        "",
+        "## Policies (C2, C3, C5)",
+        "",
+        "| policy | normalised gold | entropy (nats/response) | mode A | mode B | "
+        "mode concentration | KL to π_0 |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    names = {
+        "init": "π_0 (base)",
+        "sft_demo": "SFT on demonstrations (forward KL)",
+        "adversarial": "adversarial imitation (reverse KL)",
+        "dpo_pref": "DPO on base preferences",
+        "sft_chosen": "SFT on preferred responses",
+        "dpo_demo_positive": "DPO, demonstrations as positives",
+    }
     for key, label in names.items():
         col = lambda k: fmt([r[key][k] for r in runs])  # noqa: B023, E731
-        lines.append(f"| {label} | {col('gold_normalised')} | {col('entropy')} | {col('mode_a')}"
-                     f" | {col('mode_b')} | {col('mode_concentration')} | {col('kl')} |")
-    lines += ["", "## Best-of-N from π_SFT (C4–C7)", "",
-              "Win rate against one random π_SFT sample (0.5 = no better than random):", "",
-              "| reward | " + " | ".join(f"N={n}" for n in n_values) + " |",
-              "| --- |" + " --- |" * len(n_values)]
+        lines.append(
+            f"| {label} | {col('gold_normalised')} | {col('entropy')} | {col('mode_a')}"
+            f" | {col('mode_b')} | {col('mode_concentration')} | {col('kl')} |"
+        )
+    lines += [
+        "",
+        "## Best-of-N from π_SFT (C4–C7)",
+        "",
+        "Win rate against one random π_SFT sample (0.5 = no better than random):",
+        "",
+        "| reward | " + " | ".join(f"N={n}" for n in n_values) + " |",
+        "| --- |" + " --- |" * len(n_values),
+    ]
     for rm in RMS:
         s = bon_series(runs, rm, "win_rate")
-        lines.append(f"| {RM_LABELS[rm]} | " + " | ".join(fmt(s[:, i], 2)
-                                                          for i in range(len(n_values))) + " |")
-    lines += ["", "Normalised gold reward of the chosen response (BoN KL = log N − (N−1)/N: "
-              + ", ".join(f"N={n}: {afd.bon_kl(n):.2f}" for n in n_values) + " nats):", "",
-              "| reward | " + " | ".join(f"N={n}" for n in n_values) + " |",
-              "| --- |" + " --- |" * len(n_values)]
+        lines.append(
+            f"| {RM_LABELS[rm]} | "
+            + " | ".join(fmt(s[:, i], 2) for i in range(len(n_values)))
+            + " |"
+        )
+    lines += [
+        "",
+        "Normalised gold reward of the chosen response (BoN KL = log N − (N−1)/N: "
+        + ", ".join(f"N={n}: {afd.bon_kl(n):.2f}" for n in n_values)
+        + " nats):",
+        "",
+        "| reward | " + " | ".join(f"N={n}" for n in n_values) + " |",
+        "| --- |" + " --- |" * len(n_values),
+    ]
     for rm in RMS:
         s = bon_series(runs, rm, "gold_normalised")
-        lines.append(f"| {RM_LABELS[rm]} | " + " | ".join(fmt(s[:, i])
-                                                          for i in range(len(n_values))) + " |")
-    lines += ["", "Held-out reward-model metrics:", "",
-              "| reward model | accuracy | AUC | mean logit (pos) | mean logit (neg) |",
-              "| --- | --- | --- | --- | --- |"]
+        lines.append(
+            f"| {RM_LABELS[rm]} | " + " | ".join(fmt(s[:, i]) for i in range(len(n_values))) + " |"
+        )
+    lines += [
+        "",
+        "Held-out reward-model metrics:",
+        "",
+        "| reward model | accuracy | AUC | mean logit (pos) | mean logit (neg) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for rm in ("init_sft", "init_demo", "sft_demo", "bt"):
         col = lambda k: fmt([r["reward_models"][rm][k] for r in runs], 2)  # noqa: B023, E731
-        lines.append(f"| {RM_LABELS[rm]} | {col('accuracy')} | {col('auc')} | "
-                     f"{col('logits/positive')} | {col('logits/negative')} |")
+        lines.append(
+            f"| {RM_LABELS[rm]} | {col('accuracy')} | {col('auc')} | "
+            f"{col('logits/positive')} | {col('logits/negative')} |"
+        )
     lines += ["", "## Verdicts", "", "| claim | verdict | evidence |", "| --- | --- | --- |"]
     for claim, (verdict, reason) in verdicts(runs).items():
         lines.append(f"| {claim} | {verdict} | {reason} |")
@@ -370,11 +521,15 @@ def plot(runs, out_dir: str) -> None:
 
     n_values = np.array([row["n"] for row in runs[0]["bon"]["init_sft"]])
     kls = np.array([afd.bon_kl(int(n)) for n in n_values])
-    for metric, fname, ylabel in (("win_rate", "afd_bon_win_rate.png", "win rate vs random"),
-                                  ("gold_normalised", "afd_bon_gold.png",
-                                   "gold reward (demonstrations = 1)")):
-        fig, axes = plt.subplots(1, 2 if metric == "gold_normalised" else 1,
-                                 figsize=(11 if metric == "gold_normalised" else 6, 4))
+    for metric, fname, ylabel in (
+        ("win_rate", "afd_bon_win_rate.png", "win rate vs random"),
+        ("gold_normalised", "afd_bon_gold.png", "gold reward (demonstrations = 1)"),
+    ):
+        fig, axes = plt.subplots(
+            1,
+            2 if metric == "gold_normalised" else 1,
+            figsize=(11 if metric == "gold_normalised" else 6, 4),
+        )
         axes = np.atleast_1d(axes)
         for rm in RMS:
             s = bon_series(runs, rm, metric)
@@ -401,13 +556,22 @@ def plot(runs, out_dir: str) -> None:
     labels = ("π_0", "SFT (fwd KL)", "adversarial (rev KL)", "DPO prefs")
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     x = np.arange(len(keys))
-    for ax, (metric, title) in zip(axes, (("entropy", "entropy per response (nats)"),
-                                          ("gold_normalised", "normalised gold reward"),
-                                          ("mode_concentration", "mode concentration")),
-                                   strict=True):
+    for ax, (metric, title) in zip(
+        axes,
+        (
+            ("entropy", "entropy per response (nats)"),
+            ("gold_normalised", "normalised gold reward"),
+            ("mode_concentration", "mode concentration"),
+        ),
+        strict=True,
+    ):
         vals = [[r[k][metric] for r in runs] for k in keys]
-        ax.bar(x, [np.mean(v) for v in vals],
-               yerr=[np.nan_to_num(mean_ci(v)[1]) for v in vals], capsize=3)
+        ax.bar(
+            x,
+            [np.mean(v) for v in vals],
+            yerr=[np.nan_to_num(mean_ci(v)[1]) for v in vals],
+            capsize=3,
+        )
         ax.set_xticks(x, labels, rotation=20)
         ax.set_title(title)
     a = [np.mean([r[k]["mode_a"] for r in runs]) for k in keys]

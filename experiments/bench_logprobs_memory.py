@@ -52,24 +52,37 @@ def main():
     parser.add_argument("--vocab-chunk", type=int, default=8192)
     parser.add_argument("--dtype", default="bfloat16", help="dtype of hidden and lm_head")
     args = parser.parse_args()
-    shape = dict(batch=args.batch, pairs=args.pairs, seq=args.seq, hidden=args.hidden,
-                 vocab=args.vocab, dtype=jnp.dtype(args.dtype))
+    shape = dict(
+        batch=args.batch,
+        pairs=args.pairs,
+        seq=args.seq,
+        hidden=args.hidden,
+        vocab=args.vocab,
+        dtype=jnp.dtype(args.dtype),
+    )
 
     variants = {
         "naive (full logits)": naive_response_logprobs,
         f"seq_chunk={args.seq_chunk}": functools.partial(
-            response_logprobs, seq_chunk=args.seq_chunk),
+            response_logprobs, seq_chunk=args.seq_chunk
+        ),
         f"vocab_chunk={args.vocab_chunk}": functools.partial(
-            response_logprobs, vocab_chunk=args.vocab_chunk),
+            response_logprobs, vocab_chunk=args.vocab_chunk
+        ),
         f"seq_chunk={args.seq_chunk}, vocab_chunk={args.vocab_chunk}": functools.partial(
-            response_logprobs, seq_chunk=args.seq_chunk, vocab_chunk=args.vocab_chunk),
+            response_logprobs, seq_chunk=args.seq_chunk, vocab_chunk=args.vocab_chunk
+        ),
     }
     logits_bytes = args.batch * args.pairs * (args.seq - 1) * args.vocab * 4
-    print(f"backend={jax.default_backend()} jax={jax.__version__} B={args.batch} N={args.pairs} "
-          f"T={args.seq} D={args.hidden} V={args.vocab} dtype={args.dtype}; one f32 copy of "
-          f"the logits is {logits_bytes / 2**30:.2f} GiB")
-    header = (f"{'variant':<40} {'temp MiB':>10} {'args MiB':>10} {'out MiB':>10} "
-              f"{'naive/this temp':>16} {'compile s':>10}")
+    print(
+        f"backend={jax.default_backend()} jax={jax.__version__} B={args.batch} N={args.pairs} "
+        f"T={args.seq} D={args.hidden} V={args.vocab} dtype={args.dtype}; one f32 copy of "
+        f"the logits is {logits_bytes / 2**30:.2f} GiB"
+    )
+    header = (
+        f"{'variant':<40} {'temp MiB':>10} {'args MiB':>10} {'out MiB':>10} "
+        f"{'naive/this temp':>16} {'compile s':>10}"
+    )
     print(header)
     print("-" * len(header))
     naive_temp = None
@@ -79,9 +92,11 @@ def main():
         seconds = time.perf_counter() - start
         temp = stats.temp_size_in_bytes
         naive_temp = temp if naive_temp is None else naive_temp
-        print(f"{name:<40} {temp / 2**20:>10.1f} {stats.argument_size_in_bytes / 2**20:>10.1f} "
-              f"{stats.output_size_in_bytes / 2**20:>10.1f} {naive_temp / max(temp, 1):>16.1f} "
-              f"{seconds:>10.1f}")
+        print(
+            f"{name:<40} {temp / 2**20:>10.1f} {stats.argument_size_in_bytes / 2**20:>10.1f} "
+            f"{stats.output_size_in_bytes / 2**20:>10.1f} {naive_temp / max(temp, 1):>16.1f} "
+            f"{seconds:>10.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -37,10 +37,18 @@ def build_config(args):
     config = config_files.load(pathlib.Path(__file__).parents[1] / "configs" / "base.py")
     config = config.get_config()
     d, f, layers, heads, kv, vocab = SIZES[args.size]
-    config.model.update(vocab_size=vocab, hidden_size=d, intermediate_size=f,
-                        num_hidden_layers=layers, num_attention_heads=heads,
-                        num_key_value_heads=kv, max_position_embeddings=args.seq,
-                        dtype=args.dtype, remat=args.remat, scan_layers=not args.unrolled)
+    config.model.update(
+        vocab_size=vocab,
+        hidden_size=d,
+        intermediate_size=f,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=args.seq,
+        dtype=args.dtype,
+        remat=args.remat,
+        scan_layers=not args.unrolled,
+    )
     config.loss.name = "dil_lsif"
     config.train.global_batch_size = args.batch
     config.mesh.shape = (-1, 1, 1)
@@ -52,7 +60,7 @@ def random_batch(batch, seq, vocab, rng):
     ids = rng.integers(3, vocab, size=(batch, 2, seq), dtype=np.int32)
     attn = np.ones_like(ids)
     loss_mask = np.zeros_like(ids)
-    loss_mask[..., seq // 2:] = 1  # half prompt, half response
+    loss_mask[..., seq // 2 :] = 1  # half prompt, half response
     return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask}
 
 
@@ -86,8 +94,11 @@ def main():
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--remat", action="store_true")
-    p.add_argument("--unrolled", action="store_true",
-                   help="no layer scan (XLA's FLOP count covers a scanned body only once)")
+    p.add_argument(
+        "--unrolled",
+        action="store_true",
+        help="no layer scan (XLA's FLOP count covers a scanned body only once)",
+    )
     p.add_argument("--seq_chunk", type=int, default=0)
     p.add_argument("--matmul_n", type=int, default=0, help="0: 2048 on CPU, 8192 on GPU/TPU")
     args = p.parse_args()
@@ -122,12 +133,16 @@ def main():
     peak = matmul_peak(jnp.dtype(args.dtype), n) * len(jax.devices())
     tokens = args.batch * 2 * args.seq
     print(f"device: {jax.devices()[0].device_kind} x{len(jax.devices())} ({platform})")
-    print(f"model: {args.size}, {n_params / 1e6:.2f}M params, dtype {args.dtype}, "
-          f"batch {args.batch} pairs x {args.seq} tokens, remat={args.remat}")
+    print(
+        f"model: {args.size}, {n_params / 1e6:.2f}M params, dtype {args.dtype}, "
+        f"batch {args.batch} pairs x {args.seq} tokens, remat={args.remat}"
+    )
     print(f"step time                 {step_time * 1e3:10.2f} ms")
     print(f"tokens/s (both responses) {tokens / step_time:10.0f}")
-    print(f"model FLOPs / step        {flops:10.3e}   (XLA's count: {xla_flops:.3e}; "
-          "with scanned layers it counts one layer body)")
+    print(
+        f"model FLOPs / step        {flops:10.3e}   (XLA's count: {xla_flops:.3e}; "
+        "with scanned layers it counts one layer body)"
+    )
     print(f"achieved FLOP/s           {flops / step_time:10.3e}")
     print(f"matmul peak FLOP/s        {peak:10.3e}   ({n}x{n} {args.dtype} dot, all devices)")
     print(f"ratio to matmul peak      {flops / step_time / peak:10.3f}")

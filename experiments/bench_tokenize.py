@@ -57,9 +57,11 @@ def main(argv=None) -> None:
             train, _, _ = pipeline.build_datasets(config)
             seconds = time.perf_counter() - start
             counts = train.report["train"]
-            print(f"{label:>6}: {rows} rows in {seconds:7.2f} s = {rows / seconds:9.0f} rows/s "
-                  f"({len(train)} kept, {counts['num_bad_records']} skipped, "
-                  f"{counts.get('tokens', 0) or int(train.lengths.sum())} tokens)")
+            print(
+                f"{label:>6}: {rows} rows in {seconds:7.2f} s = {rows / seconds:9.0f} rows/s "
+                f"({len(train)} kept, {counts['num_bad_records']} skipped, "
+                f"{counts.get('tokens', 0) or int(train.lengths.sum())} tokens)"
+            )
 
 
 if __name__ == "__main__":

@@ -35,8 +35,15 @@ from scipy import stats
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from dil_jax.metrics import read_metrics, read_run_config  # noqa: E402
 
-DEFAULT_METRICS = ("policy.gold_reward", "policy.win_rate", "policy.kl", "eval.loss",
-                   "eval.rewards/accuracies", "eval.rewards/margins", "train.loss")
+DEFAULT_METRICS = (
+    "policy.gold_reward",
+    "policy.win_rate",
+    "policy.kl",
+    "eval.loss",
+    "eval.rewards/accuracies",
+    "eval.rewards/margins",
+    "train.loss",
+)
 RESULT_FILES = ("gold_eval.json", "afd_results.json")
 
 
@@ -80,11 +87,14 @@ class Run:
                 if k == "step":
                     continue
                 if k.startswith("eval/"):
-                    self.eval[k[len("eval/"):]] = v
+                    self.eval[k[len("eval/") :]] = v
                 else:
                     self.train[k] = v
-        self.results = {name: json.loads((workdir / name).read_text())
-                        for name in RESULT_FILES if (workdir / name).is_file()}
+        self.results = {
+            name: json.loads((workdir / name).read_text())
+            for name in RESULT_FILES
+            if (workdir / name).is_file()
+        }
 
     def metric(self, name: str) -> float | None:
         """The value of ``name`` for this run, or None when the run has no such metric."""
@@ -146,20 +156,24 @@ def group_key(run: Run, group_by: list[str]) -> str:
     return " ".join(parts)
 
 
-def collect(workdirs: list[pathlib.Path], metrics: list[str] | None, group_by: list[str],
-            *, log=sys.stderr) -> str:
+def collect(
+    workdirs: list[pathlib.Path], metrics: list[str] | None, group_by: list[str], *, log=sys.stderr
+) -> str:
     """The markdown table; ``metrics=None`` picks the ``DEFAULT_METRICS`` some run has."""
     runs = [Run(pathlib.Path(w)) for w in workdirs]
     if metrics is None:
         metrics = [m for m in DEFAULT_METRICS if any(r.metric(m) is not None for r in runs)]
         if not metrics:
-            raise SystemExit("none of the default metrics is in these runs; pick some with "
-                             "--metric (see --list)")
+            raise SystemExit(
+                "none of the default metrics is in these runs; pick some with --metric (see --list)"
+            )
     groups: dict[str, list[Run]] = {}
     for r in runs:
         groups.setdefault(group_key(r, group_by), []).append(r)
-    lines = ["| method | seeds | " + " | ".join(metrics) + " |",
-             "| --- | --- | " + " | ".join("---" for _ in metrics) + " |"]
+    lines = [
+        "| method | seeds | " + " | ".join(metrics) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in metrics) + " |",
+    ]
     for key, members in sorted(groups.items()):
         cells = []
         for m in metrics:
@@ -182,10 +196,18 @@ def collect(workdirs: list[pathlib.Path], metrics: list[str] | None, group_by: l
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("workdirs", nargs="+", type=pathlib.Path)
-    p.add_argument("--metric", action="append", default=None,
-                   help="metric name (repeatable); see the naming above and --list")
-    p.add_argument("--group-by", action="append", default=[],
-                   help="dotted config field that splits a method's rows, e.g. loss.beta")
+    p.add_argument(
+        "--metric",
+        action="append",
+        default=None,
+        help="metric name (repeatable); see the naming above and --list",
+    )
+    p.add_argument(
+        "--group-by",
+        action="append",
+        default=[],
+        help="dotted config field that splits a method's rows, e.g. loss.beta",
+    )
     p.add_argument("--list", action="store_true", help="print every metric of every run, exit")
     args = p.parse_args()
     missing = [str(w) for w in args.workdirs if not w.is_dir()]

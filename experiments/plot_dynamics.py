@@ -39,8 +39,10 @@ def load_runs(items: list[str]) -> dict[str, tuple[list[dict], dict]]:
         workdir = pathlib.Path(path)
         if not (workdir / "metrics.jsonl").is_file():
             raise SystemExit(f"{workdir}: no metrics.jsonl (not a run directory?)")
-        runs[label or workdir.resolve().name] = (read_metrics(str(workdir)),
-                                                 read_run_config(str(workdir)))
+        runs[label or workdir.resolve().name] = (
+            read_metrics(str(workdir)),
+            read_run_config(str(workdir)),
+        )
     return runs
 
 
@@ -48,16 +50,22 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("runs", nargs="+", help="workdirs, optionally as label=path")
     p.add_argument("--out", default="dynamics.png", help="image path (folders are created)")
-    p.add_argument("--reduction", choices=sorted(plots.REDUCTION_LABELS), default="mean",
-                   help="mean: per-token mean log-likelihood; sum: per-sequence sum")
-    p.add_argument("--smoothing", type=float, default=0.9,
-                   help="EMA weight of the training curves (0: none)")
+    p.add_argument(
+        "--reduction",
+        choices=sorted(plots.REDUCTION_LABELS),
+        default="mean",
+        help="mean: per-token mean log-likelihood; sum: per-sequence sum",
+    )
+    p.add_argument(
+        "--smoothing", type=float, default=0.9, help="EMA weight of the training curves (0: none)"
+    )
     args = p.parse_args()
     if not 0 <= args.smoothing < 1:
         p.error("--smoothing must be in [0, 1)")
     runs = load_runs(args.runs)
-    fig, notes = plots.plot_heldout_dynamics(runs, reduction=args.reduction,
-                                             smoothing=args.smoothing)
+    fig, notes = plots.plot_heldout_dynamics(
+        runs, reduction=args.reduction, smoothing=args.smoothing
+    )
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     out = pathlib.Path(args.out)

@@ -62,36 +62,90 @@ GIB = 2**30
 # Published config.json values (Hugging Face hub), architecture fields only.
 HF_CONFIGS = {
     "llama3_8b": {  # meta-llama/Meta-Llama-3-8B
-        "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
-        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-        "num_key_value_heads": 8, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
-        "rope_theta": 500000.0, "tie_word_embeddings": False, "attention_bias": False,
-        "bos_token_id": 128000, "eos_token_id": 128001},
+        "model_type": "llama",
+        "vocab_size": 128256,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "bos_token_id": 128000,
+        "eos_token_id": 128001,
+    },
     "llama3_70b": {  # meta-llama/Meta-Llama-3-70B
-        "model_type": "llama", "vocab_size": 128256, "hidden_size": 8192,
-        "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
-        "num_key_value_heads": 8, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
-        "rope_theta": 500000.0, "tie_word_embeddings": False, "attention_bias": False,
-        "bos_token_id": 128000, "eos_token_id": 128001},
+        "model_type": "llama",
+        "vocab_size": 128256,
+        "hidden_size": 8192,
+        "intermediate_size": 28672,
+        "num_hidden_layers": 80,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "bos_token_id": 128000,
+        "eos_token_id": 128001,
+    },
     "mistral_7b": {  # mistralai/Mistral-7B-v0.3 (v0.1: vocab 32000, theta 1e4, window 4096)
-        "model_type": "mistral", "vocab_size": 32768, "hidden_size": 4096,
-        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-        "num_key_value_heads": 8, "max_position_embeddings": 32768, "rms_norm_eps": 1e-5,
-        "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": False,
-        "bos_token_id": 1, "eos_token_id": 2},
+        "model_type": "mistral",
+        "vocab_size": 32768,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1000000.0,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
     "pythia_2_8b": {  # EleutherAI/pythia-2.8b
-        "model_type": "gpt_neox", "vocab_size": 50304, "hidden_size": 2560,
-        "intermediate_size": 10240, "num_hidden_layers": 32, "num_attention_heads": 32,
-        "rotary_pct": 0.25, "rotary_emb_base": 10000, "max_position_embeddings": 2048,
-        "layer_norm_eps": 1e-5, "hidden_act": "gelu", "use_parallel_residual": True,
-        "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 0},
+        "model_type": "gpt_neox",
+        "vocab_size": 50304,
+        "hidden_size": 2560,
+        "intermediate_size": 10240,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "rotary_pct": 0.25,
+        "rotary_emb_base": 10000,
+        "max_position_embeddings": 2048,
+        "layer_norm_eps": 1e-5,
+        "hidden_act": "gelu",
+        "use_parallel_residual": True,
+        "tie_word_embeddings": False,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+    },
     "gemma_2b": {  # google/gemma-2b
-        "model_type": "gemma", "vocab_size": 256000, "hidden_size": 2048,
-        "intermediate_size": 16384, "num_hidden_layers": 18, "num_attention_heads": 8,
-        "num_key_value_heads": 1, "head_dim": 256, "hidden_act": "gelu",
-        "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 8192,
-        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "attention_bias": False,
-        "tie_word_embeddings": True, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0},
+        "model_type": "gemma",
+        "vocab_size": 256000,
+        "hidden_size": 2048,
+        "intermediate_size": 16384,
+        "num_hidden_layers": 18,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 1,
+        "head_dim": 256,
+        "hidden_act": "gelu",
+        "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "attention_bias": False,
+        "tie_word_embeddings": True,
+        "bos_token_id": 2,
+        "eos_token_id": 1,
+        "pad_token_id": 0,
+    },
 }
 
 # name -> (model, devices, per-device target GiB, hardware the target stands for)
@@ -124,6 +178,7 @@ class Setup:
 
 
 # ----------------------------------------------------------------------------- in the worker
+
 
 def build_config(setup: Setup, hf_dir: str):
     """configs/base.py with the published architecture as `model.hf_path` (a config.json dir).
@@ -170,8 +225,10 @@ def measure(setup: Setup) -> dict:
     from dil_jax import sharding, train  # noqa: PLC0415
 
     if len(jax.devices()) != setup.devices:
-        raise RuntimeError(f"expected {setup.devices} devices, jax sees {len(jax.devices())}: set "
-                           "XLA_FLAGS before jax is imported (use run_case)")
+        raise RuntimeError(
+            f"expected {setup.devices} devices, jax sees {len(jax.devices())}: set "
+            "XLA_FLAGS before jax is imported (use run_case)"
+        )
     with tempfile.TemporaryDirectory() as hf_dir:
         config = build_config(setup, hf_dir)
         trainer = train.Trainer(config)  # reads config.json here, builds nothing big
@@ -184,8 +241,10 @@ def measure(setup: Setup) -> dict:
     ref = trainer.abstract_params() if trainer.reference_inline else None
     b, t = config.train.global_batch_size, setup.seq
     batch_sharding = {r: NamedSharding(trainer.mesh, sharding.batch_spec(r)) for r in (2, 3)}
-    batch = {k: jax.ShapeDtypeStruct((b, 2, t), jnp.int32, sharding=batch_sharding[3])
-             for k in ("input_ids", "attention_mask", "loss_mask")}
+    batch = {
+        k: jax.ShapeDtypeStruct((b, 2, t), jnp.int32, sharding=batch_sharding[3])
+        for k in ("input_ids", "attention_mask", "loss_mask")
+    }
     if setup.reference == "precomputed":
         batch["ref_logps"] = jax.ShapeDtypeStruct((b, 2), jnp.float32, sharding=batch_sharding[2])
 
@@ -196,8 +255,9 @@ def measure(setup: Setup) -> dict:
     compile_s = time.perf_counter() - t0
     ma = compiled.memory_analysis()
     n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params)))
-    param_bytes = int(sum(np.prod(x.shape) * x.dtype.itemsize
-                          for x in jax.tree.leaves(state.params)))
+    param_bytes = int(
+        sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state.params))
+    )
     state_bytes = int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state)))
     out = {
         "setup": dataclasses.asdict(setup),
@@ -220,23 +280,31 @@ def measure(setup: Setup) -> dict:
 
 # ----------------------------------------------------------------------------- in the parent
 
+
 def run_case(setup: Setup, timeout: float | None = None) -> dict:
     """`measure(setup)` in a fresh interpreter with `setup.devices` simulated CPU devices.
 
     Returns the measurement, or {'setup': ..., 'error': last lines of stderr} on failure.
     """
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={setup.devices}",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker",
-           json.dumps(dataclasses.asdict(setup))]
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={setup.devices}",
+        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    )
+    cmd = [
+        sys.executable,
+        str(pathlib.Path(__file__).resolve()),
+        "--worker",
+        json.dumps(dataclasses.asdict(setup)),
+    ]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"setup": dataclasses.asdict(setup), "error": f"timed out after {timeout} s"}
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return json.loads(line[len("RESULT ") :])
     tail = "\n".join(proc.stderr.strip().splitlines()[-6:])
     return {"setup": dataclasses.asdict(setup), "error": tail or f"exit {proc.returncode}"}
 
@@ -246,29 +314,38 @@ def _gib(x: float) -> str:
 
 
 def format_table(rows: list[tuple[dict, float, str]]) -> str:
-    head = (f"{'model':<12} {'family':<9} {'params':>7} {'mesh':<10} {'batch':>5} {'levers':<26} "
-            f"{'args':>7} {'out':>7} {'alias':>7} {'temp':>7} {'total':>7} {'target':>7}  "
-            f"{'fits':<4} {'compile':>7}")
+    head = (
+        f"{'model':<12} {'family':<9} {'params':>7} {'mesh':<10} {'batch':>5} {'levers':<26} "
+        f"{'args':>7} {'out':>7} {'alias':>7} {'temp':>7} {'total':>7} {'target':>7}  "
+        f"{'fits':<4} {'compile':>7}"
+    )
     lines = [head, "-" * len(head)]
     for r, target, _ in rows:
         s = r["setup"]
-        levers = (f"{s['param_dtype'][:4]}/{s['dtype'][:4]} ref={s['reference'][:6]}"
-                  + (f" acc{s['grad_accum']}" if s["grad_accum"] > 1 else "")
-                  + ("" if s["remat"] else " noremat"))
+        levers = (
+            f"{s['param_dtype'][:4]}/{s['dtype'][:4]} ref={s['reference'][:6]}"
+            + (f" acc{s['grad_accum']}" if s["grad_accum"] > 1 else "")
+            + ("" if s["remat"] else " noremat")
+        )
         if "error" in r:
-            lines.append(f"{s['model']:<12} {'':<9} {'':>7} {'x'.join([str(s['devices'])]):<10} "
-                         f"{'':>5} {levers:<26} FAILED: {r['error'].splitlines()[-1][:90]}")
+            lines.append(
+                f"{s['model']:<12} {'':<9} {'':>7} {'x'.join([str(s['devices'])]):<10} "
+                f"{'':>5} {levers:<26} FAILED: {r['error'].splitlines()[-1][:90]}"
+            )
             continue
         lines.append(
             f"{s['model']:<12} {r['family']:<9} {r['n_params'] / 1e9:6.2f}B "
             f"{'x'.join(map(str, r['mesh'])):<10} {r['global_batch']:>5} {levers:<26} "
             f"{_gib(r['argument'])} {_gib(r['output'])} {_gib(r['alias'])} {_gib(r['temp'])} "
             f"{_gib(r['total'])} {target:7.1f}  {'yes' if r['total'] <= target * GIB else 'NO':<4} "
-            f"{r['compile_s']:6.0f}s")
-    lines.append("GiB per device; mesh (data x fsdp x tensor); batch = preference pairs per step "
-                 f"(2 sequences each) at seq {rows[0][0]['setup']['seq'] if rows else ''}; "
-                 "total = args + out - alias + temp; target hardware: "
-                 + ", ".join(sorted({f'{t:.0f} GiB {hw}' for _, t, hw in rows})))
+            f"{r['compile_s']:6.0f}s"
+        )
+    lines.append(
+        "GiB per device; mesh (data x fsdp x tensor); batch = preference pairs per step "
+        f"(2 sequences each) at seq {rows[0][0]['setup']['seq'] if rows else ''}; "
+        "total = args + out - alias + temp; target hardware: "
+        + ", ".join(sorted({f"{t:.0f} GiB {hw}" for _, t, hw in rows}))
+    )
     return "\n".join(lines)
 
 
@@ -286,18 +363,30 @@ def main():
     args = p.parse_args()
 
     if args.worker:  # inside the subprocess: XLA_FLAGS is already set
-        result = measure(Setup(**{k: (tuple(v) if k == "mesh" and v else v)
-                                  for k, v in json.loads(args.worker).items()}))
+        result = measure(
+            Setup(
+                **{
+                    k: (tuple(v) if k == "mesh" and v else v)
+                    for k, v in json.loads(args.worker).items()
+                }
+            )
+        )
         print("RESULT " + json.dumps(result), flush=True)
         return
 
     rows = []
     for name in args.cases.split(","):
         model, devices, target, hw = CASES[name]
-        setup = Setup(model=model, devices=devices, seq=args.seq,
-                      pairs_per_device=args.pairs_per_device, grad_accum=args.grad_accum,
-                      param_dtype=args.param_dtype, reference=args.reference,
-                      remat=not args.no_remat)
+        setup = Setup(
+            model=model,
+            devices=devices,
+            seq=args.seq,
+            pairs_per_device=args.pairs_per_device,
+            grad_accum=args.grad_accum,
+            param_dtype=args.param_dtype,
+            reference=args.reference,
+            remat=not args.no_remat,
+        )
         print(f"compiling {name} on {devices} simulated devices ...", file=sys.stderr, flush=True)
         rows.append((run_case(setup), target, hw))
     print(format_table(rows))

@@ -31,8 +31,9 @@ def pytest_collection_modifyitems(config, items):
     has_gpu = os.environ.get("JAX_PLATFORMS", "") in ("cuda", "gpu")
     for item in items:
         if "torch" in item.keywords and not has_torch:
-            item.add_marker(pytest.mark.skip(
-                reason="PyTorch not installed: pip install torch==2.13.0"))
+            item.add_marker(
+                pytest.mark.skip(reason="PyTorch not installed: pip install torch==2.13.0")
+            )
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(pytest.mark.skip(reason="no GPU visible to JAX on this machine"))
 

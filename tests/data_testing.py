@@ -16,7 +16,8 @@ CORPUS = [
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
-    "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+    "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+)
 
 
 def make_tokenizer(directory: pathlib.Path, *, chat_template: str | None = None) -> str:
@@ -31,14 +32,25 @@ def make_tokenizer(directory: pathlib.Path, *, chat_template: str | None = None)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(CORPUS, trainer)
     tok.save(str(directory / "tokenizer.json"))
     if chat_template is not None:
-        (directory / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": chat_template,
-            "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}))
+        (directory / "tokenizer_config.json").write_text(
+            json.dumps(
+                {
+                    "tokenizer_class": "PreTrainedTokenizerFast",
+                    "chat_template": chat_template,
+                    "bos_token": "<s>",
+                    "eos_token": "</s>",
+                    "pad_token": "<pad>",
+                }
+            )
+        )
     return str(directory)
 
 
@@ -52,18 +64,30 @@ def write_jsonl(path: pathlib.Path, records, *, raw_lines=()) -> str:
 
 def pairs(n: int, *, prefix: str = "q") -> list[dict]:
     """n distinct prompt/chosen/rejected string records of varied lengths."""
-    return [{"prompt": f"{prefix}{i}: what is the capital of France?" + " the sea" * (i % 7),
-             "chosen": "Paris, thanks for asking." + " the fox" * (i % 11),
-             "rejected": "I am fine." + " the dog" * (i % 5)} for i in range(n)]
+    return [
+        {
+            "prompt": f"{prefix}{i}: what is the capital of France?" + " the sea" * (i % 7),
+            "chosen": "Paris, thanks for asking." + " the fox" * (i % 11),
+            "rejected": "I am fine." + " the dog" * (i % 5),
+        }
+        for i in range(n)
+    ]
 
 
 def files_config(train_files, tokenizer: str, **overrides):
     """The tiny test config reading local files with a real tokenizer, small lengths."""
     defaults = {
-        "data.source": "files", "data.format": "auto", "data.train_files": tuple(train_files),
-        "data.tokenizer": tokenizer, "data.max_length": 64, "data.max_prompt_length": 32,
-        "data.buckets": (32, 64), "data.num_eval": 0, "model.vocab_size": 512,
-        "model.max_position_embeddings": 64, "train.global_batch_size": 4,
+        "data.source": "files",
+        "data.format": "auto",
+        "data.train_files": tuple(train_files),
+        "data.tokenizer": tokenizer,
+        "data.max_length": 64,
+        "data.max_prompt_length": 32,
+        "data.buckets": (32, 64),
+        "data.num_eval": 0,
+        "model.vocab_size": 512,
+        "model.max_position_embeddings": 64,
+        "train.global_batch_size": 4,
         "eval.every_steps": 0,
     }
     defaults.update(overrides)

@@ -19,10 +19,12 @@ from dil_jax.errors import WeightsError
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames="output")
-def fwd(model, params, ids, mask=None, positions=None, cache=None, segment_ids=None,
-        output="logits"):
-    return model.apply({"params": params}, ids, mask, positions, cache, output=output,
-                       segment_ids=segment_ids)
+def fwd(
+    model, params, ids, mask=None, positions=None, cache=None, segment_ids=None, output="logits"
+):
+    return model.apply(
+        {"params": params}, ids, mask, positions, cache, output=output, segment_ids=segment_ids
+    )
 
 
 def hf_params(family, state_dict, cfg, **kw):
@@ -94,8 +96,9 @@ def check_outputs_and_head(family, model, params, vocab, hidden):
     return np.asarray(logits)
 
 
-def check_scan_unrolled_remat(model_cls, cfg, params, vocab, scanned, n_layers, ref, *,
-                              remat=False):
+def check_scan_unrolled_remat(
+    model_cls, cfg, params, vocab, scanned, n_layers, ref, *, remat=False
+):
     x, mask = batch(vocab)
     out, _ = fwd(model_cls(cfg, scan_layers=False), unstack(params, scanned, n_layers), x, mask)
     np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
@@ -112,7 +115,7 @@ def check_cache_decode(model, params, vocab, ref):
     out, cache = fwd(model, params, x[:, :5], mask[:, :5], cache=cache)
     steps = [out]
     for t in range(5, T):
-        out, cache = fwd(model, params, x[:, t:t + 1], cache=cache)
+        out, cache = fwd(model, params, x[:, t : t + 1], cache=cache)
         steps.append(out)
     assert int(cache.index) == T
     np.testing.assert_allclose(np.concatenate(steps, axis=1), ref, atol=1e-5, rtol=1e-5)
@@ -149,8 +152,11 @@ def check_segments(model, params, vocab):
 
 def check_partition_rules(family, model_cls, cfg):
     for scan in (True, False):
-        shapes = jax.eval_shape(lambda s=scan: model_cls(cfg, scan_layers=s).init(
-            jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+        shapes = jax.eval_shape(
+            lambda s=scan: model_cls(cfg, scan_layers=s).init(
+                jax.random.key(0), jnp.zeros((1, 1), jnp.int32)
+            )
+        )["params"]
         rules = family.partition_rules()
         for key_path, leaf in jax.tree_util.tree_leaves_with_path(shapes):
             path = path_str(key_path)
@@ -232,14 +238,19 @@ def check_hf_parity(family, model, hf_model, *, vocab, eos, pad, generate=True, 
     pmask[1, :2] = 0
     prompts[pmask == 0] = pad
     with torch.no_grad():
-        hf_out = hf_model.generate(torch.tensor(prompts), attention_mask=torch.tensor(pmask),
-                                   do_sample=False, max_new_tokens=32, eos_token_id=eos,
-                                   pad_token_id=pad).numpy()[:, 6:]
+        hf_out = hf_model.generate(
+            torch.tensor(prompts),
+            attention_mask=torch.tensor(pmask),
+            do_sample=False,
+            max_new_tokens=32,
+            eos_token_id=eos,
+            pad_token_id=pad,
+        ).numpy()[:, 6:]
     gen = make_generate_fn(model, max_new_tokens=32, temperature=0.0, eos_id=eos, pad_id=pad)
     out = gen(params, prompts.astype(np.int32), pmask.astype(np.int32), jax.random.key(0))
     ours = np.asarray(out.tokens)
-    np.testing.assert_array_equal(ours[:, :hf_out.shape[1]], hf_out)
-    assert (ours[:, hf_out.shape[1]:] == pad).all()
+    np.testing.assert_array_equal(ours[:, : hf_out.shape[1]], hf_out)
+    assert (ours[:, hf_out.shape[1] :] == pad).all()
     return params
 
 
@@ -257,8 +268,9 @@ def check_hf_config_round_trip(family, config_cls, model_cls, cfg, hf_model_cls=
     hf_model = cls(hf_cfg)
     sd = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
     params = hf_params(family, sd, cfg)  # checks every shape, every key
-    abstract = jax.eval_shape(lambda: model_cls(cfg).init(
-        jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+    abstract = jax.eval_shape(
+        lambda: model_cls(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+    )["params"]
     assert jax.tree.map(np.shape, params) == jax.tree.map(lambda a: a.shape, abstract)
     return hf_cfg
 
@@ -275,12 +287,14 @@ def check_hf_export(family_name, model, params, tmp_path):
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval().float()
     x, mask = batch(model.config.vocab_size)
     with torch.no_grad():
-        want = loaded(input_ids=torch.tensor(x, dtype=torch.long),
-                      attention_mask=torch.tensor(mask)).logits.numpy()
+        want = loaded(
+            input_ids=torch.tensor(x, dtype=torch.long), attention_mask=torch.tensor(mask)
+        ).logits.numpy()
     got, _ = fwd(model, params, x, mask)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
     name, arch = hf.load_config(tmp_path)
     assert (name, arch) == (family_name, model.config)
-    back = hf.load_params(tmp_path, name, arch, jax.eval_shape(lambda: model.init(
-        jax.random.key(0), x))["params"])
+    back = hf.load_params(
+        tmp_path, name, arch, jax.eval_shape(lambda: model.init(jax.random.key(0), x))["params"]
+    )
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), back, params)

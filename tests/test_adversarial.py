@@ -20,15 +20,20 @@ from dil_jax.errors import ConfigError
 def test_reward_variants_hand_computed():
     f = jnp.array([0.0, 2.0, -1.0])
     np.testing.assert_allclose(adversarial.rl_reward(f, "logit"), f)
-    np.testing.assert_allclose(adversarial.rl_reward(f, "gail"),
-                               [math.log(2), math.log1p(math.exp(2)), math.log1p(math.exp(-1))],
-                               rtol=1e-6)  # −log(1 − σ(f))
-    np.testing.assert_allclose(adversarial.rl_reward(f, "log_d"),
-                               [-math.log(2), -math.log1p(math.exp(-2)), -math.log1p(math.exp(1))],
-                               rtol=1e-6)  # log σ(f)
+    np.testing.assert_allclose(
+        adversarial.rl_reward(f, "gail"),
+        [math.log(2), math.log1p(math.exp(2)), math.log1p(math.exp(-1))],
+        rtol=1e-6,
+    )  # −log(1 − σ(f))
+    np.testing.assert_allclose(
+        adversarial.rl_reward(f, "log_d"),
+        [-math.log(2), -math.log1p(math.exp(-2)), -math.log1p(math.exp(1))],
+        rtol=1e-6,
+    )  # log σ(f)
     # log D − log(1 − D) = f: the 'logit' reward is the log-ratio of the two JS rewards.
-    np.testing.assert_allclose(adversarial.rl_reward(f, "log_d") + adversarial.rl_reward(f, "gail"),
-                               f, atol=1e-6)
+    np.testing.assert_allclose(
+        adversarial.rl_reward(f, "log_d") + adversarial.rl_reward(f, "gail"), f, atol=1e-6
+    )
     with pytest.raises(ValueError, match="adversarial.reward"):
         adversarial.rl_reward(f, "wasserstein")
 
@@ -85,13 +90,25 @@ def test_loop_is_sharded_resumable_and_guarded(tmp_path):
     mesh = sharding.make_mesh((2, 2, 2))
     config = adv_config()
     params = init_params(config, mesh)
-    full = adversarial.train_adversarial(config, str(tmp_path / "full"), init_params=params,
-                                         demos=demos(), mesh=mesh)
+    full = adversarial.train_adversarial(
+        config, str(tmp_path / "full"), init_params=params, demos=demos(), mesh=mesh
+    )
     assert full["step"] == 2
-    for key in ("disc/loss", "disc/accuracy", "disc/auc", "disc/logits/positive",
-                "disc/logits/negative", "policy/loss", "reward/mean", "kl", "entropy",
-                "lengths/demo_mean", "lengths/sample_mean", "lengths/demo_over_budget",
-                "lengths/sample_at_budget"):
+    for key in (
+        "disc/loss",
+        "disc/accuracy",
+        "disc/auc",
+        "disc/logits/positive",
+        "disc/logits/negative",
+        "policy/loss",
+        "reward/mean",
+        "kl",
+        "entropy",
+        "lengths/demo_mean",
+        "lengths/sample_mean",
+        "lengths/demo_over_budget",
+        "lengths/sample_at_budget",
+    ):
         assert np.isfinite(full["train"][key]), key
     runner = full["runner"]
     assert runner.trace_count == 1  # one compiled update for the whole loop
@@ -99,25 +116,36 @@ def test_loop_is_sharded_resumable_and_guarded(tmp_path):
     assert q["q_proj"]["kernel"].spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
 
     # Interrupted after 1 iteration and resumed: the same policy as the uninterrupted run.
-    adversarial.train_adversarial(config, str(tmp_path / "part"), init_params=params,
-                                  demos=demos(), mesh=mesh, max_steps=1)
-    resumed = adversarial.train_adversarial(config, str(tmp_path / "part"), init_params=params,
-                                            demos=demos(), mesh=mesh)
-    for a, b in zip(jax.tree.leaves(jax.device_get(full["policy_params"])),
-                    jax.tree.leaves(jax.device_get(resumed["policy_params"])), strict=True):
+    adversarial.train_adversarial(
+        config, str(tmp_path / "part"), init_params=params, demos=demos(), mesh=mesh, max_steps=1
+    )
+    resumed = adversarial.train_adversarial(
+        config, str(tmp_path / "part"), init_params=params, demos=demos(), mesh=mesh
+    )
+    for a, b in zip(
+        jax.tree.leaves(jax.device_get(full["policy_params"])),
+        jax.tree.leaves(jax.device_get(resumed["policy_params"])),
+        strict=True,
+    ):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
     # A bound the discriminator exceeds at once: stop with a diagnostic, keep the good step.
     config.afd.adversarial.max_abs_logit = 1e-6
     config.afd.adversarial.steps = 3
-    with pytest.raises(adversarial.AdversarialDivergence,
-                       match=r"step 3: discriminator logits .*max_abs_logit.*checkpoint is step 2"):
-        adversarial.train_adversarial(config, str(tmp_path / "full"), init_params=params,
-                                      demos=demos(), mesh=mesh)
+    with pytest.raises(
+        adversarial.AdversarialDivergence,
+        match=r"step 3: discriminator logits .*max_abs_logit.*checkpoint is step 2",
+    ):
+        adversarial.train_adversarial(
+            config, str(tmp_path / "full"), init_params=params, demos=demos(), mesh=mesh
+        )
     step, last = adversarial.load_last_good(config, str(tmp_path / "full"), mesh=mesh)
     assert step == 2
-    for a, b in zip(jax.tree.leaves(jax.device_get(full["policy_params"])),
-                    jax.tree.leaves(jax.device_get(last["policy"])), strict=True):
+    for a, b in zip(
+        jax.tree.leaves(jax.device_get(full["policy_params"])),
+        jax.tree.leaves(jax.device_get(last["policy"])),
+        strict=True,
+    ):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
@@ -128,13 +156,19 @@ def test_bad_inputs_name_the_field(tmp_path):
     with pytest.raises(ValueError, match="samples_per_prompt=1"):
         adversarial.AdversarialImitation(adv_config(samples_per_prompt=1), mesh=mesh)
     with pytest.raises(ValueError, match="the demonstration set is empty"):
-        adversarial.train_adversarial(config, str(tmp_path), init_params=params,
-                                      demos={k: v[:0] for k, v in demos().items()}, mesh=mesh)
+        adversarial.train_adversarial(
+            config,
+            str(tmp_path),
+            init_params=params,
+            demos={k: v[:0] for k, v in demos().items()},
+            mesh=mesh,
+        )
     bad = demos()
     bad["loss_mask"][7] = 0
     with pytest.raises(ValueError, match="example 7 has no response tokens"):
-        adversarial.train_adversarial(config, str(tmp_path), init_params=params, demos=bad,
-                                      mesh=mesh)
+        adversarial.train_adversarial(
+            config, str(tmp_path), init_params=params, demos=bad, mesh=mesh
+        )
     other = adv_config()
     other.afd.adversarial.disc_model = ml_collections.ConfigDict(other.model.to_dict())
     other.afd.adversarial.disc_model.vocab_size = 48
@@ -149,8 +183,9 @@ def test_kl_metric_is_logged_without_the_penalty(tmp_path):
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     config = adv_config(beta=0.0)
     config.afd.adversarial.learning_rate = 1e-2
-    out = adversarial.train_adversarial(config, str(tmp_path), init_params=init_params(
-        config, mesh), demos=demos(), mesh=mesh)
+    out = adversarial.train_adversarial(
+        config, str(tmp_path), init_params=init_params(config, mesh), demos=demos(), mesh=mesh
+    )
     assert out["train"]["kl"] != 0.0 and np.isfinite(out["train"]["kl"])
 
 
@@ -165,9 +200,12 @@ def test_filtered_sampling_is_refused(field, value):
 
 def test_config_mistakes_are_config_errors():
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-    for overrides, field in [({"samples_per_prompt": 1}, "samples_per_prompt"),
-                             ({"reward": "hinge"}, "reward"), ({"beta": -1.0}, "beta"),
-                             ({"max_abs_logit": 0.0}, "max_abs_logit")]:
+    for overrides, field in [
+        ({"samples_per_prompt": 1}, "samples_per_prompt"),
+        ({"reward": "hinge"}, "reward"),
+        ({"beta": -1.0}, "beta"),
+        ({"max_abs_logit": 0.0}, "max_abs_logit"),
+    ]:
         with pytest.raises(ConfigError, match=f"afd.adversarial.{field}"):
             adversarial.AdversarialImitation(adv_config(**overrides), mesh=mesh)
     config = adv_config()
@@ -178,14 +216,20 @@ def test_config_mistakes_are_config_errors():
 
 def test_length_matching_truncates_demonstrations_to_the_sampler_budget():
     # [prompt prompt | 5 response tokens | pad], budget 3.
-    arrays = {"input_ids": np.array([[[7, 8, 1, 2, 3, 4, 5, 0]]]),
-              "attention_mask": np.array([[[1, 1, 1, 1, 1, 1, 1, 0]]]),
-              "loss_mask": np.array([[[0, 0, 1, 1, 1, 1, 1, 0]]])}
+    arrays = {
+        "input_ids": np.array([[[7, 8, 1, 2, 3, 4, 5, 0]]]),
+        "attention_mask": np.array([[[1, 1, 1, 1, 1, 1, 1, 0]]]),
+        "loss_mask": np.array([[[0, 0, 1, 1, 1, 1, 1, 0]]]),
+    }
     cut = rollouts.truncate_responses(arrays, 3)
     np.testing.assert_array_equal(cut["loss_mask"], [[[0, 0, 1, 1, 1, 0, 0, 0]]])
     np.testing.assert_array_equal(cut["attention_mask"], [[[1, 1, 1, 1, 1, 0, 0, 0]]])
     np.testing.assert_array_equal(cut["input_ids"], [[[7, 8, 1, 2, 3, 0, 0, 0]]])
     samples = {"loss_mask": np.array([[[0, 0, 1, 1, 1], [0, 0, 1, 0, 0]]])}
     stats = rollouts.length_stats(arrays, samples, 3)
-    assert stats == {"lengths/demo_mean": 5.0, "lengths/sample_mean": 2.0,
-                     "lengths/demo_over_budget": 1.0, "lengths/sample_at_budget": 0.5}
+    assert stats == {
+        "lengths/demo_mean": 5.0,
+        "lengths/sample_mean": 2.0,
+        "lengths/demo_over_budget": 1.0,
+        "lengths/sample_at_budget": 0.5,
+    }

@@ -32,8 +32,10 @@ def test_c1_sequence_forward_kl_gradient_equals_token_sft_gradient():
     params = jax.device_get(trainer.init_state(0).params)
     model, v = trainer.model, config.model.vocab_size
     prompt = jnp.array([1, 9, 17], jnp.int32)
-    every = jnp.array(np.stack(np.meshgrid(np.arange(v), np.arange(v), indexing="ij"), -1)
-                      .reshape(-1, 2), jnp.int32)  # [V², 2] all responses
+    every = jnp.array(
+        np.stack(np.meshgrid(np.arange(v), np.arange(v), indexing="ij"), -1).reshape(-1, 2),
+        jnp.int32,
+    )  # [V², 2] all responses
     rng = np.random.default_rng(0)
     support = rng.choice(v * v, size=6, replace=False)
     p_expert = rng.dirichlet(np.ones(6))
@@ -52,10 +54,14 @@ def test_c1_sequence_forward_kl_gradient_equals_token_sft_gradient():
         lp = seq_logp(p)[support]
         return jnp.sum(p_expert * (np.log(p_expert) - lp))
 
-    ids = np.concatenate([np.broadcast_to(np.asarray(prompt), (6, 3)), np.asarray(every)[support]],
-                         axis=1)[:, None]  # [6, 1, 5]
-    batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.ones_like(jnp.asarray(ids)),
-             "loss_mask": jnp.asarray(np.broadcast_to([0, 0, 0, 1, 1], ids.shape))}
+    ids = np.concatenate(
+        [np.broadcast_to(np.asarray(prompt), (6, 3)), np.asarray(every)[support]], axis=1
+    )[:, None]  # [6, 1, 5]
+    batch = {
+        "input_ids": jnp.asarray(ids),
+        "attention_mask": jnp.ones_like(jnp.asarray(ids)),
+        "loss_mask": jnp.asarray(np.broadcast_to([0, 0, 0, 1, 1], ids.shape)),
+    }
 
     def token_sft(p, reduction):
         pol = logprobs.sequence_logps(model, trainer.family, p, batch, seq_chunk=2, vocab_chunk=8)
@@ -67,14 +73,16 @@ def test_c1_sequence_forward_kl_gradient_equals_token_sft_gradient():
     g_seq = jax.grad(forward_kl)(params)
     g_sum = jax.grad(token_sft, argnums=0)(params, "sum")
     g_mean = jax.grad(token_sft, argnums=0)(params, "mean")
-    for a, b, c in zip(jax.tree.leaves(g_seq), jax.tree.leaves(g_sum), jax.tree.leaves(g_mean),
-                       strict=True):
+    for a, b, c in zip(
+        jax.tree.leaves(g_seq), jax.tree.leaves(g_sum), jax.tree.leaves(g_mean), strict=True
+    ):
         np.testing.assert_allclose(b, a, atol=2e-6, rtol=1e-4)
         np.testing.assert_allclose(c, a / 2, atol=2e-6, rtol=1e-4)  # per-token: ÷ |y| = 2
     # And the values differ only by the expert's (parameter-free) entropy.
     entropy = -float(np.sum(p_expert * np.log(p_expert)))
-    assert float(forward_kl(params)) == pytest.approx(float(token_sft(params, "sum")) - entropy,
-                                                      rel=1e-5)
+    assert float(forward_kl(params)) == pytest.approx(
+        float(token_sft(params, "sum")) - entropy, rel=1e-5
+    )
 
 
 def test_best_of_n_kl_and_metrics_by_hand():
@@ -91,8 +99,9 @@ def test_best_of_n_kl_and_metrics_by_hand():
     # N = 1 picks a uniformly random candidate whatever the reward.
     rng = np.random.default_rng(123)  # not best_of_n_metrics' own subset seed
     g = rng.random((400, 8))
-    one = afd.best_of_n_metrics(rng.random((400, 8)), g, rng.random(400), (1,), demo_gold=1.0,
-                                subsets=4)[0]
+    one = afd.best_of_n_metrics(
+        rng.random((400, 8)), g, rng.random(400), (1,), demo_gold=1.0, subsets=4
+    )[0]
     assert abs(one["win_rate"] - 0.5) < 0.05
     with pytest.raises(ValueError, match="N=9"):
         afd.best_of_n_metrics(g, g, g[:, 0], (9,), demo_gold=1.0)
@@ -108,16 +117,29 @@ def test_rollouts_layout_limits_and_bad_demonstrations():
     np.testing.assert_array_equal(prompts, demos["prompt"])
     cfg = rollouts.default_config()
     cfg.max_batch = 8
-    out = rollouts.sample(trainer.model, params, prompts, mask, 4, jax.random.key(0), cfg,
-                          mesh=mesh)
+    out = rollouts.sample(
+        trainer.model, params, prompts, mask, 4, jax.random.key(0), cfg, mesh=mesh
+    )
     assert out["input_ids"].shape == (6, 4, 8 + 12)
     np.testing.assert_array_equal(out["input_ids"][:, :, :8], np.repeat(prompts[:, None], 4, 1))
     np.testing.assert_array_equal(out["loss_mask"][:, :, 8:], out["response_mask"])
     assert (out["loss_mask"].sum(-1) >= 1).all()
-    with pytest.raises(ValueError, match=r"afd.bon.n_values \(max N\)=9 is larger than "
-                                         r"sampling.max_batch=8"):
-        rollouts.sample(trainer.model, params, prompts, mask, 9, jax.random.key(0), cfg,
-                        mesh=mesh, field="afd.bon.n_values (max N)")
+    with pytest.raises(
+        ValueError,
+        match=r"afd.bon.n_values \(max N\)=9 is larger than "
+        r"sampling.max_batch=8",
+    ):
+        rollouts.sample(
+            trainer.model,
+            params,
+            prompts,
+            mask,
+            9,
+            jax.random.key(0),
+            cfg,
+            mesh=mesh,
+            field="afd.bon.n_values (max N)",
+        )
     with pytest.raises(ValueError, match="the set is empty"):
         rollouts.prompts_from_arrays({k: v[:0] for k, v in demos.items()})
     demos["loss_mask"][4] = 0
@@ -129,8 +151,9 @@ def test_left_padded_prompts_round_trip():
     ids = np.array([[[1, 5, 6, 7, 2, 0]], [[1, 9, 8, 2, 0, 0]]])
     attn = np.array([[[1, 1, 1, 1, 1, 0]], [[1, 1, 1, 1, 0, 0]]])
     loss = np.array([[[0, 0, 0, 1, 1, 0]], [[0, 0, 1, 1, 0, 0]]])
-    prompts, mask = rollouts.prompts_from_arrays({"input_ids": ids, "attention_mask": attn,
-                                                  "loss_mask": loss})
+    prompts, mask = rollouts.prompts_from_arrays(
+        {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
+    )
     np.testing.assert_array_equal(prompts, [[1, 5, 6], [0, 1, 9]])
     np.testing.assert_array_equal(mask, [[1, 1, 1], [0, 1, 1]])
 
@@ -141,7 +164,7 @@ def test_demonstration_pairs_put_the_demonstration_first(source):
     pairs = task.preference_dataset(256, seed=3, source=source)
     assert pairs["input_ids"].shape == (256, 2, task.seq_len)
     assert pairs["gold_reward"][:, 0].mean() > 0.9 > pairs["gold_reward"][:, 1].mean() + 0.4
-    styled = task.has_style_marker(pairs["input_ids"][:, 0, task.prompt_len:])
+    styled = task.has_style_marker(pairs["input_ids"][:, 0, task.prompt_len :])
     assert styled.all() == ("styled" in source)
     again = task.preference_dataset(256, seed=3, source=source)
     np.testing.assert_array_equal(again["input_ids"], pairs["input_ids"])
@@ -151,10 +174,23 @@ def test_claims_script_reduced(tmp_path):
     """The whole claims pipeline at smoke scale: every stage runs and the report is written."""
     out = tmp_path / "results"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "experiments" / "afd_claims.py"), "--reduced", "--seeds", "1",
-         "--workdir", str(tmp_path / "runs"), "--out", str(out)],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
-        env={**__import__("os").environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
+        [
+            sys.executable,
+            str(REPO / "experiments" / "afd_claims.py"),
+            "--reduced",
+            "--seeds",
+            "1",
+            "--workdir",
+            str(tmp_path / "runs"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env={**__import__("os").environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = (out / "afd_claims.md").read_text()
     for claim in ("C2", "C3", "C4", "C5", "C6", "C7"):
@@ -170,13 +206,20 @@ def test_afd_main_prints_tables_not_json():
     """``python -m dil_jax.afd.main`` prints markdown tables (the JSON goes to the workdir)."""
     from dil_jax.afd import main as afd_main
 
-    summary = {"reward_models": {"init_sft": {"auc": 0.71, "accuracy": 0.64, "step": 40},
-                                 "bt": {"auc": 0.8, "accuracy": 0.7, "step": 40}},
-               "bon": {"init_sft": [{"n": 1, "kl": 0.0, "gold": 0.1, "gold_normalised": 0.2,
-                                     "win_rate": 0.5},
-                                    {"n": 4, "kl": 0.64, "gold": 0.3, "gold_normalised": 0.6,
-                                     "win_rate": 0.62}]},
-               "demo_gold": 0.5, "sft_gold": 0.1}
+    summary = {
+        "reward_models": {
+            "init_sft": {"auc": 0.71, "accuracy": 0.64, "step": 40},
+            "bt": {"auc": 0.8, "accuracy": 0.7, "step": 40},
+        },
+        "bon": {
+            "init_sft": [
+                {"n": 1, "kl": 0.0, "gold": 0.1, "gold_normalised": 0.2, "win_rate": 0.5},
+                {"n": 4, "kl": 0.64, "gold": 0.3, "gold_normalised": 0.6, "win_rate": 0.62},
+            ]
+        },
+        "demo_gold": 0.5,
+        "sft_gold": 0.1,
+    }
     text = afd_main.summary_tables(summary)
     lines = text.splitlines()
     assert "| reward model | accuracy | auc | step |" in lines
@@ -185,5 +228,9 @@ def test_afd_main_prints_tables_not_json():
     assert "demo_gold = 0.500, sft_gold = 0.100" in lines
     assert "{" not in text and len(lines) < 20
     adv = afd_main.summary_tables({"step": 100, "train": {"kl": 0.25, "disc/auc": 0.9}})
-    assert adv.splitlines()[2:] == ["| metric | value |", "| --- | --- |", "| disc/auc | 0.900 |",
-                                    "| kl | 0.250 |"]
+    assert adv.splitlines()[2:] == [
+        "| metric | value |",
+        "| --- | --- |",
+        "| disc/auc | 0.900 |",
+        "| kl | 0.250 |",
+    ]

@@ -28,6 +28,10 @@ def test_demonstrations_cut_to_the_sampling_budget_for_init_demo_and_sft_demo():
     uncut = extrapolation.classifier_datasets(demos, init, sft, pairs)
     assert np.all(uncut["init_demo"]["loss_mask"][:, 0].sum(-1) == 10)
     stats = extrapolation.classifier_length_stats(demos, init, sft, 4)
-    assert stats["init_demo"] == {"lengths/demo_mean": 10.0, "lengths/sample_mean": 4.0,
-                                  "lengths/demo_over_budget": 1.0, "lengths/sample_at_budget": 1.0}
+    assert stats["init_demo"] == {
+        "lengths/demo_mean": 10.0,
+        "lengths/sample_mean": 4.0,
+        "lengths/demo_over_budget": 1.0,
+        "lengths/sample_at_budget": 1.0,
+    }
     assert stats["sft_demo"]["lengths/sample_at_budget"] == 0.0

@@ -48,16 +48,22 @@ def test_resume_on_a_different_mesh(tiny_config, tmp_path):
     config.mesh.shape = (2, 2, 2)  # resharded on restore
     train.train_and_evaluate(config, str(tmp_path / "part"), max_steps=2)
     config.mesh.shape = (1, 2, 2)  # and onto fewer devices
-    out = train.train_and_evaluate(config, str(tmp_path / "part"),
-                                   mesh=sharding.make_mesh((1, 2, 2), devices=jax.devices()[:4]))
+    out = train.train_and_evaluate(
+        config,
+        str(tmp_path / "part"),
+        mesh=sharding.make_mesh((1, 2, 2), devices=jax.devices()[:4]),
+    )
     assert out["step"] == 6
 
     def losses(run):
         return [r["loss"] for r in metrics.read_metrics(str(tmp_path / run)) if "loss" in r]
 
     np.testing.assert_allclose(losses("part"), losses("full"), atol=1e-5, rtol=0)
-    for a, b in zip(jax.tree.leaves(jax.device_get(full["state"].params)),
-                    jax.tree.leaves(jax.device_get(out["state"].params)), strict=True):
+    for a, b in zip(
+        jax.tree.leaves(jax.device_get(full["state"].params)),
+        jax.tree.leaves(jax.device_get(out["state"].params)),
+        strict=True,
+    ):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
@@ -74,14 +80,24 @@ def test_incompatible_checkpoint_refuses_to_resume(tiny_config, tmp_path):
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_before_exit(tmp_path):
     workdir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "dil_jax.main", f"--config={REPO}/configs/base.py",
-           f"--workdir={workdir}", "--config.train.steps=100000", "--config.train.log_every=1",
-           "--config.checkpoint.every_steps=100000", "--config.eval.every_steps=0",
-           "--config.train.progress_bar=False", "--config.data.num_train=256",
-           "--config.train.global_batch_size=16"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dil_jax.main",
+        f"--config={REPO}/configs/base.py",
+        f"--workdir={workdir}",
+        "--config.train.steps=100000",
+        "--config.train.log_every=1",
+        "--config.checkpoint.every_steps=100000",
+        "--config.eval.every_steps=0",
+        "--config.train.progress_bar=False",
+        "--config.data.num_train=256",
+        "--config.train.global_batch_size=16",
+    ]
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     metrics = workdir / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and not (metrics.exists() and metrics.stat().st_size > 0):

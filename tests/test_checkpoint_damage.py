@@ -121,7 +121,8 @@ CASES = [
 
 @pytest.mark.parametrize("damage,step,moved,reason", CASES, ids=[c[0].__name__ for c in CASES])
 def test_damaged_latest_falls_back_to_the_newest_good_step(
-        damage, step, moved, reason, run_copy, trainer, caplog):
+    damage, step, moved, reason, run_copy, trainer, caplog
+):
     ckpts = run_copy / "checkpoints"
     damage(ckpts)
     config = make_tiny_config()
@@ -130,11 +131,15 @@ def test_damaged_latest_falls_back_to_the_newest_good_step(
         state, data_state = checkpointing.restore_latest(manager, trainer, config)
     assert int(state.step) == step and data_state["position"] == step
     expected = checkpointing.load_params(str(run_copy), _abstract_params(trainer), step)
-    for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(expected),
-                    strict=True):
+    for a, b in zip(
+        jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(expected), strict=True
+    ):
         np.testing.assert_array_equal(a, b)
-    warnings = [r.getMessage() for r in caplog.records
-                if r.levelno == logging.WARNING and "is damaged (" in r.getMessage()]
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "is damaged (" in r.getMessage()
+    ]
     if moved is None:
         assert not warnings and not (run_copy / "checkpoints.damaged").exists()
         return
@@ -149,16 +154,18 @@ def test_damaged_latest_falls_back_to_the_newest_good_step(
 
 
 def _abstract_params(trainer):
-    return jax.tree.map(checkpointing._abstract, trainer.abstract_state.params,
-                        trainer.state_sharding.params)
+    return jax.tree.map(
+        checkpointing._abstract, trainer.abstract_state.params, trainer.state_sharding.params
+    )
 
 
 def test_rerun_after_damage_finishes_bit_identical(finished_run, run_copy):
     truncate_params_data(run_copy / "checkpoints")
     out = train.train_and_evaluate(make_tiny_config(), str(run_copy))
     assert out["step"] == 6
-    for a, b in zip(jax.tree.leaves(jax.device_get(out["state"].params)), finished_run[1],
-                    strict=True):
+    for a, b in zip(
+        jax.tree.leaves(jax.device_get(out["state"].params)), finished_run[1], strict=True
+    ):
         np.testing.assert_array_equal(a, b)
     assert (run_copy / "checkpoints" / "6" / "commit_success.txt").exists()
     assert (run_copy / "checkpoints.damaged" / "6-unreadable-params").is_dir()
@@ -170,8 +177,11 @@ def test_no_usable_checkpoint_stops_listing_each_step_and_moves_nothing(run_copy
     os.remove(ckpts / "3" / "params" / "manifest.ocdbt")
     config = make_tiny_config()
     manager = checkpointing.make_manager(str(run_copy), config.checkpoint)
-    with pytest.raises(CheckpointError, match=r"step 6: meta/metadata does not parse.*step 3: "
-                                              r"params/manifest.ocdbt is missing"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"step 6: meta/metadata does not parse.*step 3: "
+        r"params/manifest.ocdbt is missing",
+    ):
         checkpointing.restore_latest(manager, trainer, config)
     assert sorted(p.name for p in ckpts.iterdir()) == ["3", "6"]
     assert not (run_copy / "checkpoints.damaged").exists()
@@ -182,8 +192,9 @@ def test_no_usable_checkpoint_stops_listing_each_step_and_moves_nothing(run_copy
 
 def test_checkpoint_from_another_run_is_refused_not_skipped(run_copy, trainer, tmp_path):
     other = tmp_path / "other"
-    train.train_and_evaluate(make_tiny_config(**{"model.hidden_size": 32, "train.steps": 3}),
-                             str(other))
+    train.train_and_evaluate(
+        make_tiny_config(**{"model.hidden_size": 32, "train.steps": 3}), str(other)
+    )
     ckpts = run_copy / "checkpoints"
     shutil.rmtree(ckpts / "6")
     shutil.copytree(other / "checkpoints" / "3", ckpts / "6")  # renumbered by the copy
@@ -200,8 +211,11 @@ def test_state_that_does_not_fit_is_a_config_error_not_damage(run_copy):
     config = make_tiny_config()
     trainer = train.Trainer(make_tiny_config(**{"model.hidden_size": 32}))
     manager = checkpointing.make_manager(str(run_copy), config.checkpoint)
-    with pytest.raises(ConfigError, match=r"does not fit this run's state .*params entries "
-                                          r"differ.*checkpoint has \(64"):
+    with pytest.raises(
+        ConfigError,
+        match=r"does not fit this run's state .*params entries "
+        r"differ.*checkpoint has \(64",
+    ):
         checkpointing.restore_latest(manager, trainer, config)
     assert not (run_copy / "checkpoints.damaged").exists()
 

@@ -38,9 +38,15 @@ def tiny_hf_dir(tmp_path, family: str) -> str:
     if family == "gpt2":
         cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=1024)
     elif family == "gemma":
-        cfg = transformers.GemmaConfig(vocab_size=256000, hidden_size=32, intermediate_size=64,
-                                       num_hidden_layers=2, num_attention_heads=4,
-                                       num_key_value_heads=1, head_dim=8)
+        cfg = transformers.GemmaConfig(
+            vocab_size=256000,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=8,
+        )
     else:
         raise AssertionError(family)
     out = tmp_path / f"tiny_{family}"
@@ -92,8 +98,7 @@ def test_every_config_variant_resolves_and_builds_every_model(item, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("item", [i for i in CONFIG_VARIANTS if i[1] != "paper"],
-                         ids=variant_id)
+@pytest.mark.parametrize("item", [i for i in CONFIG_VARIANTS if i[1] != "paper"], ids=variant_id)
 def test_every_config_builds_its_data_pipeline(item, tmp_path, shared_data):
     """Each config's data (gold task or the real files in ../shared/data), a few records."""
     path, variant = item
@@ -122,9 +127,11 @@ def test_every_config_builds_its_abstract_state(path):
     top = config_files.load(path).get_config()
     hf_path = top.model.get("hf_path")
     if hf_path and not pathlib.Path(hf_path).is_dir():
-        pytest.skip(f"{path.name} needs the Hugging Face directory {hf_path} (converted from the "
-                    "GGUF: python -m dil_jax.models.gguf --smollm2 runs/smollm2_hf); "
-                    "tests/test_smollm2.py builds it from a fresh conversion")
+        pytest.skip(
+            f"{path.name} needs the Hugging Face directory {hf_path} (converted from the "
+            "GGUF: python -m dil_jax.models.gguf --smollm2 runs/smollm2_hf); "
+            "tests/test_smollm2.py builds it from a fresh conversion"
+        )
     for config in nested_configs(top):
         trainer = train.Trainer(config)
         n_params = sum(x.size for x in jax.tree.leaves(trainer.abstract_state.params))
@@ -135,8 +142,9 @@ def test_every_config_builds_its_abstract_state(path):
 def test_partition_rules_cover_and_divide(tiny_config):
     mesh = sharding.make_mesh((2, 2, 2))
     trainer = train.Trainer(tiny_config(**{"mesh.shape": (2, 2, 2)}), mesh=mesh)
-    specs = sharding.match_partition_rules(trainer.family.partition_rules(),
-                                           trainer.abstract_state.params)
+    specs = sharding.match_partition_rules(
+        trainer.family.partition_rules(), trainer.abstract_state.params
+    )
     for path, leaf in jax.tree_util.tree_flatten_with_path(trainer.abstract_state.params)[0]:
         spec = specs
         for k in path:
@@ -155,15 +163,18 @@ def test_unmatched_parameter_raises():
         sharding.match_partition_rules([("embed", sharding.P())], abstract)
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("loss.name", "dpo_typo", "dpo_typo"),
-    ("loss.beta", -0.1, "beta"),
-    ("mesh.shape", (3, 1, 1), r"mesh.shape=\(3, 1, 1\)"),
-    ("train.global_batch_size", 12, "config.train.global_batch_size=12"),
-    ("optim.learning_rate", 0.0, "config.optim.learning_rate"),
-    ("reference.mode", "cached", "config.reference.mode"),
-    ("model.dtype", "fp8", "config.model.dtype"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("loss.name", "dpo_typo", "dpo_typo"),
+        ("loss.beta", -0.1, "beta"),
+        ("mesh.shape", (3, 1, 1), r"mesh.shape=\(3, 1, 1\)"),
+        ("train.global_batch_size", 12, "config.train.global_batch_size=12"),
+        ("optim.learning_rate", 0.0, "config.optim.learning_rate"),
+        ("reference.mode", "cached", "config.reference.mode"),
+        ("model.dtype", "fp8", "config.model.dtype"),
+    ],
+)
 def test_bad_values_fail_before_compilation_naming_the_field(tiny_config, field, value, message):
     config = tiny_config(**{"mesh.shape": (8, 1, 1)})
     node = config
@@ -177,9 +188,19 @@ def test_bad_values_fail_before_compilation_naming_the_field(tiny_config, field,
 
 def test_unknown_override_key_is_rejected_by_the_cli(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "dil_jax.main", f"--config={REPO}/configs/base.py",
-         f"--workdir={tmp_path}", "--config.loss.nmae=dpo"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "dil_jax.main",
+            f"--config={REPO}/configs/base.py",
+            f"--workdir={tmp_path}",
+            "--config.loss.nmae=dpo",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert out.returncode != 0
     assert "nmae" in out.stderr
     assert not (tmp_path / "checkpoints").exists()

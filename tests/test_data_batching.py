@@ -19,9 +19,16 @@ def synthetic(n=203, num=2, max_length=64, buckets=(16, 32), packing=False, seed
     seqs = [1000 * e + np.arange(lengths[e, j]) for e in range(n) for j in range(num)]
     flat = lengths.ravel()
     starts = (np.cumsum(flat) - flat).reshape(n, num)
-    return TokenizedDataset(np.concatenate(seqs).astype(np.int32), starts, lengths,
-                            prompt_lengths, np.arange(100, 100 + n, dtype=np.int32), pad_id=7,
-                            buckets=normalise_buckets(buckets, max_length), packing=packing)
+    return TokenizedDataset(
+        np.concatenate(seqs).astype(np.int32),
+        starts,
+        lengths,
+        prompt_lengths,
+        np.arange(100, 100 + n, dtype=np.int32),
+        pad_id=7,
+        buckets=normalise_buckets(buckets, max_length),
+        packing=packing,
+    )
 
 
 def test_bucket_plan_covers_each_epoch_and_moves_leftovers_up():
@@ -80,8 +87,12 @@ def consume(data, batch_size, num_procs, steps, interrupt_at=None):
     """Example ids and shapes of ``steps`` global batches, optionally checkpointed and resumed."""
 
     def fresh():
-        return [pipeline.make_iterator(data, batch_size, seed=5, process_index=p,
-                                       process_count=num_procs) for p in range(num_procs)]
+        return [
+            pipeline.make_iterator(
+                data, batch_size, seed=5, process_index=p, process_count=num_procs
+            )
+            for p in range(num_procs)
+        ]
 
     iters, ids, shapes = fresh(), [], []
     for step in range(steps):
@@ -100,8 +111,12 @@ def consume(data, batch_size, num_procs, steps, interrupt_at=None):
 @pytest.mark.parametrize("packing", [False, True], ids=["bucketed", "packed"])
 def test_resume_equals_uninterrupted_for_one_and_two_processes(packing):
     data = synthetic(packing=packing)
-    steps = 3 * pipeline.make_iterator(data, 8, seed=5, process_index=0,
-                                       process_count=1).batches_per_epoch  # three epochs
+    steps = (
+        3
+        * pipeline.make_iterator(
+            data, 8, seed=5, process_index=0, process_count=1
+        ).batches_per_epoch
+    )  # three epochs
     reference, shapes = consume(data, 8, 1, steps)
     for num_procs in (1, 2):
         for interrupt_at in (1, steps // 3, steps // 2 + 1):
@@ -114,7 +129,7 @@ def test_resume_equals_uninterrupted_for_one_and_two_processes(packing):
         per_epoch = len(reference) // 3
         first = sum(reference[:per_epoch], [])
         assert len(set(first)) == len(first)  # no example twice within an epoch
-        assert reference[:per_epoch] != reference[per_epoch:2 * per_epoch]  # reshuffled
+        assert reference[:per_epoch] != reference[per_epoch : 2 * per_epoch]  # reshuffled
 
 
 def test_state_from_other_data_or_layout_is_refused():
@@ -122,12 +137,14 @@ def test_state_from_other_data_or_layout_is_refused():
     it = pipeline.make_iterator(data, 8, seed=5, process_index=0, process_count=1)
     next(it)
     state = it.get_state()
-    other = pipeline.make_iterator(synthetic(buckets=(32,)), 8, seed=5, process_index=0,
-                                   process_count=1)
+    other = pipeline.make_iterator(
+        synthetic(buckets=(32,)), 8, seed=5, process_index=0, process_count=1
+    )
     with pytest.raises(ValueError, match="buckets"):
         other.set_state(state)
-    packed = pipeline.make_iterator(synthetic(packing=True), 8, seed=5, process_index=0,
-                                    process_count=1)
+    packed = pipeline.make_iterator(
+        synthetic(packing=True), 8, seed=5, process_index=0, process_count=1
+    )
     with pytest.raises(ValueError, match="layout"):
         packed.set_state(state)
 

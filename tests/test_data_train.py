@@ -25,12 +25,22 @@ def one_device():
 
 def small_run(config, *, tiny_model: bool = True, **overrides):
     """One device, no progress bar or tensorboard, synchronous saves; a width-16 model."""
-    defaults = {"mesh.shape": (1, 1, 1), "train.progress_bar": False,
-                "train.tensorboard": False, "checkpoint.async_save": False}
+    defaults = {
+        "mesh.shape": (1, 1, 1),
+        "train.progress_bar": False,
+        "train.tensorboard": False,
+        "checkpoint.async_save": False,
+    }
     if tiny_model:
-        defaults.update({"model.hidden_size": 16, "model.intermediate_size": 32,
-                         "model.num_hidden_layers": 1, "model.num_attention_heads": 2,
-                         "model.num_key_value_heads": 1})
+        defaults.update(
+            {
+                "model.hidden_size": 16,
+                "model.intermediate_size": 32,
+                "model.num_hidden_layers": 1,
+                "model.num_attention_heads": 2,
+                "model.num_key_value_heads": 1,
+            }
+        )
     for dotted, value in {**defaults, **overrides}.items():
         node = config
         *parents, leaf = dotted.split(".")
@@ -59,33 +69,46 @@ def test_step_compiles_once_per_bucket(chat_files):
 
 def test_precomputed_reference_per_bucket_matches_inline(chat_files, tmp_path):
     tok, path = chat_files
-    config = small_run(files_config([path], tok, **{"data.buckets": (32, 48),
-                                                    "reference.mode": "precomputed",
-                                                    "reference.batch_size": 8}))
+    config = small_run(
+        files_config(
+            [path],
+            tok,
+            **{
+                "data.buckets": (32, 48),
+                "reference.mode": "precomputed",
+                "reference.batch_size": 8,
+            },
+        )
+    )
     data, _, _ = pipeline.build_datasets(config)
     trainer = train.Trainer(config, mesh=one_device())
     params = trainer.init_state(0).params
     from dil_jax import reference
 
-    with_ref = pipeline.with_reference(data, lambda a: reference.with_reference_logps(
-        trainer, params, a, config, str(tmp_path / "run")))
+    with_ref = pipeline.with_reference(
+        data,
+        lambda a: reference.with_reference_logps(trainer, params, a, config, str(tmp_path / "run")),
+    )
     assert with_ref.extras["ref_logps"].shape == (len(data), 2)
     # Each example's reference was computed at its own bucket length; padding it to the longest
     # bucket must not change it.
     rows = np.arange(8)
     batch = with_ref.padded(rows, 64)
     with jax.set_mesh(trainer.mesh):
-        logps = jax.jit(lambda p, b: logprobs.sequence_logps(trainer.model, trainer.family, p, b)
-                        .sum_logps)(params, {k: batch[k] for k in
-                                             ("input_ids", "attention_mask", "loss_mask")})
+        logps = jax.jit(
+            lambda p, b: logprobs.sequence_logps(trainer.model, trainer.family, p, b).sum_logps
+        )(params, {k: batch[k] for k in ("input_ids", "attention_mask", "loss_mask")})
     np.testing.assert_allclose(np.asarray(logps), batch["ref_logps"], atol=1e-4)
 
 
 def test_interrupted_real_data_run_resumes_at_the_saved_data_position(chat_files, tmp_path):
     """The bucketed iterator's state goes into the orbax checkpoint and comes back exactly."""
     tok, path = chat_files
-    config = small_run(files_config([path], tok, **{
-        "data.buckets": (32, 48), "train.steps": 3, "checkpoint.every_steps": 1}))
+    config = small_run(
+        files_config(
+            [path], tok, **{"data.buckets": (32, 48), "train.steps": 3, "checkpoint.every_steps": 1}
+        )
+    )
     workdir = str(tmp_path / "run")
     train.train_and_evaluate(config, workdir, mesh=one_device(), max_steps=2)  # interrupted
     data, _, _ = pipeline.build_datasets(config)
@@ -110,8 +133,12 @@ def test_interrupted_real_data_run_resumes_at_the_saved_data_position(chat_files
     assert 0 <= report["run_padding"]["padding_fraction"] < 1
 
 
-REAL_CONFIGS = ["dil_ultrafeedback_debug.py", "dil_hh_harmless_debug.py",
-                "dil_alpaca_demos_debug.py", "sft_alpaca_gpt4_debug.py"]
+REAL_CONFIGS = [
+    "dil_ultrafeedback_debug.py",
+    "dil_hh_harmless_debug.py",
+    "dil_alpaca_demos_debug.py",
+    "sft_alpaca_gpt4_debug.py",
+]
 
 
 @pytest.mark.slow
@@ -123,10 +150,19 @@ def test_debug_config_trains_on_real_data(shared_data, tmp_path, name):
     once; the bucketed compiles are checked by test_step_compiles_once_per_bucket.
     """
     config = config_files.load(REPO / "configs" / name).get_config()
-    small_run(config, tiny_model=False, **{
-        "train.steps": 2, "train.global_batch_size": 4, "eval.every_steps": 2,
-        "eval.batch_size": 4, "eval.num_batches": 1, "data.buckets": (),
-        "data.cache_dir": str(tmp_path / "cache")})
+    small_run(
+        config,
+        tiny_model=False,
+        **{
+            "train.steps": 2,
+            "train.global_batch_size": 4,
+            "eval.every_steps": 2,
+            "eval.batch_size": 4,
+            "eval.num_batches": 1,
+            "data.buckets": (),
+            "data.cache_dir": str(tmp_path / "cache"),
+        },
+    )
     summary = train.train_and_evaluate(config, str(tmp_path / "run"), mesh=one_device())
     assert summary["step"] == 2 and np.isfinite(summary["train"]["loss"])
     assert np.isfinite(summary["eval"]["loss"])

@@ -29,10 +29,14 @@ def _evil_dir(root, *, tokenizer_config=None, config=None):
 AUTO_MAP = {"AutoTokenizer": ["evil.EvilTokenizer", None]}
 
 
-@pytest.mark.parametrize("files", [
-    {"tokenizer_config": {"tokenizer_class": "EvilTokenizer", "auto_map": AUTO_MAP}},
-    {"tokenizer_config": {}, "config": {"model_type": "evil", "auto_map": AUTO_MAP}},
-], ids=["tokenizer_config_auto_map", "config_json_auto_map"])
+@pytest.mark.parametrize(
+    "files",
+    [
+        {"tokenizer_config": {"tokenizer_class": "EvilTokenizer", "auto_map": AUTO_MAP}},
+        {"tokenizer_config": {}, "config": {"model_type": "evil", "auto_map": AUTO_MAP}},
+    ],
+    ids=["tokenizer_config_auto_map", "config_json_auto_map"],
+)
 def test_tokenizer_code_in_the_directory_never_runs(tmp_path, files):
     directory, marker = _evil_dir(tmp_path / "tok", **files)
     with pytest.raises(DataError, match=r"auto_map .*dil_jax never runs repository code"):
@@ -41,8 +45,9 @@ def test_tokenizer_code_in_the_directory_never_runs(tmp_path, files):
 
 
 def test_unknown_tokenizer_class_fails_without_running_code(tmp_path):
-    directory, marker = _evil_dir(tmp_path / "tok",
-                                  tokenizer_config={"tokenizer_class": "EvilTokenizer"})
+    directory, marker = _evil_dir(
+        tmp_path / "tok", tokenizer_config={"tokenizer_class": "EvilTokenizer"}
+    )
     with pytest.raises(DataError, match=r"could not load"):
         tokenize.load_tokenizer(str(directory))
     assert not marker.exists()
@@ -51,15 +56,17 @@ def test_unknown_tokenizer_class_fails_without_running_code(tmp_path):
 def test_auto_map_next_to_a_tokenizer_json_loads_the_data_only(tmp_path):
     directory = make_tokenizer(tmp_path / "tok", chat_template=CHAT_TEMPLATE)
     config = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
-    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps({**config,
-                                                                         "auto_map": AUTO_MAP}))
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(
+        json.dumps({**config, "auto_map": AUTO_MAP})
+    )
     (tmp_path / "tok" / "evil.py").write_text(EVIL.format(marker=str(tmp_path / "ran")))
     tok = tokenize.load_tokenizer(directory)
     assert tok.eos_token == "</s>" and not (tmp_path / "ran").exists()
 
 
-@pytest.mark.parametrize("spec", ["/no/such/tokenizer", "./missing-tok", "a/b/c",
-                                  "missing/tokenizer.json"])
+@pytest.mark.parametrize(
+    "spec", ["/no/such/tokenizer", "./missing-tok", "a/b/c", "missing/tokenizer.json"]
+)
 def test_missing_local_tokenizer_path_says_so(spec):
     with pytest.raises(DataError, match=r"the path does not exist"):
         tokenize.load_tokenizer(spec)
@@ -89,8 +96,9 @@ def _zero(path):
     open(path, "wb").close()
 
 
-@pytest.mark.parametrize("damage", [_truncate, _garble, _zero], ids=["truncated", "garbled",
-                                                                     "zero_bytes"])
+@pytest.mark.parametrize(
+    "damage", [_truncate, _garble, _zero], ids=["truncated", "garbled", "zero_bytes"]
+)
 def test_damaged_cache_file_is_rebuilt(tmp_path, damage, caplog):
     tok = make_tokenizer(tmp_path / "tok", chat_template=CHAT_TEMPLATE)
     config = files_config([write_jsonl(tmp_path / "d.jsonl", pairs(20))], tok)
@@ -101,8 +109,9 @@ def test_damaged_cache_file_is_rebuilt(tmp_path, damage, caplog):
     with caplog.at_level(logging.WARNING):
         rebuilt = pipeline.build_datasets(config, workdir=work)[0]
     assert rebuilt.report["train"]["cache"]["hit"] is False
-    assert any("is damaged" in r.getMessage() and "rebuilding" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "is damaged" in r.getMessage() and "rebuilding" in r.getMessage() for r in caplog.records
+    )
     for key in ("tokens", "starts", "lengths", "prompt_lengths", "example_id"):
         np.testing.assert_array_equal(getattr(rebuilt, key), getattr(first, key))
     again = pipeline.build_datasets(config, workdir=work)[0]  # the rewritten file is whole

@@ -14,8 +14,9 @@ from dil_jax import objectives as obj
 def _batch():
     # Δ chosen [0.0, 1.0, 2.0, 3.0], Δ rejected [−1.0, 0.0, 1.0, 2.0]; reference at 0.
     policy = jnp.asarray([[0.0, -1.0], [1.0, 0.0], [2.0, 1.0], [3.0, 2.0]], jnp.float32)
-    return obj.SequenceLogps(policy=policy, n_tokens=jnp.full_like(policy, 2.0),
-                             reference=jnp.zeros_like(policy))
+    return obj.SequenceLogps(
+        policy=policy, n_tokens=jnp.full_like(policy, 2.0), reference=jnp.zeros_like(policy)
+    )
 
 
 def test_quantiles_and_implied_ref_mean():
@@ -25,8 +26,9 @@ def test_quantiles_and_implied_ref_mean():
     assert float(out["ratio/log_r_chosen_q10"]) == pytest.approx(0.3, abs=1e-6)  # linear interp.
     expected = (math.exp(-1) + 1 + math.exp(1) + math.exp(2)) / 4
     assert float(out["ratio/implied_ref_mean_r"]) == pytest.approx(expected, rel=1e-6)
-    mean = diagnostics.density_ratio_diagnostics(obj.parse_loss_terms(["dil_lsif"]), _batch(),
-                                                 reduction="mean")
+    mean = diagnostics.density_ratio_diagnostics(
+        obj.parse_loss_terms(["dil_lsif"]), _batch(), reduction="mean"
+    )
     assert float(mean["ratio/log_r_chosen_q50"]) == pytest.approx(0.75)
 
 
@@ -46,10 +48,12 @@ def test_gradient_weights_are_the_loss_gradients():
 
 def test_lists_with_absent_responses_and_jit():
     policy = jnp.asarray([[1.0, 0.0, 50.0]], jnp.float32)  # third response absent
-    seqs = obj.SequenceLogps(policy=policy, n_tokens=jnp.asarray([[1.0, 1.0, 0.0]]),
-                             reference=jnp.zeros_like(policy))
-    fn = jax.jit(lambda s: diagnostics.density_ratio_diagnostics(
-        obj.parse_loss_terms(["plackett_luce"]), s))
+    seqs = obj.SequenceLogps(
+        policy=policy, n_tokens=jnp.asarray([[1.0, 1.0, 0.0]]), reference=jnp.zeros_like(policy)
+    )
+    fn = jax.jit(
+        lambda s: diagnostics.density_ratio_diagnostics(obj.parse_loss_terms(["plackett_luce"]), s)
+    )
     out = fn(seqs)
     assert float(out["ratio/implied_ref_mean_r"]) == pytest.approx(1.0)
     assert float(out["ratio/log_r_rejected_q90"]) == pytest.approx(0.0)
@@ -58,20 +62,24 @@ def test_lists_with_absent_responses_and_jit():
 
 def test_huge_ratios_stay_finite():
     policy = jnp.asarray([[500.0, 400.0]], jnp.float32)
-    seqs = obj.SequenceLogps(policy=policy, n_tokens=jnp.ones_like(policy),
-                             reference=jnp.zeros_like(policy))
-    out = diagnostics.density_ratio_diagnostics(obj.parse_loss_terms(
-        [{"name": "dil_ukl", "reduction": "sum"}]), seqs)
+    seqs = obj.SequenceLogps(
+        policy=policy, n_tokens=jnp.ones_like(policy), reference=jnp.zeros_like(policy)
+    )
+    out = diagnostics.density_ratio_diagnostics(
+        obj.parse_loss_terms([{"name": "dil_ukl", "reduction": "sum"}]), seqs
+    )
     assert float(out["ratio/log_implied_ref_mean_r"]) == pytest.approx(400.0)
     assert all(bool(jnp.all(jnp.isfinite(v))) for v in out.values())
 
 
 def test_collapse_alarm():
     before = {"logps/chosen": -10.0, "rewards/margins": 0.5}
-    assert diagnostics.likelihood_collapse_alarm(before, {"logps/chosen": -12.0,
-                                                          "rewards/margins": 1.5})
-    assert not diagnostics.likelihood_collapse_alarm(before, {"logps/chosen": -9.0,
-                                                              "rewards/margins": 1.5})
-    assert not diagnostics.likelihood_collapse_alarm(before, {"logps/chosen": -10.05,
-                                                              "rewards/margins": 1.5},
-                                                     tolerance=0.1)
+    assert diagnostics.likelihood_collapse_alarm(
+        before, {"logps/chosen": -12.0, "rewards/margins": 1.5}
+    )
+    assert not diagnostics.likelihood_collapse_alarm(
+        before, {"logps/chosen": -9.0, "rewards/margins": 1.5}
+    )
+    assert not diagnostics.likelihood_collapse_alarm(
+        before, {"logps/chosen": -10.05, "rewards/margins": 1.5}, tolerance=0.1
+    )

@@ -17,8 +17,9 @@ PLOT = str(REPO / "experiments" / "plot_dynamics.py")
 
 
 def _script(*args, check=True):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, check=check,
-                          cwd=REPO)
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, check=check, cwd=REPO
+    )
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +29,11 @@ def runs(tmp_path_factory):
     reward model and an AfD extrapolation workdir (its afd_results.json)."""
     root = tmp_path_factory.mktemp("runs")
     out = {}
-    for name, overrides in (("dpo_s0", {"loss.name": "dpo", "seed": 0, "eval.gold_prompts": 16}),
-                            ("dpo_s1", {"loss.name": "dpo", "seed": 1, "eval.gold_prompts": 16}),
-                            ("dil", {"loss.name": "dil_lsif"})):
+    for name, overrides in (
+        ("dpo_s0", {"loss.name": "dpo", "seed": 0, "eval.gold_prompts": 16}),
+        ("dpo_s1", {"loss.name": "dpo", "seed": 1, "eval.gold_prompts": 16}),
+        ("dil", {"loss.name": "dil_lsif"}),
+    ):
         config = make_tiny_config(**{"eval.every_steps": 3, "eval.num_batches": 1, **overrides})
         train.train_and_evaluate(config, str(root / name))
         out[name] = root / name
@@ -39,26 +42,46 @@ def runs(tmp_path_factory):
     config.afd = afd.default_config()
     a = config.afd.adversarial
     a.steps, a.prompts_per_step, a.samples_per_prompt, a.log_every, a.checkpoint_every = (
-        2, 8, 2, 1, 2)
+        2,
+        8,
+        2,
+        1,
+        2,
+    )
     params = train.Trainer(config, mesh=mesh).init_state(0).params
     demos = GoldTask().sft_dataset(32, seed=5, source="expert")
-    adversarial.train_adversarial(config, str(root / "adv"), init_params=params, demos=demos,
-                                  mesh=mesh)
+    adversarial.train_adversarial(
+        config, str(root / "adv"), init_params=params, demos=demos, mesh=mesh
+    )
     out["adv"] = root / "adv"
     rm_cfg = reward_model.default_config()
     rm_cfg.steps, rm_cfg.global_batch_size, rm_cfg.log_every, rm_cfg.checkpoint_every = 2, 16, 1, 2
     rm_cfg.eval_fraction = 0.25
     rm = reward_model.RewardModel(config.model, rm_cfg, mesh=mesh, seed=3)
     neg = GoldTask().sft_dataset(32, seed=5, source="random")
-    reward_model.train_reward_model(rm, reward_model.labelled_pairs(demos, neg),
-                                    str(root / "rm"), data_description="test")
+    reward_model.train_reward_model(
+        rm, reward_model.labelled_pairs(demos, neg), str(root / "rm"), data_description="test"
+    )
     out["rm"] = root / "rm"
     # The extrapolation stage's results file, in the layout run_extrapolation writes.
     (root / "afd").mkdir()
-    (root / "afd" / "afd_results.json").write_text(json.dumps({
-        "reward_models": {"init_sft": {"auc": 0.7, "accuracy": 0.6}},
-        "bon": {"init_sft": [{"n": 4, "win_rate": 0.55, "gold_reward": 0.1,
-                              "gold_per_prompt": [0.1, 0.2]}]}}))
+    (root / "afd" / "afd_results.json").write_text(
+        json.dumps(
+            {
+                "reward_models": {"init_sft": {"auc": 0.7, "accuracy": 0.6}},
+                "bon": {
+                    "init_sft": [
+                        {
+                            "n": 4,
+                            "win_rate": 0.55,
+                            "gold_reward": 0.1,
+                            "gold_per_prompt": [0.1, 0.2],
+                        }
+                    ]
+                },
+            }
+        )
+    )
     out["afd"] = root / "afd"
     return out
 
@@ -77,8 +100,13 @@ def test_collect_table_every_metric_of_every_run_kind(runs):
     proc = _script(COLLECT, *dirs, *(f"--metric={m}" for m in every))
     lines = proc.stdout.strip().splitlines()
     methods = {line.split(" | ")[0][2:]: line for line in lines[2:]}
-    assert set(methods) == {"dpo", "dil_lsif", "adversarial_imitation", "reward_model:bce",
-                            "afd_extrapolation"}
+    assert set(methods) == {
+        "dpo",
+        "dil_lsif",
+        "adversarial_imitation",
+        "reward_model:bce",
+        "afd_extrapolation",
+    }
     assert len(lines[0].split(" | ")) == 2 + len(every)
     for run, names in per_run.items():  # every metric a run lists is collected from it
         for m in names:
@@ -86,8 +114,14 @@ def test_collect_table_every_metric_of_every_run_kind(runs):
     # The issue's commands: real-data runs by default and with train.loss
     table = _script(COLLECT, str(runs["dil"])).stdout
     assert "eval.loss" in table.splitlines()[0] and "train.loss" in table.splitlines()[0]
-    table = _script(COLLECT, str(runs["dpo_s0"]), str(runs["dpo_s1"]), str(runs["dil"]),
-                    "--metric=policy.gold_reward", "--metric=train.loss").stdout.splitlines()
+    table = _script(
+        COLLECT,
+        str(runs["dpo_s0"]),
+        str(runs["dpo_s1"]),
+        str(runs["dil"]),
+        "--metric=policy.gold_reward",
+        "--metric=train.loss",
+    ).stdout.splitlines()
     assert table[0] == "| method | seeds | policy.gold_reward | train.loss |"
     dpo = next(line for line in table if line.startswith("| dpo | 2 | "))
     assert "±" in dpo
@@ -102,6 +136,7 @@ def test_plot_dynamics_one_stated_reduction(runs, tmp_path):
     # Every run logs both reductions (logps_mean/*, logps_sum/*): DPO and DIL share the axis.
     assert "left out" not in proc.stderr, proc.stderr
     out_sum = tmp_path / "sum.png"
-    proc = _script(PLOT, str(runs["dpo_s0"]), f"dil={runs['dil']}", f"--out={out_sum}",
-                   "--reduction=sum")
+    proc = _script(
+        PLOT, str(runs["dpo_s0"]), f"dil={runs['dil']}", f"--out={out_sum}", "--reduction=sum"
+    )
     assert out_sum.stat().st_size > 10_000 and "left out" not in proc.stderr, proc.stderr

@@ -16,13 +16,22 @@ from dil_jax import export, train
 def small_update_run(tmp_path_factory):
     """A base run, then a run from its checkpoint with preference-sized (tiny) updates."""
     root = tmp_path_factory.mktemp("export")
-    base = make_tiny_config(**{"train.steps": 2, "checkpoint.every_steps": 2, "loss.name": "sft",
-                               "data.format": "sft"})
+    base = make_tiny_config(
+        **{"train.steps": 2, "checkpoint.every_steps": 2, "loss.name": "sft", "data.format": "sft"}
+    )
     train.train_and_evaluate(base, str(root / "base"))
-    run = make_tiny_config(**{"train.steps": 2, "checkpoint.every_steps": 2, "loss.name": "sft",
-                              "data.format": "sft", "init.mode": "checkpoint",
-                              "init.checkpoint_dir": str(root / "base"),
-                              "optim.learning_rate": 1e-6, "optim.warmup_ratio": 0.0})
+    run = make_tiny_config(
+        **{
+            "train.steps": 2,
+            "checkpoint.every_steps": 2,
+            "loss.name": "sft",
+            "data.format": "sft",
+            "init.mode": "checkpoint",
+            "init.checkpoint_dir": str(root / "base"),
+            "optim.learning_rate": 1e-6,
+            "optim.warmup_ratio": 0.0,
+        }
+    )
     train.train_and_evaluate(run, str(root / "run"))
     return root
 

@@ -14,15 +14,38 @@ from dil_jax.models.gemma import GemmaConfig, GemmaForCausalLM
 # Gemma 2 with every feature on and a window (4) much shorter than the test sequences (12;
 # 38 when generating), so local layers (0 and 2) really drop keys. The same config serves the
 # random-param and HF-parity tests (shared jitted forwards).
-CFG2 = GemmaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                   num_attention_heads=4, num_key_value_heads=2, head_dim=24,
-                   model_type="gemma2", query_pre_attn_scalar=20, attn_logit_softcapping=5.0,
-                   final_logit_softcapping=10.0, sliding_window=4, max_position_embeddings=64,
-                   bos_token_id=1, eos_token_id=127, pad_token_id=0)
+CFG2 = GemmaConfig(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=24,
+    model_type="gemma2",
+    query_pre_attn_scalar=20,
+    attn_logit_softcapping=5.0,
+    final_logit_softcapping=10.0,
+    sliding_window=4,
+    max_position_embeddings=64,
+    bos_token_id=1,
+    eos_token_id=127,
+    pad_token_id=0,
+)
 # Gemma 1 with multi-query attention (one kv head).
-CFG1 = GemmaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=1, head_dim=24,
-                   max_position_embeddings=64, bos_token_id=1, eos_token_id=127, pad_token_id=0)
+CFG1 = GemmaConfig(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=24,
+    max_position_embeddings=64,
+    bos_token_id=1,
+    eos_token_id=127,
+    pad_token_id=0,
+)
 SCANNED = "model/layers"
 
 
@@ -55,9 +78,18 @@ def test_config_round_trip_and_validation():
     hf1 = {**CFG1.to_hf(), "hidden_act": "gelu"}
     assert GemmaConfig.from_hf(hf1).hidden_activation == "gelu_pytorch_tanh"
     # Fields a hand-written Gemma 2 config leaves out take transformers' defaults.
-    sparse = {k: hf2[k] for k in ("model_type", "vocab_size", "hidden_size", "intermediate_size",
-                                  "num_hidden_layers", "num_attention_heads",
-                                  "num_key_value_heads")}
+    sparse = {
+        k: hf2[k]
+        for k in (
+            "model_type",
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+        )
+    }
     full = GemmaConfig.from_hf(sparse)
     assert (full.sliding_window, full.final_logit_softcapping, full.head_dim) == (4096, 30.0, 256)
 
@@ -67,8 +99,16 @@ def test_invariances(tiny):
     full (past the window), packing == separate."""
     model, params = tiny
     ref = fc.check_outputs_and_head(gemma.FAMILY, model, params, CFG2.vocab_size, CFG2.hidden_size)
-    fc.check_scan_unrolled_remat(GemmaForCausalLM, CFG2, params, CFG2.vocab_size, SCANNED,
-                                 CFG2.num_hidden_layers, ref, remat=True)
+    fc.check_scan_unrolled_remat(
+        GemmaForCausalLM,
+        CFG2,
+        params,
+        CFG2.vocab_size,
+        SCANNED,
+        CFG2.num_hidden_layers,
+        ref,
+        remat=True,
+    )
     fc.check_cache_decode(model, params, CFG2.vocab_size, ref)
     fc.check_segments(model, params, CFG2.vocab_size)
     assert np.abs(ref).max() < CFG2.final_logit_softcapping
@@ -110,9 +150,11 @@ def test_bf16_compute_close(tiny):
 
 def test_partition_rules_cover_every_param():
     fc.check_partition_rules(gemma.FAMILY, GemmaForCausalLM, CFG2)
-    fc.check_partition_rules(gemma.FAMILY, GemmaForCausalLM,
-                             dataclasses.replace(CFG1, tie_word_embeddings=False,
-                                                 attention_bias=True))
+    fc.check_partition_rules(
+        gemma.FAMILY,
+        GemmaForCausalLM,
+        dataclasses.replace(CFG1, tie_word_embeddings=False, attention_bias=True),
+    )
 
 
 def test_converter_round_trip_and_errors(tiny):
@@ -120,8 +162,7 @@ def test_converter_round_trip_and_errors(tiny):
     sd = fc.check_converter(gemma.FAMILY, CFG2, params, SCANNED, CFG2.num_hidden_layers)
     assert "model.layers.2.pre_feedforward_layernorm.weight" in sd
     assert "lm_head.weight" not in sd  # tied
-    fc.hf_params(gemma.FAMILY, {**sd, "lm_head.weight": sd["model.embed_tokens.weight"]},
-                                    CFG2)
+    fc.hf_params(gemma.FAMILY, {**sd, "lm_head.weight": sd["model.embed_tokens.weight"]}, CFG2)
 
 
 def _hf_model(cfg):
@@ -142,8 +183,9 @@ def _hf_model(cfg):
 def test_hf_parity(cfg):
     """Logits on a right-padded batch and 32 greedy tokens on left-padded prompts, with the
     sequences longer than Gemma 2's window."""
-    fc.check_hf_parity(gemma.FAMILY, GemmaForCausalLM(cfg), _hf_model(cfg), vocab=128, eos=127,
-                       pad=0)
+    fc.check_hf_parity(
+        gemma.FAMILY, GemmaForCausalLM(cfg), _hf_model(cfg), vocab=128, eos=127, pad=0
+    )
 
 
 @pytest.mark.torch
@@ -155,8 +197,13 @@ def test_hf_export_loads_in_transformers(tiny, tmp_path):
 @pytest.mark.torch
 def test_to_hf_round_trip():
     untied = dataclasses.replace(CFG1, tie_word_embeddings=False, attention_bias=True)
-    no_window = dataclasses.replace(CFG2, sliding_window=None, layer_types=None,
-                                    attn_logit_softcapping=None, query_pre_attn_scalar=None)
+    no_window = dataclasses.replace(
+        CFG2,
+        sliding_window=None,
+        layer_types=None,
+        attn_logit_softcapping=None,
+        query_pre_attn_scalar=None,
+    )
     assert no_window.query_pre_attn_scalar == CFG2.head_dim
     for cfg in (CFG2, CFG1, untied, no_window):
         fc.check_hf_config_round_trip(gemma.FAMILY, GemmaConfig, GemmaForCausalLM, cfg)

@@ -11,8 +11,13 @@ from dil_jax.models import gguf
 
 
 def test_help_names_the_command_and_its_arguments():
-    out = subprocess.run([sys.executable, "-m", "dil_jax.models.gguf", "--help"], cwd=REPO,
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "dil_jax.models.gguf", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert out.startswith("usage: python -m dil_jax.models.gguf")
     assert "--smollm2" in out and "gguf" in out and "out" in out
 

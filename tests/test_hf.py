@@ -19,21 +19,61 @@ from dil_jax.errors import WeightsError
 from dil_jax.models import blocks, hf, llama
 from dil_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 64}
-COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-              rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=127, pad_token_id=0)
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+COMMON = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=127,
+    pad_token_id=0,
+)
 # HF config class, extra kwargs, tied embeddings; each variant exercises different switches.
 VARIANTS = {
-    "llama": ("LlamaConfig", dict(rope_parameters={"rope_theta": 10000.0, **LLAMA3},
-                                  tie_word_embeddings=True, attention_bias=True)),
-    "mistral": ("MistralConfig", dict(sliding_window=256, tie_word_embeddings=False,
-                                      rope_parameters={"rope_theta": 1e6, "rope_type": "default"})),
-    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True, use_sliding_window=False,
-                                  rope_parameters={"rope_theta": 1e6, "rope_type": "default"})),
-    "qwen3": ("Qwen3Config", dict(head_dim=24, tie_word_embeddings=False, attention_bias=False,
-                                  rope_parameters={"rope_theta": 1e6, "rope_type": "default"})),
+    "llama": (
+        "LlamaConfig",
+        dict(
+            rope_parameters={"rope_theta": 10000.0, **LLAMA3},
+            tie_word_embeddings=True,
+            attention_bias=True,
+        ),
+    ),
+    "mistral": (
+        "MistralConfig",
+        dict(
+            sliding_window=256,
+            tie_word_embeddings=False,
+            rope_parameters={"rope_theta": 1e6, "rope_type": "default"},
+        ),
+    ),
+    "qwen2": (
+        "Qwen2Config",
+        dict(
+            tie_word_embeddings=True,
+            use_sliding_window=False,
+            rope_parameters={"rope_theta": 1e6, "rope_type": "default"},
+        ),
+    ),
+    "qwen3": (
+        "Qwen3Config",
+        dict(
+            head_dim=24,
+            tie_word_embeddings=False,
+            attention_bias=False,
+            rope_parameters={"rope_theta": 1e6, "rope_type": "default"},
+        ),
+    ),
 }
 MESH_SHAPE = (2, 2, 2)
 
@@ -45,18 +85,23 @@ def tiny_arch(**kw) -> LlamaConfig:
 def abstract_params(cfg, mesh, *, scan_layers=True, dtype=jnp.float32):
     """Sharded ShapeDtypeStructs, as `train.Trainer.abstract_params()` builds them."""
     model = LlamaForCausalLM(cfg, scan_layers=scan_layers, param_dtype=dtype)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0),
-                                               jnp.zeros((1, 1), jnp.int32)))["params"]
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))[
+        "params"
+    ]
     specs = sharding.match_partition_rules(llama.partition_rules(), shapes, mesh)
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        shapes, sharding.shardings_from_specs(mesh, specs))
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        shapes,
+        sharding.shardings_from_specs(mesh, specs),
+    )
 
 
 def random_params(cfg, *, scan_layers=True, seed=0):
     """Random numpy params (norm weights near 1, everything else N(0, 0.08^2))."""
     model = LlamaForCausalLM(cfg, scan_layers=scan_layers)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0),
-                                               jnp.zeros((1, 1), jnp.int32)))["params"]
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))[
+        "params"
+    ]
     rng = np.random.default_rng(seed)
 
     def draw(path, leaf):
@@ -77,13 +122,16 @@ def mesh():
 
 # ----------------------------------------------------------------------------- configs
 
+
 def test_config_variants_round_trip_through_hf():
     import transformers
 
-    for cfg in (tiny_arch(rope_scaling=LLAMA3, tie_word_embeddings=True, eos_token_id=[2, 3]),
-                tiny_arch(model_type="mistral", sliding_window=64),
-                tiny_arch(qkv_bias=True, tie_word_embeddings=True),
-                tiny_arch(qk_norm=True, head_dim=24, attention_bias=True)):
+    for cfg in (
+        tiny_arch(rope_scaling=LLAMA3, tie_word_embeddings=True, eos_token_id=[2, 3]),
+        tiny_arch(model_type="mistral", sliding_window=64),
+        tiny_arch(qkv_bias=True, tie_word_embeddings=True),
+        tiny_arch(qk_norm=True, head_dim=24, attention_bias=True),
+    ):
         d = cfg.to_hf()
         assert LlamaConfig.from_hf(d) == cfg
         assert LlamaConfig.from_dict(cfg.to_dict()) == cfg
@@ -106,8 +154,13 @@ def test_from_hf_rejects_unsupported_features():
     with pytest.raises(ValueError, match="sliding_window=4096"):  # absent: HF's default 4096
         LlamaConfig.from_hf({**base, "max_position_embeddings": 32768})
     assert LlamaConfig.from_hf({**base, "sliding_window": None}).sliding_window is None
-    qwen = {**COMMON, "model_type": "qwen2", "use_sliding_window": True, "sliding_window": 32,
-            "max_window_layers": 1}
+    qwen = {
+        **COMMON,
+        "model_type": "qwen2",
+        "use_sliding_window": True,
+        "sliding_window": 32,
+        "max_window_layers": 1,
+    }
     with pytest.raises(ValueError, match="use_sliding_window"):
         LlamaConfig.from_hf(qwen)
     assert LlamaConfig.from_hf({**qwen, "max_window_layers": 2}).qkv_bias  # no layer slides
@@ -124,9 +177,12 @@ def test_from_hf_rejects_unsupported_features():
 
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_tensor_map_covers_every_param_and_inverts(scan_layers):
-    for cfg in (tiny_arch(), tiny_arch(qkv_bias=True),
-                tiny_arch(qk_norm=True, head_dim=24, attention_bias=True),
-                tiny_arch(attention_bias=True, mlp_bias=True, tie_word_embeddings=True)):
+    for cfg in (
+        tiny_arch(),
+        tiny_arch(qkv_bias=True),
+        tiny_arch(qk_norm=True, head_dim=24, attention_bias=True),
+        tiny_arch(attention_bias=True, mlp_bias=True, tie_word_embeddings=True),
+    ):
         params = random_params(cfg, scan_layers=scan_layers)
         flat = hf._flat(params)
         tmap = llama.hf_tensor_map(cfg, scan_layers=scan_layers)
@@ -142,6 +198,7 @@ def test_tensor_map_covers_every_param_and_inverts(scan_layers):
 
 
 # ----------------------------------------------------------------------------- packing
+
 
 def test_segment_ids_packed_row_matches_separate_sequences():
     cfg = tiny_arch(qk_norm=True, head_dim=24)
@@ -167,11 +224,11 @@ def test_segment_ids_packed_row_matches_separate_sequences():
     positions = blocks.default_positions(jnp.asarray(segments > 0), jnp.asarray(segments))
     np.testing.assert_array_equal(positions[0], [0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 0, 0])
     with pytest.raises(ValueError, match="segment_ids"):
-        model.apply({"params": params}, packed, segment_ids=segments,
-                    cache=model.init_cache(1, 16))
+        model.apply({"params": params}, packed, segment_ids=segments, cache=model.init_cache(1, 16))
 
 
 # ----------------------------------------------------------------------------- files, no torch
+
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
@@ -206,15 +263,17 @@ def test_save_load_round_trip_without_torch(saved, mesh, tmp_path):
     loaded = hf.load_params(out, family, cfg, target, scan_layers=False)
     np.testing.assert_array_equal(
         loaded["model"]["layers_1"]["self_attn"]["q_proj"]["bias"],
-        params["model"]["layers"]["self_attn"]["q_proj"]["bias"][1].astype(jnp.bfloat16))
+        params["model"]["layers"]["self_attn"]["q_proj"]["bias"][1].astype(jnp.bfloat16),
+    )
     # bfloat16 export, single file.
     hf.save_pretrained(params, "llama", cfg, tmp_path, dtype="bfloat16")
     assert (tmp_path / hf.SAFE_SINGLE).is_file() and not (tmp_path / hf.SAFE_INDEX).exists()
     assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
     back = hf.load_params(tmp_path, family, cfg, abstract_params(cfg, mesh))
-    np.testing.assert_array_equal(back["lm_head"]["kernel"],
-                                  params["lm_head"]["kernel"].astype(jnp.bfloat16)
-                                  .astype(np.float32))
+    np.testing.assert_array_equal(
+        back["lm_head"]["kernel"],
+        params["lm_head"]["kernel"].astype(jnp.bfloat16).astype(np.float32),
+    )
 
 
 def _copy(src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path:
@@ -242,11 +301,15 @@ def test_bad_inputs_name_the_file_and_tensor(saved, mesh, tmp_path):
         hf.load_config(bert)
 
     wide = _copy(out, tmp_path / "wide")
-    (wide / "config.json").write_text(json.dumps({**json.loads(
-        (out / "config.json").read_text()), "intermediate_size": 128}))
+    (wide / "config.json").write_text(
+        json.dumps({**json.loads((out / "config.json").read_text()), "intermediate_size": 128})
+    )
     _, wide_cfg = hf.load_config(wide)
-    with pytest.raises(ValueError, match=r"model-\d+-of-\d+\.safetensors: tensor "
-                                         r"'model\.layers\.0\.mlp\.gate_proj\.weight' has shape"):
+    with pytest.raises(
+        ValueError,
+        match=r"model-\d+-of-\d+\.safetensors: tensor "
+        r"'model\.layers\.0\.mlp\.gate_proj\.weight' has shape",
+    ):
         load(wide, wide_cfg, abstract_params(wide_cfg, mesh))
 
     index = json.loads((out / hf.SAFE_INDEX).read_text())["weight_map"]
@@ -259,16 +322,22 @@ def test_bad_inputs_name_the_file_and_tensor(saved, mesh, tmp_path):
 
     missing = _copy(out, tmp_path / "missing")
     (missing / shard).unlink()
-    with pytest.raises(FileNotFoundError, match=f"shard {shard}, which is missing.*should hold "
-                                                r"'model\."):
+    with pytest.raises(
+        FileNotFoundError,
+        match=f"shard {shard}, which is missing.*should hold "
+        r"'model\.",
+    ):
         load(missing)
 
     from safetensors.numpy import load_file, save_file
 
     extra = _copy(out, tmp_path / "extra")
     tensors = load_file(extra / shard)
-    save_file({**tensors, "model.layers.0.mystery.weight": np.zeros(3, np.float32)},
-              extra / shard, metadata={"format": "pt"})
+    save_file(
+        {**tensors, "model.layers.0.mystery.weight": np.zeros(3, np.float32)},
+        extra / shard,
+        metadata={"format": "pt"},
+    )
     with pytest.raises(WeightsError, match=f"unused keys.*mystery.*{shard}"):
         load(extra)
     lacking = _copy(out, tmp_path / "lacking")
@@ -282,6 +351,7 @@ def test_bad_inputs_name_the_file_and_tensor(saved, mesh, tmp_path):
 
 
 # ----------------------------------------------------------------------------- torch parity
+
 
 def _hf_model(variant: str):
     """A tiny random transformers model; norms and biases perturbed so every param matters."""
@@ -350,8 +420,9 @@ def test_hf_parity_export_and_generation(variant, mesh, tmp_path):
     out = hf.save_pretrained(params, family, cfg, tmp_path / "export")
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(reloaded) is type(torch_model)
-    np.testing.assert_allclose(_torch_logits(reloaded, ids, mask)[real], want[real], atol=1e-5,
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        _torch_logits(reloaded, ids, mask)[real], want[real], atol=1e-5, rtol=1e-5
+    )
 
     if variant in ("mistral", "qwen2"):
         return  # their switches only change the forward pass, checked above; save compiles
@@ -362,14 +433,20 @@ def test_hf_parity_export_and_generation(variant, mesh, tmp_path):
     pmask[1, :2] = 0
     prompts[pmask == 0] = 0
     with torch.no_grad():
-        hf_out = torch_model.generate(torch.tensor(prompts), attention_mask=torch.tensor(pmask),
-                                      do_sample=False, max_new_tokens=32, eos_token_id=127,
-                                      pad_token_id=0).numpy()[:, 6:]
+        hf_out = torch_model.generate(
+            torch.tensor(prompts),
+            attention_mask=torch.tensor(pmask),
+            do_sample=False,
+            max_new_tokens=32,
+            eos_token_id=127,
+            pad_token_id=0,
+        ).numpy()[:, 6:]
     generate = make_generate_fn(model, max_new_tokens=32, temperature=0.0, eos_id=127, pad_id=0)
-    tokens = np.asarray(generate(params, prompts.astype(np.int32), pmask.astype(np.int32),
-                                 jax.random.key(0)).tokens)
-    np.testing.assert_array_equal(tokens[:, :hf_out.shape[1]], hf_out)
-    assert (tokens[:, hf_out.shape[1]:] == 0).all()
+    tokens = np.asarray(
+        generate(params, prompts.astype(np.int32), pmask.astype(np.int32), jax.random.key(0)).tokens
+    )
+    np.testing.assert_array_equal(tokens[:, : hf_out.shape[1]], hf_out)
+    assert (tokens[:, hf_out.shape[1] :] == 0).all()
 
     if variant == "qwen3":  # a legacy PyTorch .bin checkpoint loads to the same params
         legacy = tmp_path / "bin"
@@ -382,6 +459,7 @@ def test_hf_parity_export_and_generation(variant, mesh, tmp_path):
 
 # ----------------------------------------------------------------------------- export CLI
 
+
 def _tokenizer_dir(path: pathlib.Path, vocab_size: int) -> str:
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -389,8 +467,9 @@ def _tokenizer_dir(path: pathlib.Path, vocab_size: int) -> str:
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="w3"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>",
-                                                eos_token="</s>", pad_token="<pad>")
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
     fast.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
     fast.save_pretrained(path)
     return fast.chat_template
@@ -408,8 +487,9 @@ def test_export_cli_on_a_trained_workdir(tmp_path):
     from dil_jax import checkpointing, export, train
     from dil_jax.models import architecture_config
 
-    config = make_tiny_config(**{"train.steps": 2, "checkpoint.every_steps": 2,
-                                 "loss.name": "sft"})  # no reference: one forward to compile
+    config = make_tiny_config(
+        **{"train.steps": 2, "checkpoint.every_steps": 2, "loss.name": "sft"}
+    )  # no reference: one forward to compile
     arch = architecture_config(config.model)
     hf_dir = tmp_path / "base_hf"
     template = _tokenizer_dir(tmp_path / "tok", arch.vocab_size)
@@ -424,27 +504,41 @@ def test_export_cli_on_a_trained_workdir(tmp_path):
     torch_model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     assert tokenizer.chat_template == template  # copied from hf_path by default
-    assert tokenizer.apply_chat_template([{"role": "user", "content": "w5 w6"}],
-                                         tokenize=False) == "<user>w5 w6"
+    assert (
+        tokenizer.apply_chat_template([{"role": "user", "content": "w5 w6"}], tokenize=False)
+        == "<user>w5 w6"
+    )
 
     model = LlamaForCausalLM(arch)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0),
-                                               jnp.zeros((1, 1), jnp.int32)))["params"]
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))[
+        "params"
+    ]
     params = checkpointing.load_params(str(workdir), shapes)
     ids = np.random.default_rng(0).integers(3, arch.vocab_size, (2, 12))
     mask = np.ones_like(ids)
     mask[1, 9:] = 0
-    ours = np.asarray(jax.jit(lambda p: model.apply({"params": p}, ids.astype(np.int32),
-                                                    mask.astype(np.int32))[0])(params))
+    ours = np.asarray(
+        jax.jit(
+            lambda p: model.apply({"params": p}, ids.astype(np.int32), mask.astype(np.int32))[0]
+        )(params)
+    )
     with torch.no_grad():
-        theirs = torch_model(input_ids=torch.tensor(ids),
-                             attention_mask=torch.tensor(mask)).logits.numpy()
+        theirs = torch_model(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)
+        ).logits.numpy()
     np.testing.assert_allclose(theirs[mask == 1], ours[mask == 1], atol=1e-4, rtol=1e-4)
 
     # A bfloat16 export of an explicit step, with an explicit tokenizer.
     out16 = tmp_path / "exported16"
-    export.main([f"--workdir={workdir}", f"--out={out16}", "--step=2", "--dtype=bfloat16",
-                 f"--tokenizer={tmp_path / 'tok'}"])
+    export.main(
+        [
+            f"--workdir={workdir}",
+            f"--out={out16}",
+            "--step=2",
+            "--dtype=bfloat16",
+            f"--tokenizer={tmp_path / 'tok'}",
+        ]
+    )
     assert json.loads((out16 / "config.json").read_text())["torch_dtype"] == "bfloat16"
     with safe_open(out16 / hf.SAFE_SINGLE, "np") as f:
         assert f.get_slice("model.norm.weight").get_dtype() == "BF16"
@@ -503,9 +597,14 @@ def test_two_process_load_reads_only_local_slices_and_saves(saved, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     out = tmp_path / "out"
-    procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(i), port,
-                               str(src), str(out)], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(tmp_path / "worker.py"), str(i), port, str(src), str(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(2)
+    ]
     logs = [p.communicate(timeout=300)[0].decode() for p in procs]
     for p, log in zip(procs, logs, strict=True):
         assert p.returncode == 0, log[-4000:]

@@ -14,11 +14,24 @@ from dil_jax.errors import WeightsError
 from dil_jax.models import blocks, hf, llama
 from dil_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 64}
-CFG = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                  rope_scaling=LLAMA3, attention_bias=True)
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+CFG = LlamaConfig(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    rope_scaling=LLAMA3,
+    attention_bias=True,
+)
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames="output")
@@ -73,8 +86,9 @@ def test_config_round_trip_and_validation():
         LlamaConfig.from_dict({**CFG.to_dict(), "bogus": 1})
     with pytest.raises(ValueError, match="rope_scaling"):
         LlamaConfig(64, 32, 48, 1, 4, 2, rope_scaling={"rope_type": "yarn", "factor": 2.0})
-    assert LlamaConfig(64, 32, 48, 1, 4, 2, rope_scaling={"rope_type": "default"}).rope_scaling \
-        is None
+    assert (
+        LlamaConfig(64, 32, 48, 1, 4, 2, rope_scaling={"rope_type": "default"}).rope_scaling is None
+    )
 
 
 def test_shapes_and_outputs(tiny):
@@ -104,8 +118,9 @@ def test_tied_embeddings(tiny):
     assert "lm_head" not in shapes["params"]
     params = {"model": tiny[1]["model"]}
     ids = _ids((2, 8))
-    both = jax.jit(lambda p: [model.apply({"params": p}, ids, output=o)[0]
-                              for o in ("logits", "hidden")])
+    both = jax.jit(
+        lambda p: [model.apply({"params": p}, ids, output=o)[0] for o in ("logits", "hidden")]
+    )
     logits, hidden = both(params)
     emb = np.asarray(params["model"]["embed_tokens"]["embedding"])
     np.testing.assert_allclose(logits, np.asarray(hidden) @ emb.T, atol=1e-5)
@@ -139,8 +154,9 @@ def test_scan_unrolled_and_remat_identical(tiny):
 
     grad = jax.jit(jax.grad(loss), static_argnums=1)
     g_ref, g_remat = grad(params, model), grad(params, remat)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5),
-                 g_ref, g_remat)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), g_ref, g_remat
+    )
 
 
 def test_cache_decode_matches_full_forward(tiny):
@@ -148,13 +164,12 @@ def test_cache_decode_matches_full_forward(tiny):
     model, params = tiny
     ids = _ids((2, 9))
     full, _ = fwd(model, params, ids)
-    for m, p in ((model, params),
-                 (LlamaForCausalLM(CFG, scan_layers=False), _unstack(params, 2))):
+    for m, p in ((model, params), (LlamaForCausalLM(CFG, scan_layers=False), _unstack(params, 2))):
         cache = m.init_cache(2, 12)
         out, cache = fwd(m, p, ids[:, :5], cache=cache)
         steps = [out]
         for t in range(5, 9):
-            out, cache = fwd(m, p, ids[:, t:t + 1], cache=cache)
+            out, cache = fwd(m, p, ids[:, t : t + 1], cache=cache)
             steps.append(out)
         assert int(cache.index) == 9
         np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5, rtol=1e-5)
@@ -213,8 +228,9 @@ def test_llama3_rope_hand_computation():
     got = blocks.rope_inv_freq(CFG.head_dim, CFG.rope_theta, CFG.rope_scaling)
     np.testing.assert_allclose(got, want, rtol=1e-6)
     plain = LlamaConfig(64, 32, 48, 1, 2, 2, head_dim=16)
-    np.testing.assert_allclose(blocks.rope_inv_freq(plain.head_dim, plain.rope_theta), base,
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        blocks.rope_inv_freq(plain.head_dim, plain.rope_theta), base, rtol=1e-6
+    )
 
 
 def _path(key_path):
@@ -224,8 +240,11 @@ def _path(key_path):
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_partition_rules_cover_every_param(scan_layers):
     cfg = LlamaConfig(64, 32, 48, 2, 4, 2, attention_bias=True, mlp_bias=True)
-    shapes = jax.eval_shape(lambda: LlamaForCausalLM(cfg, scan_layers=scan_layers).init(
-        jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+    shapes = jax.eval_shape(
+        lambda: LlamaForCausalLM(cfg, scan_layers=scan_layers).init(
+            jax.random.key(0), jnp.zeros((1, 1), jnp.int32)
+        )
+    )["params"]
     rules = llama.partition_rules()
     for key_path, leaf in jax.tree_util.tree_leaves_with_path(shapes):
         path = _path(key_path)
@@ -236,8 +255,10 @@ def test_partition_rules_cover_every_param(scan_layers):
 
 def _hf_state_dict(params, cfg):
     """Our unrolled params -> HF-named numpy state dict (inverse of the converter)."""
-    sd = {"model.embed_tokens.weight": params["model"]["embed_tokens"]["embedding"],
-          "model.norm.weight": params["model"]["norm"]["weight"]}
+    sd = {
+        "model.embed_tokens.weight": params["model"]["embed_tokens"]["embedding"],
+        "model.norm.weight": params["model"]["norm"]["weight"],
+    }
     if "lm_head" in params:
         sd["lm_head.weight"] = params["lm_head"]["kernel"].T
     for i in range(cfg.num_hidden_layers):
@@ -258,8 +279,8 @@ def test_converter_round_trip_and_errors(tiny):
         jax.tree.map(np.testing.assert_array_equal, got, want)
     with pytest.raises(WeightsError, match="model.layers.1.mlp.up_proj.weight"):
         hf.params_from_hf_state_dict(
-            {k: v for k, v in sd.items() if k != "model.layers.1.mlp.up_proj.weight"}, "llama",
-            CFG)
+            {k: v for k, v in sd.items() if k != "model.layers.1.mlp.up_proj.weight"}, "llama", CFG
+        )
     with pytest.raises(WeightsError, match="extra.weight"):
         hf.params_from_hf_state_dict({**sd, "extra.weight": np.zeros(3)}, "llama", CFG)
     bad = {**sd, "model.layers.0.self_attn.k_proj.weight": np.zeros((3, 32), np.float32)}

@@ -36,33 +36,39 @@ def _values_and_grads(fn, hidden, lm_head, input_ids, loss_mask):
         return jnp.sum(out.sum_logps * weights), out
 
     (_, out), grads = jax.jit(jax.value_and_grad(objective, argnums=(0, 1), has_aux=True))(
-        hidden, lm_head)
+        hidden, lm_head
+    )
     return out, grads
 
 
 @functools.cache
 def _naive_float32(softcap):
-    return _values_and_grads(functools.partial(naive_response_logprobs, logit_softcap=softcap),
-                             *_inputs())
+    return _values_and_grads(
+        functools.partial(naive_response_logprobs, logit_softcap=softcap), *_inputs()
+    )
 
 
-@pytest.mark.parametrize("softcap,chunks", [
-    (None, dict(seq_chunk=5)),  # 12 positions: chunks 5, 5, 2 (+3 padded)
-    (None, dict(vocab_chunk=10)),  # 37 = 10 + 10 + 10 + 7 (+3 padded, masked)
-    (None, dict(seq_chunk=4, vocab_chunk=10)),
-    (None, dict(seq_chunk=64, vocab_chunk=64)),  # chunks larger than the sizes
-    (3.0, dict(seq_chunk=5)),
-    (3.0, dict(seq_chunk=5, vocab_chunk=10)),
-], ids=["seq", "vocab", "both", "oversized", "seq-softcap", "both-softcap"])
+@pytest.mark.parametrize(
+    "softcap,chunks",
+    [
+        (None, dict(seq_chunk=5)),  # 12 positions: chunks 5, 5, 2 (+3 padded)
+        (None, dict(vocab_chunk=10)),  # 37 = 10 + 10 + 10 + 7 (+3 padded, masked)
+        (None, dict(seq_chunk=4, vocab_chunk=10)),
+        (None, dict(seq_chunk=64, vocab_chunk=64)),  # chunks larger than the sizes
+        (3.0, dict(seq_chunk=5)),
+        (3.0, dict(seq_chunk=5, vocab_chunk=10)),
+    ],
+    ids=["seq", "vocab", "both", "oversized", "seq-softcap", "both-softcap"],
+)
 def test_chunked_matches_naive_float32(softcap, chunks):
     ref_out, ref_grads = _naive_float32(softcap)
     out, grads = _values_and_grads(
-        functools.partial(response_logprobs, logit_softcap=softcap, **chunks), *_inputs())
+        functools.partial(response_logprobs, logit_softcap=softcap, **chunks), *_inputs()
+    )
     assert out.sum_logps.shape == (B, N) and out.sum_logps.dtype == jnp.float32
     np.testing.assert_allclose(out.sum_logps, ref_out.sum_logps, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(out.n_tokens, ref_out.n_tokens)
-    np.testing.assert_allclose(out.sum_mean_logits, ref_out.sum_mean_logits, rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(out.sum_mean_logits, ref_out.sum_mean_logits, rtol=1e-5, atol=1e-5)
     for g, g_ref in zip(grads, ref_grads, strict=True):
         np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5)
 
@@ -71,12 +77,14 @@ def test_chunked_matches_naive_bfloat16():
     inputs = _inputs(jnp.bfloat16)
     ref_out, ref_grads = _values_and_grads(naive_response_logprobs, *inputs)
     out, grads = _values_and_grads(
-        functools.partial(response_logprobs, seq_chunk=5, vocab_chunk=10), *inputs)
+        functools.partial(response_logprobs, seq_chunk=5, vocab_chunk=10), *inputs
+    )
     np.testing.assert_allclose(out.sum_logps, ref_out.sum_logps, rtol=1e-3, atol=1e-3)
     for g, g_ref in zip(grads, ref_grads, strict=True):
         assert g.dtype == jnp.bfloat16
-        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g_ref, np.float32),
-                                   rtol=2e-2, atol=2e-2)
+        np.testing.assert_allclose(
+            np.asarray(g, np.float32), np.asarray(g_ref, np.float32), rtol=2e-2, atol=2e-2
+        )
 
 
 def test_naive_matches_a_hand_computation():
@@ -101,8 +109,9 @@ def test_masked_tokens_do_not_count_and_position_zero_is_never_scored():
     # Changing masked-out tokens (and their hidden states' successors) changes nothing.
     masked = loss_mask == 0
     other_ids = jnp.where(masked, (input_ids + 7) % V, input_ids)
-    np.testing.assert_allclose(fn(hidden, lm_head, other_ids, loss_mask).sum_logps,
-                               base.sum_logps, rtol=1e-6)
+    np.testing.assert_allclose(
+        fn(hidden, lm_head, other_ids, loss_mask).sum_logps, base.sum_logps, rtol=1e-6
+    )
     # Position 0 has no predecessor: its mask is ignored.
     mask0 = loss_mask.at[..., 0].set(1)
     out0 = fn(hidden, lm_head, input_ids, mask0)
@@ -137,21 +146,27 @@ def _compiled(fn):
     def loss(h, w, ids, mask):
         return jnp.sum(fn(h, w, ids, mask).sum_logps)
 
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(
-        hidden, lm_head, ids, ids).compile()
+    return (
+        jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(hidden, lm_head, ids, ids).compile()
+    )
 
 
 def _largest_f32_array(hlo_text: str) -> int:
-    sizes = [math.prod(int(x) for x in dims.split(",") if x)
-             for dims in re.findall(r"f32\[([0-9,]*)\]", hlo_text)]
+    sizes = [
+        math.prod(int(x) for x in dims.split(",") if x)
+        for dims in re.findall(r"f32\[([0-9,]*)\]", hlo_text)
+    ]
     return max(sizes)
 
 
-@pytest.mark.parametrize("chunks,max_fraction", [
-    (dict(seq_chunk=32), 1 / 8),
-    (dict(vocab_chunk=256), 1 / 8),
-    (dict(seq_chunk=64, vocab_chunk=256), 1 / 32),
-])
+@pytest.mark.parametrize(
+    "chunks,max_fraction",
+    [
+        (dict(seq_chunk=32), 1 / 8),
+        (dict(vocab_chunk=256), 1 / 8),
+        (dict(seq_chunk=64, vocab_chunk=256), 1 / 32),
+    ],
+)
 def test_compiled_program_never_holds_full_logits(chunks, max_fraction):
     full_logits = MB * (MT - 1) * MV
     naive = _compiled(naive_response_logprobs)

@@ -20,10 +20,17 @@ def saved_steps(workdir):
 def test_halt_names_the_step_and_never_checkpoints_a_nonfinite_state(tiny_config, tmp_path):
     # lr=1e30 blows the params up at the first update; logging only every 10 steps must not let
     # a non-finite state reach the step-3 checkpoint.
-    config = tiny_config(**{"optim.learning_rate": 1e30, "optim.warmup_ratio": 0.0,
-                            "optim.grad_clip": 0.0, "train.log_every": 10})
-    with pytest.raises(loop.NonFiniteError,
-                       match=r"step 1 is non-finite \(first non-finite metric .param_norm."):
+    config = tiny_config(
+        **{
+            "optim.learning_rate": 1e30,
+            "optim.warmup_ratio": 0.0,
+            "optim.grad_clip": 0.0,
+            "train.log_every": 10,
+        }
+    )
+    with pytest.raises(
+        loop.NonFiniteError, match=r"step 1 is non-finite \(first non-finite metric .param_norm."
+    ):
         train.train_and_evaluate(config, str(tmp_path))
     for step in saved_steps(str(tmp_path)):
         trainer = train.Trainer(config)
@@ -44,21 +51,31 @@ def test_skip_leaves_the_state_unchanged_and_counts_it(tiny_config, tmp_path):
     nan_ref = jax.tree.map(lambda x: x * np.nan, ref)  # NaN reference -> NaN loss and grads
     state, metrics = trainer.run_step(state, batch, nan_ref)
     assert float(metrics["skipped"]) == 1.0 and float(metrics["finite"]) == 0.0
-    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(state.params)),
-                    strict=True):
+    for a, b in zip(
+        jax.tree.leaves(before), jax.tree.leaves(jax.device_get(state.params)), strict=True
+    ):
         np.testing.assert_array_equal(a, b)
     assert int(state.step) == 1
     state, metrics = trainer.run_step(state, batch, ref)  # a good step still updates
     assert float(metrics["skipped"]) == 0.0
-    assert any(not np.array_equal(a, b) for a, b in
-               zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(state.params)),
-                   strict=True))
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(
+            jax.tree.leaves(before), jax.tree.leaves(jax.device_get(state.params)), strict=True
+        )
+    )
 
 
 def test_skip_halts_after_max_consecutive_nonfinite_steps(tiny_config, tmp_path):
-    config = tiny_config(**{"optim.learning_rate": 1e30, "optim.warmup_ratio": 0.0,
-                            "optim.grad_clip": 0.0, "train.on_nonfinite": "skip",
-                            "train.max_nonfinite": 2})
+    config = tiny_config(
+        **{
+            "optim.learning_rate": 1e30,
+            "optim.warmup_ratio": 0.0,
+            "optim.grad_clip": 0.0,
+            "train.on_nonfinite": "skip",
+            "train.max_nonfinite": 2,
+        }
+    )
     with pytest.raises(loop.NonFiniteError, match="consecutive skipped steps"):
         train.train_and_evaluate(config, str(tmp_path))
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
@@ -68,7 +85,8 @@ def test_skip_halts_after_max_consecutive_nonfinite_steps(tiny_config, tmp_path)
 def test_one_optimiser_factory_schedule():
     tx, schedule = loop.make_optimizer(learning_rate=1.0, total_steps=10, warmup_ratio=0.2)
     assert isinstance(tx, optax.GradientTransformation)
-    np.testing.assert_allclose([schedule(s) for s in (0, 1, 2, 6, 10)],
-                               [0.0, 0.5, 1.0, 0.5, 0.0], atol=1e-6)
+    np.testing.assert_allclose(
+        [schedule(s) for s in (0, 1, 2, 6, 10)], [0.0, 0.5, 1.0, 0.5, 0.0], atol=1e-6
+    )
     with pytest.raises(ValueError, match="schedule='step'"):
         loop.make_optimizer(learning_rate=1.0, total_steps=10, schedule="step")

@@ -53,18 +53,25 @@ def test_two_processes_match_a_single_process(tiny_config, tmp_path):
     script.write_text(WORKER.format(tests=str(REPO / "tests")))
     port = str(free_port())
     out = tmp_path / "params.npz"
-    procs = [subprocess.Popen([sys.executable, str(script), str(i), port, str(tmp_path / "mh"),
-                               str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(i), port, str(tmp_path / "mh"), str(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(2)
+    ]
     logs = [p.communicate(timeout=600)[0].decode() for p in procs]
     for p, log in zip(procs, logs, strict=True):
         assert p.returncode == 0, log[-4000:]
-    single = train.train_and_evaluate(tiny_config(**{"mesh.shape": (8, 1, 1)}),
-                                      str(tmp_path / "single"))
+    single = train.train_and_evaluate(
+        tiny_config(**{"mesh.shape": (8, 1, 1)}), str(tmp_path / "single")
+    )
     multi = np.load(out)
     for i, leaf in enumerate(jax.tree.leaves(jax.device_get(single["state"].params))):
         np.testing.assert_allclose(multi[f"arr_{i}"], leaf, atol=1e-5, rtol=0)
     assert abs(float(multi["loss"]) - single["train"]["loss"]) < 1e-5
-    steps = sorted(int(p.name) for p in (tmp_path / "mh" / "checkpoints").iterdir()
-                   if p.name.isdigit())
+    steps = sorted(
+        int(p.name) for p in (tmp_path / "mh" / "checkpoints").iterdir() if p.name.isdigit()
+    )
     assert steps[-1] == 6

@@ -12,20 +12,24 @@ from dil_jax import objectives as obj
 
 # docs/objectives.md §1 test vectors: mean log-probs (pw, pl, rw, rl) and DPO(β=0.1), LSIF,
 # UKL (code form), BCE.
-VECTORS = np.array([
-    # pw,  pl,   rw,   rl,   dpo,      lsif,      ukl_code, bce
-    [-1.0, -1.5, -1.0, -1.5, 0.693147, -0.5, 2.0, 1.386294],
-    [-0.8, -1.8, -1.0, -1.5, 0.668460, -0.946997, 1.540818, 1.152494],
-    [-1.2, -1.1, -1.0, -1.5, 0.723597, 0.294040, 2.691825, 1.711154],
-], dtype=np.float64)
+VECTORS = np.array(
+    [
+        # pw,  pl,   rw,   rl,   dpo,      lsif,      ukl_code, bce
+        [-1.0, -1.5, -1.0, -1.5, 0.693147, -0.5, 2.0, 1.386294],
+        [-0.8, -1.8, -1.0, -1.5, 0.668460, -0.946997, 1.540818, 1.152494],
+        [-1.2, -1.1, -1.0, -1.5, 0.723597, 0.294040, 2.691825, 1.711154],
+    ],
+    dtype=np.float64,
+)
 
 
 def _seqs(pw, pl, rw, rl, n_tokens=1.0):
     """SequenceLogps for [B] arrays of summed log-probs (n_tokens=1: sums equal means)."""
     policy = jnp.stack([jnp.asarray(pw), jnp.asarray(pl)], axis=1).astype(jnp.float32)
     reference = jnp.stack([jnp.asarray(rw), jnp.asarray(rl)], axis=1).astype(jnp.float32)
-    return obj.SequenceLogps(policy=policy, n_tokens=jnp.full_like(policy, n_tokens),
-                             reference=reference)
+    return obj.SequenceLogps(
+        policy=policy, n_tokens=jnp.full_like(policy, n_tokens), reference=reference
+    )
 
 
 def _vector_columns():
@@ -51,8 +55,9 @@ def test_vectors_through_compute_loss(name, col):
     # The vectors are on mean log-probs: feed sums of 3 tokens with the 'mean' reduction.
     pw, pl, rw, rl = _vector_columns()
     seqs = _seqs(3 * pw, 3 * pl, 3 * rw, 3 * rl, n_tokens=3.0)
-    terms = obj.parse_loss_terms([{"name": name, "reduction": "mean", "beta": 0.1}
-                                  if name == "dpo" else {"name": name}])
+    terms = obj.parse_loss_terms(
+        [{"name": name, "reduction": "mean", "beta": 0.1} if name == "dpo" else {"name": name}]
+    )
     loss, metrics = obj.compute_loss(terms, seqs)
     np.testing.assert_allclose(loss, VECTORS[:, col], atol=1e-6)
     np.testing.assert_allclose(metrics[f"loss/{name}"], VECTORS[:, col], atol=1e-6)
@@ -60,8 +65,7 @@ def test_vectors_through_compute_loss(name, col):
 
 def test_ukl_code_form_through_compute_loss():
     pw, pl, rw, rl = _vector_columns()
-    loss, _ = obj.compute_loss(obj.parse_loss_terms([{"name": "dil_ukl"}]),
-                               _seqs(pw, pl, rw, rl))
+    loss, _ = obj.compute_loss(obj.parse_loss_terms([{"name": "dil_ukl"}]), _seqs(pw, pl, rw, rl))
     np.testing.assert_allclose(loss - rw, VECTORS[:, 6], atol=1e-6)
 
 
@@ -83,8 +87,10 @@ def test_generic_bregman_equals_closed_form(name, gen, closed, const):
     dl = jax.random.uniform(key_l, (64,), minval=-3.0, maxval=3.0)
     generic = obj.bregman_ratio_loss(dw, dl, h=gen.h, h_prime=gen.h_prime)
     np.testing.assert_allclose(generic, closed(dw, dl) + const, rtol=1e-5, atol=1e-5)
-    g_generic = jax.grad(lambda a, b: obj.bregman_ratio_loss(
-        a, b, h=gen.h, h_prime=gen.h_prime).sum(), argnums=(0, 1))(dw, dl)
+    g_generic = jax.grad(
+        lambda a, b: obj.bregman_ratio_loss(a, b, h=gen.h, h_prime=gen.h_prime).sum(),
+        argnums=(0, 1),
+    )(dw, dl)
     g_closed = jax.grad(lambda a, b: closed(a, b).sum(), argnums=(0, 1))(dw, dl)
     for a, b in zip(g_generic, g_closed, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
@@ -95,8 +101,12 @@ GRADIENT_TABLE = [  # name, loss(dw, dl), ∂/∂Δ_w, ∂/∂Δ_l
     ("lsif", obj.dil_lsif, lambda w, l: -np.exp(w), lambda w, l: np.exp(2 * l)),
     ("ukl", obj.dil_ukl, lambda w, l: -np.ones_like(w), lambda w, l: np.exp(l)),
     ("bce", obj.dil_bce, lambda w, l: -_S(-w), lambda w, l: _S(l)),
-    ("basu", lambda w, l: obj.dil_basu(w, l, alpha=0.7),
-     lambda w, l: -1.7 * np.exp(0.7 * w), lambda w, l: 1.7 * np.exp(1.7 * l)),
+    (
+        "basu",
+        lambda w, l: obj.dil_basu(w, l, alpha=0.7),
+        lambda w, l: -1.7 * np.exp(0.7 * w),
+        lambda w, l: 1.7 * np.exp(1.7 * l),
+    ),
 ]
 
 
@@ -162,9 +172,11 @@ def test_proposition_2_optimum_is_chosen_distribution():
     assert float(objective(jnp.log(p_ch))) == pytest.approx(0.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("loss", [obj.dil_lsif, obj.dil_ukl, obj.dil_bce,
-                                  lambda w, l: obj.dil_basu(w, l, alpha=0.5)],
-                         ids=["lsif", "ukl", "bce", "basu"])
+@pytest.mark.parametrize(
+    "loss",
+    [obj.dil_lsif, obj.dil_ukl, obj.dil_bce, lambda w, l: obj.dil_basu(w, l, alpha=0.5)],
+    ids=["lsif", "ukl", "bce", "basu"],
+)
 def test_proposition_3_population_loss_recovers_ratio(loss):
     _, p_ch, p_ref = _random_dists(2, k=6)
     weights = jnp.asarray(np.outer(p_ch, p_ref), jnp.float32)  # y_w ~ p_ch, y_l ~ p_ref
@@ -190,8 +202,12 @@ def test_proposition_4_cpc_with_one_negative_is_dpo():
     dw = 5 * jax.random.normal(key_w, (32,))
     dl = 5 * jax.random.normal(key_l, (32,))
     for beta in (0.1, 1.0, 2.5):
-        np.testing.assert_allclose(obj.cpc_ratio_loss(dw, dl[:, None], beta=beta),
-                                   obj.dpo(dw, dl, beta=beta), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            obj.cpc_ratio_loss(dw, dl[:, None], beta=beta),
+            obj.dpo(dw, dl, beta=beta),
+            rtol=1e-5,
+            atol=1e-6,
+        )
 
 
 # --- DPO family vs hand computations ----------------------------------------------------------
@@ -208,12 +224,16 @@ def _log_sigmoid(z):
 def test_dpo_family_hand_computed():
     b, e = 0.1, 0.2
     np.testing.assert_allclose(obj.dpo(DW, DL, beta=b), -_log_sigmoid(b * D), atol=1e-6)
-    np.testing.assert_allclose(obj.cdpo(DW, DL, beta=b, label_smoothing=e),
-                               -(1 - e) * _log_sigmoid(b * D) - e * _log_sigmoid(-b * D),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        obj.cdpo(DW, DL, beta=b, label_smoothing=e),
+        -(1 - e) * _log_sigmoid(b * D) - e * _log_sigmoid(-b * D),
+        atol=1e-6,
+    )
     np.testing.assert_allclose(
         obj.robust_dpo(DW, DL, beta=b, label_smoothing=e),
-        (-(1 - e) * _log_sigmoid(b * D) + e * _log_sigmoid(-b * D)) / (1 - 2 * e), atol=1e-6)
+        (-(1 - e) * _log_sigmoid(b * D) + e * _log_sigmoid(-b * D)) / (1 - 2 * e),
+        atol=1e-6,
+    )
     np.testing.assert_allclose(obj.ipo(DW, DL, beta=b), (D - 5.0) ** 2, atol=1e-5)
     np.testing.assert_allclose(obj.hinge(DW, DL, beta=1.0), np.maximum(0, 1 - D), atol=1e-6)
     # First row by hand: d = 0.5, β = 0.1: log(1 + e^{-0.05}).
@@ -224,8 +244,9 @@ def test_dpo_family_hand_computed():
 def test_fdpo_reverse_kl_is_dpo():
     key_w, key_l = jax.random.split(jax.random.key(4))
     dw, dl = 3 * jax.random.normal(key_w, (64,)), 3 * jax.random.normal(key_l, (64,))
-    np.testing.assert_allclose(obj.fdpo(dw, dl, beta=0.1, divergence="reverse_kl"),
-                               obj.dpo(dw, dl, beta=0.1), atol=1e-6)
+    np.testing.assert_allclose(
+        obj.fdpo(dw, dl, beta=0.1, divergence="reverse_kl"), obj.dpo(dw, dl, beta=0.1), atol=1e-6
+    )
 
 
 def test_fdpo_other_divergences_hand_computed():
@@ -235,30 +256,38 @@ def test_fdpo_other_divergences_hand_computed():
     cases = {
         "forward_kl": (-1 / rw, -1 / rl),
         "js": (np.log(2 * rw / (1 + rw)), np.log(2 * rl / (1 + rl))),
-        "alpha": ((1 - rw ** -a) / a, (1 - rl ** -a) / a),
+        "alpha": ((1 - rw**-a) / a, (1 - rl**-a) / a),
     }
     for divergence, (fw, fl) in cases.items():
-        np.testing.assert_allclose(obj.fdpo(DW, DL, beta=b, divergence=divergence, alpha=a),
-                                   -_log_sigmoid(b * fw - b * fl), atol=1e-6, err_msg=divergence)
+        np.testing.assert_allclose(
+            obj.fdpo(DW, DL, beta=b, divergence=divergence, alpha=a),
+            -_log_sigmoid(b * fw - b * fl),
+            atol=1e-6,
+            err_msg=divergence,
+        )
 
 
 def test_reference_free_losses_hand_computed():
     mw = jnp.array([-0.5, -2.0], jnp.float32)
     ml = jnp.array([-1.0, -1.5], jnp.float32)
     mw64, ml64 = np.asarray(mw, np.float64), np.asarray(ml, np.float64)
-    np.testing.assert_allclose(obj.simpo(mw, ml, beta=2.0, gamma=0.5),
-                               -_log_sigmoid(2.0 * (mw64 - ml64) - 0.5), atol=1e-6)
+    np.testing.assert_allclose(
+        obj.simpo(mw, ml, beta=2.0, gamma=0.5), -_log_sigmoid(2.0 * (mw64 - ml64) - 0.5), atol=1e-6
+    )
     nll = jnp.array([0.7, 1.1], jnp.float32)
-    np.testing.assert_allclose(obj.cpo(mw, ml, nll, beta=0.1, lam=1.0),
-                               -_log_sigmoid(0.1 * (mw64 - ml64)) + np.array([0.7, 1.1]),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        obj.cpo(mw, ml, nll, beta=0.1, lam=1.0),
+        -_log_sigmoid(0.1 * (mw64 - ml64)) + np.array([0.7, 1.1]),
+        atol=1e-6,
+    )
 
     def odds(m):
         p = np.exp(m)
         return np.log(p / (1 - p))
 
-    np.testing.assert_allclose(obj.orpo(mw, ml, lam=0.1),
-                               -mw64 - 0.1 * _log_sigmoid(odds(mw64) - odds(ml64)), atol=1e-6)
+    np.testing.assert_allclose(
+        obj.orpo(mw, ml, lam=0.1), -mw64 - 0.1 * _log_sigmoid(odds(mw64) - odds(ml64)), atol=1e-6
+    )
     np.testing.assert_allclose(obj.sft(mw), -mw64, atol=1e-7)
 
 
@@ -276,8 +305,21 @@ def test_log_odds_is_stable_near_zero_and_far_below():
 # --- overflow safety --------------------------------------------------------------------------
 
 OVERFLOW_CASES = [
-    {"name": n} for n in ["dil_lsif", "dil_ukl", "dil_bce", "dil_basu", "dpo", "cdpo", "robust",
-                          "ipo", "hinge", "simpo", "cpo", "orpo"]
+    {"name": n}
+    for n in [
+        "dil_lsif",
+        "dil_ukl",
+        "dil_bce",
+        "dil_basu",
+        "dpo",
+        "cdpo",
+        "robust",
+        "ipo",
+        "hinge",
+        "simpo",
+        "cpo",
+        "orpo",
+    ]
 ] + [{"name": "fdpo", "divergence": d} for d in obj.FDPO_DIVERGENCES]
 
 
@@ -338,8 +380,9 @@ def test_dil_gradients_at_large_log_ratios_match_the_table(name, size, signs):
     policy = jnp.array([[dw, dl]], jnp.float32)
 
     def total(p):
-        loss, _ = obj.compute_loss(terms, obj.SequenceLogps(p, jnp.full_like(p, 300.0),
-                                                            jnp.zeros_like(p)))
+        loss, _ = obj.compute_loss(
+            terms, obj.SequenceLogps(p, jnp.full_like(p, 300.0), jnp.zeros_like(p))
+        )
         return loss.sum()
 
     grad = jax.grad(total)(policy)[0]
@@ -352,7 +395,8 @@ def test_dil_gradients_at_large_log_ratios_match_the_table(name, size, signs):
 
 def test_ukl_gradient_exact_at_25_nats_with_a_wide_guard():
     grad = jax.grad(lambda d: obj.dil_ukl(d[0], d[1], max_log_ratio=44.0).sum())(
-        jnp.array([[-25.0], [25.0]], jnp.float32))
+        jnp.array([[-25.0], [25.0]], jnp.float32)
+    )
     np.testing.assert_allclose(np.asarray(grad)[:, 0], [-1.0, math.exp(25.0)], rtol=1e-6)
 
 
@@ -360,8 +404,9 @@ def test_guarded_exp_value_and_gradient():
     x = jnp.array([-1e4, -3.0, 5.0, 7.0, 1e4], jnp.float32)
     y, g = jax.vmap(jax.value_and_grad(lambda v: obj.guarded_exp(v, 5.0)))(x)
     np.testing.assert_allclose(y[:4], [0.0, math.exp(-3), math.exp(5), 3 * math.exp(5)], rtol=1e-6)
-    np.testing.assert_allclose(g, [0.0, math.exp(-3), math.exp(5), math.exp(5), math.exp(5)],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        g, [0.0, math.exp(-3), math.exp(5), math.exp(5), math.exp(5)], rtol=1e-6
+    )
 
 
 # --- combiner ---------------------------------------------------------------------------------
@@ -392,17 +437,23 @@ def test_combination_weights_and_metrics():
 def test_logits_metrics_average_per_token_like_trl():
     # Two chosen responses: 1 token with mean logit 1.0, 3 tokens with mean logit 3.0. TRL takes
     # the mean over all 4 tokens, (1 + 9) / 4 = 2.5, not the mean of sequence means (2.0).
-    seqs = obj.SequenceLogps(policy=jnp.zeros((2, 2)), n_tokens=jnp.array([[1.0, 2.0], [3.0, 2.0]]),
-                             reference=jnp.zeros((2, 2)),
-                             mean_logits=jnp.array([[1.0, -1.0], [3.0, 0.0]]))
+    seqs = obj.SequenceLogps(
+        policy=jnp.zeros((2, 2)),
+        n_tokens=jnp.array([[1.0, 2.0], [3.0, 2.0]]),
+        reference=jnp.zeros((2, 2)),
+        mean_logits=jnp.array([[1.0, -1.0], [3.0, 0.0]]),
+    )
     _, m = obj.compute_loss(obj.parse_loss_terms(["dpo"]), seqs)
     np.testing.assert_allclose(m["logits/chosen"], [2.5, 2.5])
     np.testing.assert_allclose(m["logits/rejected"], [-0.5, -0.5])
 
 
 def test_dpo_rewards_are_beta_delta_on_sums():
-    seqs = obj.SequenceLogps(policy=jnp.array([[-10.0, -20.0]]), n_tokens=jnp.array([[4.0, 5.0]]),
-                             reference=jnp.array([[-12.0, -18.0]]))
+    seqs = obj.SequenceLogps(
+        policy=jnp.array([[-10.0, -20.0]]),
+        n_tokens=jnp.array([[4.0, 5.0]]),
+        reference=jnp.array([[-12.0, -18.0]]),
+    )
     loss, m = obj.compute_loss(obj.parse_loss_terms([{"name": "dpo"}]), seqs)
     assert float(loss[0]) == pytest.approx(math.log1p(math.exp(-0.1 * 4.0)), abs=1e-6)
     assert float(m["rewards/chosen"][0]) == pytest.approx(0.2, abs=1e-6)
@@ -428,8 +479,7 @@ def test_reference_free_rewards_and_cpo_nll_is_per_token():
 
 
 def test_demonstrations_only_allow_sft():
-    seqs = obj.SequenceLogps(policy=jnp.array([[-6.0], [-3.0]]),
-                             n_tokens=jnp.array([[3.0], [0.0]]))
+    seqs = obj.SequenceLogps(policy=jnp.array([[-6.0], [-3.0]]), n_tokens=jnp.array([[3.0], [0.0]]))
     loss, m = obj.compute_loss(obj.parse_loss_terms(["sft"]), seqs)
     np.testing.assert_allclose(loss, [2.0, 3.0])  # an empty row divides by max(n, 1)
     np.testing.assert_allclose(m["logps/chosen"], [-2.0, -3.0])
@@ -447,8 +497,9 @@ def test_missing_reference_is_a_clear_error():
 
 
 def test_compute_loss_jits_and_differentiates():
-    terms = obj.parse_loss_terms([{"name": "dil_lsif"}, {"name": "dpo", "weight": 0.5},
-                                  {"name": "sft", "weight": 0.1}])
+    terms = obj.parse_loss_terms(
+        [{"name": "dil_lsif"}, {"name": "dpo", "weight": 0.5}, {"name": "sft", "weight": 0.1}]
+    )
     seqs = _seqs(*_vector_columns())
 
     @jax.jit
@@ -479,24 +530,27 @@ def test_parse_fills_defaults_and_accepts_configdict():
     assert obj.LOSSES["simpo"].defaults == {"beta": 2.0, "gamma": 0.5, "reduction": "mean"}
 
 
-@pytest.mark.parametrize("entry,field", [
-    ({"name": "dpx"}, "'name'"),
-    ({"name": "dpo", "betta": 0.1}, "'betta'"),
-    ({"name": "dpo", "beta": -1.0}, "'beta'"),
-    ({"name": "dil_lsif", "beta": 0.0}, "'beta'"),
-    ({"name": "cdpo", "label_smoothing": 0.5}, "'label_smoothing'"),
-    ({"name": "robust", "label_smoothing": -0.1}, "'label_smoothing'"),
-    ({"name": "fdpo", "alpha": 0.0}, "'alpha'"),
-    ({"name": "dil_basu", "alpha": -1.0}, "'alpha'"),
-    ({"name": "dil_basu", "alpha": 5.0}, "'alpha'"),
-    ({"name": "fdpo", "divergence": "hellinger"}, "'divergence'"),
-    ({"name": "dpo", "reduction": "avg"}, "'reduction'"),
-    ({"name": "simpo", "reduction": "sum"}, "'reduction'"),
-    ({"name": "dpo", "beta": "0.1"}, "'beta'"),
-    ({"name": "dpo", "weight": -1.0}, "'weight'"),
-    ({"name": "dil_ukl", "max_log_ratio": 100.0}, "'max_log_ratio'"),
-    ({"name": "sft", "beta": 0.1}, "'beta'"),
-])
+@pytest.mark.parametrize(
+    "entry,field",
+    [
+        ({"name": "dpx"}, "'name'"),
+        ({"name": "dpo", "betta": 0.1}, "'betta'"),
+        ({"name": "dpo", "beta": -1.0}, "'beta'"),
+        ({"name": "dil_lsif", "beta": 0.0}, "'beta'"),
+        ({"name": "cdpo", "label_smoothing": 0.5}, "'label_smoothing'"),
+        ({"name": "robust", "label_smoothing": -0.1}, "'label_smoothing'"),
+        ({"name": "fdpo", "alpha": 0.0}, "'alpha'"),
+        ({"name": "dil_basu", "alpha": -1.0}, "'alpha'"),
+        ({"name": "dil_basu", "alpha": 5.0}, "'alpha'"),
+        ({"name": "fdpo", "divergence": "hellinger"}, "'divergence'"),
+        ({"name": "dpo", "reduction": "avg"}, "'reduction'"),
+        ({"name": "simpo", "reduction": "sum"}, "'reduction'"),
+        ({"name": "dpo", "beta": "0.1"}, "'beta'"),
+        ({"name": "dpo", "weight": -1.0}, "'weight'"),
+        ({"name": "dil_ukl", "max_log_ratio": 100.0}, "'max_log_ratio'"),
+        ({"name": "sft", "beta": 0.1}, "'beta'"),
+    ],
+)
 def test_parse_errors_name_the_field(entry, field):
     with pytest.raises(ValueError, match=field):
         obj.parse_loss_terms([{"name": "sft"}, entry])

@@ -16,12 +16,20 @@ def chat_files(tmp_path_factory):
     return tok, write_jsonl(root / "train.jsonl.gz", pairs(24))
 
 
-def test_tokenisation_and_reference_show_bars_then_announce_cache_hits(chat_files, tmp_path,
-                                                                       capfd):
+def test_tokenisation_and_reference_show_bars_then_announce_cache_hits(chat_files, tmp_path, capfd):
     tok, path = chat_files
-    config = small_run(files_config([path], tok, **{
-        "reference.mode": "precomputed", "reference.batch_size": 8,
-        "data.cache_dir": str(tmp_path / "cache"), "reference.cache_dir": str(tmp_path / "ref")}))
+    config = small_run(
+        files_config(
+            [path],
+            tok,
+            **{
+                "reference.mode": "precomputed",
+                "reference.batch_size": 8,
+                "data.cache_dir": str(tmp_path / "cache"),
+                "reference.cache_dir": str(tmp_path / "ref"),
+            },
+        )
+    )
     data, _, _ = pipeline.build_datasets(config, workdir=str(tmp_path / "a"))
     err = capfd.readouterr().err
     assert "tokenising" in err and "train records: reading, rendering" in err

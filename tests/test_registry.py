@@ -16,16 +16,38 @@ from dil_jax.models.family import Family
 
 # One tiny config per family (every registered family must have one here).
 TINY = {
-    "llama": dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, attention_bias=True,
-                  mlp_bias=True, eos_token_id=[1, 2]),
-    "gpt_neox": dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                     num_attention_heads=4),
-    "gpt2": dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                 tie_word_embeddings=False),
-    "gemma": dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, model_type="gemma2",
-                  sliding_window=8),
+    "llama": dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attention_bias=True,
+        mlp_bias=True,
+        eos_token_id=[1, 2],
+    ),
+    "gpt_neox": dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+    ),
+    "gpt2": dict(
+        vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, tie_word_embeddings=False
+    ),
+    "gemma": dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        model_type="gemma2",
+        sliding_window=8,
+    ),
 }
 
 
@@ -54,8 +76,9 @@ def test_family_contract(name):
     assert issubclass(family.model_cls, blocks.CausalLM)
     for scan in (True, False):
         model = family.model_cls(cfg, scan_layers=scan)
-        params = jax.eval_shape(lambda m=model: m.init(
-            jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))["params"]
+        params = jax.eval_shape(
+            lambda m=model: m.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+        )["params"]
         leaves = {_path(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
         # Every param matches a partition rule of its rank.
         rules = family.partition_rules()
@@ -69,8 +92,7 @@ def test_family_contract(name):
         kernel = jax.eval_shape(family.lm_head_kernel, params)
         assert kernel.shape == (cfg.hidden_size, cfg.vocab_size)
         cache = model.init_cache(2, 8)
-        assert cache.k.shape == (cfg.num_hidden_layers, 2, 8, cfg.num_key_value_heads,
-                                 cfg.head_dim)
+        assert cache.k.shape == (cfg.num_hidden_layers, 2, 8, cfg.num_key_value_heads, cfg.head_dim)
     assert isinstance(family.ignored_hf_keys(cfg), tuple)
     assert isinstance(family.hf_key_aliases(cfg), tuple)
 

@@ -41,7 +41,8 @@ def test_bce_loss_hand_computed():
     # zero weight drops an element
     w = jnp.array([1.0, 0.0, 1.0])
     assert float(reward_model.bce_loss(f, y, w)) == pytest.approx(
-        0.5 * sp(-2.0) + 0.5 * sp(0.5), rel=1e-6)
+        0.5 * sp(-2.0) + 0.5 * sp(0.5), rel=1e-6
+    )
 
 
 def test_bce_minimiser_is_the_log_density_ratio():
@@ -50,8 +51,9 @@ def test_bce_minimiser_is_the_log_density_ratio():
     p_pos, p_neg = np.array([0.5, 0.3, 0.2]), np.array([0.2, 0.2, 0.6])
 
     def population(f):
-        return (0.5 * jnp.sum(p_pos * jax.nn.softplus(-f))
-                + 0.5 * jnp.sum(p_neg * jax.nn.softplus(f)))
+        return 0.5 * jnp.sum(p_pos * jax.nn.softplus(-f)) + 0.5 * jnp.sum(
+            p_neg * jax.nn.softplus(f)
+        )
 
     step = jax.jit(lambda f: f - 2.0 * jax.grad(population)(f))
     f = jnp.zeros(3)
@@ -92,8 +94,9 @@ def test_token_level_optimum_is_the_occupancy_ratio_not_the_sequence_ratio():
 
 def test_bradley_terry_hand_computed():
     got = reward_model.bradley_terry_loss(jnp.array([1.0, 0.0]), jnp.array([0.0, 2.0]))
-    np.testing.assert_allclose(got, [math.log1p(math.exp(-1.0)), math.log1p(math.exp(2.0))],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        got, [math.log1p(math.exp(-1.0)), math.log1p(math.exp(2.0))], rtol=1e-6
+    )
 
 
 def test_auc_with_ties():
@@ -105,8 +108,9 @@ def test_auc_with_ties():
 
 
 def test_sequence_and_token_scores_read_the_right_positions():
-    rm = reward_model.RewardModel(_model_cfg(), rm_config(),
-                                  mesh=sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+    rm = reward_model.RewardModel(
+        _model_cfg(), rm_config(), mesh=sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    )
     params = jax.device_get(rm.init_state().params)
     batch = {k: jnp.asarray(v[:4]) for k, v in separable_data(8).items()}
     out = reward_model.reward_scores(rm.model, params, batch, level="sequence")
@@ -120,8 +124,7 @@ def test_sequence_and_token_scores_read_the_right_positions():
     np.testing.assert_allclose(moved.logits, out.logits, rtol=1e-5, atol=1e-5)
     tok = reward_model.reward_scores(rm.model, params, batch, level="token")
     mask = np.asarray(batch["loss_mask"]) != 0
-    np.testing.assert_allclose(tok.logits, np.where(mask, tok.token_logits, 0).sum(-1),
-                               rtol=1e-5)
+    np.testing.assert_allclose(tok.logits, np.where(mask, tok.token_logits, 0).sum(-1), rtol=1e-5)
 
 
 def _model_cfg():
@@ -132,9 +135,9 @@ def _model_cfg():
 
 def _train(mesh, workdir, max_steps=None, **overrides):
     rm = reward_model.RewardModel(_model_cfg(), rm_config(**overrides), mesh=mesh, seed=3)
-    return rm, reward_model.train_reward_model(rm, separable_data(), str(workdir),
-                                               data_description="test",
-                                               max_steps=max_steps)
+    return rm, reward_model.train_reward_model(
+        rm, separable_data(), str(workdir), data_description="test", max_steps=max_steps
+    )
 
 
 def test_sharded_step_matches_single_device_and_resume_is_exact(tmp_path):
@@ -151,8 +154,11 @@ def test_sharded_step_matches_single_device_and_resume_is_exact(tmp_path):
     assert part["step"] == 2 and not part["eval"]
     resumed = _train(single, tmp_path / "resumed")[1]
     assert resumed["step"] == 4
-    for a, b in zip(jax.tree.leaves(jax.device_get(ref["params"])),
-                    jax.tree.leaves(jax.device_get(resumed["params"])), strict=True):
+    for a, b in zip(
+        jax.tree.leaves(jax.device_get(ref["params"])),
+        jax.tree.leaves(jax.device_get(resumed["params"])),
+        strict=True,
+    ):
         np.testing.assert_allclose(a, b, atol=2e-5)
     for key in ("accuracy", "auc", "logits/positive", "logits/negative"):
         assert key in resumed["eval"] and key in resumed["train"]
@@ -167,10 +173,14 @@ def test_classifier_learns_a_separable_task(tmp_path):
 
 def test_bradley_terry_and_token_level_train(tmp_path):
     single = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-    pairs = {k: v for k, v in TASK.preference_dataset(64, seed=0).items()
-             if k in ("input_ids", "attention_mask", "loss_mask")}
-    rm = reward_model.RewardModel(_model_cfg(), rm_config(loss="bradley_terry", level="token"),
-                                  mesh=single)
+    pairs = {
+        k: v
+        for k, v in TASK.preference_dataset(64, seed=0).items()
+        if k in ("input_ids", "attention_mask", "loss_mask")
+    }
+    rm = reward_model.RewardModel(
+        _model_cfg(), rm_config(loss="bradley_terry", level="token"), mesh=single
+    )
     out = reward_model.train_reward_model(rm, pairs, str(tmp_path / "bt"))
     assert out["step"] == 4 and np.isfinite(out["train"]["loss"])
 
@@ -186,9 +196,13 @@ def test_bad_inputs_name_the_field():
         reward_model.check_compatible(small, small, policy_tokenizer="gpt2", rm_tokenizer="gemma")
     rm = reward_model.RewardModel(big, rm_config(), mesh=mesh)
     policy = reward_model.RewardModel(small, rm_config(), mesh=mesh).abstract_state.params[
-        "backbone"]
-    with pytest.raises(ValueError, match=r"has shape \(64, 32\) but the configured model "
-                                         r"expects \(64, 64\)"):
+        "backbone"
+    ]
+    with pytest.raises(
+        ValueError,
+        match=r"has shape \(64, 32\) but the configured model "
+        r"expects \(64, 64\)",
+    ):
         rm.init_state(policy)
     with pytest.raises(ValueError, match="empty"):
         reward_model.validate_classifier_data({"input_ids": np.zeros((0, 2, 4))}, loss="bce")
@@ -198,9 +212,11 @@ def test_bad_inputs_name_the_field():
         reward_model.validate_classifier_data(data, loss="bce")
     with pytest.raises(ValueError, match="bradley_terry needs pairs"):
         reward_model.validate_classifier_data(
-            {k: v[:, :1] for k, v in separable_data(8).items()}, loss="bradley_terry")
+            {k: v[:, :1] for k, v in separable_data(8).items()}, loss="bradley_terry"
+        )
     with pytest.raises(ValueError, match="reward_model.level"):
         reward_model.RewardModel(small, rm_config(level="paragraph"), mesh=mesh)
     with pytest.raises(ValueError, match="reward_model.global_batch_size"):
-        reward_model.RewardModel(small, rm_config(global_batch_size=12),
-                                 mesh=sharding.make_mesh((8, 1, 1)))
+        reward_model.RewardModel(
+            small, rm_config(global_batch_size=12), mesh=sharding.make_mesh((8, 1, 1))
+        )

@@ -10,8 +10,14 @@ import pytest
 from dil_jax import sampling
 from dil_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
-CFG = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2)
+CFG = LlamaConfig(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 M = 8  # max_new_tokens
 NEVER = -1  # an eos id no token equals
 
@@ -23,10 +29,12 @@ def setup():
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
     rng = np.random.default_rng(0)
     # 4x HF's init scale so logits are peaked and argmax is robust to float noise.
-    params = jax.tree.map(lambda s: 0.08 * rng.standard_normal(s.shape).astype(np.float32),
-                          shapes["params"])
+    params = jax.tree.map(
+        lambda s: 0.08 * rng.standard_normal(s.shape).astype(np.float32), shapes["params"]
+    )
     params = jax.tree_util.tree_map_with_path(
-        lambda kp, x: 1.0 + x if kp[-1].key == "weight" else x, params)
+        lambda kp, x: 1.0 + x if kp[-1].key == "weight" else x, params
+    )
     prompts = rng.integers(1, CFG.vocab_size, (3, 6)).astype(np.int32)
     mask = np.ones_like(prompts)
     mask[1, :2] = 0
@@ -46,7 +54,7 @@ def _naive_logits(model, params, prompts, mask, tokens, gen_mask):
     ids = np.concatenate([prompts, tokens], axis=1)
     full_mask = np.concatenate([mask, gen_mask], axis=1)
     P = prompts.shape[1]
-    return np.asarray(_full_logits(model, params, ids, full_mask))[:, P - 1:-1]
+    return np.asarray(_full_logits(model, params, ids, full_mask))[:, P - 1 : -1]
 
 
 def _naive_greedy(model, params, prompts, mask):
@@ -64,8 +72,9 @@ def _naive_greedy(model, params, prompts, mask):
 def _gen(setup, **kw):
     model, params, prompts, mask = setup
     kw = {"temperature": 0.0, "eos_id": NEVER, "pad_id": 0, **kw}
-    out = sampling.generate(model, params, prompts, mask, jax.random.key(kw.pop("seed", 0)),
-                            max_new_tokens=M, **kw)
+    out = sampling.generate(
+        model, params, prompts, mask, jax.random.key(kw.pop("seed", 0)), max_new_tokens=M, **kw
+    )
     return jax.tree.map(np.asarray, out)
 
 
@@ -81,8 +90,17 @@ def test_greedy_matches_naive_full_forwards(setup):
     want = np.take_along_axis(jax.nn.log_softmax(logits, -1), out.tokens[..., None], -1)[..., 0]
     np.testing.assert_allclose(out.logps, want, atol=1e-4)
     # The left-padded row generates what it generates unpadded.
-    alone = sampling.generate(model, params, prompts[2:, 4:], mask[2:, 4:], jax.random.key(0),
-                              max_new_tokens=M, temperature=0.0, eos_id=NEVER, pad_id=0)
+    alone = sampling.generate(
+        model,
+        params,
+        prompts[2:, 4:],
+        mask[2:, 4:],
+        jax.random.key(0),
+        max_new_tokens=M,
+        temperature=0.0,
+        eos_id=NEVER,
+        pad_id=0,
+    )
     np.testing.assert_array_equal(np.asarray(alone.tokens)[0], out.tokens[2])
 
 

@@ -17,7 +17,8 @@ GIB = 2**30
 
 def _scale_check():
     spec = importlib.util.spec_from_file_location(
-        "scale_check", REPO / "experiments" / "scale_check.py")
+        "scale_check", REPO / "experiments" / "scale_check.py"
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)

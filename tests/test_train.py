@@ -26,8 +26,9 @@ def run_steps(config, mesh, num_steps=3):
 
 
 def assert_trees_close(a, b, atol):
-    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b),
-                            strict=True):
+    for (path, x), y in zip(
+        jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b), strict=True
+    ):
         np.testing.assert_allclose(x, y, atol=atol, rtol=0, err_msg=sharding.path_str(path))
 
 
@@ -62,11 +63,13 @@ def test_step_compiles_once_per_batch_shape(tiny_config):
 
 def test_gradient_accumulation_equals_full_batch(tiny_config):
     config = tiny_config(**{"loss.name": "dil_lsif", "mesh.shape": (2, 1, 1)})
-    _, params_full, losses_full = run_steps(config, sharding.make_mesh((2, 1, 1),
-                                                                       jax.devices()[:2]), 2)
+    _, params_full, losses_full = run_steps(
+        config, sharding.make_mesh((2, 1, 1), jax.devices()[:2]), 2
+    )
     config.optim.grad_accum_steps = 4
-    _, params_acc, losses_acc = run_steps(config, sharding.make_mesh((2, 1, 1),
-                                                                     jax.devices()[:2]), 2)
+    _, params_acc, losses_acc = run_steps(
+        config, sharding.make_mesh((2, 1, 1), jax.devices()[:2]), 2
+    )
     np.testing.assert_allclose(losses_acc, losses_full, atol=1e-6)
     assert_trees_close(params_acc, params_full, atol=1e-6)
 
@@ -83,11 +86,24 @@ def test_metrics_have_trl_names(tiny_config):
     trainer = train.Trainer(config, mesh=single_device_mesh())
     data, _, _ = pipeline.build_datasets(config)
     state = trainer.init_state(0)
-    _, metrics = trainer.run_step(state, next(pipeline.make_iterator(data, 16)),
-                                  trainer.init_state(0).params)
-    for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
-                 "rewards/accuracies", "logps/chosen", "logps/rejected", "logits/chosen",
-                 "logits/rejected", "grad_norm", "param_norm", "loss/dpo", "loss/sft"):
+    _, metrics = trainer.run_step(
+        state, next(pipeline.make_iterator(data, 16)), trainer.init_state(0).params
+    )
+    for name in (
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "logits/chosen",
+        "logits/rejected",
+        "grad_norm",
+        "param_norm",
+        "loss/dpo",
+        "loss/sft",
+    ):
         assert name in metrics, name
     # At the first step the policy is the reference: DPO rewards are exactly zero.
     assert abs(float(metrics["rewards/margins"])) < 1e-6
@@ -99,8 +115,9 @@ def test_reference_modes_give_the_same_trajectory(tiny_config, tmp_path):
     config.reference.cache_dir = str(tmp_path / "cache")
     config.reference.batch_size = 32
     pre = train.train_and_evaluate(config, str(tmp_path / "pre"))
-    assert_trees_close(jax.device_get(pre["state"].params),
-                       jax.device_get(inline["state"].params), atol=1e-5)
+    assert_trees_close(
+        jax.device_get(pre["state"].params), jax.device_get(inline["state"].params), atol=1e-5
+    )
     assert abs(pre["train"]["loss"] - inline["train"]["loss"]) < 1e-5
     cached = list((tmp_path / "cache").glob("ref_logps-*.npy"))
     assert len(cached) == 2  # train and held-out arrays
@@ -143,21 +160,40 @@ def test_bf16_params_keep_their_dtypes_and_compile_once(tiny_config):
     assert np.all(np.isfinite(losses))
 
 
-@pytest.mark.parametrize("arch", [
-    {"family": "gpt2", "vocab_size": 32, "n_embd": 32, "n_layer": 2, "n_head": 2,
-     "n_positions": 64},
-    {"family": "gemma", "vocab_size": 32, "hidden_size": 32, "intermediate_size": 64,
-     "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
-     "head_dim": 16, "max_position_embeddings": 64},
-], ids=lambda a: a["family"])
+@pytest.mark.parametrize(
+    "arch",
+    [
+        {
+            "family": "gpt2",
+            "vocab_size": 32,
+            "n_embd": 32,
+            "n_layer": 2,
+            "n_head": 2,
+            "n_positions": 64,
+        },
+        {
+            "family": "gemma",
+            "vocab_size": 32,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 16,
+            "max_position_embeddings": 64,
+        },
+    ],
+    ids=lambda a: a["family"],
+)
 def test_other_families_train_through_the_same_trainer(tiny_config, tmp_path, arch):
     """The trainer never assumes Llama field names (GPT-2 has n_positions, not
     max_position_embeddings)."""
     from ml_collections import ConfigDict
 
     config = tiny_config(**{"mesh.shape": (2, 2, 2), "train.steps": 2})
-    runtime = {k: config.model[k] for k in ("dtype", "param_dtype", "remat", "scan_layers",
-                                           "hf_path")}
+    runtime = {
+        k: config.model[k] for k in ("dtype", "param_dtype", "remat", "scan_layers", "hf_path")
+    }
     with config.unlocked():
         config.model = ConfigDict(dict(arch, **runtime))
     out = train.train_and_evaluate(config, str(tmp_path))

@@ -43,13 +43,14 @@ class _RunsCode:
 def _header(path):
     data = path.read_bytes()
     n = struct.unpack("<Q", data[:8])[0]
-    return data, n, json.loads(data[8:8 + n])
+    return data, n, json.loads(data[8 : 8 + n])
 
 
 def _rewrite(path, header: bytes, length: int | None = None):
     data, n, _ = _header(path)
-    path.write_bytes(struct.pack("<Q", len(header) if length is None else length) + header
-                     + data[8 + n:])
+    path.write_bytes(
+        struct.pack("<Q", len(header) if length is None else length) + header + data[8 + n :]
+    )
 
 
 def malicious_pickle_zip(d):
@@ -67,8 +68,9 @@ def malicious_pickle_legacy(d):
 def bin_index_pointing_at_a_bad_shard(d):
     (d / hf.SAFE_SINGLE).unlink()
     (d / "pytorch_model-00001-of-00001.bin").write_bytes(b"not a torch file")
-    (d / hf.BIN_INDEX).write_text(json.dumps(
-        {"weight_map": {"lm_head.weight": "pytorch_model-00001-of-00001.bin"}}))
+    (d / hf.BIN_INDEX).write_text(
+        json.dumps({"weight_map": {"lm_head.weight": "pytorch_model-00001-of-00001.bin"}})
+    )
 
 
 def petabyte_tensor_in_header(d):
@@ -112,47 +114,80 @@ def shard_index_not_json(d):
 def shard_named_for_the_wrong_tensor(d):
     index = json.loads((d / hf.SAFE_INDEX).read_text())
     shards = sorted(set(index["weight_map"].values()))
-    index["weight_map"]["lm_head.weight"] = shards[0] if index["weight_map"][
-        "lm_head.weight"] != shards[0] else shards[-1]
+    index["weight_map"]["lm_head.weight"] = (
+        shards[0] if index["weight_map"]["lm_head.weight"] != shards[0] else shards[-1]
+    )
     (d / hf.SAFE_INDEX).write_text(json.dumps(index))
 
 
 # (damage, source copy, what the one line must say)
 CASES = [
-    pytest.param(malicious_pickle_zip, "single",
-                 r"pytorch_model\.bin: refused to load: .*GLOBAL posix\.system",
-                 marks=pytest.mark.torch),
-    pytest.param(malicious_pickle_legacy, "single",
-                 r"pytorch_model\.bin is not a readable PyTorch checkpoint",
-                 marks=pytest.mark.torch),
-    pytest.param(bin_index_pointing_at_a_bad_shard, "single",
-                 r"pytorch_model-00001-of-00001\.bin is not a readable PyTorch checkpoint",
-                 marks=pytest.mark.torch),
-    (petabyte_tensor_in_header, "single",
-     r"model\.safetensors is not a readable safetensors file: tensor 'model\.embed_tokens\."
-     r"weight' claims shape \[33554432, 8388608\] F32 \(1,125,899,906,842,624 bytes\)"),
-    (truncated_safetensors, "single", r"model\.safetensors is not a readable safetensors file: "
-                                      r"tensor '.+' claims shape .*-byte data section"),
-    (header_length_2_to_the_62, "single",
-     r"model\.safetensors is not a readable safetensors file: its header length says "
-     r"4,611,686,018,427,387,904 bytes"),
-    (non_json_header, "single", r"model\.safetensors is not a readable safetensors file: its "
-                                r"header is not JSON"),
-    (shape_disagrees_with_config_json, "single",
-     r"model\.safetensors: tensor 'model\.layers\.0\.mlp\.gate_proj\.weight' has shape "
-     r"\(96, 64\), but the config implies \(128, 64\)"),
+    pytest.param(
+        malicious_pickle_zip,
+        "single",
+        r"pytorch_model\.bin: refused to load: .*GLOBAL posix\.system",
+        marks=pytest.mark.torch,
+    ),
+    pytest.param(
+        malicious_pickle_legacy,
+        "single",
+        r"pytorch_model\.bin is not a readable PyTorch checkpoint",
+        marks=pytest.mark.torch,
+    ),
+    pytest.param(
+        bin_index_pointing_at_a_bad_shard,
+        "single",
+        r"pytorch_model-00001-of-00001\.bin is not a readable PyTorch checkpoint",
+        marks=pytest.mark.torch,
+    ),
+    (
+        petabyte_tensor_in_header,
+        "single",
+        r"model\.safetensors is not a readable safetensors file: tensor 'model\.embed_tokens\."
+        r"weight' claims shape \[33554432, 8388608\] F32 \(1,125,899,906,842,624 bytes\)",
+    ),
+    (
+        truncated_safetensors,
+        "single",
+        r"model\.safetensors is not a readable safetensors file: "
+        r"tensor '.+' claims shape .*-byte data section",
+    ),
+    (
+        header_length_2_to_the_62,
+        "single",
+        r"model\.safetensors is not a readable safetensors file: its header length says "
+        r"4,611,686,018,427,387,904 bytes",
+    ),
+    (
+        non_json_header,
+        "single",
+        r"model\.safetensors is not a readable safetensors file: its "
+        r"header is not JSON",
+    ),
+    (
+        shape_disagrees_with_config_json,
+        "single",
+        r"model\.safetensors: tensor 'model\.layers\.0\.mlp\.gate_proj\.weight' has shape "
+        r"\(96, 64\), but the config implies \(128, 64\)",
+    ),
     (config_json_not_json, "single", r"config\.json is not valid JSON"),
-    (shard_index_not_json, "sharded",
-     r"model\.safetensors\.index\.json is not a shard index"),
-    (shard_named_for_the_wrong_tensor, "sharded",
-     r"the index says .*holds tensor 'lm_head\.weight', but .* does"),
+    (shard_index_not_json, "sharded", r"model\.safetensors\.index\.json is not a shard index"),
+    (
+        shard_named_for_the_wrong_tensor,
+        "sharded",
+        r"the index says .*holds tensor 'lm_head\.weight', but .* does",
+    ),
 ]
 
 
-@pytest.mark.parametrize("damage,source,message", CASES,
-                         ids=lambda v: getattr(v, "__name__", None) if callable(v) else "")
-def test_bad_weights_are_one_weights_error_line(damage, source, message, saved, mesh, tmp_path,
-                                                monkeypatch):
+@pytest.mark.parametrize(
+    "damage,source,message",
+    CASES,
+    ids=lambda v: getattr(v, "__name__", None) if callable(v) else "",
+)
+def test_bad_weights_are_one_weights_error_line(
+    damage, source, message, saved, mesh, tmp_path, monkeypatch
+):
     d = tmp_path / "model"
     shutil.copytree(saved / source, d)
     marker = tmp_path / "code-ran"

@@ -14,18 +14,28 @@ from conftest import REPO
 from dil_jax import workdir as wd
 from dil_jax.errors import InputError, WorkdirError
 
-HOLD = ("import sys, time\nfrom dil_jax import workdir\n"
-        "with workdir.lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(600)\n")
+HOLD = (
+    "import sys, time\nfrom dil_jax import workdir\n"
+    "with workdir.lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(600)\n"
+)
 
 
 def test_second_run_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path, caplog):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(tmp_path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked", holder.stderr.read()
-        with pytest.raises(WorkdirError, match=rf"workdir {tmp_path} is in use by another run "
-                                               rf"\(pid {holder.pid} on host "):
+        with pytest.raises(
+            WorkdirError,
+            match=rf"workdir {tmp_path} is in use by another run "
+            rf"\(pid {holder.pid} on host ",
+        ):
             with wd.lock(str(tmp_path)):
                 pass
         assert isinstance(WorkdirError("x"), InputError)  # printed as one line, exit 2

@@ -101,24 +101,45 @@ def run_method(name: str, config, base_dir: str, workroot: str, *, reduced: bool
     init_params = checkpointing.load_params(base_dir, trainer.abstract_params())
     data = dict(data, num_train=256 if reduced else 2048)
     if loss["name"] == "adversarial":
-        cfg = afd.stage_config(config, data=data, loss="sft", steps=1, learning_rate=1e-3,
-                               batch_size=8, init_dir=base_dir)
+        cfg = afd.stage_config(
+            config,
+            data=data,
+            loss="sft",
+            steps=1,
+            learning_rate=1e-3,
+            batch_size=8,
+            init_dir=base_dir,
+        )
         demos, _ = afd.demonstration_arrays(cfg)
-        out = adversarial.train_adversarial(config, workdir, init_params=init_params,
-                                            demos=demos, mesh=_mesh())
+        out = adversarial.train_adversarial(
+            config, workdir, init_params=init_params, demos=demos, mesh=_mesh()
+        )
         params = out["policy_params"]
     else:
         lr = sft_lr if loss["name"] == "sft" else pref_lr
-        cfg = afd.stage_config(config, data=data, loss=loss["name"], steps=steps,
-                               learning_rate=lr, batch_size=batch, init_dir=base_dir)
+        cfg = afd.stage_config(
+            config,
+            data=data,
+            loss=loss["name"],
+            steps=steps,
+            learning_rate=lr,
+            batch_size=batch,
+            init_dir=base_dir,
+        )
         for key, value in loss.items():
             if key != "name":
                 cfg.loss[key] = value
         summary = core.train_and_evaluate(cfg, workdir, mesh=_mesh())
         params = summary.pop("state").params
-    ev = afd.gold_policy_eval(trainer, _task(), params, init_params,
-                              num_prompts=config.eval.gold_prompts, seed=config.data.seed + 2,
-                              sampling=config.afd.sampling)
+    ev = afd.gold_policy_eval(
+        trainer,
+        _task(),
+        params,
+        init_params,
+        num_prompts=config.eval.gold_prompts,
+        seed=config.data.seed + 2,
+        sampling=config.afd.sampling,
+    )
     return {"name": name, "workdir": workdir, "dynamics": read_metrics(workdir), **ev}
 
 
@@ -126,8 +147,9 @@ def _task():
     return GoldTask()
 
 
-def run_ablation(config, workroot: str, *, reduced: bool, methods: Sequence[str] | None = None
-                 ) -> list[dict]:
+def run_ablation(
+    config, workroot: str, *, reduced: bool, methods: Sequence[str] | None = None
+) -> list[dict]:
     """Every method of ``methods`` (default: all, or ``REDUCED_METHODS``) from one π_0.
 
     Args:
@@ -142,10 +164,14 @@ def run_ablation(config, workroot: str, *, reduced: bool, methods: Sequence[str]
 
 def summary_table(results: Sequence[dict]) -> str:
     """A markdown table of the final metrics."""
-    lines = ["| method | gold reward | KL to π_0 | entropy | mode A | mode B |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| method | gold reward | KL to π_0 | entropy | mode A | mode B |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for r in results:
-        lines.append(f"| {r['name']} | {r['gold_reward']:.3f} ± {r['gold_reward_se']:.3f} | "
-                     f"{r['kl']:.2f} | {r['entropy']:.2f} | {r['mode_1']:.2f} | "
-                     f"{r['mode_2']:.2f} |")
+        lines.append(
+            f"| {r['name']} | {r['gold_reward']:.3f} ± {r['gold_reward_se']:.3f} | "
+            f"{r['kl']:.2f} | {r['entropy']:.2f} | {r['mode_1']:.2f} | "
+            f"{r['mode_2']:.2f} |"
+        )
     return "\n".join(lines)

@@ -72,8 +72,7 @@ from dil_jax.errors import ConfigError, DataError
 from dil_jax.models import build_model
 
 REWARDS = ("logit", "gail", "log_d")
-RESUMABLE_FIELDS = ("steps", "max_abs_logit", "log_every", "checkpoint_every", "keep",
-                    "async_save")
+RESUMABLE_FIELDS = ("steps", "max_abs_logit", "log_every", "checkpoint_every", "keep", "async_save")
 
 
 class AdversarialDivergence(FloatingPointError):
@@ -159,16 +158,28 @@ def check_unfiltered_sampling(sampling_cfg, field: str = "afd.sampling") -> None
         raise ConfigError(
             f"{'; '.join(bad)}: adversarial imitation's policy gradient and KL use log π_θ, so its "
             "samples must come from π_θ itself, not a filtered sampler; set these fields for the "
-            "adversarial run (Best-of-N may keep its own filtered sampling)")
+            "adversarial run (Best-of-N may keep its own filtered sampling)"
+        )
 
 
 # The runtime's state: params and opt_state are {'policy': ..., 'disc': ...}.
 AdversarialState = loop.TrainState
 
 
-def adversarial_step(state: AdversarialState, demo, samples, ref_params, *, policy_model,
-                     policy_family, disc_model, policy_tx, disc_tx, cfg, chunks
-                     ) -> tuple[AdversarialState, dict[str, jax.Array]]:
+def adversarial_step(
+    state: AdversarialState,
+    demo,
+    samples,
+    ref_params,
+    *,
+    policy_model,
+    policy_family,
+    disc_model,
+    policy_tx,
+    disc_tx,
+    cfg,
+    chunks,
+) -> tuple[AdversarialState, dict[str, jax.Array]]:
     """One discriminator update, then one RLOO policy update (pure; see module doc).
 
     Args:
@@ -182,61 +193,72 @@ def adversarial_step(state: AdversarialState, demo, samples, ref_params, *, poli
     keys = ("input_ids", "attention_mask", "loss_mask")
     b, k, _ = samples["input_ids"].shape
     disc_batch = {key: jnp.concatenate([demo[key], samples[key]], axis=1) for key in keys}
-    disc_batch["labels"] = jnp.broadcast_to((jnp.arange(k + 1) == 0).astype(jnp.float32),
-                                            (b, k + 1))
+    disc_batch["labels"] = jnp.broadcast_to(
+        (jnp.arange(k + 1) == 0).astype(jnp.float32), (b, k + 1)
+    )
     params, opt = state.params, state.opt_state
 
     # 1. discriminator: class-balanced BCE, demonstrations 1, samples 0.
     def disc_loss(p):
-        return reward_model.rm_loss_and_metrics(disc_model, p, disc_batch, level=cfg["level"],
-                                                loss="bce")
+        return reward_model.rm_loss_and_metrics(
+            disc_model, p, disc_batch, level=cfg["level"], loss="bce"
+        )
 
     (_, dmetrics), dgrads = jax.value_and_grad(disc_loss, has_aux=True)(params["disc"])
     dupdates, disc_opt = disc_tx.update(dgrads, opt["disc"], params["disc"])
     disc_params = optax.apply_updates(params["disc"], dupdates)
 
     # 2. rewards of the samples under the updated discriminator (no gradient).
-    f = reward_model.reward_scores(disc_model, jax.lax.stop_gradient(disc_params), samples,
-                                   level=cfg["level"]).logits  # [B, k]
+    f = reward_model.reward_scores(
+        disc_model, jax.lax.stop_gradient(disc_params), samples, level=cfg["level"]
+    ).logits  # [B, k]
     reward = rl_reward(f, cfg["reward"])  # [B, k]
 
     # 3. policy: RLOO on log π of whole responses, KL penalty folded into the reward. The
     # reference runs whatever β, so that the `kl` metric is always the policy's drift.
-    ref_logp = logprobs.sequence_logps(policy_model, policy_family,
-                                       jax.lax.stop_gradient(ref_params), samples,
-                                       **chunks).sum_logps  # [B, k]
+    ref_logp = logprobs.sequence_logps(
+        policy_model, policy_family, jax.lax.stop_gradient(ref_params), samples, **chunks
+    ).sum_logps  # [B, k]
 
     def policy_loss(p):
-        logp = logprobs.sequence_logps(policy_model, policy_family, p, samples,
-                                       **chunks).sum_logps  # [B, k]
+        logp = logprobs.sequence_logps(
+            policy_model, policy_family, p, samples, **chunks
+        ).sum_logps  # [B, k]
         kl = jax.lax.stop_gradient(logp) - ref_logp  # [B, k] Monte-Carlo KL(π || π_ref)
         shaped = reward - cfg["beta"] * kl if cfg["beta"] > 0 else reward
         adv = rloo_advantages(shaped)
         return reinforce_loss(logp, adv), (logp, kl, adv)
 
     (ploss, (logp, kl, adv)), pgrads = jax.value_and_grad(policy_loss, has_aux=True)(
-        params["policy"])
+        params["policy"]
+    )
     pupdates, policy_opt = policy_tx.update(pgrads, opt["policy"], params["policy"])
     policy_params = optax.apply_updates(params["policy"], pupdates)
 
-    new_params = jax.tree.map(lambda new, old: new.astype(old.dtype),
-                              {"policy": policy_params, "disc": disc_params}, params)
+    new_params = jax.tree.map(
+        lambda new, old: new.astype(old.dtype),
+        {"policy": policy_params, "disc": disc_params},
+        params,
+    )
     n_tok = jnp.maximum(jnp.sum(samples["loss_mask"] != 0, axis=-1), 1)  # [B, k]
     metrics = {f"disc/{name}": v for name, v in dmetrics.items()}
-    metrics.update({
-        "disc/grad_norm": optax.tree.norm(dgrads),
-        "policy/loss": ploss,
-        "policy/grad_norm": optax.tree.norm(pgrads),
-        "reward/mean": jnp.mean(reward),
-        "reward/std": jnp.std(reward),
-        "reward/logit_mean": jnp.mean(f),
-        "advantage/abs_mean": jnp.mean(jnp.abs(adv)),
-        "kl": jnp.mean(kl),
-        "entropy": -jnp.mean(logp),  # per response, Monte-Carlo
-        "response_tokens": jnp.mean(n_tok.astype(jnp.float32)),
-    })
-    return AdversarialState(step=state.step + 1, params=new_params,
-                            opt_state={"policy": policy_opt, "disc": disc_opt}), metrics
+    metrics.update(
+        {
+            "disc/grad_norm": optax.tree.norm(dgrads),
+            "policy/loss": ploss,
+            "policy/grad_norm": optax.tree.norm(pgrads),
+            "reward/mean": jnp.mean(reward),
+            "reward/std": jnp.std(reward),
+            "reward/logit_mean": jnp.mean(f),
+            "advantage/abs_mean": jnp.mean(jnp.abs(adv)),
+            "kl": jnp.mean(kl),
+            "entropy": -jnp.mean(logp),  # per response, Monte-Carlo
+            "response_tokens": jnp.mean(n_tok.astype(jnp.float32)),
+        }
+    )
+    return AdversarialState(
+        step=state.step + 1, params=new_params, opt_state={"policy": policy_opt, "disc": disc_opt}
+    ), metrics
 
 
 class AdversarialImitation:
@@ -255,40 +277,54 @@ class AdversarialImitation:
         if adv.reward not in REWARDS:
             raise ConfigError(f"afd.adversarial.reward={adv.reward!r}: expected one of {REWARDS}")
         if adv.samples_per_prompt < 2:
-            raise ConfigError(f"afd.adversarial.samples_per_prompt={adv.samples_per_prompt}: "
-                              "RLOO needs at least 2 samples per prompt")
+            raise ConfigError(
+                f"afd.adversarial.samples_per_prompt={adv.samples_per_prompt}: "
+                "RLOO needs at least 2 samples per prompt"
+            )
         if adv.beta < 0:
             raise ConfigError(f"afd.adversarial.beta={adv.beta}: must be >= 0")
         if adv.max_abs_logit <= 0:
             raise ConfigError(f"afd.adversarial.max_abs_logit={adv.max_abs_logit}: must be > 0")
         if adv.disc.loss != "bce":
-            raise ConfigError(f"afd.adversarial.disc.loss={adv.disc.loss!r}: the discriminator "
-                              "is trained with 'bce'")
+            raise ConfigError(
+                f"afd.adversarial.disc.loss={adv.disc.loss!r}: the discriminator "
+                "is trained with 'bce'"
+            )
         check_unfiltered_sampling(config.afd.sampling)
         self.config, self.cfg = config, adv
         self.mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh.shape)
         dp = sharding.data_parallel_size(self.mesh)
         if adv.prompts_per_step % dp:
-            raise ConfigError(f"afd.adversarial.prompts_per_step={adv.prompts_per_step} must be a "
-                              f"multiple of the data-parallel size {dp}")
+            raise ConfigError(
+                f"afd.adversarial.prompts_per_step={adv.prompts_per_step} must be a "
+                f"multiple of the data-parallel size {dp}"
+            )
         self.policy_model, self.family = build_model(config.model)
         disc_model_cfg = adv.get("disc_model") or config.model
-        reward_model.check_compatible(config.model, disc_model_cfg,
-                                      field="afd.adversarial.disc_model")
+        reward_model.check_compatible(
+            config.model, disc_model_cfg, field="afd.adversarial.disc_model"
+        )
         self.disc_model_cfg = disc_model_cfg
         disc_cfg = ml_collections.ConfigDict(adv.disc.to_dict())
         disc_cfg.global_batch_size = adv.prompts_per_step
         disc_cfg.steps = adv.steps
-        self.disc = reward_model.RewardModel(disc_model_cfg, disc_cfg, mesh=self.mesh,
-                                             seed=adv.seed, field="afd.adversarial.disc")
+        self.disc = reward_model.RewardModel(
+            disc_model_cfg, disc_cfg, mesh=self.mesh, seed=adv.seed, field="afd.adversarial.disc"
+        )
         self.policy_tx, _ = loop.make_optimizer(
-            learning_rate=adv.learning_rate, total_steps=adv.steps,
-            warmup_ratio=adv.warmup_ratio, grad_clip=adv.grad_clip)
-        self.chunks = {"seq_chunk": config.logprobs.seq_chunk,
-                       "vocab_chunk": config.logprobs.vocab_chunk}
+            learning_rate=adv.learning_rate,
+            total_steps=adv.steps,
+            warmup_ratio=adv.warmup_ratio,
+            grad_clip=adv.grad_clip,
+        )
+        self.chunks = {
+            "seq_chunk": config.logprobs.seq_chunk,
+            "vocab_chunk": config.logprobs.vocab_chunk,
+        }
         self.abstract_state = jax.eval_shape(self._init_state, jax.random.key(0))
         rules = tuple(self.family.partition_rules()) + reward_model.partition_rules(
-            self.disc.family)
+            self.disc.family
+        )
         specs = sharding.match_partition_rules(rules, self.abstract_state, self.mesh)
         self.state_sharding = sharding.shardings_from_specs(self.mesh, specs)
         self.policy_sharding = self.state_sharding.params["policy"]
@@ -307,40 +343,62 @@ class AdversarialImitation:
 
     def init_state(self, policy_params) -> AdversarialState:
         """Policy copied from ``policy_params``; discriminator backbone too (disc.init='policy')."""
-        reward_model.check_tree_matches(policy_params, self.abstract_state.params["policy"],
-                                        where="initial policy")
+        reward_model.check_tree_matches(
+            policy_params, self.abstract_state.params["policy"], where="initial policy"
+        )
         backbone = policy_params if self.cfg.disc.init == "policy" else None
         if backbone is not None:
-            reward_model.check_tree_matches(backbone,
-                                            self.abstract_state.params["disc"]["backbone"],
-                                            where="afd.adversarial.disc_model backbone")
+            reward_model.check_tree_matches(
+                backbone,
+                self.abstract_state.params["disc"]["backbone"],
+                where="afd.adversarial.disc_model backbone",
+            )
         fn = jax.jit(self._init_state, out_shardings=self.state_sharding)
         return fn(jax.random.key(self.cfg.seed), policy_params, backbone)
 
     @property
     def step_fn(self):
         if self._step is None:
-            cfg = (("beta", float(self.cfg.beta)), ("level", self.cfg.disc.level),
-                   ("reward", self.cfg.reward))
+            cfg = (
+                ("beta", float(self.cfg.beta)),
+                ("level", self.cfg.disc.level),
+                ("reward", self.cfg.reward),
+            )
             step = functools.partial(
-                adversarial_step, policy_model=self.policy_model, policy_family=self.family,
-                disc_model=self.disc.model, policy_tx=self.policy_tx, disc_tx=self.disc.tx,
-                cfg=cfg, chunks=self.chunks)
+                adversarial_step,
+                policy_model=self.policy_model,
+                policy_family=self.family,
+                disc_model=self.disc.model,
+                policy_tx=self.policy_tx,
+                disc_tx=self.disc.tx,
+                cfg=cfg,
+                chunks=self.chunks,
+            )
 
             self._step = loop.counted_jit(
-                self, loop.guard_finite(step, "halt"),
+                self,
+                loop.guard_finite(step, "halt"),
                 in_shardings=(self.state_sharding, None, None, self.policy_sharding),
-                out_shardings=(self.state_sharding, self.replicated), donate_argnums=(0,))
+                out_shardings=(self.state_sharding, self.replicated),
+                donate_argnums=(0,),
+            )
         return self._step
 
     def sample(self, state, demo_batch: Mapping[str, np.ndarray], step: int):
         """k policy samples for the prompts of a demonstration batch, as ``[B, k, T]`` arrays."""
         prompt_ids, prompt_mask = rollouts.prompts_from_arrays(demo_batch)
         rng = jax.random.fold_in(jax.random.key(self.cfg.seed + 1), step)
-        return rollouts.sample(self.policy_model, state.params["policy"], prompt_ids,
-                               prompt_mask, self.cfg.samples_per_prompt, rng,
-                               self.config.afd.sampling, mesh=self.mesh,
-                               field="afd.adversarial.samples_per_prompt")
+        return rollouts.sample(
+            self.policy_model,
+            state.params["policy"],
+            prompt_ids,
+            prompt_mask,
+            self.cfg.samples_per_prompt,
+            rng,
+            self.config.afd.sampling,
+            mesh=self.mesh,
+            field="afd.adversarial.samples_per_prompt",
+        )
 
     def run_step(self, state, demo_batch, ref_params, step: int):
         samples = self.sample(state, demo_batch, step)
@@ -376,12 +434,21 @@ def check_demonstrations(demos: Mapping[str, np.ndarray], name: str = "demonstra
         raise DataError(f"{name}: the demonstration set is empty")
     resp = np.asarray(demos["loss_mask"]).reshape(len(demos["loss_mask"]), -1).sum(-1)
     if (resp == 0).any():
-        raise DataError(f"{name}: example {int(np.argmin(resp))} has no response tokens "
-                         "(loss_mask all zero): a prompt without a demonstration")
+        raise DataError(
+            f"{name}: example {int(np.argmin(resp))} has no response tokens "
+            "(loss_mask all zero): a prompt without a demonstration"
+        )
 
 
-def train_adversarial(config, workdir: str, *, init_params, demos: Mapping[str, np.ndarray],
-                      mesh=None, max_steps: int | None = None) -> dict:
+def train_adversarial(
+    config,
+    workdir: str,
+    *,
+    init_params,
+    demos: Mapping[str, np.ndarray],
+    mesh=None,
+    max_steps: int | None = None,
+) -> dict:
     """Adversarial imitation of ``demos`` from ``init_params``, checkpointed and resumable.
 
     Args:
@@ -399,51 +466,80 @@ def train_adversarial(config, workdir: str, *, init_params, demos: Mapping[str, 
     adv_run = AdversarialImitation(config, mesh=mesh)
     cfg = adv_run.cfg
     if len(demos["input_ids"]) < cfg.prompts_per_step:
-        raise ConfigError(f"demonstrations: {len(demos['input_ids'])} examples is fewer than "
-                         f"afd.adversarial.prompts_per_step={cfg.prompts_per_step}")
+        raise ConfigError(
+            f"demonstrations: {len(demos['input_ids'])} examples is fewer than "
+            f"afd.adversarial.prompts_per_step={cfg.prompts_per_step}"
+        )
     keys = ("input_ids", "attention_mask", "loss_mask", "example_id")
     demo_arrays = {k: np.asarray(demos[k]) for k in keys if k in demos}
     it = pipeline.make_iterator(demo_arrays, cfg.prompts_per_step, seed=cfg.seed)
     ref_params = jax.device_put(init_params, adv_run.policy_sharding)
     settings = loop.LoopSettings(
-        steps=cfg.steps, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
-        keep=cfg.keep, async_save=cfg.async_save, tensorboard=False, desc="adversarial")
+        steps=cfg.steps,
+        log_every=cfg.log_every,
+        checkpoint_every=cfg.checkpoint_every,
+        keep=cfg.keep,
+        async_save=cfg.async_save,
+        tensorboard=False,
+        desc="adversarial",
+    )
 
     def step_fn(state, batch, step):
         state, metrics, _ = adv_run.run_step(state, batch, ref_params, step)
         return state, metrics
 
     result = loop.run(
-        adv_run, workdir, step_fn=step_fn, settings=settings, data=it,
+        adv_run,
+        workdir,
+        step_fn=step_fn,
+        settings=settings,
+        data=it,
         init_state=lambda: adv_run.init_state(init_params),
-        resume_config=adv_run.checkpoint_config(), max_steps=max_steps,
+        resume_config=adv_run.checkpoint_config(),
+        max_steps=max_steps,
         check=functools.partial(_check_divergence, bound=cfg.max_abs_logit),
-        label="adversarial imitation")
+        label="adversarial imitation",
+    )
     state, last = result.state, result.train
-    return {"step": int(state.step), "policy_params": state.params["policy"],
-            "disc_params": state.params["disc"], "train": last, "runner": adv_run}
+    return {
+        "step": int(state.step),
+        "policy_params": state.params["policy"],
+        "disc_params": state.params["disc"],
+        "train": last,
+        "runner": adv_run,
+    }
 
 
 def load_last_good(config, workdir: str, *, mesh=None) -> tuple[int, dict]:
     """``(step, {'policy', 'disc'} params)`` of the latest checkpoint, e.g. after a divergence."""
     run = AdversarialImitation(config, mesh=mesh)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            run.abstract_state.params, run.state_sharding.params)
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        run.abstract_state.params,
+        run.state_sharding.params,
+    )
     step = checkpointing.read_meta(workdir)["step"]  # the newest whole step (damage skipped)
     return step, checkpointing.load_params(workdir, abstract, step)
 
 
-def _check_divergence(metrics: Mapping[str, float], step: int, manager, *, bound: float
-                      ) -> None:
+def _check_divergence(metrics: Mapping[str, float], step: int, manager, *, bound: float) -> None:
     bad = sorted(k for k, v in metrics.items() if not np.isfinite(v))
     big = metrics.get("disc/max_abs_logit", 0.0)
     if bad or big > bound:
         last_good = manager.latest_step()
-        where = (f"the last good checkpoint is step {last_good} in {manager.directory}"
-                 if last_good is not None else "no checkpoint was written yet")
-        reason = (f"non-finite metrics {bad}" if bad else
-                  f"discriminator logits reached |f| = {big:.3g} > afd.adversarial.max_abs_logit"
-                  f" = {bound:g} (the discriminator separates demonstrations from samples "
-                  "perfectly: lower its learning rate, raise beta, or stop earlier)")
-        raise AdversarialDivergence(f"adversarial imitation diverged at step {step}: {reason}; "
-                                    f"{where}; that state was not saved")
+        where = (
+            f"the last good checkpoint is step {last_good} in {manager.directory}"
+            if last_good is not None
+            else "no checkpoint was written yet"
+        )
+        reason = (
+            f"non-finite metrics {bad}"
+            if bad
+            else f"discriminator logits reached |f| = {big:.3g} > afd.adversarial.max_abs_logit"
+            f" = {bound:g} (the discriminator separates demonstrations from samples "
+            "perfectly: lower its learning rate, raise beta, or stop earlier)"
+        )
+        raise AdversarialDivergence(
+            f"adversarial imitation diverged at step {step}: {reason}; "
+            f"{where}; that state was not saved"
+        )

@@ -61,9 +61,11 @@ def default_config() -> ml_collections.ConfigDict:
     # distribution writes the responses; real data: e.g. {'source': 'files', 'format':
     # 'prompt_response', 'train_files': (...)}.
     c.demonstrations = ml_collections.ConfigDict(
-        {"format": "sft", "response_source": "expert", "num_train": 4096})
+        {"format": "sft", "response_source": "expert", "num_train": 4096}
+    )
     c.preferences = ml_collections.ConfigDict(
-        {"format": "preference", "response_source": "base", "num_train": 1024})
+        {"format": "preference", "response_source": "base", "num_train": 1024}
+    )
     c.sft = ml_collections.ConfigDict()  # forward KL: SFT of π_0 on the demonstrations
     c.sft.steps = 300
     c.sft.learning_rate = 1e-3
@@ -87,6 +89,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 # ----------------------------------------------------------------------------- Best-of-N maths
 
+
 def bon_kl(n: int) -> float:
     """KL of the Best-of-N distribution from the sampling policy: ``log N − (N − 1)/N`` nats."""
     if n < 1:
@@ -94,9 +97,16 @@ def bon_kl(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
-def best_of_n_metrics(rewards: np.ndarray, gold: np.ndarray, random_gold: np.ndarray,
-                      n_values: Sequence[int], *, demo_gold: float, subsets: int = 8,
-                      seed: int = 0) -> list[dict]:
+def best_of_n_metrics(
+    rewards: np.ndarray,
+    gold: np.ndarray,
+    random_gold: np.ndarray,
+    n_values: Sequence[int],
+    *,
+    demo_gold: float,
+    subsets: int = 8,
+    seed: int = 0,
+) -> list[dict]:
     """Best-of-N by a proxy reward, judged by the gold reward.
 
     Args:
@@ -117,8 +127,9 @@ def best_of_n_metrics(rewards: np.ndarray, gold: np.ndarray, random_gold: np.nda
     out = []
     for big_n in n_values:
         if big_n > k:
-            raise ConfigError(f"afd.bon.n_values has N={big_n} but only {k} candidates per "
-                             "prompt were sampled")
+            raise ConfigError(
+                f"afd.bon.n_values has N={big_n} but only {k} candidates per prompt were sampled"
+            )
         reps = 1 if big_n == k else subsets
         g_sum = np.zeros(n)
         w_sum = np.zeros(n)
@@ -130,18 +141,35 @@ def best_of_n_metrics(rewards: np.ndarray, gold: np.ndarray, random_gold: np.nda
             g_sum += g
             w_sum += (g > random_gold) + 0.5 * (g == random_gold)
         g_pp, w_pp = g_sum / reps, w_sum / reps
-        out.append({"n": int(big_n), "kl": bon_kl(big_n), "gold": float(g_pp.mean()),
-                    "gold_normalised": float(g_pp.mean() / demo_gold),
-                    "win_rate": float(w_pp.mean()),
-                    "gold_per_prompt": g_pp.tolist(), "win_per_prompt": w_pp.tolist()})
+        out.append(
+            {
+                "n": int(big_n),
+                "kl": bon_kl(big_n),
+                "gold": float(g_pp.mean()),
+                "gold_normalised": float(g_pp.mean() / demo_gold),
+                "win_rate": float(w_pp.mean()),
+                "gold_per_prompt": g_pp.tolist(),
+                "win_per_prompt": w_pp.tolist(),
+            }
+        )
     return out
 
 
 # ----------------------------------------------------------------------------- stages
 
-def stage_config(config, *, data: Mapping, loss: str, steps: int, learning_rate: float,
-                 batch_size: int, init_dir: str, reduction: str | None = None,
-                 beta: float | None = None):
+
+def stage_config(
+    config,
+    *,
+    data: Mapping,
+    loss: str,
+    steps: int,
+    learning_rate: float,
+    batch_size: int,
+    init_dir: str,
+    reduction: str | None = None,
+    beta: float | None = None,
+):
     """A core-trainer run derived from ``config`` (SFT or a DPO baseline) starting at
     ``init_dir``'s params, its data ``config.data`` with the ``data`` overrides."""
     c = ml_collections.ConfigDict(config.to_dict())
@@ -176,9 +204,17 @@ def initial_policy(config, workdir: str, *, mesh=None):
     init = config.init
     if init.mode == "hf":
         m = config.model
-        return trainer, hf.load_params(m.hf_path, m.family, trainer.model.config,
-                                       trainer.abstract_params(),
-                                       scan_layers=m.scan_layers), HF_INIT
+        return (
+            trainer,
+            hf.load_params(
+                m.hf_path,
+                m.family,
+                trainer.model.config,
+                trainer.abstract_params(),
+                scan_layers=m.scan_layers,
+            ),
+            HF_INIT,
+        )
     if init.mode == "pretrain":
         base_dir = os.path.join(workdir, "base")
         summary = core.train_and_evaluate(init.pretrain, base_dir, mesh=mesh)
@@ -186,18 +222,26 @@ def initial_policy(config, workdir: str, *, mesh=None):
     elif init.mode == "checkpoint":
         base_dir = init.checkpoint_dir
     else:
-        raise ConfigError(f"config.init.mode={init.mode!r}: AfD needs π_0 from 'pretrain', "
-                         "'checkpoint' or 'hf' (it seeds the SFT stage)")
+        raise ConfigError(
+            f"config.init.mode={init.mode!r}: AfD needs π_0 from 'pretrain', "
+            "'checkpoint' or 'hf' (it seeds the SFT stage)"
+        )
     return trainer, checkpointing.load_params(base_dir, trainer.abstract_params()), base_dir
 
 
 def train_sft(config, workdir: str, base_dir: str, *, mesh=None):
     """Forward KL: SFT of π_0 on the demonstrations with the core trainer -> π_SFT params."""
     afd = config.afd
-    sft_cfg = stage_config(config, data=afd.demonstrations, loss="sft", steps=afd.sft.steps,
-                           learning_rate=afd.sft.learning_rate,
-                           batch_size=afd.sft.global_batch_size, init_dir=base_dir,
-                           reduction=afd.sft.reduction)
+    sft_cfg = stage_config(
+        config,
+        data=afd.demonstrations,
+        loss="sft",
+        steps=afd.sft.steps,
+        learning_rate=afd.sft.learning_rate,
+        batch_size=afd.sft.global_batch_size,
+        init_dir=base_dir,
+        reduction=afd.sft.reduction,
+    )
     sft_dir = os.path.join(workdir, "sft")
     summary = core.train_and_evaluate(sft_cfg, sft_dir, mesh=mesh)
     del summary["state"]
@@ -218,8 +262,10 @@ def dense(dataset) -> dict[str, np.ndarray]:
     """Trainer arrays ``[n, N, T]`` of a dataset: the gold task's dict as it is, a real-data
     ``TokenizedDataset`` right-padded to its longest bucket."""
     if dataset is None:
-        raise ConfigError("AfD needs held-out demonstrations: set data.num_eval > 0 or an eval "
-                         "source in afd.demonstrations")
+        raise ConfigError(
+            "AfD needs held-out demonstrations: set data.num_eval > 0 or an eval "
+            "source in afd.demonstrations"
+        )
     if isinstance(dataset, Mapping):
         return {k: np.asarray(v) for k, v in dataset.items()}
     return dataset.padded(np.arange(len(dataset)), int(dataset.buckets[-1]))
@@ -231,52 +277,72 @@ def response_tokens(arrays: Mapping[str, np.ndarray], width: int) -> np.ndarray:
     out = np.zeros(ids.shape[:2] + (width,), np.int32)
     for i, j in np.ndindex(*ids.shape[:2]):
         tokens = ids[i, j][mask[i, j]][:width]
-        out[i, j, :len(tokens)] = tokens
+        out[i, j, : len(tokens)] = tokens
     return out
 
 
 @functools.lru_cache(maxsize=16)
 def _logp_fn(model, family, seq_chunk: int, vocab_chunk: int):
     """Jitted summed response log-probs ``[B, N]``, cached per model (compiled once)."""
-    return jax.jit(lambda p, b: logprobs.sequence_logps(model, family, p, b, seq_chunk=seq_chunk,
-                                                    vocab_chunk=vocab_chunk).sum_logps)
+    return jax.jit(
+        lambda p, b: (
+            logprobs.sequence_logps(
+                model, family, p, b, seq_chunk=seq_chunk, vocab_chunk=vocab_chunk
+            ).sum_logps
+        )
+    )
 
 
 def sequence_logp_scores(trainer, params, arrays, batch_size: int = 256) -> np.ndarray:
     """``log π(y|x)`` summed over response tokens for ``[n, N, T]`` arrays -> ``[n, N]``."""
-    score = _logp_fn(trainer.model, trainer.family, trainer.chunks["seq_chunk"],
-                     trainer.chunks["vocab_chunk"])
-    return scoring.score_in_batches(score, params, arrays, mesh=trainer.mesh,
-                                    batch_size=batch_size)
+    score = _logp_fn(
+        trainer.model, trainer.family, trainer.chunks["seq_chunk"], trainer.chunks["vocab_chunk"]
+    )
+    return scoring.score_in_batches(score, params, arrays, mesh=trainer.mesh, batch_size=batch_size)
 
 
-def gold_policy_eval(trainer, task, params, ref_params, *, num_prompts: int, seed: int,
-                     sampling) -> dict[str, float]:
+def gold_policy_eval(
+    trainer, task, params, ref_params, *, num_prompts: int, seed: int, sampling
+) -> dict[str, float]:
     """One sample per held-out gold-task prompt: gold reward, KL to the reference, entropy,
     mode shares (the keys of ``evaluate.gold_evaluation``'s policy row), with cached compiles."""
     prompts = task.sample_prompts(num_prompts, seed=seed)
-    out = rollouts.sample(trainer.model, params, prompts, np.ones_like(prompts), 1,
-                          jax.random.key(seed + 7), sampling, mesh=trainer.mesh)
+    out = rollouts.sample(
+        trainer.model,
+        params,
+        prompts,
+        np.ones_like(prompts),
+        1,
+        jax.random.key(seed + 7),
+        sampling,
+        mesh=trainer.mesh,
+    )
     logp = sequence_logp_scores(trainer, params, out)[:, 0]
     kl = logp - sequence_logp_scores(trainer, ref_params, out)[:, 0]
     tokens = out["tokens"][:, 0]
     reward = task.gold_reward(prompts, tokens)
     modes = task.mode_of(prompts, tokens)
     se = lambda x: float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0  # noqa: E731
-    return {"gold_reward": float(reward.mean()), "gold_reward_se": se(reward),
-            "kl": float(kl.mean()), "kl_se": se(kl), "entropy": float(-logp.mean()),
-            **{f"mode_{m}": float(np.mean(modes == m)) for m in (0, 1, 2)}}
+    return {
+        "gold_reward": float(reward.mean()),
+        "gold_reward_se": se(reward),
+        "kl": float(kl.mean()),
+        "kl_se": se(kl),
+        "entropy": float(-logp.mean()),
+        **{f"mode_{m}": float(np.mean(modes == m)) for m in (0, 1, 2)},
+    }
 
 
-def log_ratio_scores(trainer, sft_params, init_params, arrays, batch_size: int = 256
-                     ) -> np.ndarray:
+def log_ratio_scores(trainer, sft_params, init_params, arrays, batch_size: int = 256) -> np.ndarray:
     """The training-free reward ``log π_SFT(y|x) − log π_0(y|x)`` of ``[n, N, T]`` arrays."""
-    return (sequence_logp_scores(trainer, sft_params, arrays, batch_size)
-            - sequence_logp_scores(trainer, init_params, arrays, batch_size))
+    return sequence_logp_scores(trainer, sft_params, arrays, batch_size) - sequence_logp_scores(
+        trainer, init_params, arrays, batch_size
+    )
 
 
-def classifier_datasets(demos, init_samples, sft_samples, preference_pairs, *,
-                        budget: int | None = None) -> dict[str, dict]:
+def classifier_datasets(
+    demos, init_samples, sft_samples, preference_pairs, *, budget: int | None = None
+) -> dict[str, dict]:
     """The four reward models' training sets (see module doc).
 
     Samples stop at ``afd.sampling.max_new_tokens`` while demonstrations do not, so in the two
@@ -294,21 +360,28 @@ def classifier_datasets(demos, init_samples, sft_samples, preference_pairs, *,
     }
 
 
-def classifier_length_stats(demos, init_samples, sft_samples, budget: int
-                            ) -> dict[str, dict[str, float]]:
+def classifier_length_stats(
+    demos, init_samples, sft_samples, budget: int
+) -> dict[str, dict[str, float]]:
     """``rollouts.length_stats`` of both classes of each heterogeneous classifier, before the
     demonstrations are cut (how much length matching changes)."""
-    return {"init_demo": rollouts.length_stats(demos, init_samples, budget),
-            "sft_demo": rollouts.length_stats(demos, sft_samples, budget)}
+    return {
+        "init_demo": rollouts.length_stats(demos, init_samples, budget),
+        "sft_demo": rollouts.length_stats(demos, sft_samples, budget),
+    }
 
 
 def _pick(arrays, rows, keys=("input_ids", "attention_mask", "loss_mask")):
     return {k: np.asarray(arrays[k])[rows] for k in keys}
 
 
-def run_extrapolation(config, workdir: str, *, mesh=None,
-                      gold_fn: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
-                      ) -> dict:
+def run_extrapolation(
+    config,
+    workdir: str,
+    *,
+    mesh=None,
+    gold_fn: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+) -> dict:
     """The whole reward-model extrapolation pipeline (module doc); resumable stage by stage.
 
     Args:
@@ -324,8 +397,9 @@ def run_extrapolation(config, workdir: str, *, mesh=None,
     afd = config.afd
     unknown = sorted(set(afd.reward_models) - set(REWARD_MODELS))
     if unknown:
-        raise ConfigError(f"afd.reward_models has unknown entries {unknown}; expected a subset of "
-                         f"{REWARD_MODELS}")
+        raise ConfigError(
+            f"afd.reward_models has unknown entries {unknown}; expected a subset of {REWARD_MODELS}"
+        )
     if not afd.bon.n_values or min(afd.bon.n_values) < 1:
         raise ConfigError(f"afd.bon.n_values={tuple(afd.bon.n_values)}: needs N >= 1")
     reward_model.check_compatible(config.model, config.model)
@@ -352,22 +426,52 @@ def run_extrapolation(config, workdir: str, *, mesh=None,
     else:
         prompts, prompt_mask = rollouts.prompts_from_arrays(demos_rm)
         key = jax.random.key(config.seed + 101)
-        init_samples = rollouts.sample(trainer.model, init_params, prompts, prompt_mask, 1,
-                                       jax.random.fold_in(key, 0), sampling, mesh=mesh)
-        sft_samples = rollouts.sample(trainer.model, sft_params, prompts, prompt_mask, 1,
-                                      jax.random.fold_in(key, 1), sampling, mesh=mesh)
-        np.savez(sample_path + ".tmp.npz", **{f"init/{k}": v for k, v in init_samples.items()},
-                 **{f"sft/{k}": v for k, v in sft_samples.items()})
+        init_samples = rollouts.sample(
+            trainer.model,
+            init_params,
+            prompts,
+            prompt_mask,
+            1,
+            jax.random.fold_in(key, 0),
+            sampling,
+            mesh=mesh,
+        )
+        sft_samples = rollouts.sample(
+            trainer.model,
+            sft_params,
+            prompts,
+            prompt_mask,
+            1,
+            jax.random.fold_in(key, 1),
+            sampling,
+            mesh=mesh,
+        )
+        np.savez(
+            sample_path + ".tmp.npz",
+            **{f"init/{k}": v for k, v in init_samples.items()},
+            **{f"sft/{k}": v for k, v in sft_samples.items()},
+        )
         os.replace(sample_path + ".tmp.npz", sample_path)
 
-    pref_cfg = stage_config(config, data=afd.preferences, loss="dpo", steps=1,
-                            learning_rate=1e-3, batch_size=8, init_dir=base_dir)
+    pref_cfg = stage_config(
+        config,
+        data=afd.preferences,
+        loss="dpo",
+        steps=1,
+        learning_rate=1e-3,
+        batch_size=8,
+        init_dir=base_dir,
+    )
     pairs = dense(pipeline.build_datasets(pref_cfg)[0])
     datasets = classifier_datasets(demos_rm, init_samples, sft_samples, pairs, budget=width)
     lengths = classifier_length_stats(demos_rm, init_samples, sft_samples, width)
     for name, stats in lengths.items():
-        logging.info("AfD %s classifier, response lengths before matching to %d tokens: %s",
-                     name, width, stats)
+        logging.info(
+            "AfD %s classifier, response lengths before matching to %d tokens: %s",
+            name,
+            width,
+            stats,
+        )
 
     # -- reward models.
     backbone = init_params if afd.rm_backbone == "init" else sft_params
@@ -377,9 +481,13 @@ def run_extrapolation(config, workdir: str, *, mesh=None,
         if name == "bt":
             rm_cfg.loss = "bradley_terry"
         rm = reward_model.RewardModel(config.model, rm_cfg, mesh=mesh, seed=config.seed)
-        out = reward_model.train_reward_model(rm, datasets[name],
-                                              os.path.join(workdir, f"rm_{name}"),
-                                              backbone_params=backbone, data_description=name)
+        out = reward_model.train_reward_model(
+            rm,
+            datasets[name],
+            os.path.join(workdir, f"rm_{name}"),
+            backbone_params=backbone,
+            data_description=name,
+        )
         rms[name], rm_params[name], rm_results[name] = rm, out["params"], out["eval"]
 
     # -- Best-of-N from π_SFT on held-out prompts.
@@ -388,35 +496,65 @@ def run_extrapolation(config, workdir: str, *, mesh=None,
     eval_demos = _pick(held_out, np.arange(n_eval))
     prompts, prompt_mask = rollouts.prompts_from_arrays(eval_demos)
     key = jax.random.key(config.seed + 202)
-    pool = rollouts.sample(trainer.model, sft_params, prompts, prompt_mask, n_max,
-                           jax.random.fold_in(key, 0), sampling, mesh=mesh,
-                           field="afd.bon.n_values (max N)")
-    extra = rollouts.sample(trainer.model, sft_params, prompts, prompt_mask, 1,
-                            jax.random.fold_in(key, 1), sampling, mesh=mesh)
+    pool = rollouts.sample(
+        trainer.model,
+        sft_params,
+        prompts,
+        prompt_mask,
+        n_max,
+        jax.random.fold_in(key, 0),
+        sampling,
+        mesh=mesh,
+        field="afd.bon.n_values (max N)",
+    )
+    extra = rollouts.sample(
+        trainer.model,
+        sft_params,
+        prompts,
+        prompt_mask,
+        1,
+        jax.random.fold_in(key, 1),
+        sampling,
+        mesh=mesh,
+    )
     scores = {}
     for name in afd.reward_models:
         if name == "log_ratio":
             scores[name] = log_ratio_scores(trainer, sft_params, init_params, pool)
         else:
             scores[name] = rms[name].score(rm_params[name], pool)
-    results = {"reward_models": rm_results, "bon": {}, "n_prompts": int(n_eval),
-               "lengths": lengths}
-    np.savez(os.path.join(workdir, "bon_candidates.npz"), prompts=prompts, tokens=pool["tokens"],
-             **{f"score/{k}": v for k, v in scores.items()})
+    results = {"reward_models": rm_results, "bon": {}, "n_prompts": int(n_eval), "lengths": lengths}
+    np.savez(
+        os.path.join(workdir, "bon_candidates.npz"),
+        prompts=prompts,
+        tokens=pool["tokens"],
+        **{f"score/{k}": v for k, v in scores.items()},
+    )
     if gold_fn is not None:
         flat = np.repeat(prompts, n_max, axis=0)
         gold = gold_fn(flat, pool["tokens"].reshape(n_eval * n_max, -1)).reshape(n_eval, n_max)
         random_gold = gold_fn(prompts, extra["tokens"][:, 0])
         demo_resp = response_tokens(eval_demos, width)[:, 0]
         demo_gold = float(np.mean(gold_fn(prompts, demo_resp)))
-        results.update(demo_gold=demo_gold, sft_gold=float(np.mean(gold)),
-                       init_sample_gold=float(np.mean(gold_fn(
-                           rollouts.prompts_from_arrays(demos_rm)[0],
-                           init_samples["tokens"][:, 0]))))
+        results.update(
+            demo_gold=demo_gold,
+            sft_gold=float(np.mean(gold)),
+            init_sample_gold=float(
+                np.mean(
+                    gold_fn(rollouts.prompts_from_arrays(demos_rm)[0], init_samples["tokens"][:, 0])
+                )
+            ),
+        )
         for name, s in scores.items():
-            results["bon"][name] = best_of_n_metrics(s, gold, random_gold, afd.bon.n_values,
-                                                     demo_gold=demo_gold,
-                                                     subsets=afd.bon.subsets, seed=config.seed)
+            results["bon"][name] = best_of_n_metrics(
+                s,
+                gold,
+                random_gold,
+                afd.bon.n_values,
+                demo_gold=demo_gold,
+                subsets=afd.bon.subsets,
+                seed=config.seed,
+            )
     with open(os.path.join(workdir, "afd_results.json"), "w") as f:
         json.dump(results, f)
     logging.info("AfD results written to %s", workdir)

@@ -25,11 +25,16 @@ from dil_jax.afd import adversarial
 from dil_jax.afd import extrapolation as afd
 from dil_jax.runtime import exit_on_bad_input, parse_flags, quiet_absl_logging
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a get_config() file with an "
-                                          "'afd' section.", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a get_config() file with an 'afd' section.", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
-_METHOD = flags.DEFINE_enum("method", "extrapolation", ["extrapolation", "adversarial"],
-                            "Reward-model extrapolation with Best-of-N, or adversarial imitation.")
+_METHOD = flags.DEFINE_enum(
+    "method",
+    "extrapolation",
+    ["extrapolation", "adversarial"],
+    "Reward-model extrapolation with Best-of-N, or adversarial imitation.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -42,19 +47,40 @@ def main(argv) -> None:
     with exit_on_bad_input():
         if _METHOD.value == "extrapolation":
             results = afd.run_extrapolation(config, workdir)
-            summary = {"reward_models": results["reward_models"],
-                       "bon": {k: [{m: v for m, v in row.items() if not m.endswith("per_prompt")}
-                                   for row in rows] for k, rows in results["bon"].items()},
-                       **{k: results[k] for k in ("demo_gold", "sft_gold", "init_sample_gold")
-                          if k in results}}
+            summary = {
+                "reward_models": results["reward_models"],
+                "bon": {
+                    k: [
+                        {m: v for m, v in row.items() if not m.endswith("per_prompt")}
+                        for row in rows
+                    ]
+                    for k, rows in results["bon"].items()
+                },
+                **{
+                    k: results[k]
+                    for k in ("demo_gold", "sft_gold", "init_sample_gold")
+                    if k in results
+                },
+            }
         else:
             trainer, init_params, base = afd.initial_policy(config, workdir)
-            sft_cfg = afd.stage_config(config, data=config.afd.demonstrations, loss="sft", steps=1,
-                                       learning_rate=1e-3, batch_size=8, init_dir=base)
+            sft_cfg = afd.stage_config(
+                config,
+                data=config.afd.demonstrations,
+                loss="sft",
+                steps=1,
+                learning_rate=1e-3,
+                batch_size=8,
+                init_dir=base,
+            )
             demos, _ = afd.demonstration_arrays(sft_cfg)
-            out = adversarial.train_adversarial(config, os.path.join(workdir, "adversarial"),
-                                                init_params=init_params, demos=demos,
-                                                mesh=trainer.mesh)
+            out = adversarial.train_adversarial(
+                config,
+                os.path.join(workdir, "adversarial"),
+                init_params=init_params,
+                demos=demos,
+                mesh=trainer.mesh,
+            )
             summary = {"step": out["step"], "train": out["train"]}
     if jax.process_index() == 0:
         path = os.path.join(workdir, "afd_summary.json")
@@ -72,25 +98,41 @@ def summary_tables(summary: dict) -> str:
     """Markdown tables of ``main``'s summary: reward models and Best-of-N, or the adversarial
     run's last training metrics."""
     if "train" in summary:
-        lines = [f"adversarial imitation, step {summary['step']}", "", "| metric | value |",
-                 "| --- | --- |"]
+        lines = [
+            f"adversarial imitation, step {summary['step']}",
+            "",
+            "| metric | value |",
+            "| --- | --- |",
+        ]
         lines += [f"| {k} | {_cell(v)} |" for k, v in sorted(summary["train"].items())]
         return "\n".join(lines)
     rms = summary["reward_models"]
     keys = sorted({k for m in rms.values() for k, v in m.items() if isinstance(v, (int, float))})
-    lines = ["reward models (held-out)", "", "| reward model | " + " | ".join(keys) + " |",
-             "| --- | " + " | ".join("---" for _ in keys) + " |"]
-    lines += [f"| {name} | " + " | ".join(_cell(m.get(k, "")) for k in keys) + " |"
-              for name, m in rms.items()]
+    lines = [
+        "reward models (held-out)",
+        "",
+        "| reward model | " + " | ".join(keys) + " |",
+        "| --- | " + " | ".join("---" for _ in keys) + " |",
+    ]
+    lines += [
+        f"| {name} | " + " | ".join(_cell(m.get(k, "")) for k in keys) + " |"
+        for name, m in rms.items()
+    ]
     if summary["bon"]:
         cols = ("n", "kl", "gold", "gold_normalised", "win_rate")
-        lines += ["", "Best-of-N from π_SFT (gold reward of the proxy's pick)", "",
-                  "| reward model | " + " | ".join(cols) + " |",
-                  "| --- | " + " | ".join("---" for _ in cols) + " |"]
-        lines += [f"| {name} | " + " | ".join(_cell(row.get(c, "")) for c in cols) + " |"
-                  for name, rows in summary["bon"].items() for row in rows]
-    extra = {k: summary[k] for k in ("demo_gold", "sft_gold", "init_sample_gold")
-             if k in summary}
+        lines += [
+            "",
+            "Best-of-N from π_SFT (gold reward of the proxy's pick)",
+            "",
+            "| reward model | " + " | ".join(cols) + " |",
+            "| --- | " + " | ".join("---" for _ in cols) + " |",
+        ]
+        lines += [
+            f"| {name} | " + " | ".join(_cell(row.get(c, "")) for c in cols) + " |"
+            for name, rows in summary["bon"].items()
+            for row in rows
+        ]
+    extra = {k: summary[k] for k in ("demo_gold", "sft_gold", "init_sample_gold") if k in summary}
     if extra:
         lines += ["", ", ".join(f"{k} = {v:.3f}" for k, v in extra.items())]
     return "\n".join(lines)

@@ -69,6 +69,7 @@ BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "labels")
 
 # ----------------------------------------------------------------------------- config
 
+
 def default_config() -> ml_collections.ConfigDict:
     """The reward-model section of an AfD config (``config.afd.reward_model``)."""
     c = ml_collections.ConfigDict()
@@ -90,26 +91,36 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def check_compatible(policy_model_cfg, rm_model_cfg, *, policy_tokenizer: str | None = None,
-                     rm_tokenizer: str | None = None, field: str = "reward_model.model") -> None:
+def check_compatible(
+    policy_model_cfg,
+    rm_model_cfg,
+    *,
+    policy_tokenizer: str | None = None,
+    rm_tokenizer: str | None = None,
+    field: str = "reward_model.model",
+) -> None:
     """A reward model must read the policy's token ids: same vocabulary and tokenizer.
 
     Raises:
       ConfigError naming ``<field>.vocab_size`` or ``<field>.tokenizer`` on a mismatch.
     """
     if int(rm_model_cfg.vocab_size) != int(policy_model_cfg.vocab_size):
-        raise ConfigError(f"{field}.vocab_size={rm_model_cfg.vocab_size} does not match the "
-                         f"policy's model.vocab_size={policy_model_cfg.vocab_size}: the reward "
-                         "model must read the policy's token ids")
+        raise ConfigError(
+            f"{field}.vocab_size={rm_model_cfg.vocab_size} does not match the "
+            f"policy's model.vocab_size={policy_model_cfg.vocab_size}: the reward "
+            "model must read the policy's token ids"
+        )
     if policy_tokenizer and rm_tokenizer and policy_tokenizer != rm_tokenizer:
-        raise ConfigError(f"{field}.tokenizer={rm_tokenizer!r} does not match the policy's "
-                         f"tokenizer {policy_tokenizer!r}")
+        raise ConfigError(
+            f"{field}.tokenizer={rm_tokenizer!r} does not match the policy's "
+            f"tokenizer {policy_tokenizer!r}"
+        )
 
 
 # ----------------------------------------------------------------------------- the pure losses
 
-def bce_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None
-             ) -> jax.Array:
+
+def bce_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None) -> jax.Array:
     """Class-balanced binary cross-entropy of a discriminator ``D = σ(f)``.
 
     ``L = ½·mean_{pos}[−log σ(f)] + ½·mean_{neg}[−log σ(−f)]`` (a class that is absent from the
@@ -134,12 +145,14 @@ def bce_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = N
 
 def bradley_terry_loss(logit_chosen: jax.Array, logit_rejected: jax.Array) -> jax.Array:
     """Bradley–Terry reward-model loss per pair, ``−log σ(f_w − f_l)`` ([B] float32)."""
-    return -jax.nn.log_sigmoid(jnp.asarray(logit_chosen, jnp.float32)
-                               - jnp.asarray(logit_rejected, jnp.float32))
+    return -jax.nn.log_sigmoid(
+        jnp.asarray(logit_chosen, jnp.float32) - jnp.asarray(logit_rejected, jnp.float32)
+    )
 
 
-def pairwise_auc(scores: jax.Array, labels: jax.Array, weights: jax.Array | None = None
-                 ) -> jax.Array:
+def pairwise_auc(
+    scores: jax.Array, labels: jax.Array, weights: jax.Array | None = None
+) -> jax.Array:
     """AUC = P(score of a positive > score of a negative), ties counting ½ (jittable, O(n²)).
 
     Args:
@@ -170,12 +183,13 @@ def auc_numpy(scores: np.ndarray, labels: np.ndarray) -> float:
         j = i
         while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
             j += 1
-        ranks[order[i:j + 1]] = 0.5 * (i + j) + 1.0
+        ranks[order[i : j + 1]] = 0.5 * (i + j) + 1.0
         i = j + 1
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 # ----------------------------------------------------------------------------- scoring
+
 
 class RewardOutput(NamedTuple):
     logits: jax.Array  # [B, N] float32 sequence rewards
@@ -194,8 +208,9 @@ def last_token_index(loss_mask: jax.Array) -> jax.Array:
     return jnp.max(jnp.where(loss_mask != 0, t, 0), axis=-1)
 
 
-def reward_scores(model, params, batch: Mapping[str, jax.Array], *, level: str = "sequence"
-                  ) -> RewardOutput:
+def reward_scores(
+    model, params, batch: Mapping[str, jax.Array], *, level: str = "sequence"
+) -> RewardOutput:
     """Scalar rewards of every sequence of a ``[B, N, T]`` batch in one forward pass.
 
     Args:
@@ -211,8 +226,12 @@ def reward_scores(model, params, batch: Mapping[str, jax.Array], *, level: str =
         raise ValueError(f"reward model level={level!r}: expected one of {LEVELS}")
     ids = batch["input_ids"]  # [B, N, T]
     b, n, t = ids.shape
-    hidden, _ = model.apply({"params": params[BACKBONE]}, ids.reshape(b * n, t),
-                            batch["attention_mask"].reshape(b * n, t), output="hidden")
+    hidden, _ = model.apply(
+        {"params": params[BACKBONE]},
+        ids.reshape(b * n, t),
+        batch["attention_mask"].reshape(b * n, t),
+        output="hidden",
+    )
     hidden = hidden.reshape(b, n, t, -1).astype(jnp.float32)  # [B, N, T, D], head in float32
     head = params[HEAD]
     token_logits = jnp.einsum("bntd,d->bnt", hidden, head["kernel"][:, 0]) + head["bias"][0]
@@ -225,8 +244,9 @@ def reward_scores(model, params, batch: Mapping[str, jax.Array], *, level: str =
     return RewardOutput(logits=logits, token_logits=token_logits)
 
 
-def rm_loss_and_metrics(model, params, batch, *, level: str, loss: str
-                        ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def rm_loss_and_metrics(
+    model, params, batch, *, level: str, loss: str
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The reward-model objective of one batch and its metrics (scalars, float32).
 
     BCE: per-sequence labels ``labels [B, N]`` (absent: index 0 positive, others negative); at
@@ -247,13 +267,16 @@ def rm_loss_and_metrics(model, params, batch, *, level: str, loss: str
         if level == "token":
             mask = (batch["loss_mask"] != 0).astype(jnp.float32)  # [B, N, T]
             per_tok = jnp.maximum(jnp.sum(mask, -1, keepdims=True), 1.0)
-            value = bce_loss(out.token_logits, jnp.broadcast_to(labels[..., None], mask.shape),
-                             mask / per_tok)
+            value = bce_loss(
+                out.token_logits, jnp.broadcast_to(labels[..., None], mask.shape), mask / per_tok
+            )
         else:
             value = bce_loss(f, labels)
         pos, neg = labels, 1.0 - labels
-        acc = 0.5 * (jnp.sum(pos * (f > 0)) / jnp.maximum(jnp.sum(pos), 1e-9)
-                     + jnp.sum(neg * (f < 0)) / jnp.maximum(jnp.sum(neg), 1e-9))
+        acc = 0.5 * (
+            jnp.sum(pos * (f > 0)) / jnp.maximum(jnp.sum(pos), 1e-9)
+            + jnp.sum(neg * (f < 0)) / jnp.maximum(jnp.sum(neg), 1e-9)
+        )
     elif loss == "bradley_terry":
         if n != 2:
             raise ValueError(f"bradley_terry needs (chosen, rejected) pairs [B, 2], got [B, {n}]")
@@ -286,17 +309,23 @@ def partition_rules(family) -> tuple[tuple[str, P], ...]:
 
 def make_optimizer(rm_cfg, total_steps: int):
     """The reward-model section -> ``loop.make_optimizer`` (warmup + cosine, clipping)."""
-    tx, _ = loop.make_optimizer(learning_rate=rm_cfg.learning_rate, total_steps=total_steps,
-                                warmup_ratio=rm_cfg.warmup_ratio,
-                                weight_decay=rm_cfg.weight_decay, grad_clip=rm_cfg.grad_clip)
+    tx, _ = loop.make_optimizer(
+        learning_rate=rm_cfg.learning_rate,
+        total_steps=total_steps,
+        warmup_ratio=rm_cfg.warmup_ratio,
+        weight_decay=rm_cfg.weight_decay,
+        grad_clip=rm_cfg.grad_clip,
+    )
     return tx
 
 
-def rm_train_step(state: RewardState, batch, *, model, tx, level, loss
-                  ) -> tuple[RewardState, dict[str, jax.Array]]:
+def rm_train_step(
+    state: RewardState, batch, *, model, tx, level, loss
+) -> tuple[RewardState, dict[str, jax.Array]]:
     """One optimiser update of the reward model (pure; jitted by :class:`RewardModel`)."""
     grad_fn = jax.value_and_grad(
-        lambda p: rm_loss_and_metrics(model, p, batch, level=level, loss=loss), has_aux=True)
+        lambda p: rm_loss_and_metrics(model, p, batch, level=level, loss=loss), has_aux=True
+    )
     (_, metrics), grads = grad_fn(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = loop.cast_like(optax.apply_updates(state.params, updates), state.params)
@@ -325,15 +354,18 @@ class RewardModel:
             raise ConfigError(f"{field}.init={rm_cfg.init!r}: expected 'policy' or 'scratch'")
         dp = sharding.data_parallel_size(mesh)
         if rm_cfg.global_batch_size <= 0 or rm_cfg.global_batch_size % dp:
-            raise ConfigError(f"{field}.global_batch_size={rm_cfg.global_batch_size} must be "
-                              f"a positive multiple of the data-parallel size {dp}")
+            raise ConfigError(
+                f"{field}.global_batch_size={rm_cfg.global_batch_size} must be "
+                f"a positive multiple of the data-parallel size {dp}"
+            )
         model_cfg = spec.resolve_model(model_cfg, f"{field}.model")
         self.model_cfg, self.cfg, self.mesh, self.seed = model_cfg, rm_cfg, mesh, seed
         self.model, self.family = build_model(model_cfg)
         self.tx = make_optimizer(rm_cfg, rm_cfg.steps)
         self.abstract_state = jax.eval_shape(self._init_state, jax.random.key(0))
-        specs = sharding.match_partition_rules(partition_rules(self.family),
-                                               self.abstract_state, mesh)
+        specs = sharding.match_partition_rules(
+            partition_rules(self.family), self.abstract_state, mesh
+        )
         self.state_sharding = sharding.shardings_from_specs(mesh, specs)
         self.params_sharding = self.state_sharding.params
         self.replicated = NamedSharding(mesh, P())
@@ -351,8 +383,9 @@ class RewardModel:
 
     def _init_state(self, rng, backbone=None) -> RewardState:
         params = self._init_params(rng, backbone)
-        return RewardState(step=jnp.zeros((), jnp.int32), params=params,
-                           opt_state=self.tx.init(params))
+        return RewardState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params)
+        )
 
     def init_state(self, backbone_params=None) -> RewardState:
         """Sharded initial state; the backbone copied from ``backbone_params`` when given."""
@@ -362,20 +395,31 @@ class RewardModel:
         return fn(jax.random.key(self.seed), backbone_params)
 
     def abstract_params(self):
-        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            self.abstract_state.params, self.params_sharding)
+        return jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            self.abstract_state.params,
+            self.params_sharding,
+        )
 
     # -- steps
     @property
     def train_step(self) -> Callable:
         if self._step is None:
-            step = functools.partial(rm_train_step, model=self.model, tx=self.tx,
-                                     level=self.cfg.level, loss=self.cfg.loss)
+            step = functools.partial(
+                rm_train_step,
+                model=self.model,
+                tx=self.tx,
+                level=self.cfg.level,
+                loss=self.cfg.loss,
+            )
 
             self._step = loop.counted_jit(
-                self, loop.guard_finite(step, self.cfg.on_nonfinite),
+                self,
+                loop.guard_finite(step, self.cfg.on_nonfinite),
                 in_shardings=(self.state_sharding, None),
-                out_shardings=(self.state_sharding, self.replicated), donate_argnums=(0,))
+                out_shardings=(self.state_sharding, self.replicated),
+                donate_argnums=(0,),
+            )
         return self._step
 
     @property
@@ -385,22 +429,24 @@ class RewardModel:
             level = self.cfg.level
             self._score = jax.jit(
                 lambda p, b: reward_scores(self.model, p, b, level=level).logits,
-                in_shardings=(self.params_sharding, None))
+                in_shardings=(self.params_sharding, None),
+            )
         return self._score
 
     def put_batch(self, batch: Mapping[str, np.ndarray]):
         return sharding.host_local_to_global(
-            {k: v for k, v in batch.items() if k in BATCH_KEYS}, self.mesh)
+            {k: v for k, v in batch.items() if k in BATCH_KEYS}, self.mesh
+        )
 
     def run_step(self, state, batch):
         with jax.set_mesh(self.mesh):
             return self.train_step(state, self.put_batch(batch))
 
-    def score(self, params, arrays: Mapping[str, np.ndarray], batch_size: int = 256
-              ) -> np.ndarray:
+    def score(self, params, arrays: Mapping[str, np.ndarray], batch_size: int = 256) -> np.ndarray:
         """Rewards ``[n, N]`` of every sequence of ``arrays`` (``scoring.score_in_batches``)."""
-        return scoring.score_in_batches(self.score_fn, params, arrays, mesh=self.mesh,
-                                        batch_size=batch_size)
+        return scoring.score_in_batches(
+            self.score_fn, params, arrays, mesh=self.mesh, batch_size=batch_size
+        )
 
     def checkpoint_config(self, data_description: str) -> ml_collections.ConfigDict:
         """What a checkpoint records and a resume must match (checkpointing.RESUME_MUST_MATCH)."""
@@ -409,31 +455,41 @@ class RewardModel:
         c.loss = ml_collections.ConfigDict({"name": self.cfg.loss, "level": self.cfg.level})
         c.data = ml_collections.ConfigDict({"description": data_description})
         c.seed = self.seed
-        c.train = ml_collections.ConfigDict({"global_batch_size": self.cfg.global_batch_size,
-                                             "steps": self.cfg.steps})
+        c.train = ml_collections.ConfigDict(
+            {"global_batch_size": self.cfg.global_batch_size, "steps": self.cfg.steps}
+        )
         c.reward_model = ml_collections.ConfigDict(self.cfg.to_dict())
         return c
 
 
 def check_tree_matches(params, abstract, where: str = "reward model backbone") -> None:
     """Raises ValueError naming the first leaf whose path/shape differ (e.g. a vocab mismatch)."""
-    got = {sharding.path_str(p): tuple(x.shape)
-           for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-    want = {sharding.path_str(p): tuple(x.shape)
-            for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    got = {
+        sharding.path_str(p): tuple(x.shape)
+        for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+    }
+    want = {
+        sharding.path_str(p): tuple(x.shape)
+        for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]
+    }
     if got.keys() != want.keys():
         missing = sorted(want.keys() - got.keys())[:3]
         extra = sorted(got.keys() - want.keys())[:3]
-        raise ValueError(f"{where}: parameter tree does not match the configured model "
-                         f"(missing {missing}, unexpected {extra})")
+        raise ValueError(
+            f"{where}: parameter tree does not match the configured model "
+            f"(missing {missing}, unexpected {extra})"
+        )
     for k, shape in want.items():
         if got[k] != shape:
-            raise ValueError(f"{where}: parameter {k} has shape {got[k]} but the configured "
-                             f"model expects {shape} (different vocab_size / architecture?)")
+            raise ValueError(
+                f"{where}: parameter {k} has shape {got[k]} but the configured "
+                f"model expects {shape} (different vocab_size / architecture?)"
+            )
 
 
-def validate_classifier_data(arrays: Mapping[str, np.ndarray], *, loss: str,
-                             name: str = "reward-model data") -> None:
+def validate_classifier_data(
+    arrays: Mapping[str, np.ndarray], *, loss: str, name: str = "reward-model data"
+) -> None:
     """Clear errors for empty sets and sequences without response tokens."""
     if "input_ids" not in arrays or len(arrays["input_ids"]) == 0:
         raise DataError(f"{name}: the dataset is empty (no examples)")
@@ -443,8 +499,10 @@ def validate_classifier_data(arrays: Mapping[str, np.ndarray], *, loss: str,
     empty = np.asarray(arrays["loss_mask"]).sum(-1) == 0  # [n, N]
     if empty.any():
         i, j = np.argwhere(empty)[0]
-        raise DataError(f"{name}: example {i}, sequence {j} has no response tokens "
-                         "(loss_mask is all zero): a prompt without a response")
+        raise DataError(
+            f"{name}: example {i}, sequence {j} has no response tokens "
+            "(loss_mask is all zero): a prompt without a response"
+        )
     if loss == "bradley_terry" and ids.shape[1] != 2:
         raise DataError(f"{name}: bradley_terry needs pairs [n, 2, T], got N={ids.shape[1]}")
     if loss == "bce":
@@ -453,8 +511,10 @@ def validate_classifier_data(arrays: Mapping[str, np.ndarray], *, loss: str,
             if not np.any(labels == 1) or not np.any(labels == 0):
                 raise DataError(f"{name}: labels need both positives (1) and negatives (0)")
         elif ids.shape[1] < 2:
-            raise DataError(f"{name}: without labels, BCE needs index 0 positive and at least "
-                             "one negative per row (N >= 2)")
+            raise DataError(
+                f"{name}: without labels, BCE needs index 0 positive and at least "
+                "one negative per row (N >= 2)"
+            )
 
 
 def split_held_out(arrays: Mapping[str, np.ndarray], fraction: float, seed: int):
@@ -470,12 +530,17 @@ def evaluate_classifier(rm: RewardModel, params, arrays) -> dict[str, float]:
     """Accuracy, AUC and mean logit per class over a whole held-out set (numpy, exact)."""
     f = rm.score(params, arrays)  # [n, N]
     n = f.shape[1]
-    labels = np.asarray(arrays["labels"], np.float32) if "labels" in arrays else np.broadcast_to(
-        (np.arange(n) == 0).astype(np.float32), f.shape)
+    labels = (
+        np.asarray(arrays["labels"], np.float32)
+        if "labels" in arrays
+        else np.broadcast_to((np.arange(n) == 0).astype(np.float32), f.shape)
+    )
     pos = labels == 1
-    out = {"auc": auc_numpy(f, labels),
-           "logits/positive": float(f[pos].mean()) if pos.any() else float("nan"),
-           "logits/negative": float(f[~pos].mean()) if (~pos).any() else float("nan")}
+    out = {
+        "auc": auc_numpy(f, labels),
+        "logits/positive": float(f[pos].mean()) if pos.any() else float("nan"),
+        "logits/negative": float(f[~pos].mean()) if (~pos).any() else float("nan"),
+    }
     if rm.cfg.loss == "bradley_terry":
         out["accuracy"] = float(np.mean(f[:, 0] > f[:, 1]))
     else:
@@ -483,9 +548,15 @@ def evaluate_classifier(rm: RewardModel, params, arrays) -> dict[str, float]:
     return out
 
 
-def train_reward_model(rm: RewardModel, arrays: Mapping[str, np.ndarray], workdir: str, *,
-                       backbone_params=None, data_description: str = "",
-                       max_steps: int | None = None) -> dict:
+def train_reward_model(
+    rm: RewardModel,
+    arrays: Mapping[str, np.ndarray],
+    workdir: str,
+    *,
+    backbone_params=None,
+    data_description: str = "",
+    max_steps: int | None = None,
+) -> dict:
     """Trains (or resumes) a reward model on ``arrays`` in ``workdir``; checkpointed with orbax.
 
     Resume order: the latest checkpoint in ``workdir``; else the backbone from
@@ -503,18 +574,32 @@ def train_reward_model(rm: RewardModel, arrays: Mapping[str, np.ndarray], workdi
     validate_classifier_data(arrays, loss=cfg.loss)
     train_arrays, eval_arrays = split_held_out(arrays, cfg.eval_fraction, rm.seed)
     if len(train_arrays["input_ids"]) < cfg.global_batch_size:
-        raise DataError(f"reward-model data: {len(train_arrays['input_ids'])} training examples "
-                         f"is fewer than reward_model.global_batch_size={cfg.global_batch_size}")
+        raise DataError(
+            f"reward-model data: {len(train_arrays['input_ids'])} training examples "
+            f"is fewer than reward_model.global_batch_size={cfg.global_batch_size}"
+        )
     it = pipeline.make_iterator(train_arrays, cfg.global_batch_size, seed=rm.seed)
     settings = loop.LoopSettings(
-        steps=cfg.steps, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
-        keep=cfg.keep, async_save=cfg.async_save, tensorboard=False,
-        desc="reward model", on_nonfinite=cfg.on_nonfinite)
+        steps=cfg.steps,
+        log_every=cfg.log_every,
+        checkpoint_every=cfg.checkpoint_every,
+        keep=cfg.keep,
+        async_save=cfg.async_save,
+        tensorboard=False,
+        desc="reward model",
+        on_nonfinite=cfg.on_nonfinite,
+    )
     result = loop.run(
-        rm, workdir, step_fn=lambda state, batch, step: rm.run_step(state, batch),
-        settings=settings, data=it, resume_config=rm.checkpoint_config(data_description),
+        rm,
+        workdir,
+        step_fn=lambda state, batch, step: rm.run_step(state, batch),
+        settings=settings,
+        data=it,
+        resume_config=rm.checkpoint_config(data_description),
         init_state=lambda: rm.init_state(None if cfg.init == "scratch" else backbone_params),
-        max_steps=max_steps, label=f"reward model {workdir}")
+        max_steps=max_steps,
+        label=f"reward model {workdir}",
+    )
     state, last = result.state, result.train
     writer = MetricWriter(workdir, tensorboard=False, resume_step=result.step)
     eval_metrics = {}
@@ -526,13 +611,16 @@ def train_reward_model(rm: RewardModel, arrays: Mapping[str, np.ndarray], workdi
     return {"step": int(state.step), "params": state.params, "train": last, "eval": eval_metrics}
 
 
-def labelled_pairs(positive: Mapping[str, np.ndarray], negative: Mapping[str, np.ndarray]
-                   ) -> dict[str, np.ndarray]:
+def labelled_pairs(
+    positive: Mapping[str, np.ndarray], negative: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
     """Classifier data from positives ``[n, 1, T]`` and negatives ``[n, k, T]`` on the same
     prompts: ``[n, 1 + k, T]``, index 0 the positive (``labels`` [1, 0, ..., 0])."""
     if len(positive["input_ids"]) != len(negative["input_ids"]):
-        raise DataError(f"positives ({len(positive['input_ids'])}) and negatives "
-                         f"({len(negative['input_ids'])}) must share their prompts row by row")
+        raise DataError(
+            f"positives ({len(positive['input_ids'])}) and negatives "
+            f"({len(negative['input_ids'])}) must share their prompts row by row"
+        )
     t = max(positive["input_ids"].shape[-1], negative["input_ids"].shape[-1])
     out = {}
     for key in ("input_ids", "attention_mask", "loss_mask"):

@@ -55,16 +55,17 @@ def prompts_from_arrays(arrays: Mapping[str, np.ndarray]) -> tuple[np.ndarray, n
       ValueError for an empty set or a row without a response (nothing marks where its prompt
       ends).
     """
-    ids, attn, loss = (np.asarray(arrays[k]) for k in ("input_ids", "attention_mask",
-                                                        "loss_mask"))
+    ids, attn, loss = (np.asarray(arrays[k]) for k in ("input_ids", "attention_mask", "loss_mask"))
     if ids.ndim == 3:
         ids, attn, loss = ids[:, 0], attn[:, 0], loss[:, 0]
     if len(ids) == 0:
         raise DataError("demonstrations: the set is empty (no prompts to sample from)")
     has_response = loss.any(axis=1)
     if not has_response.all():
-        raise DataError(f"demonstrations: row {int(np.argmin(has_response))} has no response "
-                         "tokens (loss_mask all zero): a prompt without a demonstration")
+        raise DataError(
+            f"demonstrations: row {int(np.argmin(has_response))} has no response "
+            "tokens (loss_mask all zero): a prompt without a demonstration"
+        )
     first = loss.argmax(axis=1)  # [n] first response position
     is_prompt = (attn != 0) & (np.arange(ids.shape[1])[None] < first[:, None])  # [n, T]
     lengths = is_prompt.sum(axis=1)
@@ -75,13 +76,14 @@ def prompts_from_arrays(arrays: Mapping[str, np.ndarray]) -> tuple[np.ndarray, n
     out_mask = np.zeros((len(ids), p), np.int32)
     for i in range(len(ids)):  # host-side, once per batch: a plain loop is clearest
         tokens = ids[i][is_prompt[i]]
-        out_ids[i, p - len(tokens):] = tokens
-        out_mask[i, p - len(tokens):] = 1
+        out_ids[i, p - len(tokens) :] = tokens
+        out_mask[i, p - len(tokens) :] = 1
     return out_ids, out_mask
 
 
-def layout(prompt_ids: np.ndarray, prompt_mask: np.ndarray, tokens: np.ndarray,
-           mask: np.ndarray) -> dict[str, np.ndarray]:
+def layout(
+    prompt_ids: np.ndarray, prompt_mask: np.ndarray, tokens: np.ndarray, mask: np.ndarray
+) -> dict[str, np.ndarray]:
     """``[n, P]`` prompts and ``[n, k, M]`` responses -> trainer arrays ``[n, k, P + M]``."""
     n, k, _ = tokens.shape
     p_ids = np.broadcast_to(prompt_ids[:, None], (n, k, prompt_ids.shape[1]))
@@ -93,9 +95,18 @@ def layout(prompt_ids: np.ndarray, prompt_mask: np.ndarray, tokens: np.ndarray,
     }
 
 
-def sample(model, params, prompt_ids: np.ndarray, prompt_mask: np.ndarray, k: int,
-           rng: jax.Array, sampling_cfg, *, mesh, field: str = "samples_per_prompt"
-           ) -> dict[str, np.ndarray]:
+def sample(
+    model,
+    params,
+    prompt_ids: np.ndarray,
+    prompt_mask: np.ndarray,
+    k: int,
+    rng: jax.Array,
+    sampling_cfg,
+    *,
+    mesh,
+    field: str = "samples_per_prompt",
+) -> dict[str, np.ndarray]:
     """k samples per prompt in fixed-size sampler calls.
 
     Args:
@@ -118,27 +129,41 @@ def sample(model, params, prompt_ids: np.ndarray, prompt_mask: np.ndarray, k: in
         raise ConfigError(f"{field}={k}: must be >= 1")
     dp = sharding.data_parallel_size(mesh)
     if k > sampling_cfg.max_batch:
-        raise ConfigError(f"{field}={k} is larger than sampling.max_batch="
-                         f"{sampling_cfg.max_batch}, the most sequences one sampler call holds; "
-                         "raise sampling.max_batch (memory permitting) or lower N")
+        raise ConfigError(
+            f"{field}={k} is larger than sampling.max_batch="
+            f"{sampling_cfg.max_batch}, the most sequences one sampler call holds; "
+            "raise sampling.max_batch (memory permitting) or lower N"
+        )
     per_call = max(1, min(n, sampling_cfg.max_batch // k))  # prompts per call
     # Every call's row count must split over the data-parallel devices.
     while per_call > 1 and (per_call * k) % dp:
         per_call -= 1
-    gen = make_generate_fn(model, max_new_tokens=sampling_cfg.max_new_tokens,
-                           temperature=sampling_cfg.temperature, top_p=sampling_cfg.top_p,
-                           top_k=sampling_cfg.top_k, eos_id=sampling_cfg.eos_id,
-                           pad_id=sampling_cfg.pad_id)
-    rows_sharding = (NamedSharding(mesh, sharding.batch_spec(2)) if (per_call * k) % dp == 0
-                     else NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    gen = make_generate_fn(
+        model,
+        max_new_tokens=sampling_cfg.max_new_tokens,
+        temperature=sampling_cfg.temperature,
+        top_p=sampling_cfg.top_p,
+        top_k=sampling_cfg.top_k,
+        eos_id=sampling_cfg.eos_id,
+        pad_id=sampling_cfg.pad_id,
+    )
+    rows_sharding = (
+        NamedSharding(mesh, sharding.batch_spec(2))
+        if (per_call * k) % dp == 0
+        else NamedSharding(mesh, jax.sharding.PartitionSpec())
+    )
     toks, masks, logps = [], [], []
     with jax.set_mesh(mesh):
         for c, start in enumerate(range(0, n, per_call)):
             rows = np.arange(start, start + per_call) % n  # fixed shape: wrap the tail
             ids = np.repeat(prompt_ids[rows], k, axis=0)  # [per_call*k, P]
             pm = np.repeat(prompt_mask[rows], k, axis=0)
-            out = gen(params, jax.device_put(jnp.asarray(ids), rows_sharding),
-                      jax.device_put(jnp.asarray(pm), rows_sharding), jax.random.fold_in(rng, c))
+            out = gen(
+                params,
+                jax.device_put(jnp.asarray(ids), rows_sharding),
+                jax.device_put(jnp.asarray(pm), rows_sharding),
+                jax.random.fold_in(rng, c),
+            )
             out = jax.device_get(out)
             take = min(per_call, n - start)
             toks.append(np.asarray(out.tokens).reshape(per_call, k, -1)[:take])
@@ -146,8 +171,11 @@ def sample(model, params, prompt_ids: np.ndarray, prompt_mask: np.ndarray, k: in
             logps.append(np.asarray(out.logps).reshape(per_call, k, -1)[:take].sum(-1))
     tokens, mask = np.concatenate(toks), np.concatenate(masks)
     arrays = layout(prompt_ids, prompt_mask, tokens, mask)
-    arrays.update(tokens=tokens.astype(np.int32), response_mask=mask.astype(np.int32),
-                  sample_logps=np.concatenate(logps).astype(np.float32))
+    arrays.update(
+        tokens=tokens.astype(np.int32),
+        response_mask=mask.astype(np.int32),
+        sample_logps=np.concatenate(logps).astype(np.float32),
+    )
     return arrays
 
 
@@ -171,12 +199,14 @@ def truncate_responses(arrays: Mapping[str, np.ndarray], max_tokens: int) -> dic
     out["loss_mask"] = (loss & keep).astype(np.asarray(arrays["loss_mask"]).dtype)
     out["attention_mask"] = attn.astype(np.asarray(arrays["attention_mask"]).dtype)
     out["input_ids"] = np.where(keep, arrays["input_ids"], 0).astype(
-        np.asarray(arrays["input_ids"]).dtype)
+        np.asarray(arrays["input_ids"]).dtype
+    )
     return out
 
 
-def length_stats(demos: Mapping[str, np.ndarray], samples: Mapping[str, np.ndarray],
-                 budget: int) -> dict[str, float]:
+def length_stats(
+    demos: Mapping[str, np.ndarray], samples: Mapping[str, np.ndarray], budget: int
+) -> dict[str, float]:
     """Response-length statistics of both discriminator classes, before any truncation.
 
     Returns ``lengths/demo_mean``, ``lengths/sample_mean`` (response tokens), and the shares at
@@ -184,8 +214,13 @@ def length_stats(demos: Mapping[str, np.ndarray], samples: Mapping[str, np.ndarr
     i.e. cut by length matching) and ``lengths/sample_at_budget`` (samples that hit
     ``max_new_tokens`` without ending).
     """
-    demo_len = np.asarray(demos["loss_mask"]).reshape(len(demos["loss_mask"]), -1, np.asarray(
-        demos["loss_mask"]).shape[-1]).astype(bool).sum(-1).astype(np.float64)  # [n, N]
+    demo_len = (
+        np.asarray(demos["loss_mask"])
+        .reshape(len(demos["loss_mask"]), -1, np.asarray(demos["loss_mask"]).shape[-1])
+        .astype(bool)
+        .sum(-1)
+        .astype(np.float64)
+    )  # [n, N]
     smp_len = np.asarray(samples["loss_mask"]).astype(bool).sum(-1).astype(np.float64)  # [n, k]
     return {
         "lengths/demo_mean": float(demo_len.mean()),

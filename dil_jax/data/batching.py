@@ -70,9 +70,13 @@ class TokenizedDataset:
     def select(self, rows: np.ndarray) -> TokenizedDataset:
         """The examples ``rows`` (tokens shared, not copied)."""
         return dataclasses.replace(
-            self, starts=self.starts[rows], lengths=self.lengths[rows],
-            prompt_lengths=self.prompt_lengths[rows], example_id=self.example_id[rows],
-            extras={k: v[rows] for k, v in self.extras.items()})
+            self,
+            starts=self.starts[rows],
+            lengths=self.lengths[rows],
+            prompt_lengths=self.prompt_lengths[rows],
+            example_id=self.example_id[rows],
+            extras={k: v[rows] for k, v in self.extras.items()},
+        )
 
     def natural_buckets(self) -> np.ndarray:
         """[n] index of the smallest bucket that holds each example's longest sequence."""
@@ -87,9 +91,12 @@ class TokenizedDataset:
         index = np.where(real, self.starts[rows][..., None] + pos, 0)
         ids = np.where(real, self.tokens[index], self.pad_id)
         response = real & (pos >= self.prompt_lengths[rows][..., None])
-        out = {"input_ids": ids.astype(np.int32), "attention_mask": real.astype(np.int32),
-               "loss_mask": response.astype(np.int32),
-               "example_id": self.example_id[rows].astype(np.int32)}
+        out = {
+            "input_ids": ids.astype(np.int32),
+            "attention_mask": real.astype(np.int32),
+            "loss_mask": response.astype(np.int32),
+            "example_id": self.example_id[rows].astype(np.int32),
+        }
         out.update({k: v[rows] for k, v in self.extras.items()})
         return out
 
@@ -98,24 +105,31 @@ class TokenizedDataset:
         b, num = len(pack_rows), self.num_responses
         slots = max(len(r) for r in pack_rows)
         ids = np.full((b, num, length), self.pad_id, np.int32)
-        attention, loss, segment, positions = (np.zeros((b, num, length), np.int32)
-                                               for _ in range(4))
+        attention, loss, segment, positions = (
+            np.zeros((b, num, length), np.int32) for _ in range(4)
+        )
         example_id = np.full((b, slots), -1, np.int32)
         for i, rows in enumerate(pack_rows):
-            example_id[i, :len(rows)] = self.example_id[rows]
+            example_id[i, : len(rows)] = self.example_id[rows]
             for j in range(num):
                 offset = 0
                 for s, e in enumerate(rows):
                     n_tok, start = int(self.lengths[e, j]), int(self.starts[e, j])
                     span = slice(offset, offset + n_tok)
-                    ids[i, j, span] = self.tokens[start:start + n_tok]
+                    ids[i, j, span] = self.tokens[start : start + n_tok]
                     attention[i, j, span] = 1
-                    loss[i, j, offset + int(self.prompt_lengths[e, j]):offset + n_tok] = 1
+                    loss[i, j, offset + int(self.prompt_lengths[e, j]) : offset + n_tok] = 1
                     segment[i, j, span] = s + 1
                     positions[i, j, span] = np.arange(n_tok)
                     offset += n_tok
-        return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss,
-                "segment_ids": segment, "positions": positions, "example_id": example_id}
+        return {
+            "input_ids": ids,
+            "attention_mask": attention,
+            "loss_mask": loss,
+            "segment_ids": segment,
+            "positions": positions,
+            "example_id": example_id,
+        }
 
 
 def normalise_buckets(buckets, max_length: int) -> tuple[int, ...]:
@@ -123,8 +137,13 @@ def normalise_buckets(buckets, max_length: int) -> tuple[int, ...]:
     return tuple(sorted({int(b) for b in buckets if 0 < int(b) < max_length})) + (max_length,)
 
 
-def bucket_plan(natural: np.ndarray, num_buckets: int, order: np.ndarray, batch_size: int,
-                rng: np.random.Generator | None) -> list[tuple[int, np.ndarray]]:
+def bucket_plan(
+    natural: np.ndarray,
+    num_buckets: int,
+    order: np.ndarray,
+    batch_size: int,
+    rng: np.random.Generator | None,
+) -> list[tuple[int, np.ndarray]]:
     """One epoch of bucketed global batches: ``[(bucket index, example rows [B])]``.
 
     Args:
@@ -146,8 +165,9 @@ def bucket_plan(natural: np.ndarray, num_buckets: int, order: np.ndarray, batch_
     return plan
 
 
-def pack_plan(lengths: np.ndarray, order: np.ndarray, row_length: int,
-              batch_size: int) -> list[list[np.ndarray]]:
+def pack_plan(
+    lengths: np.ndarray, order: np.ndarray, row_length: int, batch_size: int
+) -> list[list[np.ndarray]]:
     """One epoch of packed global batches: each a list of ``B`` rows of example indices.
 
     Next-fit in the epoch's order: an example joins the open row when every one of its ``N``
@@ -165,7 +185,7 @@ def pack_plan(lengths: np.ndarray, order: np.ndarray, row_length: int,
     if current:
         rows.append(np.asarray(current))
     full = len(rows) // batch_size * batch_size
-    return [rows[i:i + batch_size] for i in range(0, full, batch_size)]
+    return [rows[i : i + batch_size] for i in range(0, full, batch_size)]
 
 
 def kto_pairs(batch: dict[str, np.ndarray], shift: int = 1) -> dict[str, np.ndarray]:
@@ -191,8 +211,10 @@ def kto_pairs(batch: dict[str, np.ndarray], shift: int = 1) -> dict[str, np.ndar
         raise ValueError(f"kto_pairs needs single completions [B, 1, T], got {ids.shape}")
     b, _, t = ids.shape
     if b < 2 or shift % b == 0:
-        raise ValueError(f"kto_pairs needs a batch of >= 2 examples and shift mod B != 0, got "
-                         f"B={b}, shift={shift}")
+        raise ValueError(
+            f"kto_pairs needs a batch of >= 2 examples and shift mod B != 0, got "
+            f"B={b}, shift={shift}"
+        )
     prompt = (attn[:, 0] != 0) & (loss[:, 0] == 0)  # [B, T]
     response = loss[:, 0] != 0  # [B, T]
     out_ids = np.zeros((b, t), ids.dtype)
@@ -201,11 +223,11 @@ def kto_pairs(batch: dict[str, np.ndarray], shift: int = 1) -> dict[str, np.ndar
     for i in range(b):  # host-side, once per batch
         j = (i + shift) % b
         p_tok, r_tok = ids[i, 0][prompt[i]], ids[j, 0][response[j]]
-        r_tok = r_tok[:max(t - len(p_tok), 0)]
+        r_tok = r_tok[: max(t - len(p_tok), 0)]
         n = len(p_tok) + len(r_tok)
         out_ids[i, :n] = np.concatenate([p_tok, r_tok])
         out_attn[i, :n] = 1
-        out_loss[i, len(p_tok):n] = 1
+        out_loss[i, len(p_tok) : n] = 1
     out = dict(batch)
     out["input_ids"] = np.concatenate([ids, out_ids[:, None]], axis=1)
     out["attention_mask"] = np.concatenate([attn, out_attn[:, None]], axis=1)

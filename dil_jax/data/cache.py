@@ -55,8 +55,12 @@ def load(cache_dir: str, split: str, key: str) -> tuple[dict, dict] | None:
             report = json.loads(str(f["report"]))
         _check(arrays, report)
     except Exception as e:  # noqa: BLE001 - zip, npy, JSON and shape errors share no base
-        logging.warning("tokenised-data cache %s is damaged (%s: %s); rebuilding it", path,
-                        type(e).__name__, str(e)[:200])
+        logging.warning(
+            "tokenised-data cache %s is damaged (%s: %s); rebuilding it",
+            path,
+            type(e).__name__,
+            str(e)[:200],
+        )
         return None
     return arrays, report
 
@@ -66,14 +70,21 @@ def _check(arrays: dict, report) -> None:
     tokens, starts, lengths = arrays["tokens"], arrays["starts"], arrays["lengths"]
     if not isinstance(report, dict):
         raise ValueError("the stored report is not a JSON object")
-    if tokens.ndim != 1 or starts.ndim != 2 or starts.shape != lengths.shape or (
+    if (
+        tokens.ndim != 1
+        or starts.ndim != 2
+        or starts.shape != lengths.shape
+        or (
             arrays["prompt_lengths"].shape != starts.shape
-            or arrays["example_id"].shape != starts.shape[:1]):
+            or arrays["example_id"].shape != starts.shape[:1]
+        )
+    ):
         raise ValueError("array shapes do not fit together")
     if any(arrays[k].shape != starts.shape[:1] for k in OPTIONAL_KEYS if k in arrays):
         raise ValueError("per-example arrays do not fit the number of examples")
-    if starts.size and (starts.min() < 0 or lengths.min() < 0
-                        or (starts + lengths).max() > tokens.size):
+    if starts.size and (
+        starts.min() < 0 or lengths.min() < 0 or (starts + lengths).max() > tokens.size
+    ):
         raise ValueError("starts/lengths point outside the token array")
 
 
@@ -81,7 +92,10 @@ def save(cache_dir: str, split: str, key: str, arrays: dict, report: dict) -> st
     os.makedirs(cache_dir, exist_ok=True)
     path = path_for(cache_dir, split, key)
     tmp = f"{path}.tmp-{os.getpid()}.npz"
-    np.savez(tmp, report=np.array(json.dumps(report)),
-             **{k: arrays[k] for k in ARRAY_KEYS + OPTIONAL_KEYS if k in arrays})
+    np.savez(
+        tmp,
+        report=np.array(json.dumps(report)),
+        **{k: arrays[k] for k in ARRAY_KEYS + OPTIONAL_KEYS if k in arrays},
+    )
     os.replace(tmp, path)
     return path

@@ -62,8 +62,13 @@ from collections.abc import Iterable, Mapping
 
 from dil_jax.data.report import BadRecord, DataError, Location, SplitReport
 
-PREFERENCE_FORMATS = ("prompt_chosen_rejected", "chat_pairs", "hh_transcripts", "comparison",
-                      "demonstration_pairs")
+PREFERENCE_FORMATS = (
+    "prompt_chosen_rejected",
+    "chat_pairs",
+    "hh_transcripts",
+    "comparison",
+    "demonstration_pairs",
+)
 DEMONSTRATION_FORMATS = ("prompt_response", "chat_messages")
 UNPAIRED_FORMATS = ("prompt_completion_label",)
 LISTWISE_FORMATS = ("ranked_responses",)
@@ -125,6 +130,7 @@ def num_responses(fmt: str) -> int | None:
 
 # ----------------------------------------------------------------------------- field access
 
+
 def _lookup(record: Mapping, path: str):
     node = record
     for part in path.split("."):
@@ -147,9 +153,11 @@ def _field(record: Mapping, name: str, field_map: Mapping[str, str], types, what
         if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
             raise BadRecord(path, "wrong_type", f"expected {what}, got {type(value).__name__}")
         return value, path
-    raise BadRecord(candidates[0], "missing_field",
-                    "missing" + (f" (looked for {', '.join(candidates)})"
-                                 if len(candidates) > 1 else ""))
+    raise BadRecord(
+        candidates[0],
+        "missing_field",
+        "missing" + (f" (looked for {', '.join(candidates)})" if len(candidates) > 1 else ""),
+    )
 
 
 def _text(record, name, field_map) -> tuple[str, str]:
@@ -171,9 +179,11 @@ def _messages(value, path: str) -> tuple[dict, ...]:
             raise BadRecord(f"{path}[{i}]", "wrong_type", "expected a {role, content} object")
         for key in ("role", "content"):
             if not isinstance(m.get(key), str):
-                raise BadRecord(f"{path}[{i}].{key}",
-                                "missing_field" if key not in m else "wrong_type",
-                                "expected a string")
+                raise BadRecord(
+                    f"{path}[{i}].{key}",
+                    "missing_field" if key not in m else "wrong_type",
+                    "expected a string",
+                )
         out.append({"role": m["role"], "content": m["content"]})
     return tuple(out)
 
@@ -181,14 +191,18 @@ def _messages(value, path: str) -> tuple[dict, ...]:
 def _split_conversation(msgs, path: str):
     """(prompt messages, final assistant content) of a whole conversation."""
     if msgs[-1]["role"] != "assistant":
-        raise BadRecord(f"{path}[-1].role", "wrong_type",
-                        f"the final message must be the assistant's, got {msgs[-1]['role']!r}")
+        raise BadRecord(
+            f"{path}[-1].role",
+            "wrong_type",
+            f"the final message must be the assistant's, got {msgs[-1]['role']!r}",
+        )
     if len(msgs) < 2 or msgs[-2]["role"] not in ("user", "system", "tool"):
         raise BadRecord(path, "missing_field", "no user turn before the final assistant message")
     return msgs[:-1], _nonempty(msgs[-1]["content"], f"{path}[-1].content")
 
 
 # ----------------------------------------------------------------------------- parsers
+
 
 def _user(prompt: str) -> tuple[dict, ...]:
     return ({"role": "user", "content": prompt},)
@@ -218,18 +232,26 @@ def parse_chat_pairs(record, field_map, report):
         prompt_c, resp_c = _split_conversation(chosen, c_path)
         prompt_r, resp_r = _split_conversation(rejected, r_path)
         if prompt_c != prompt_r:
-            raise BadRecord(r_path, "prompt_mismatch",
-                            "chosen and rejected conversations differ before the final reply")
+            raise BadRecord(
+                r_path,
+                "prompt_mismatch",
+                "chosen and rejected conversations differ before the final reply",
+            )
         prompt = prompt_c
     else:  # assistant-only responses, prompt in its own field
-        value, p_path = _field(record, "prompt", field_map, (str, list),
-                               "a string or a list of chat messages")
-        prompt = _user(_nonempty(value, p_path, "prompt")) if isinstance(value, str) else \
-            _messages(value, p_path)
+        value, p_path = _field(
+            record, "prompt", field_map, (str, list), "a string or a list of chat messages"
+        )
+        prompt = (
+            _user(_nonempty(value, p_path, "prompt"))
+            if isinstance(value, str)
+            else _messages(value, p_path)
+        )
         for msgs, path in ((chosen, c_path), (rejected, r_path)):
             if len(msgs) != 1:
-                raise BadRecord(path, "wrong_type",
-                                f"expected one assistant message, got {len(msgs)}")
+                raise BadRecord(
+                    path, "wrong_type", f"expected one assistant message, got {len(msgs)}"
+                )
         resp_c = _nonempty(chosen[0]["content"], f"{c_path}[0].content")
         resp_r = _nonempty(rejected[0]["content"], f"{r_path}[0].content")
     if prompt[-1]["role"] != "user":
@@ -241,8 +263,10 @@ def parse_chat_pairs(record, field_map, report):
 def hh_messages(prompt_text: str) -> tuple[dict, ...]:
     """An HH ``"\\n\\nHuman: … \\n\\nAssistant:"`` prompt as chat messages (for chat templates)."""
     parts = _HH_TURN.split(prompt_text)  # ['', 'Human', ' …', 'Assistant', ' …', …]
-    msgs = [{"role": "user" if role == "Human" else "assistant", "content": text.strip()}
-            for role, text in zip(parts[1::2], parts[2::2], strict=True)]
+    msgs = [
+        {"role": "user" if role == "Human" else "assistant", "content": text.strip()}
+        for role, text in zip(parts[1::2], parts[2::2], strict=True)
+    ]
     if msgs and msgs[-1]["role"] == "assistant" and not msgs[-1]["content"]:
         msgs.pop()  # the open assistant turn the prompt ends with
     return tuple(msgs)
@@ -255,8 +279,11 @@ def parse_hh_transcripts(record, field_map, report):
     common = os.path.commonprefix([chosen, rejected])
     cut = common.rfind(HH_ASSISTANT)
     if cut < 0:
-        raise BadRecord(c_path, "no_assistant_turn",
-                        f"chosen and rejected share no prefix ending in {HH_ASSISTANT!r}")
+        raise BadRecord(
+            c_path,
+            "no_assistant_turn",
+            f"chosen and rejected share no prefix ending in {HH_ASSISTANT!r}",
+        )
     end = cut + len(HH_ASSISTANT)
     if chosen.rfind(HH_ASSISTANT) != cut or rejected.rfind(HH_ASSISTANT) != cut:
         report.count("hh_marker_inside_reply")  # the own-last-marker split would disagree
@@ -279,8 +306,9 @@ def parse_comparison(record, field_map, report):
         if isinstance(c, Mapping) and key:
             c = c.get(key)
         if not isinstance(c, str):
-            raise BadRecord(f"{path}[{i}]" + (f".{key}" if key else ""), "wrong_type",
-                            "expected a string")
+            raise BadRecord(
+                f"{path}[{i}]" + (f".{key}" if key else ""), "wrong_type", "expected a string"
+            )
         texts.append(_nonempty(c, f"{path}[{i}]"))
     choice, ch_path = _field(record, "choice", field_map, int, "0 or 1")
     if choice not in (0, 1):
@@ -322,19 +350,24 @@ def parse_ranked_responses(record, field_map, report):
     candidates, path = _field(record, "responses", field_map, list, "a list of responses")
     scores, s_path = _field(record, "scores", field_map, list, "a list of numbers")
     if len(candidates) < 2:
-        raise BadRecord(path, "wrong_type", f"expected at least two responses, got "
-                        f"{len(candidates)}")
+        raise BadRecord(
+            path, "wrong_type", f"expected at least two responses, got {len(candidates)}"
+        )
     if len(scores) != len(candidates):
-        raise BadRecord(s_path, "wrong_type", f"expected {len(candidates)} scores (one per "
-                        f"response), got {len(scores)}")
+        raise BadRecord(
+            s_path,
+            "wrong_type",
+            f"expected {len(candidates)} scores (one per response), got {len(scores)}",
+        )
     key = field_map.get("response_text") or DEFAULT_FIELDS["response_text"][0]
     texts = []
     for i, c in enumerate(candidates):
         if isinstance(c, Mapping) and key:
             c = c.get(key)
         if not isinstance(c, str):
-            raise BadRecord(f"{path}[{i}]" + (f".{key}" if key else ""), "wrong_type",
-                            "expected a string")
+            raise BadRecord(
+                f"{path}[{i}]" + (f".{key}" if key else ""), "wrong_type", "expected a string"
+            )
         texts.append(_nonempty(c, f"{path}[{i}]"))
     for i, v in enumerate(scores):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -361,6 +394,7 @@ PARSERS = {
 
 # ----------------------------------------------------------------------------- detection
 
+
 def detect_format(record: Mapping, location: Location, kind: str) -> str:
     """The format of ``record`` by its keys, restricted to ``kind`` ('preference', 'sft', 'auto').
 
@@ -378,7 +412,8 @@ def detect_format(record: Mapping, location: Location, kind: str) -> str:
     elif isinstance(record.get("messages"), list):
         found = "chat_messages"
     elif any(k in record for k in DEFAULT_FIELDS["prompt"]) and any(
-            k in record for k in DEFAULT_FIELDS["response"]):
+        k in record for k in DEFAULT_FIELDS["response"]
+    ):
         found = "prompt_response"
     elif "summaries" in record and "choice" in record:
         found = "comparison"
@@ -389,12 +424,14 @@ def detect_format(record: Mapping, location: Location, kind: str) -> str:
             f"{location}: could not detect {what} from the record's keys {sorted(record)}"
             + (f" (it looks like {found})" if found else "")
             + f"; set config.data.format to one of {FORMATS} (and config.data.field_map for "
-            "other field names)")
+            "other field names)"
+        )
     return found
 
 
-def resolve_format(declared: str, first: tuple[Location, Mapping] | None,
-                   has_rejected_files: bool) -> str:
+def resolve_format(
+    declared: str, first: tuple[Location, Mapping] | None, has_rejected_files: bool
+) -> str:
     """``config.data.format`` -> a concrete format name."""
     if declared in FORMATS:
         return declared
@@ -409,9 +446,14 @@ def resolve_format(declared: str, first: tuple[Location, Mapping] | None,
 
 # ----------------------------------------------------------------------------- driving
 
-def parse_records(records: Iterable[tuple[Location, Mapping]], fmt: str,
-                  field_map: Mapping[str, str], report: SplitReport,
-                  counter: str = "records_read") -> list[Example]:
+
+def parse_records(
+    records: Iterable[tuple[Location, Mapping]],
+    fmt: str,
+    field_map: Mapping[str, str],
+    report: SplitReport,
+    counter: str = "records_read",
+) -> list[Example]:
     """Examples from ``(location, record)`` pairs; bad records go through ``report.reject``."""
     parser = PARSERS[fmt]
     out = []
@@ -422,13 +464,23 @@ def parse_records(records: Iterable[tuple[Location, Mapping]], fmt: str,
         except BadRecord as err:
             report.reject(loc, err)
             continue
-        out.append(Example(index, loc, prompt_text, messages, tuple(responses), tuple(chat),
-                           label[0] if label else None))
+        out.append(
+            Example(
+                index,
+                loc,
+                prompt_text,
+                messages,
+                tuple(responses),
+                tuple(chat),
+                label[0] if label else None,
+            )
+        )
     return out
 
 
-def join_demonstrations(chosen: list[Example], rejected: list[Example],
-                        report: SplitReport) -> list[Example]:
+def join_demonstrations(
+    chosen: list[Example], rejected: list[Example], report: SplitReport
+) -> list[Example]:
     """Preference pairs from two demonstration sets answering the same prompts.
 
     Joined on the exact prompt text; the chosen side's order and ids are kept. Prompts without
@@ -451,12 +503,21 @@ def join_demonstrations(chosen: list[Example], rejected: list[Example],
             continue
         used.add(ex.prompt_text)
         if ex.responses[0] == other.responses[0]:
-            report.reject(ex.location, BadRecord(
-                "response", "identical_responses",
-                f"identical to the rejected demonstration at {other.location}"))
+            report.reject(
+                ex.location,
+                BadRecord(
+                    "response",
+                    "identical_responses",
+                    f"identical to the rejected demonstration at {other.location}",
+                ),
+            )
             continue
-        out.append(dataclasses.replace(ex, responses=(ex.responses[0], other.responses[0]),
-                                       chat_responses=(ex.chat_responses[0],
-                                                       other.chat_responses[0])))
+        out.append(
+            dataclasses.replace(
+                ex,
+                responses=(ex.responses[0], other.responses[0]),
+                chat_responses=(ex.chat_responses[0], other.chat_responses[0]),
+            )
+        )
     report.count("demonstration_pairs/unpaired_rejected", len(set(by_prompt) - used))
     return out

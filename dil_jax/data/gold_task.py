@@ -376,8 +376,9 @@ class GoldTask:
     def _sample(self, prompts: np.ndarray, rng: np.random.Generator, source: str) -> np.ndarray:
         """Draw responses; every branch consumes the stream the same way per source."""
         if source not in SOURCES + EXTRA_SOURCES:
-            raise ValueError(f"unknown source {source!r}; expected one of "
-                             f"{SOURCES + EXTRA_SOURCES}")
+            raise ValueError(
+                f"unknown source {source!r}; expected one of {SOURCES + EXTRA_SOURCES}"
+            )
         n = prompts.shape[0]
         target_a, target_b = self.mode_targets(prompts)
         answer_a, answer_b = target_a[:, :-1], target_b[:, :-1]  # [n, L] without EOS
@@ -473,8 +474,9 @@ class GoldTask:
             rejected = self._sample(prompts, _rng(seed, f"pairs/{source}/rejected"), other)
             responses = np.stack([chosen, rejected], axis=1)  # [n, 2, R]
             batch = self._layout(prompts, responses)
-            batch["gold_reward"] = np.stack([self.gold_reward(prompts, chosen),
-                                             self.gold_reward(prompts, rejected)], axis=1)
+            batch["gold_reward"] = np.stack(
+                [self.gold_reward(prompts, chosen), self.gold_reward(prompts, rejected)], axis=1
+            )
             return batch
         pair_rng = _rng(seed, f"pairs/{source}")
         doubled = np.repeat(prompts, 2, axis=0)  # [2n, P]

@@ -52,11 +52,15 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
             raise ValueError(f"dataset arrays disagree on the number of examples: {sizes}")
         self.num_examples = next(iter(sizes.values()))
         if self.global_batch_size % self.process_count:
-            raise ConfigError(f"global batch size {self.global_batch_size} is not divisible by "
-                             f"the process count {self.process_count}")
+            raise ConfigError(
+                f"global batch size {self.global_batch_size} is not divisible by "
+                f"the process count {self.process_count}"
+            )
         if self.num_examples < self.global_batch_size:
-            raise DataError(f"the dataset has {self.num_examples} examples, fewer than one "
-                             f"global batch of {self.global_batch_size}")
+            raise DataError(
+                f"the dataset has {self.num_examples} examples, fewer than one "
+                f"global batch of {self.global_batch_size}"
+            )
         self.batches_per_epoch = self.num_examples // self.global_batch_size
 
     def epoch_order(self, epoch: int) -> np.ndarray:
@@ -69,24 +73,31 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
         if self.position >= self.batches_per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
         start = self.position * self.global_batch_size
-        rows = self.epoch_order(self.epoch)[start:start + self.global_batch_size]
+        rows = self.epoch_order(self.epoch)[start : start + self.global_batch_size]
         local = self.global_batch_size // self.process_count
-        rows = rows[self.process_index * local:(self.process_index + 1) * local]
+        rows = rows[self.process_index * local : (self.process_index + 1) * local]
         self.position += 1
         return {k: np.asarray(v[rows]) for k, v in self.arrays.items()}
 
     def get_state(self) -> dict:
         """JSON-serialisable position, stored in every checkpoint."""
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "num_examples": self.num_examples, "global_batch_size": self.global_batch_size}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "num_examples": self.num_examples,
+            "global_batch_size": self.global_batch_size,
+        }
 
     def set_state(self, state: Mapping) -> None:
         """Resumes at a saved position; refuses a state saved over different data or batching."""
         for key in ("seed", "num_examples", "global_batch_size"):
             if int(state[key]) != getattr(self, key):
-                raise ConfigError(f"data iterator state was saved with {key}={state[key]} but "
-                                 f"this run has {key}={getattr(self, key)}: the data or "
-                                 "batching changed")
+                raise ConfigError(
+                    f"data iterator state was saved with {key}={state[key]} but "
+                    f"this run has {key}={getattr(self, key)}: the data or "
+                    "batching changed"
+                )
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
@@ -111,20 +122,26 @@ class BucketIterator(Iterator[dict[str, np.ndarray]]):
 
     def __post_init__(self):
         if self.global_batch_size % self.process_count:
-            raise ConfigError(f"global batch size {self.global_batch_size} is not divisible by "
-                             f"the process count {self.process_count}")
+            raise ConfigError(
+                f"global batch size {self.global_batch_size} is not divisible by "
+                f"the process count {self.process_count}"
+            )
         self.num_examples = len(self.data)
         if self.num_examples < self.global_batch_size:
-            raise DataError(f"the dataset has {self.num_examples} examples, fewer than one "
-                             f"global batch of {self.global_batch_size}")
+            raise DataError(
+                f"the dataset has {self.num_examples} examples, fewer than one "
+                f"global batch of {self.global_batch_size}"
+            )
         if not self.data.buckets:
             raise ConfigError("the dataset has no bucket lengths")
         self._natural = self.data.natural_buckets()  # [n]
         self._plans: dict[int, list] = {}
         self.batches_per_epoch = len(self.plan(0))
         if not self.batches_per_epoch:
-            raise DataError(f"{self.num_examples} examples pack into fewer than one global "
-                             f"batch of {self.global_batch_size} rows")
+            raise DataError(
+                f"{self.num_examples} examples pack into fewer than one global "
+                f"batch of {self.global_batch_size} rows"
+            )
 
     @property
     def layout(self) -> str:
@@ -141,12 +158,14 @@ class BucketIterator(Iterator[dict[str, np.ndarray]]):
         if epoch not in self._plans:
             order = self.epoch_order(epoch)
             if self.data.packing:
-                plan = pack_plan(self.data.lengths, order, self.data.buckets[-1],
-                                 self.global_batch_size)
+                plan = pack_plan(
+                    self.data.lengths, order, self.data.buckets[-1], self.global_batch_size
+                )
             else:
                 rng = np.random.default_rng([self.seed, epoch, 1]) if self.shuffle else None
-                plan = bucket_plan(self._natural, len(self.data.buckets), order,
-                                   self.global_batch_size, rng)
+                plan = bucket_plan(
+                    self._natural, len(self.data.buckets), order, self.global_batch_size, rng
+                )
             self._plans = {epoch: plan}  # keep one epoch: plans are cheap to rebuild
         return self._plans[epoch]
 
@@ -164,17 +183,25 @@ class BucketIterator(Iterator[dict[str, np.ndarray]]):
 
     def get_state(self) -> dict:
         """JSON-serialisable position, stored in every checkpoint."""
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "num_examples": self.num_examples, "global_batch_size": self.global_batch_size,
-                "layout": self.layout, "buckets": list(self.data.buckets),
-                "digest": self.data.digest}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "num_examples": self.num_examples,
+            "global_batch_size": self.global_batch_size,
+            "layout": self.layout,
+            "buckets": list(self.data.buckets),
+            "digest": self.data.digest,
+        }
 
     def set_state(self, state: Mapping) -> None:
         """Resumes at a saved position; refuses a state saved over different data or batching."""
         mine = self.get_state()
         for key in ("seed", "num_examples", "global_batch_size", "layout", "buckets", "digest"):
             if key not in state or state[key] != mine[key]:
-                raise ConfigError(f"data iterator state was saved with {key}={state.get(key)!r} "
-                                 f"but this run has {key}={mine[key]!r}: the data or batching "
-                                 "changed")
+                raise ConfigError(
+                    f"data iterator state was saved with {key}={state.get(key)!r} "
+                    f"but this run has {key}={mine[key]!r}: the data or batching "
+                    "changed"
+                )
         self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -77,17 +77,21 @@ def build_datasets(config, workdir: str | None = None):
     # The model's own vocabulary: with config.model.hf_path it is that model's config.json's.
     vocab_size = models.architecture_config(config.model).vocab_size
     if len(tok) > vocab_size:
-        raise DataError(f"the model's vocabulary ({vocab_size}, config.model.vocab_size or "
-                        f"hf_path's config.json) is smaller than the tokenizer's ({len(tok)} "
-                        f"tokens, {data.tokenizer})")
-    cache_dir = data.cache_dir or (os.path.join(os.path.dirname(os.path.abspath(workdir)),
-                                                "data_cache") if workdir else "")
+        raise DataError(
+            f"the model's vocabulary ({vocab_size}, config.model.vocab_size or "
+            f"hf_path's config.json) is smaller than the tokenizer's ({len(tok)} "
+            f"tokens, {data.tokenizer})"
+        )
+    cache_dir = data.cache_dir or (
+        os.path.join(os.path.dirname(os.path.abspath(workdir)), "data_cache") if workdir else ""
+    )
     tok_digest = tokenize.tokenizer_digest(tok)
     buckets = normalise_buckets(data.buckets, data.max_length)
 
     train, train_report = _build_split("train", config, tok, tok_digest, cache_dir)
-    check_layout(config, train_report.info.get("format", data.format), train.num_responses,
-                 error=DataError)
+    check_layout(
+        config, train_report.info.get("format", data.format), train.num_responses, error=DataError
+    )
     has_eval_source = bool(data.eval_files if data.source == "files" else data.eval_split)
     if has_eval_source:
         held_out, eval_report = _build_split("eval", config, tok, tok_digest, cache_dir)
@@ -99,25 +103,41 @@ def build_datasets(config, workdir: str | None = None):
     if held_out is not None:
         held_out.buckets, held_out.packing = buckets, data.packing
         if config.eval.every_steps and len(held_out) < config.eval.batch_size:
-            raise DataError(f"the evaluation split has {len(held_out)} examples, fewer than "
-                            f"config.eval.batch_size={config.eval.batch_size}")
+            raise DataError(
+                f"the evaluation split has {len(held_out)} examples, fewer than "
+                f"config.eval.batch_size={config.eval.batch_size}"
+            )
 
-    report = {"train": train_report.to_dict(),
-              "eval": eval_report.to_dict() if eval_report else
-              {"held_out_from_train": 0 if held_out is None else len(held_out)},
-              "tokenizer": {"name": data.tokenizer, "vocab": len(tok), "eos_id": tok.eos_token_id,
-                            "pad_id": train.pad_id},
-              "buckets": list(buckets), "packing": bool(data.packing)}
+    report = {
+        "train": train_report.to_dict(),
+        "eval": eval_report.to_dict()
+        if eval_report
+        else {"held_out_from_train": 0 if held_out is None else len(held_out)},
+        "tokenizer": {
+            "name": data.tokenizer,
+            "vocab": len(tok),
+            "eos_id": tok.eos_token_id,
+            "pad_id": train.pad_id,
+        },
+        "buckets": list(buckets),
+        "packing": bool(data.packing),
+    }
     report["train"]["examples"] = len(train)
     if held_out is not None:
         report["eval"]["examples"] = len(held_out)
-    run = padding_stats(train, config.train.global_batch_size, config.train.steps,
-                        seed=data.seed)
+    run = padding_stats(train, config.train.global_batch_size, config.train.steps, seed=data.seed)
     report["run_padding"] = run
-    logging.info("data: %d train / %d eval examples (%d bad records skipped); padding fraction "
-                 "over the run's %d batches: %.3f (%s layout, buckets %s)", len(train),
-                 0 if held_out is None else len(held_out), train_report.num_bad,
-                 run["batches"], run["padding_fraction"], run["layout"], list(buckets))
+    logging.info(
+        "data: %d train / %d eval examples (%d bad records skipped); padding fraction "
+        "over the run's %d batches: %.3f (%s layout, buckets %s)",
+        len(train),
+        0 if held_out is None else len(held_out),
+        train_report.num_bad,
+        run["batches"],
+        run["padding_fraction"],
+        run["layout"],
+        list(buckets),
+    )
     if workdir is not None and jax.process_index() == 0:
         path = write_report(workdir, report)
         logging.info("data report written to %s", path)
@@ -125,9 +145,16 @@ def build_datasets(config, workdir: str | None = None):
     return train, held_out, None
 
 
-def make_iterator(data, global_batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                  process_index: int | None = None, process_count: int | None = None,
-                  unpaired: bool = False):
+def make_iterator(
+    data,
+    global_batch_size: int,
+    *,
+    seed: int = 0,
+    shuffle: bool = True,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    unpaired: bool = False,
+):
     """This process's resumable iterator over ``data`` (``jax.process_index`` slice).
 
     Args:
@@ -138,13 +165,21 @@ def make_iterator(data, global_batch_size: int, *, seed: int = 0, shuffle: bool 
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     cls = BucketIterator if isinstance(data, TokenizedDataset) else BatchIterator
-    it = cls(data, global_batch_size, seed=seed, shuffle=shuffle,
-             process_index=process_index, process_count=process_count)
+    it = cls(
+        data,
+        global_batch_size,
+        seed=seed,
+        shuffle=shuffle,
+        process_index=process_index,
+        process_count=process_count,
+    )
     if unpaired:
         if global_batch_size // process_count < 2:
-            raise DataError(f"KTO pairs each completion with another example's of the same "
-                            f"batch: each process needs >= 2 rows, got a batch of "
-                            f"{global_batch_size} over {process_count} processes")
+            raise DataError(
+                f"KTO pairs each completion with another example's of the same "
+                f"batch: each process needs >= 2 rows, got a batch of "
+                f"{global_batch_size} over {process_count} processes"
+            )
         return UnpairedIterator(it)
     return it
 
@@ -185,8 +220,10 @@ def with_reference(data, compute: Callable[[dict], dict]):
     if not isinstance(data, TokenizedDataset):
         return compute(data)
     if data.packing:
-        raise DataError("config.data.packing cannot be combined with precomputed reference "
-                        "log-probs (a packed row holds several examples)")
+        raise DataError(
+            "config.data.packing cannot be combined with precomputed reference "
+            "log-probs (a packed row holds several examples)"
+        )
     natural = data.natural_buckets()
     ref = np.zeros(data.lengths.shape, np.float32)  # [n, N]
     for k, length in enumerate(data.buckets):
@@ -198,8 +235,7 @@ def with_reference(data, compute: Callable[[dict], dict]):
     return dataclasses.replace(data, extras={**data.extras, "ref_logps": ref})
 
 
-def padding_stats(data: TokenizedDataset, global_batch_size: int, steps: int, *,
-                  seed: int) -> dict:
+def padding_stats(data: TokenizedDataset, global_batch_size: int, steps: int, *, seed: int) -> dict:
     """Padding of exactly the batches a run of ``steps`` steps consumes, from the batch plan."""
     it = BucketIterator(data, global_batch_size, seed=seed)
     num = data.num_responses
@@ -220,18 +256,24 @@ def padding_stats(data: TokenizedDataset, global_batch_size: int, steps: int, *,
         real[length] = real.get(length, 0) + used
     total = sum(slots.values())
     return {
-        "layout": "packed" if data.packing else "bucketed", "batches": steps,
+        "layout": "packed" if data.packing else "bucketed",
+        "batches": steps,
         "padding_fraction": 1.0 - sum(real.values()) / max(total, 1),
-        "per_bucket": {str(k): {"batches": slots[k] // (global_batch_size * num * k),
-                                "padding_fraction": 1.0 - real[k] / slots[k]}
-                       for k in sorted(slots)},
+        "per_bucket": {
+            str(k): {
+                "batches": slots[k] // (global_batch_size * num * k),
+                "padding_fraction": 1.0 - real[k] / slots[k],
+            }
+            for k in sorted(slots)
+        },
         # what padding every sequence to max_length would cost, for comparison
-        "padding_fraction_unbucketed": 1.0 - float(data.lengths.sum()) / (
-            data.lengths.size * data.buckets[-1]),
+        "padding_fraction_unbucketed": 1.0
+        - float(data.lengths.sum()) / (data.lengths.size * data.buckets[-1]),
     }
 
 
 # ----------------------------------------------------------------------------- validation
+
 
 def _template_fields(template: str) -> set[str]:
     return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
@@ -249,47 +291,86 @@ def validate_data_config(config) -> None:
         require(len(d.train_files) > 0, "train_files", "source 'files' needs at least one file")
     if d.source == "hub":
         require(bool(d.hub_id), "hub_id", "source 'hub' needs a dataset id")
-    require(d.format in formats.KINDS + formats.FORMATS, "format",
-            f"expected one of {formats.KINDS + formats.FORMATS}")
+    require(
+        d.format in formats.KINDS + formats.FORMATS,
+        "format",
+        f"expected one of {formats.KINDS + formats.FORMATS}",
+    )
     if d.format == "demonstration_pairs" or d.rejected_files:
         require(d.source == "files", "source", "'demonstration_pairs' reads local files")
-        require(len(d.rejected_files) > 0, "rejected_files",
-                "'demonstration_pairs' needs the rejected demonstrations")
-        require(not d.eval_files, "eval_files", "'demonstration_pairs' holds out num_eval "
-                "pairs instead")
+        require(
+            len(d.rejected_files) > 0,
+            "rejected_files",
+            "'demonstration_pairs' needs the rejected demonstrations",
+        )
+        require(
+            not d.eval_files, "eval_files", "'demonstration_pairs' holds out num_eval pairs instead"
+        )
     require(bool(d.tokenizer), "tokenizer", "name a tokenizer directory, file or hub id")
     require(d.max_length > 1, "max_length", "must be > 1")
-    require(0 < d.max_prompt_length < d.max_length, "max_prompt_length",
-            f"must be in (0, max_length={d.max_length})")
-    require(d.truncation_mode in tokenize.TRUNCATION_MODES, "truncation_mode",
-            f"expected one of {tokenize.TRUNCATION_MODES}")
-    require(d.too_long in tokenize.TOO_LONG_POLICIES, "too_long",
-            f"expected one of {tokenize.TOO_LONG_POLICIES}")
-    require(d.boundary_mismatch in tokenize.BOUNDARY_POLICIES, "boundary_mismatch",
-            f"expected one of {tokenize.BOUNDARY_POLICIES}")
-    require(d.chat_template in tokenize.TEMPLATE_MODES, "chat_template",
-            f"expected one of {tokenize.TEMPLATE_MODES}")
+    require(
+        0 < d.max_prompt_length < d.max_length,
+        "max_prompt_length",
+        f"must be in (0, max_length={d.max_length})",
+    )
+    require(
+        d.truncation_mode in tokenize.TRUNCATION_MODES,
+        "truncation_mode",
+        f"expected one of {tokenize.TRUNCATION_MODES}",
+    )
+    require(
+        d.too_long in tokenize.TOO_LONG_POLICIES,
+        "too_long",
+        f"expected one of {tokenize.TOO_LONG_POLICIES}",
+    )
+    require(
+        d.boundary_mismatch in tokenize.BOUNDARY_POLICIES,
+        "boundary_mismatch",
+        f"expected one of {tokenize.BOUNDARY_POLICIES}",
+    )
+    require(
+        d.chat_template in tokenize.TEMPLATE_MODES,
+        "chat_template",
+        f"expected one of {tokenize.TEMPLATE_MODES}",
+    )
     require(d.on_bad_record in ("error", "skip"), "on_bad_record", "expected 'error' or 'skip'")
-    require(_template_fields(d.prompt_template) == {"prompt"}, "prompt_template",
-            "must contain exactly the placeholder {prompt}")
-    require(_template_fields(d.response_template) == {"response"}, "response_template",
-            "must contain exactly the placeholder {response}")
+    require(
+        _template_fields(d.prompt_template) == {"prompt"},
+        "prompt_template",
+        "must contain exactly the placeholder {prompt}",
+    )
+    require(
+        _template_fields(d.response_template) == {"response"},
+        "response_template",
+        "must contain exactly the placeholder {response}",
+    )
     require(all(int(b) > 0 for b in d.buckets), "buckets", "lengths must be positive")
     require(d.num_eval >= 0 and d.max_records >= 0, "num_eval", "counts must be >= 0")
     unknown = set(d.field_map.keys()) - set(formats.FIELD_MAP_KEYS)
-    require(not unknown, "field_map", f"unknown keys {sorted(unknown)}; expected "
-            f"{formats.FIELD_MAP_KEYS}")
+    require(
+        not unknown,
+        "field_map",
+        f"unknown keys {sorted(unknown)}; expected {formats.FIELD_MAP_KEYS}",
+    )
     if d.max_length > _max_positions(config):
-        raise ConfigError(f"config.data.max_length={d.max_length} exceeds "
-                         f"the model's maximum sequence length {_max_positions(config)}")
+        raise ConfigError(
+            f"config.data.max_length={d.max_length} exceeds "
+            f"the model's maximum sequence length {_max_positions(config)}"
+        )
     terms = validation.loss_terms(config.loss)
     if d.packing:
-        require(not objectives.needs_pairs(terms) and not objectives.needs_reference(terms),
-                "packing", "a packed row sums several examples, which only per-token losses "
-                "(loss.name='sft', no pair or reference terms) allow")
-        require(_accepts_segment_ids(config.model.family), "packing",
-                f"model family {config.model.family!r} takes no segment_ids, so packed "
-                "examples would attend to each other")
+        require(
+            not objectives.needs_pairs(terms) and not objectives.needs_reference(terms),
+            "packing",
+            "a packed row sums several examples, which only per-token losses "
+            "(loss.name='sft', no pair or reference terms) allow",
+        )
+        require(
+            _accepts_segment_ids(config.model.family),
+            "packing",
+            f"model family {config.model.family!r} takes no segment_ids, so packed "
+            "examples would attend to each other",
+        )
     check_layout(config, d.format, None, error=ValueError)
 
 
@@ -322,21 +403,29 @@ def check_layout(config, fmt: str, num_responses: int | None, *, error=ValueErro
     names = [t.name for t in terms]
     kind = format_kind(fmt)
     if layout == "unpaired" and kind != "unpaired":
-        raise error(f"config.data.format={fmt!r}: loss terms {names} read unpaired labelled "
-                    f"completions (KTO); use format {formats.UNPAIRED_FORMATS[0]!r} "
-                    "({prompt, completion, label} records)")
+        raise error(
+            f"config.data.format={fmt!r}: loss terms {names} read unpaired labelled "
+            f"completions (KTO); use format {formats.UNPAIRED_FORMATS[0]!r} "
+            "({prompt, completion, label} records)"
+        )
     if kind == "unpaired" and layout != "unpaired":
-        raise error(f"config.data.format={fmt!r} holds labelled single completions, which only "
-                    f"KTO trains (loss.name='kto'); loss terms {names} would imitate or rank "
-                    "undesirable completions")
+        raise error(
+            f"config.data.format={fmt!r} holds labelled single completions, which only "
+            f"KTO trains (loss.name='kto'); loss terms {names} would imitate or rank "
+            "undesirable completions"
+        )
     if kind == "sft" and layout in ("pair", "list"):
-        raise error(f"the data holds demonstrations (N=1, format {fmt!r}) but "
-                    f"config.loss.name={config.loss.name!r} needs chosen/rejected pairs "
-                    f"(loss terms {names}); use loss.name='sft' or a preference format")
+        raise error(
+            f"the data holds demonstrations (N=1, format {fmt!r}) but "
+            f"config.loss.name={config.loss.name!r} needs chosen/rejected pairs "
+            f"(loss terms {names}); use loss.name='sft' or a preference format"
+        )
     if layout == "pair" and num_responses is not None and num_responses != 2:
-        raise error(f"config.data.format={fmt!r} gives N={num_responses} responses per prompt "
-                    f"but loss terms {names} need exactly 2 (chosen, rejected); for ranked "
-                    "lists use a listwise loss (plackett_luce, dil_*)")
+        raise error(
+            f"config.data.format={fmt!r} gives N={num_responses} responses per prompt "
+            f"but loss terms {names} need exactly 2 (chosen, rejected); for ranked "
+            "lists use a listwise loss (plackett_luce, dil_*)"
+        )
 
 
 def _accepts_segment_ids(family: str) -> bool:
@@ -345,19 +434,25 @@ def _accepts_segment_ids(family: str) -> bool:
 
 # ----------------------------------------------------------------------------- building
 
+
 def _gold_task(config):
     data = config.data
     if data.format not in GOLD_FORMATS:
-        raise ConfigError(f"config.data.format={data.format!r}: the gold task has formats "
-                         f"{GOLD_FORMATS}")
+        raise ConfigError(
+            f"config.data.format={data.format!r}: the gold task has formats {GOLD_FORMATS}"
+        )
     check_layout(config, data.format, 2 if data.format == "preference" else 1)
     task = GoldTask()
     if task.seq_len > _max_positions(config):
-        raise ConfigError(f"the model's maximum sequence length {_max_positions(config)} is "
-                         f"shorter than the gold task's sequences ({task.seq_len} tokens)")
+        raise ConfigError(
+            f"the model's maximum sequence length {_max_positions(config)} is "
+            f"shorter than the gold task's sequences ({task.seq_len} tokens)"
+        )
     if task.vocab_size > config.model.vocab_size:
-        raise ConfigError(f"config.model.vocab_size={config.model.vocab_size} is smaller than the "
-                         f"gold task's vocabulary ({task.vocab_size})")
+        raise ConfigError(
+            f"config.model.vocab_size={config.model.vocab_size} is smaller than the "
+            f"gold task's vocabulary ({task.vocab_size})"
+        )
     make = task.preference_dataset if data.format == "preference" else task.sft_dataset
     # Distinct seeds for train and held-out data: no prompt stream is shared.
     train = make(data.num_train, seed=data.seed, source=data.response_source)
@@ -375,13 +470,23 @@ def _split_sources(config, split: str) -> tuple[Callable, str, str]:
     d = config.data
     if d.source == "files":
         paths = tuple(d.train_files if split == "train" else d.eval_files)
-        return (lambda report: sources.read_files(paths, report, d.max_records),
-                sources.files_digest(paths), ", ".join(paths))
+        return (
+            lambda report: sources.read_files(paths, report, d.max_records),
+            sources.files_digest(paths),
+            ", ".join(paths),
+        )
     hub_split = d.train_split if split == "train" else d.eval_split
-    return (lambda report: sources.read_hub(d.hub_id, hub_split, name=d.hub_config,
-                                            revision=d.hub_revision, max_records=d.max_records),
-            sources.hub_digest(d.hub_id, hub_split, d.hub_config, d.hub_revision),
-            f"{d.hub_id}[{hub_split}]")
+    return (
+        lambda report: sources.read_hub(
+            d.hub_id,
+            hub_split,
+            name=d.hub_config,
+            revision=d.hub_revision,
+            max_records=d.max_records,
+        ),
+        sources.hub_digest(d.hub_id, hub_split, d.hub_config, d.hub_revision),
+        f"{d.hub_id}[{hub_split}]",
+    )
 
 
 def _build_split(split: str, config, tok, tok_digest: str, cache_dir: str):
@@ -389,37 +494,59 @@ def _build_split(split: str, config, tok, tok_digest: str, cache_dir: str):
     d = config.data
     read, data_digest, description = _split_sources(config, split)
     rejected_digest = sources.files_digest(d.rejected_files) if d.rejected_files else ""
-    key = cache.content_key({
-        "split": split, "data": data_digest, "rejected": rejected_digest,
-        "format": d.format, "field_map": dict(d.field_map), "tokenizer": tok_digest,
-        "eos": d.eos_token, "chat_template": d.chat_template, "prompt_template": d.prompt_template,
-        "response_template": d.response_template, "max_length": d.max_length,
-        "max_prompt_length": d.max_prompt_length, "truncation_mode": d.truncation_mode,
-        "too_long": d.too_long, "boundary_mismatch": d.boundary_mismatch,
-        "on_bad_record": d.on_bad_record, "max_records": d.max_records,
-        # labelled records keep their labels (cache.OPTIONAL_KEYS): never a label-less hit
-        **({"labels": True} if d.format in formats.UNPAIRED_FORMATS else {})})
+    key = cache.content_key(
+        {
+            "split": split,
+            "data": data_digest,
+            "rejected": rejected_digest,
+            "format": d.format,
+            "field_map": dict(d.field_map),
+            "tokenizer": tok_digest,
+            "eos": d.eos_token,
+            "chat_template": d.chat_template,
+            "prompt_template": d.prompt_template,
+            "response_template": d.response_template,
+            "max_length": d.max_length,
+            "max_prompt_length": d.max_prompt_length,
+            "truncation_mode": d.truncation_mode,
+            "too_long": d.too_long,
+            "boundary_mismatch": d.boundary_mismatch,
+            "on_bad_record": d.on_bad_record,
+            "max_records": d.max_records,
+            # labelled records keep their labels (cache.OPTIONAL_KEYS): never a label-less hit
+            **({"labels": True} if d.format in formats.UNPAIRED_FORMATS else {}),
+        }
+    )
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     hit = cache.load(cache_dir, split, key) if cache_dir else None
     if hit is not None:
         arrays, report_dict = hit
         report = SplitReport.from_dict(split, d.on_bad_record, report_dict)
         report.info["cache"] = {"file": cache.path_for(cache_dir, split, key), "hit": True}
-        progress.announce(f"{split} data: tokenised-data cache hit, "
-                          f"{len(arrays['example_id'])} examples loaded from "
-                          f"{report.info['cache']['file']} (no tokenisation)")
+        progress.announce(
+            f"{split} data: tokenised-data cache hit, "
+            f"{len(arrays['example_id'])} examples loaded from "
+            f"{report.info['cache']['file']} (no tokenisation)"
+        )
     else:
         report = SplitReport(split, d.on_bad_record)
         arrays = _tokenise_split(read, config, tok, report, key)
         report.info.update(sources=description, **_token_stats(arrays))
         if cache_dir and len(arrays["example_id"]) and jax.process_index() == 0:
-            path = cache.save(cache_dir, split, key, arrays,
-                              {k: v for k, v in report.to_dict().items() if k != "cache"})
+            path = cache.save(
+                cache_dir,
+                split,
+                key,
+                arrays,
+                {k: v for k, v in report.to_dict().items() if k != "cache"},
+            )
             report.info["cache"] = {"file": path, "hit": False}
     if not len(arrays["example_id"]):
-        raise DataError(f"no {split} examples left after filtering {description}: "
-                        f"{report.counts.get('records_read', 0)} records read, rejected "
-                        f"{dict(report.bad)}, other counts {dict(report.counts)}")
+        raise DataError(
+            f"no {split} examples left after filtering {description}: "
+            f"{report.counts.get('records_read', 0)} records read, rejected "
+            f"{dict(report.bad)}, other counts {dict(report.counts)}"
+        )
     arrays = dict(arrays)
     extras = {k: arrays.pop(k) for k in cache.OPTIONAL_KEYS if k in arrays}  # labels [n]
     return TokenizedDataset(**arrays, pad_id=int(pad_id), extras=extras, digest=key), report
@@ -431,22 +558,35 @@ def _tokenise_split(read, config, tok, report: SplitReport, key: str) -> dict:
     first = next(records, None)
     fmt = formats.resolve_format(d.format, first, bool(d.rejected_files))
     report.info["format"] = fmt
-    renderer = tokenize.Renderer(tok, d.chat_template, fmt, d.prompt_template,
-                                 d.response_template, d.tokenizer)
+    renderer = tokenize.Renderer(
+        tok, d.chat_template, fmt, d.prompt_template, d.response_template, d.tokenizer
+    )
     report.info["rendering"] = renderer.mode
     field_map = {k: v for k, v in d.field_map.items() if v}
     stream = itertools.chain([first], records) if first is not None else iter(())
     examples = formats.parse_records(stream, fmt, field_map, report)
     if fmt == "demonstration_pairs":
-        rejected = formats.parse_records(sources.read_files(tuple(d.rejected_files), report,
-                                                            d.max_records),
-                                         fmt, field_map, report, counter="rejected_records_read")
+        rejected = formats.parse_records(
+            sources.read_files(tuple(d.rejected_files), report, d.max_records),
+            fmt,
+            field_map,
+            report,
+            counter="rejected_records_read",
+        )
         examples = formats.join_demonstrations(examples, rejected, report)
     return tokenize.tokenize_examples(
-        examples, tok, renderer, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
-        truncation_mode=d.truncation_mode, too_long=d.too_long,
-        boundary_mismatch=d.boundary_mismatch, report=report, num_proc=d.num_proc,
-        fingerprint=key)
+        examples,
+        tok,
+        renderer,
+        max_length=d.max_length,
+        max_prompt_length=d.max_prompt_length,
+        truncation_mode=d.truncation_mode,
+        too_long=d.too_long,
+        boundary_mismatch=d.boundary_mismatch,
+        report=report,
+        num_proc=d.num_proc,
+        fingerprint=key,
+    )
 
 
 def _token_stats(arrays: dict) -> dict:
@@ -454,10 +594,12 @@ def _token_stats(arrays: dict) -> dict:
     if not lengths.size:
         return {}
     responses = lengths - prompts
-    return {"tokens": int(lengths.sum()),
-            "prompt_tokens": {"mean": float(prompts[:, 0].mean()), "max": int(prompts.max())},
-            "response_tokens": {"mean": float(responses.mean()), "max": int(responses.max())},
-            "sequence_tokens": {"mean": float(lengths.mean()), "max": int(lengths.max())}}
+    return {
+        "tokens": int(lengths.sum()),
+        "prompt_tokens": {"mean": float(prompts[:, 0].mean()), "max": int(prompts.max())},
+        "response_tokens": {"mean": float(responses.mean()), "max": int(responses.max())},
+        "sequence_tokens": {"mean": float(lengths.mean()), "max": int(lengths.max())},
+    }
 
 
 def _hold_out(train: TokenizedDataset, num_eval: int, seed: int):
@@ -465,8 +607,9 @@ def _hold_out(train: TokenizedDataset, num_eval: int, seed: int):
     if num_eval == 0:
         return train, None
     if num_eval >= len(train):
-        raise DataError(f"config.data.num_eval={num_eval} leaves no training examples out of "
-                        f"{len(train)}")
+        raise DataError(
+            f"config.data.num_eval={num_eval} leaves no training examples out of {len(train)}"
+        )
     perm = np.random.default_rng([seed, zlib.crc32(b"hold_out")]).permutation(len(train))
     return train.select(np.sort(perm[num_eval:])), train.select(np.sort(perm[:num_eval]))
 

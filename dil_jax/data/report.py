@@ -30,8 +30,11 @@ class Location:
     unit: str = "line"  # 'line' (jsonl/json text), 'row' (parquet, hub)
 
     def __str__(self) -> str:
-        return f"{self.source}:{self.line}" if self.unit == "line" else \
-            f"{self.source} {self.unit} {self.line}"
+        return (
+            f"{self.source}:{self.line}"
+            if self.unit == "line"
+            else f"{self.source} {self.unit} {self.line}"
+        )
 
 
 class BadRecord(Exception):
@@ -61,8 +64,10 @@ class SplitReport:
 
     def __post_init__(self):
         if self.on_bad_record not in BAD_RECORD_POLICIES:
-            raise ConfigError(f"config.data.on_bad_record={self.on_bad_record!r}: expected one "
-                             f"of {BAD_RECORD_POLICIES}")
+            raise ConfigError(
+                f"config.data.on_bad_record={self.on_bad_record!r}: expected one "
+                f"of {BAD_RECORD_POLICIES}"
+            )
 
     def count(self, key: str, n: int = 1) -> None:
         self.counts[key] += n
@@ -72,9 +77,11 @@ class SplitReport:
         where = f"{location}: " + (f"field {err.field!r}: " if err.field else "")
         message = f"{where}{err.detail} [{err.reason}]"
         if self.on_bad_record == "error":
-            raise DataError(f"bad {self.name} record at {message}. Fix the data, or set "
-                            "config.data.on_bad_record='skip' to skip such records and count "
-                            "them in data_report.json.")
+            raise DataError(
+                f"bad {self.name} record at {message}. Fix the data, or set "
+                "config.data.on_bad_record='skip' to skip such records and count "
+                "them in data_report.json."
+            )
         self.bad[err.reason] += 1
         if len(self.bad_examples) < MAX_EXAMPLES:
             self.bad_examples.append(message)
@@ -84,18 +91,26 @@ class SplitReport:
         return sum(self.bad.values())
 
     def to_dict(self) -> dict:
-        return {"counts": dict(sorted(self.counts.items())),
-                "bad_records": dict(sorted(self.bad.items())), "num_bad_records": self.num_bad,
-                "bad_record_examples": list(self.bad_examples), **self.info}
+        return {
+            "counts": dict(sorted(self.counts.items())),
+            "bad_records": dict(sorted(self.bad.items())),
+            "num_bad_records": self.num_bad,
+            "bad_record_examples": list(self.bad_examples),
+            **self.info,
+        }
 
     @classmethod
     def from_dict(cls, name: str, on_bad_record: str, d: dict) -> SplitReport:
         """Inverse of ``to_dict`` (a cached dataset carries the report of its first build)."""
         known = ("counts", "bad_records", "num_bad_records", "bad_record_examples")
-        return cls(name, on_bad_record, collections.Counter(d.get("counts", {})),
-                   collections.Counter(d.get("bad_records", {})),
-                   list(d.get("bad_record_examples", [])),
-                   {k: v for k, v in d.items() if k not in known})
+        return cls(
+            name,
+            on_bad_record,
+            collections.Counter(d.get("counts", {})),
+            collections.Counter(d.get("bad_records", {})),
+            list(d.get("bad_record_examples", [])),
+            {k: v for k, v in d.items() if k not in known},
+        )
 
 
 def write_report(workdir: str, report: dict) -> str:

@@ -32,15 +32,19 @@ def file_kind(path: str) -> str:
     for suffix in FILE_SUFFIXES:
         if name.endswith(suffix):
             return suffix[1:]
-    raise DataError(f"data file {path}: unsupported name; expected one of "
-                    f"{', '.join(s + '[.gz]' for s in FILE_SUFFIXES)}")
+    raise DataError(
+        f"data file {path}: unsupported name; expected one of "
+        f"{', '.join(s + '[.gz]' for s in FILE_SUFFIXES)}"
+    )
 
 
 def require_file(path: str) -> None:
     """DataError saying what is wrong with a data file path: missing, a directory, special."""
     if os.path.isdir(path):
-        raise DataError(f"data file {path} is a directory, expected a file (list the files "
-                        "inside it, e.g. data.train_files=('dir/a.jsonl', 'dir/b.jsonl'))")
+        raise DataError(
+            f"data file {path} is a directory, expected a file (list the files "
+            "inside it, e.g. data.train_files=('dir/a.jsonl', 'dir/b.jsonl'))"
+        )
     if not os.path.exists(path):
         raise DataError(f"data file {path} does not exist")
     if not os.path.isfile(path):
@@ -67,19 +71,30 @@ def _jsonl_records(path: str, raw: bytes, report: SplitReport):
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as e:
-            report.reject(loc, BadRecord(None, "not_utf8",
-                                         f"bytes {line[e.start:e.end]!r} at column {e.start + 1} "
-                                         "are not valid UTF-8"))
+            report.reject(
+                loc,
+                BadRecord(
+                    None,
+                    "not_utf8",
+                    f"bytes {line[e.start : e.end]!r} at column {e.start + 1} are not valid UTF-8",
+                ),
+            )
             continue
         try:
             record = json.loads(text)
         except json.JSONDecodeError as e:
-            report.reject(loc, BadRecord(None, "malformed_json",
-                                         f"malformed JSON ({e.msg} at column {e.colno})"))
+            report.reject(
+                loc,
+                BadRecord(None, "malformed_json", f"malformed JSON ({e.msg} at column {e.colno})"),
+            )
             continue
         if not isinstance(record, dict):
-            report.reject(loc, BadRecord(None, "not_an_object",
-                                         f"expected a JSON object, got {type(record).__name__}"))
+            report.reject(
+                loc,
+                BadRecord(
+                    None, "not_an_object", f"expected a JSON object, got {type(record).__name__}"
+                ),
+            )
             continue
         yield loc, record
 
@@ -89,9 +104,11 @@ def _json_records(path: str, raw: bytes, report: SplitReport):
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise DataError(f"data file {path}:{line}: bytes {raw[e.start:e.end]!r} are not valid "
-                        "UTF-8 (a .json file is read as one document)") from e
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"data file {path}:{line}: bytes {raw[e.start : e.end]!r} are not valid "
+            "UTF-8 (a .json file is read as one document)"
+        ) from e
     decoder = json.JSONDecoder()
     idx, n, line, counted_to = 0, len(text), 1, 0
 
@@ -108,8 +125,10 @@ def _json_records(path: str, raw: bytes, report: SplitReport):
 
     idx = skip(idx)
     if idx >= n or text[idx] != "[":
-        raise DataError(f"data file {path}: expected a JSON array of records (use .jsonl for "
-                        "one object per line)")
+        raise DataError(
+            f"data file {path}: expected a JSON array of records (use .jsonl for "
+            "one object per line)"
+        )
     idx = skip(idx + 1)
     if idx < n and text[idx] == "]":
         return
@@ -117,22 +136,30 @@ def _json_records(path: str, raw: bytes, report: SplitReport):
         try:
             record, end = decoder.raw_decode(text, idx)
         except json.JSONDecodeError as e:
-            raise DataError(f"data file {path}:{e.lineno}: malformed JSON ({e.msg} at column "
-                            f"{e.colno}); a .json file is read as one document") from e
+            raise DataError(
+                f"data file {path}:{e.lineno}: malformed JSON ({e.msg} at column "
+                f"{e.colno}); a .json file is read as one document"
+            ) from e
         loc = Location(path, line_at(idx))
         if isinstance(record, dict):
             yield loc, record
         else:
-            report.reject(loc, BadRecord(None, "not_an_object",
-                                         f"expected a JSON object, got {type(record).__name__}"))
+            report.reject(
+                loc,
+                BadRecord(
+                    None, "not_an_object", f"expected a JSON object, got {type(record).__name__}"
+                ),
+            )
         idx = skip(end)
         if idx < n and text[idx] == ",":
             idx = skip(idx + 1)
         elif idx < n and text[idx] == "]":
             return
         else:
-            raise DataError(f"data file {path}:{line_at(min(idx, n))}: malformed JSON array "
-                            "(expected ',' or ']')")
+            raise DataError(
+                f"data file {path}:{line_at(min(idx, n))}: malformed JSON array "
+                "(expected ',' or ']')"
+            )
 
 
 def _parquet_records(path: str, raw: bytes, report: SplitReport):
@@ -166,16 +193,19 @@ def read_files(paths, report: SplitReport, max_records: int = 0) -> Iterator[tup
                 return
 
 
-def read_hub(hub_id: str, split: str, *, name: str = "", revision: str = "",
-             max_records: int = 0) -> Iterator[tuple]:
+def read_hub(
+    hub_id: str, split: str, *, name: str = "", revision: str = "", max_records: int = 0
+) -> Iterator[tuple]:
     """Yields ``(location, record dict)`` from ``datasets.load_dataset`` (hub id or local dir)."""
     import datasets  # noqa: PLC0415 (heavy import, only this source needs it)
 
     try:
         ds = datasets.load_dataset(hub_id, name or None, split=split, revision=revision or None)
     except Exception as e:  # hub, network and builder errors have no common base class
-        raise DataError(f"config.data.hub_id={hub_id!r} split={split!r}: could not load "
-                        f"({type(e).__name__}: {e})") from e
+        raise DataError(
+            f"config.data.hub_id={hub_id!r} split={split!r}: could not load "
+            f"({type(e).__name__}: {e})"
+        ) from e
     if max_records:
         ds = ds.select(range(min(max_records, len(ds))))
     for i, record in enumerate(ds, start=1):

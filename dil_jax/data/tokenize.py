@@ -70,8 +70,10 @@ def load_tokenizer(spec: str, eos_token: str = ""):
     from transformers import PreTrainedTokenizerFast  # noqa: PLC0415 (heavy import)
 
     if not spec:
-        raise DataError("config.data.tokenizer is empty: name a tokenizer directory, "
-                        "tokenizer.json file or hub id")
+        raise DataError(
+            "config.data.tokenizer is empty: name a tokenizer directory, "
+            "tokenizer.json file or hub id"
+        )
     _check_local_tokenizer(spec)
     try:
         has_json = os.path.exists(os.path.join(spec, "tokenizer.json"))
@@ -86,8 +88,10 @@ def load_tokenizer(spec: str, eos_token: str = ""):
             # and never the directory's auto_map code.
             tok = PreTrainedTokenizerFast.from_pretrained(spec)
         elif os.path.isdir(spec) and not has_config:
-            raise DataError(f"config.data.tokenizer={spec!r}: the directory has neither "
-                            "tokenizer_config.json nor tokenizer.json")
+            raise DataError(
+                f"config.data.tokenizer={spec!r}: the directory has neither "
+                "tokenizer_config.json nor tokenizer.json"
+            )
         else:  # a hub id, or a directory that needs its tokenizer class (e.g. sentencepiece)
             from transformers import AutoTokenizer  # noqa: PLC0415 (imports torch when present)
 
@@ -97,23 +101,28 @@ def load_tokenizer(spec: str, eos_token: str = ""):
         raise
     except Exception as e:  # hub/network/format errors have no common base class
         if "trust_remote_code" in str(e):
-            raise DataError(f"config.data.tokenizer={spec!r} needs its repository's own Python "
-                            "code to load, and dil_jax never runs repository code: use a "
-                            "tokenizer with a tokenizer.json") from e
-        where = ("" if os.path.exists(spec) else
-                 f" (no local path {os.path.abspath(spec)!r} either)")
-        raise DataError(f"config.data.tokenizer={spec!r}: could not load{where} "
-                        f"({type(e).__name__}: {e})") from e
+            raise DataError(
+                f"config.data.tokenizer={spec!r} needs its repository's own Python "
+                "code to load, and dil_jax never runs repository code: use a "
+                "tokenizer with a tokenizer.json"
+            ) from e
+        where = "" if os.path.exists(spec) else f" (no local path {os.path.abspath(spec)!r} either)"
+        raise DataError(
+            f"config.data.tokenizer={spec!r}: could not load{where} ({type(e).__name__}: {e})"
+        ) from e
     if not getattr(tok, "is_fast", False):
         raise DataError(f"config.data.tokenizer={spec!r} has no fast (Rust) tokenizer")
     if eos_token:
         if eos_token not in tok.get_vocab():
-            raise DataError(f"config.data.eos_token={eos_token!r} is not a token of "
-                            f"tokenizer {spec!r}")
+            raise DataError(
+                f"config.data.eos_token={eos_token!r} is not a token of tokenizer {spec!r}"
+            )
         tok.eos_token = eos_token
     if tok.eos_token_id is None:
-        raise DataError(f"tokenizer {spec!r} defines no EOS token; set config.data.eos_token "
-                        "(e.g. '<|endoftext|>' for GPT-2)")
+        raise DataError(
+            f"tokenizer {spec!r} defines no EOS token; set config.data.eos_token "
+            "(e.g. '<|endoftext|>' for GPT-2)"
+        )
     return tok
 
 
@@ -122,12 +131,18 @@ def _check_local_tokenizer(spec: str) -> None:
     "Repo id must be in the form" error) and a directory whose tokenizer is Python code it ships
     (``auto_map`` with no ``tokenizer.json``), which dil_jax never executes."""
     # Hub ids are "name" or "org/name"; anything else that does not exist was meant as a path.
-    looks_local = (os.path.isabs(spec) or spec.startswith((".", "~")) or spec.count("/") > 1
-                   or spec.endswith(".json"))
+    looks_local = (
+        os.path.isabs(spec)
+        or spec.startswith((".", "~"))
+        or spec.count("/") > 1
+        or spec.endswith(".json")
+    )
     if not os.path.exists(spec):
         if looks_local:
-            raise DataError(f"config.data.tokenizer={spec!r}: the path does not exist "
-                            f"({os.path.abspath(os.path.expanduser(spec))})")
+            raise DataError(
+                f"config.data.tokenizer={spec!r}: the path does not exist "
+                f"({os.path.abspath(os.path.expanduser(spec))})"
+            )
         return  # a hub id
     if not os.path.isdir(spec) or os.path.exists(os.path.join(spec, "tokenizer.json")):
         return  # tokenizer.json is data: loaded without the directory's code
@@ -142,7 +157,8 @@ def _check_local_tokenizer(spec: str) -> None:
                 f"config.data.tokenizer={spec!r}: {name} maps the tokenizer to Python code "
                 f"shipped in the directory (auto_map {json.dumps(auto_map)}) and there is no "
                 "tokenizer.json; dil_jax never runs repository code. Provide a tokenizer.json "
-                "(e.g. saved by tokenizer.save_pretrained in a trusted environment)")
+                "(e.g. saved by tokenizer.save_pretrained in a trusted environment)"
+            )
 
 
 def tokenizer_digest(tok) -> str:
@@ -156,26 +172,38 @@ def tokenizer_digest(tok) -> str:
 class Renderer:
     """Text of the prompt and of each full sequence (prompt + response) of an example."""
 
-    def __init__(self, tok, mode: str, fmt: str, prompt_template: str = "{prompt}",
-                 response_template: str = "{response}", tokenizer_name: str = ""):
+    def __init__(
+        self,
+        tok,
+        mode: str,
+        fmt: str,
+        prompt_template: str = "{prompt}",
+        response_template: str = "{response}",
+        tokenizer_name: str = "",
+    ):
         if mode not in TEMPLATE_MODES:
-            raise DataError(f"config.data.chat_template={mode!r}: expected one of "
-                            f"{TEMPLATE_MODES}")
+            raise DataError(f"config.data.chat_template={mode!r}: expected one of {TEMPLATE_MODES}")
         has_template = bool(getattr(tok, "chat_template", None))
         if fmt in CHAT_FORMATS:
             if mode == "plain":
-                raise DataError(f"format {fmt!r} holds chat messages, which only a chat template "
-                                "can render; config.data.chat_template='plain' cannot")
+                raise DataError(
+                    f"format {fmt!r} holds chat messages, which only a chat template "
+                    "can render; config.data.chat_template='plain' cannot"
+                )
             if not has_template:
-                raise DataError(f"tokenizer {tokenizer_name!r} has no chat template, which "
-                                f"format {fmt!r} needs; use a tokenizer with one")
+                raise DataError(
+                    f"tokenizer {tokenizer_name!r} has no chat template, which "
+                    f"format {fmt!r} needs; use a tokenizer with one"
+                )
             mode = "chat"
         elif mode == "auto":
             mode = "chat" if has_template else "plain"
         elif mode == "chat" and not has_template:
-            raise DataError(f"tokenizer {tokenizer_name!r} has no chat template "
-                            "(config.data.chat_template='chat'); use a tokenizer with one or "
-                            "config.data.chat_template='plain'")
+            raise DataError(
+                f"tokenizer {tokenizer_name!r} has no chat template "
+                "(config.data.chat_template='chat'); use a tokenizer with one or "
+                "config.data.chat_template='plain'"
+            )
         self.tok, self.mode = tok, mode
         self.prompt_template, self.response_template = prompt_template, response_template
         probe = tok("a")["input_ids"]
@@ -185,23 +213,31 @@ class Renderer:
     def render(self, ex: Example) -> tuple[str, tuple[str, ...]]:
         if self.mode == "plain":
             prompt = self.bos + self.prompt_template.format(prompt=ex.prompt_text)
-            return prompt, tuple(prompt + self.response_template.format(response=r)
-                                 for r in ex.responses)
+            return prompt, tuple(
+                prompt + self.response_template.format(response=r) for r in ex.responses
+            )
         msgs = list(ex.prompt_messages)
         try:
             prompt = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-            fulls = tuple(self.tok.apply_chat_template(
-                msgs + [{"role": "assistant", "content": r}], tokenize=False)
-                for r in ex.chat_responses)
+            fulls = tuple(
+                self.tok.apply_chat_template(
+                    msgs + [{"role": "assistant", "content": r}], tokenize=False
+                )
+                for r in ex.chat_responses
+            )
         except Exception as e:  # jinja's raise_exception and template errors vary in type
-            raise BadRecord("prompt", "template_error",
-                            f"the chat template failed: {type(e).__name__}: {e}") from e
+            raise BadRecord(
+                "prompt", "template_error", f"the chat template failed: {type(e).__name__}: {e}"
+            ) from e
         names = response_names(len(fulls))
         for name, full in zip(names, fulls, strict=True):
             if not full.startswith(prompt):
-                raise BadRecord(name, "template_prefix_mismatch",
-                                "the chat template renders the prompt differently with and "
-                                "without the reply, so the reply cannot be located")
+                raise BadRecord(
+                    name,
+                    "template_prefix_mismatch",
+                    "the chat template renders the prompt differently with and "
+                    "without the reply, so the reply cannot be located",
+                )
         return prompt, fulls
 
 
@@ -216,16 +252,25 @@ def _batch_tokenize(tok, columns: dict[str, list[str]], num_proc: int, fingerpri
 
     # Declared output types: datasets would otherwise infer them value by value (~25% of the
     # time on long responses).
-    features = datasets.Features({f"{k}_ids": datasets.List(datasets.Value("int32"))
-                                  for k in columns})
+    features = datasets.Features(
+        {f"{k}_ids": datasets.List(datasets.Value("int32")) for k in columns}
+    )
     # datasets draws its own bar ("tokenising"); only process 0 shows it.
     quiet = not progress.is_chief() and datasets.is_progress_bar_enabled()
     if quiet:
         datasets.disable_progress_bars()
     try:
-        ds = ds.map(encode, batched=True, batch_size=1000, remove_columns=list(columns),
-                    features=features, num_proc=num_proc if num_proc > 1 else None,
-                    keep_in_memory=True, new_fingerprint=fingerprint, desc="tokenising")
+        ds = ds.map(
+            encode,
+            batched=True,
+            batch_size=1000,
+            remove_columns=list(columns),
+            features=features,
+            num_proc=num_proc if num_proc > 1 else None,
+            keep_in_memory=True,
+            new_fingerprint=fingerprint,
+            desc="tokenising",
+        )
     finally:
         if quiet:
             datasets.enable_progress_bars()
@@ -233,13 +278,20 @@ def _batch_tokenize(tok, columns: dict[str, list[str]], num_proc: int, fingerpri
     out = {}
     for k in columns:
         col = table.column(f"{k}_ids").combine_chunks()
-        out[k] = (col.values.to_numpy(zero_copy_only=False).astype(np.int32),
-                  col.offsets.to_numpy().astype(np.int64))
+        out[k] = (
+            col.values.to_numpy(zero_copy_only=False).astype(np.int32),
+            col.offsets.to_numpy().astype(np.int64),
+        )
     return out
 
 
-def _cut_prompt(prompt: np.ndarray, max_prompt_length: int, max_length: int,
-                truncation_mode: str, report: SplitReport) -> np.ndarray:
+def _cut_prompt(
+    prompt: np.ndarray,
+    max_prompt_length: int,
+    max_length: int,
+    truncation_mode: str,
+    report: SplitReport,
+) -> np.ndarray:
     """The prompt cut to ``max_prompt_length`` tokens per ``truncation_mode`` (counted)."""
     if len(prompt) <= max_prompt_length:
         return prompt
@@ -250,14 +302,25 @@ def _cut_prompt(prompt: np.ndarray, max_prompt_length: int, max_length: int,
         return prompt[-max_prompt_length:]
     if truncation_mode == "keep_start":
         return prompt[:max_prompt_length]
-    raise DataError(f"config.data.truncation_mode={truncation_mode!r}: expected one of "
-                    f"{TRUNCATION_MODES}")
+    raise DataError(
+        f"config.data.truncation_mode={truncation_mode!r}: expected one of {TRUNCATION_MODES}"
+    )
 
 
-def tokenize_examples(examples: list[Example], tok, renderer: Renderer, *, max_length: int,
-                      max_prompt_length: int, truncation_mode: str, too_long: str,
-                      boundary_mismatch: str, report: SplitReport, num_proc: int = 1,
-                      fingerprint: str = "") -> dict[str, np.ndarray]:
+def tokenize_examples(
+    examples: list[Example],
+    tok,
+    renderer: Renderer,
+    *,
+    max_length: int,
+    max_prompt_length: int,
+    truncation_mode: str,
+    too_long: str,
+    boundary_mismatch: str,
+    report: SplitReport,
+    num_proc: int = 1,
+    fingerprint: str = "",
+) -> dict[str, np.ndarray]:
     """Token sequences of every example, checked, EOS-terminated and truncated.
 
     Ranked lists (a variable number of responses per example) are padded to the largest N of
@@ -273,8 +336,9 @@ def tokenize_examples(examples: list[Example], tok, renderer: Renderer, *, max_l
     names = response_names(num)
     has_labels = any(ex.label is not None for ex in examples)
     rendered, kept = [], []
-    for ex in progress.bar(examples, desc=f"{report.name} records: reading, rendering",
-                           unit="rec", leave=False):
+    for ex in progress.bar(
+        examples, desc=f"{report.name} records: reading, rendering", unit="rec", leave=False
+    ):
         try:
             rendered.append(renderer.render(ex))
             kept.append(ex)
@@ -288,28 +352,35 @@ def tokenize_examples(examples: list[Example], tok, renderer: Renderer, *, max_l
 
     def row(col, i):
         values, offsets = flat[col]
-        return values[offsets[i]:offsets[i + 1]]
+        return values[offsets[i] : offsets[i + 1]]
 
     seqs, plens, ids, labels = [], [], [], []
-    for i, ex in enumerate(progress.bar(kept, desc=f"{report.name} examples: checking, cutting",
-                                        unit="ex", leave=False)):
+    for i, ex in enumerate(
+        progress.bar(
+            kept, desc=f"{report.name} examples: checking, cutting", unit="ex", leave=False
+        )
+    ):
         prompt_text, fulls = rendered[i]
         prompt = row("prompt", i)
         try:
             responses = []
             for j in range(len(fulls)):
                 full = row(f"full_{j}", i)
-                if len(full) >= len(prompt) and np.array_equal(full[:len(prompt)], prompt):
-                    response = full[len(prompt):]
+                if len(full) >= len(prompt) and np.array_equal(full[: len(prompt)], prompt):
+                    response = full[len(prompt) :]
                 elif boundary_mismatch == "repair":
                     report.count("token_boundary_repaired")
-                    text = fulls[j][len(prompt_text):]
-                    response = np.asarray(tok(text, add_special_tokens=False)["input_ids"],
-                                          np.int32)
+                    text = fulls[j][len(prompt_text) :]
+                    response = np.asarray(
+                        tok(text, add_special_tokens=False)["input_ids"], np.int32
+                    )
                 else:
-                    raise BadRecord(names[j], "token_boundary_mismatch",
-                                    "the prompt's tokens are not a prefix of prompt+response's "
-                                    "(a token merges across the boundary)")
+                    raise BadRecord(
+                        names[j],
+                        "token_boundary_mismatch",
+                        "the prompt's tokens are not a prefix of prompt+response's "
+                        "(a token merges across the boundary)",
+                    )
                 if eos not in response:
                     response = np.append(response, np.int32(eos))
                     report.count("eos_appended")
@@ -318,7 +389,8 @@ def tokenize_examples(examples: list[Example], tok, renderer: Renderer, *, max_l
             report.reject(ex.location, err)
             continue
         needs_cut = len(prompt) > max_prompt_length or any(
-            len(prompt) + len(r) > max_length for r in responses)
+            len(prompt) + len(r) > max_length for r in responses
+        )
         if needs_cut and too_long == "drop":
             report.count("dropped_too_long")
             continue
@@ -340,9 +412,13 @@ def tokenize_examples(examples: list[Example], tok, renderer: Renderer, *, max_l
     lengths = np.array([len(s) for s in seqs], np.int32).reshape(n, num)
     starts = (np.cumsum(lengths.ravel()) - lengths.ravel()).reshape(n, num).astype(np.int64)
     tokens = np.concatenate(seqs).astype(np.int32) if seqs else np.zeros(0, np.int32)
-    out = {"tokens": tokens, "starts": starts, "lengths": lengths,
-           "prompt_lengths": np.array(plens, np.int32).reshape(n, num),
-           "example_id": np.array(ids, np.int32)}
+    out = {
+        "tokens": tokens,
+        "starts": starts,
+        "lengths": lengths,
+        "prompt_lengths": np.array(plens, np.int32).reshape(n, num),
+        "example_id": np.array(ids, np.int32),
+    }
     if has_labels:
         out["labels"] = np.array(labels, np.int32)
     return out

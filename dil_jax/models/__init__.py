@@ -21,9 +21,21 @@ from dil_jax.models import hf
 from dil_jax.models.family import Family
 from dil_jax.models.registry import FAMILIES, HF_MODEL_TYPES, family_of, get_family
 
-__all__ = ["DTYPES", "FAMILIES", "GENERIC_FIELDS", "HF_MODEL_TYPES", "RUNTIME_KEYS", "Family",
-           "architecture_config", "build_model", "family_kwargs", "family_of", "generic_view",
-           "get_family", "max_positions"]
+__all__ = [
+    "DTYPES",
+    "FAMILIES",
+    "GENERIC_FIELDS",
+    "HF_MODEL_TYPES",
+    "RUNTIME_KEYS",
+    "Family",
+    "architecture_config",
+    "build_model",
+    "family_kwargs",
+    "family_of",
+    "generic_view",
+    "get_family",
+    "max_positions",
+]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -32,27 +44,45 @@ RUNTIME_KEYS = ("family", "dtype", "param_dtype", "remat", "scan_layers", "hf_pa
 
 
 # The family-independent architecture fields of config.model (Llama / HF names).
-GENERIC_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                  "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
-                  "rope_theta", "rms_norm_eps", "tie_word_embeddings")
+GENERIC_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "rope_theta",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+)
 
 # family -> {generic name: the family's config field} (absent: the family has no such field).
 FAMILY_NAMES: dict[str, dict[str, str]] = {
     "llama": {f: f for f in GENERIC_FIELDS},
     "gemma": {f: f for f in GENERIC_FIELDS},
-    "gpt_neox": {"vocab_size": "vocab_size", "hidden_size": "hidden_size",
-                 "intermediate_size": "intermediate_size",
-                 "num_hidden_layers": "num_hidden_layers",
-                 "num_attention_heads": "num_attention_heads",
-                 "max_position_embeddings": "max_position_embeddings",
-                 "rope_theta": "rotary_emb_base", "rms_norm_eps": "layer_norm_eps",
-                 "tie_word_embeddings": "tie_word_embeddings"},
-    "gpt2": {"vocab_size": "vocab_size", "hidden_size": "n_embd", "intermediate_size": "n_inner",
-             "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
-             "max_position_embeddings": "n_positions", "rms_norm_eps": "layer_norm_epsilon",
-             "tie_word_embeddings": "tie_word_embeddings"},
+    "gpt_neox": {
+        "vocab_size": "vocab_size",
+        "hidden_size": "hidden_size",
+        "intermediate_size": "intermediate_size",
+        "num_hidden_layers": "num_hidden_layers",
+        "num_attention_heads": "num_attention_heads",
+        "max_position_embeddings": "max_position_embeddings",
+        "rope_theta": "rotary_emb_base",
+        "rms_norm_eps": "layer_norm_eps",
+        "tie_word_embeddings": "tie_word_embeddings",
+    },
+    "gpt2": {
+        "vocab_size": "vocab_size",
+        "hidden_size": "n_embd",
+        "intermediate_size": "n_inner",
+        "num_hidden_layers": "n_layer",
+        "num_attention_heads": "n_head",
+        "max_position_embeddings": "n_positions",
+        "rms_norm_eps": "layer_norm_epsilon",
+        "tie_word_embeddings": "tie_word_embeddings",
+    },
 }
-
 
 
 def family_kwargs(model_cfg, field: str = "config.model") -> dict:
@@ -78,13 +108,19 @@ def family_kwargs(model_cfg, field: str = "config.model") -> dict:
             if key in names:
                 out[names[key]] = value
             elif key == "num_key_value_heads" and value != model_cfg.get("num_attention_heads"):
-                logging.warning("%s.num_key_value_heads=%s is ignored: family %r has no "
-                                "grouped-query attention (every head has its own keys/values)",
-                                field, value, family)
+                logging.warning(
+                    "%s.num_key_value_heads=%s is ignored: family %r has no "
+                    "grouped-query attention (every head has its own keys/values)",
+                    field,
+                    value,
+                    family,
+                )
             continue
         if key not in known:
-            raise ConfigError(f"{field}.{key}: not a field of {cls.__name__} (family "
-                              f"{family!r}); its fields are {sorted(known)}")
+            raise ConfigError(
+                f"{field}.{key}: not a field of {cls.__name__} (family "
+                f"{family!r}); its fields are {sorted(known)}"
+            )
         out[key] = value
     return out
 
@@ -115,8 +151,10 @@ def architecture_config(model_cfg) -> Any:
     if hf_path:
         family, arch = hf.load_config(hf_path)
         if family != model_cfg.family:
-            raise ValueError(f"config.model.family={model_cfg.family!r}, but config.model."
-                             f"hf_path={hf_path!r} is a {family!r} model")
+            raise ValueError(
+                f"config.model.family={model_cfg.family!r}, but config.model."
+                f"hf_path={hf_path!r} is a {family!r} model"
+            )
         return arch
     family = get_family(model_cfg.family)
     try:
@@ -131,12 +169,17 @@ def build_model(model_cfg) -> tuple[Any, Family]:
     """Returns ``(module, family)`` for ``config.model``."""
     for key in ("dtype", "param_dtype"):
         if model_cfg[key] not in DTYPES:
-            raise ValueError(f"config.model.{key}={model_cfg[key]!r} is not one of "
-                             f"{sorted(DTYPES)}")
+            raise ValueError(
+                f"config.model.{key}={model_cfg[key]!r} is not one of {sorted(DTYPES)}"
+            )
     family = get_family(model_cfg.family)
-    module = family.model_cls(architecture_config(model_cfg), dtype=DTYPES[model_cfg.dtype],
-                              param_dtype=DTYPES[model_cfg.param_dtype], remat=model_cfg.remat,
-                              scan_layers=model_cfg.scan_layers)
+    module = family.model_cls(
+        architecture_config(model_cfg),
+        dtype=DTYPES[model_cfg.dtype],
+        param_dtype=DTYPES[model_cfg.param_dtype],
+        remat=model_cfg.remat,
+        scan_layers=model_cfg.scan_layers,
+    )
     return module, family
 
 

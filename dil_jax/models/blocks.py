@@ -46,8 +46,14 @@ def check_activation(field: str, name: str) -> None:
 
 
 def dense(features: int, use_bias: bool, dtype, param_dtype, name: str) -> nn.Dense:
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=nn.initializers.normal(0.02), name=name)  # HF initializer_range
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.initializers.normal(0.02),
+        name=name,
+    )  # HF initializer_range
 
 
 class RMSNorm(nn.Module):
@@ -146,12 +152,16 @@ class KVCache(NamedTuple):
     index: jax.Array
 
 
-def new_cache(num_layers: int, batch_size: int, max_length: int, num_kv_heads: int,
-              head_dim: int, dtype) -> KVCache:
+def new_cache(
+    num_layers: int, batch_size: int, max_length: int, num_kv_heads: int, head_dim: int, dtype
+) -> KVCache:
     shape = (num_layers, batch_size, max_length, num_kv_heads, head_dim)  # [L, B, S, K, Dh]
-    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                   mask=jnp.zeros((batch_size, max_length), jnp.int32),
-                   index=jnp.zeros((), jnp.int32))
+    return KVCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        mask=jnp.zeros((batch_size, max_length), jnp.int32),
+        index=jnp.zeros((), jnp.int32),
+    )
 
 
 def default_positions(attention_mask, segment_ids=None, cache=None) -> jax.Array:
@@ -165,7 +175,8 @@ def default_positions(attention_mask, segment_ids=None, cache=None) -> jax.Array
     if segment_ids is not None:
         starts = jnp.concatenate(
             [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
-            axis=-1)  # [B, T] first token of a segment
+            axis=-1,
+        )  # [B, T] first token of a segment
         # Real tokens before the current segment (count is non-decreasing, so a running max
         # carries each segment's offset forward).
         count = count - jax.lax.cummax(jnp.where(starts, count - mask, 0), axis=1)
@@ -191,8 +202,12 @@ class Masks(NamedTuple):
     index: jax.Array  # [] int32, slot of this call's first token
 
 
-def make_masks(attention_mask: jax.Array, segment_ids: jax.Array | None,
-               cache: KVCache | None, sliding_window: int | None = None) -> Masks:
+def make_masks(
+    attention_mask: jax.Array,
+    segment_ids: jax.Array | None,
+    cache: KVCache | None,
+    sliding_window: int | None = None,
+) -> Masks:
     """Causal (by slot), key-padding, packing and optional sliding-window masks.
 
     Query t sits at slot index + t. Slot distance equals position distance for real tokens
@@ -215,7 +230,8 @@ def make_masks(attention_mask: jax.Array, segment_ids: jax.Array | None,
             raise ValueError("segment_ids (packed sequences) cannot be combined with a KV cache")
         index = cache.index
         key_mask = jax.lax.dynamic_update_slice(
-            cache.mask, attention_mask.astype(cache.mask.dtype), (0, index))  # [B, S]
+            cache.mask, attention_mask.astype(cache.mask.dtype), (0, index)
+        )  # [B, S]
     S = key_mask.shape[1]
     distance = index + jnp.arange(T)[:, None] - jnp.arange(S)[None, :]  # [T, S] q slot - k slot
     full = (distance >= 0)[None] & (key_mask[:, None, :] > 0)  # [B, T, S]
@@ -235,8 +251,9 @@ def update_cache(cache_k, cache_v, k, v, index):
     return cache_k, cache_v
 
 
-def attention(q, k, v, mask, *, scale: float, logit_softcap: float | None = None,
-              dtype=jnp.float32) -> jax.Array:
+def attention(
+    q, k, v, mask, *, scale: float, logit_softcap: float | None = None, dtype=jnp.float32
+) -> jax.Array:
     """Grouped-query attention core.
 
     q [B, T, H, Dh]; k, v [B, S, K, Dh]; mask [B, T, S] bool. Returns [B, T, H * Dh] in dtype.
@@ -256,9 +273,20 @@ def attention(q, k, v, mask, *, scale: float, logit_softcap: float | None = None
     return out.reshape(B, T, H * Dh)
 
 
-def layer_stack(layer_cls, layer_args: Sequence[Any], kw: Mapping[str, Any], *, name: str,
-                num_layers: int, h, cache: KVCache | None, per_layer: Sequence[np.ndarray] = (),
-                shared: Sequence[Any] = (), remat: bool = False, scan_layers: bool = True):
+def layer_stack(
+    layer_cls,
+    layer_args: Sequence[Any],
+    kw: Mapping[str, Any],
+    *,
+    name: str,
+    num_layers: int,
+    h,
+    cache: KVCache | None,
+    per_layer: Sequence[np.ndarray] = (),
+    shared: Sequence[Any] = (),
+    remat: bool = False,
+    scan_layers: bool = True,
+):
     """Run `num_layers` decoder layers, scanned (params `name/...`, leading [L]) or unrolled
     (`name_<i>/...`). Call from inside a compact module.
 
@@ -281,21 +309,22 @@ def layer_stack(layer_cls, layer_args: Sequence[Any], kw: Mapping[str, Any], *, 
             in_axes=(0, 0, *[0] * len(per_layer), *[nn.broadcast] * len(shared)),
             length=num_layers,
         )(*layer_args, name=name, **kw)
-        h, (new_k, new_v) = stack(h, cache_k, cache_v,
-                                  *[jnp.asarray(x) for x in per_layer], *shared)
+        h, (new_k, new_v) = stack(
+            h, cache_k, cache_v, *[jnp.asarray(x) for x in per_layer], *shared
+        )
         return h, new_k, new_v
     new_ks, new_vs = [], []
     for i in range(num_layers):
         ck = None if cache is None else cache_k[i]
         cv = None if cache is None else cache_v[i]
         h, (ck, cv) = layer_cls(*layer_args, name=f"{name}_{i}", **kw)(
-            h, ck, cv, *[x[i] for x in per_layer], *shared)
+            h, ck, cv, *[x[i] for x in per_layer], *shared
+        )
         new_ks.append(ck)
         new_vs.append(cv)
     if cache is None:
         return h, None, None
     return h, jnp.stack(new_ks), jnp.stack(new_vs)
-
 
 
 def next_cache(cache: KVCache | None, new_k, new_v, masks: Masks, T: int) -> KVCache | None:
@@ -341,8 +370,16 @@ class CausalLM(nn.Module):
         return None
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, *,
-                 output="logits", segment_ids=None):
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        positions=None,
+        cache=None,
+        *,
+        output="logits",
+        segment_ids=None,
+    ):
         """Forward pass.
 
         Args:
@@ -373,27 +410,35 @@ class CausalLM(nn.Module):
             attention_mask = default_attention_mask(input_ids, segment_ids)
         if positions is None:
             positions = default_positions(attention_mask, segment_ids, cache)
-        h, new_cache = self.backbone(cfg, self.dtype, self.param_dtype, self.remat,
-                                     self.scan_layers, name=self.backbone_name)(
-            input_ids, attention_mask, positions, cache, segment_ids)
+        h, new_cache = self.backbone(
+            cfg, self.dtype, self.param_dtype, self.remat, self.scan_layers, name=self.backbone_name
+        )(input_ids, attention_mask, positions, cache, segment_ids)
         # The head's params must exist after init even when init is traced with output='hidden'.
         if output == "hidden" and not self.is_initializing():
             return h, new_cache
         if cfg.tie_word_embeddings:
             embedding = self.variables["params"][self.backbone_name][self.embed_name][
-                "embedding"]  # [V, D]
+                "embedding"
+            ]  # [V, D]
             logits = jnp.einsum("BTD,VD->BTV", h, embedding.astype(self.dtype))
         else:
-            logits = dense(cfg.vocab_size, False, self.dtype, self.param_dtype,
-                           self.head_name)(h)  # [B, T, V]
+            logits = dense(cfg.vocab_size, False, self.dtype, self.param_dtype, self.head_name)(
+                h
+            )  # [B, T, V]
         logits = softcap(logits, self.logit_softcap)  # float32 inside; None: unchanged
         return (h if output == "hidden" else logits), new_cache
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
         """An empty cache of `max_length` slots for every layer; needs no params."""
         cfg = self.config
-        return new_cache(cfg.num_hidden_layers, batch_size, max_length, cfg.num_key_value_heads,
-                         cfg.head_dim, self.dtype if dtype is None else dtype)
+        return new_cache(
+            cfg.num_hidden_layers,
+            batch_size,
+            max_length,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            self.dtype if dtype is None else dtype,
+        )
 
     @classmethod
     def lm_head_kernel(cls, params) -> jax.Array:

@@ -63,8 +63,14 @@ def transpose(x: np.ndarray) -> np.ndarray:
     return x.T
 
 
-def layer_entries(layers: Sequence[tuple[str, str, Callable, Callable]], *, num_layers: int,
-                  our_prefix: str, hf_prefix: str, scan_layers: bool) -> dict[str, HFParam]:
+def layer_entries(
+    layers: Sequence[tuple[str, str, Callable, Callable]],
+    *,
+    num_layers: int,
+    our_prefix: str,
+    hf_prefix: str,
+    scan_layers: bool,
+) -> dict[str, HFParam]:
     """Tensor-map entries for per-layer params.
 
     layers: (our path within a layer, HF key within a layer, to_ours, to_hf), e.g.

