@@ -280,6 +280,21 @@ class LoopSettings:
     on_nonfinite: str = "halt"
     max_nonfinite: int = 10  # consecutive skipped steps before 'skip' halts too
 
+    @classmethod
+    def from_stage(cls, section, desc: str) -> LoopSettings:
+        """An AfD stage's section (``steps``, ``log_every``, ``checkpoint_every``, ``keep``,
+        ``async_save``, optionally ``on_nonfinite``): metrics to JSONL only, no progress bar."""
+        return cls(
+            steps=section.steps,
+            log_every=section.log_every,
+            checkpoint_every=section.checkpoint_every,
+            keep=section.keep,
+            async_save=section.async_save,
+            tensorboard=False,
+            desc=desc,
+            on_nonfinite=section.get("on_nonfinite", "halt"),
+        )
+
 
 @dataclasses.dataclass
 class LoopResult:

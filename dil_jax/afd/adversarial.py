@@ -474,15 +474,7 @@ def train_adversarial(
     demo_arrays = {k: np.asarray(demos[k]) for k in keys if k in demos}
     it = pipeline.make_iterator(demo_arrays, cfg.prompts_per_step, seed=cfg.seed)
     ref_params = jax.device_put(init_params, adv_run.policy_sharding)
-    settings = loop.LoopSettings(
-        steps=cfg.steps,
-        log_every=cfg.log_every,
-        checkpoint_every=cfg.checkpoint_every,
-        keep=cfg.keep,
-        async_save=cfg.async_save,
-        tensorboard=False,
-        desc="adversarial",
-    )
+    settings = loop.LoopSettings.from_stage(cfg, desc="adversarial")
 
     def step_fn(state, batch, step):
         state, metrics, _ = adv_run.run_step(state, batch, ref_params, step)

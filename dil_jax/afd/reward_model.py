@@ -579,16 +579,7 @@ def train_reward_model(
             f"is fewer than reward_model.global_batch_size={cfg.global_batch_size}"
         )
     it = pipeline.make_iterator(train_arrays, cfg.global_batch_size, seed=rm.seed)
-    settings = loop.LoopSettings(
-        steps=cfg.steps,
-        log_every=cfg.log_every,
-        checkpoint_every=cfg.checkpoint_every,
-        keep=cfg.keep,
-        async_save=cfg.async_save,
-        tensorboard=False,
-        desc="reward model",
-        on_nonfinite=cfg.on_nonfinite,
-    )
+    settings = loop.LoopSettings.from_stage(cfg, desc="reward model")
     result = loop.run(
         rm,
         workdir,
