@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from dil_jax.errors import ConfigError
 from dil_jax.models import hf
-from dil_jax.models.family import Family
+from dil_jax.models.family import GENERIC_FIELDS, Family
 from dil_jax.models.registry import FAMILIES, HF_MODEL_TYPES, family_of, get_family
 
 __all__ = [
@@ -43,48 +43,6 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 RUNTIME_KEYS = ("family", "dtype", "param_dtype", "remat", "scan_layers", "hf_path")
 
 
-# The family-independent architecture fields of config.model (Llama / HF names).
-GENERIC_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "max_position_embeddings",
-    "rope_theta",
-    "rms_norm_eps",
-    "tie_word_embeddings",
-)
-
-# family -> {generic name: the family's config field} (absent: the family has no such field).
-FAMILY_NAMES: dict[str, dict[str, str]] = {
-    "llama": {f: f for f in GENERIC_FIELDS},
-    "gemma": {f: f for f in GENERIC_FIELDS},
-    "gpt_neox": {
-        "vocab_size": "vocab_size",
-        "hidden_size": "hidden_size",
-        "intermediate_size": "intermediate_size",
-        "num_hidden_layers": "num_hidden_layers",
-        "num_attention_heads": "num_attention_heads",
-        "max_position_embeddings": "max_position_embeddings",
-        "rope_theta": "rotary_emb_base",
-        "rms_norm_eps": "layer_norm_eps",
-        "tie_word_embeddings": "tie_word_embeddings",
-    },
-    "gpt2": {
-        "vocab_size": "vocab_size",
-        "hidden_size": "n_embd",
-        "intermediate_size": "n_inner",
-        "num_hidden_layers": "n_layer",
-        "num_attention_heads": "n_head",
-        "max_position_embeddings": "n_positions",
-        "rms_norm_eps": "layer_norm_epsilon",
-        "tie_word_embeddings": "tie_word_embeddings",
-    },
-}
-
-
 def family_kwargs(model_cfg, field: str = "config.model") -> dict:
     """``config.model`` without ``hf_path`` -> keyword arguments of the family's config class.
 
@@ -95,10 +53,10 @@ def family_kwargs(model_cfg, field: str = "config.model") -> dict:
     config class (a ConfigError naming it).
     """
     family = model_cfg.family
-    names = FAMILY_NAMES.get(family)
-    if names is None:
-        raise ConfigError(f"{field}.family={family!r}: expected one of {sorted(FAMILY_NAMES)}")
+    if family not in FAMILIES:
+        raise ConfigError(f"{field}.family={family!r}: expected one of {sorted(FAMILIES)}")
     cls = get_family(family).config_cls
+    names = get_family(family).generic_to_own()
     known = {f.name for f in dataclasses.fields(cls)}
     out = {}
     for key, value in model_cfg.items():
@@ -128,7 +86,7 @@ def family_kwargs(model_cfg, field: str = "config.model") -> dict:
 def generic_view(family: str, arch) -> dict:
     """The generic fields of a built architecture (``arch``: a family config dataclass)."""
     out = {}
-    for generic, own in FAMILY_NAMES[family].items():
+    for generic, own in get_family(family).generic_to_own().items():
         value = getattr(arch, own, None)
         if generic == "intermediate_size" and value is None and family == "gpt2":
             value = 4 * arch.n_embd  # GPT-2's n_inner=None means 4·n_embd

@@ -114,6 +114,21 @@ def no_hf_key_aliases(config) -> tuple[tuple[str, str], ...]:
     return ()
 
 
+# The family-independent architecture fields of `config.model` (Llama / HF names).
+GENERIC_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "rope_theta",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     """One model family, as the trainer, sampler, data pipeline and HF converters see it.
@@ -132,6 +147,10 @@ class Family:
         then equal the embedding).
       packing: whether the model takes `segment_ids` (packed rows).
       max_positions_field: the config field holding the longest supported sequence.
+      generic_names: `config.model`'s family-independent architecture names (Llama / HF:
+        `hidden_size`, `num_hidden_layers`, ...; `GENERIC_FIELDS`) -> this family's config
+        fields; a generic name missing here has no counterpart in the family. `None`: the
+        family uses the generic names themselves.
     """
 
     name: str
@@ -145,6 +164,11 @@ class Family:
     tied_head_hf_keys: tuple[str, ...] = ("lm_head.weight",)
     packing: bool = True
     max_positions_field: str = "max_position_embeddings"
+    generic_names: tuple[tuple[str, str], ...] | None = None  # pairs: a hashable mapping
+
+    def generic_to_own(self) -> Mapping[str, str]:
+        """`generic_names` as a dict, with `None` meaning the identity on `GENERIC_FIELDS`."""
+        return dict(self.generic_names) if self.generic_names else {f: f for f in GENERIC_FIELDS}
 
     def lm_head_kernel(self, params) -> jax.Array:
         """The output projection [D, V] of `params` (see `blocks.CausalLM.lm_head_kernel`)."""

@@ -311,4 +311,16 @@ FAMILY = Family(
     ignored_hf_keys=ignored_hf_keys,
     hf_key_aliases=hf_key_aliases,
     max_positions_field="n_positions",
+    generic_names=tuple(
+        {
+            "vocab_size": "vocab_size",
+            "hidden_size": "n_embd",
+            "intermediate_size": "n_inner",
+            "num_hidden_layers": "n_layer",
+            "num_attention_heads": "n_head",
+            "max_position_embeddings": "n_positions",
+            "rms_norm_eps": "layer_norm_epsilon",
+            "tie_word_embeddings": "tie_word_embeddings",
+        }.items()
+    ),
 )

@@ -343,4 +343,17 @@ FAMILY = Family(
     ignored_hf_keys=ignored_hf_keys,
     hf_key_aliases=hf_key_aliases,
     tied_head_hf_keys=("embed_out.weight", "lm_head.weight"),
+    generic_names=tuple(
+        {
+            "vocab_size": "vocab_size",
+            "hidden_size": "hidden_size",
+            "intermediate_size": "intermediate_size",
+            "num_hidden_layers": "num_hidden_layers",
+            "num_attention_heads": "num_attention_heads",
+            "max_position_embeddings": "max_position_embeddings",
+            "rope_theta": "rotary_emb_base",
+            "rms_norm_eps": "layer_norm_eps",
+            "tie_word_embeddings": "tie_word_embeddings",
+        }.items()
+    ),
 )
