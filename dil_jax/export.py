@@ -32,6 +32,7 @@ from ml_collections import ConfigDict
 
 from dil_jax import checkpointing, sharding
 from dil_jax.models import build_model, hf
+from dil_jax.runtime import exit_on_bad_input
 
 
 def read_meta(workdir: str, step: int | None = None) -> dict:
@@ -192,4 +193,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_bad_input():  # a damaged checkpoint or bad path: one line, exit 2
+        main()

@@ -46,6 +46,7 @@ from dil_jax import train as core
 from dil_jax.afd import adversarial
 from dil_jax.afd import extrapolation as afd
 from dil_jax.data.gold_task import GoldTask
+from dil_jax.runtime import exit_on_bad_input
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RMS = ("init_sft", "init_demo", "sft_demo", "bt", "log_ratio")
@@ -617,4 +618,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with exit_on_bad_input():
+        sys.exit(main())
