@@ -62,6 +62,7 @@ def get_config() -> ConfigDict:
     config.data.hub_id = ""  # source 'hub': a hub dataset id (or a local dataset directory)
     config.data.hub_config = ""
     config.data.hub_revision = ""  # pin it: the tokenisation cache is keyed on it
+    config.data.hub_data_dir = ""  # a sub-folder of the dataset (hh-rlhf: helpful-base)
     config.data.train_split = "train"
     config.data.eval_split = ""  # '' -> hold out num_eval training examples
     config.data.max_records = 0  # read at most this many records per split (0: all)

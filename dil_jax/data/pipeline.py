@@ -483,8 +483,11 @@ def _split_sources(config, split: str) -> tuple[Callable, str, str]:
             name=d.hub_config,
             revision=d.hub_revision,
             max_records=d.max_records,
+            data_dir=d.get("hub_data_dir", ""),
         ),
-        sources.hub_digest(d.hub_id, hub_split, d.hub_config, d.hub_revision),
+        sources.hub_digest(
+            d.hub_id, hub_split, d.hub_config, d.hub_revision, d.get("hub_data_dir", "")
+        ),
         f"{d.hub_id}[{hub_split}]",
     )
 

@@ -194,13 +194,26 @@ def read_files(paths, report: SplitReport, max_records: int = 0) -> Iterator[tup
 
 
 def read_hub(
-    hub_id: str, split: str, *, name: str = "", revision: str = "", max_records: int = 0
+    hub_id: str,
+    split: str,
+    *,
+    name: str = "",
+    revision: str = "",
+    max_records: int = 0,
+    data_dir: str = "",
 ) -> Iterator[tuple]:
-    """Yields ``(location, record dict)`` from ``datasets.load_dataset`` (hub id or local dir)."""
+    """Yields ``(location, record dict)`` from ``datasets.load_dataset`` (hub id or local dir);
+    ``data_dir`` picks a sub-folder of the dataset (``Anthropic/hh-rlhf``: ``helpful-base``)."""
     import datasets  # noqa: PLC0415 (heavy import, only this source needs it)
 
     try:
-        ds = datasets.load_dataset(hub_id, name or None, split=split, revision=revision or None)
+        ds = datasets.load_dataset(
+            hub_id,
+            name or None,
+            split=split,
+            revision=revision or None,
+            data_dir=data_dir or None,
+        )
     except Exception as e:  # hub, network and builder errors have no common base class
         raise DataError(
             f"config.data.hub_id={hub_id!r} split={split!r}: could not load "
@@ -224,9 +237,10 @@ def files_digest(paths) -> str:
     return h.hexdigest()
 
 
-def hub_digest(hub_id: str, split: str, name: str, revision: str) -> str:
+def hub_digest(hub_id: str, split: str, name: str, revision: str, data_dir: str = "") -> str:
     """The hub part of a cache key; a local directory used as ``hub_id`` is hashed by content."""
-    h = hashlib.sha256(json.dumps([hub_id, split, name, revision]).encode())
+    key = [hub_id, split, name, revision] + ([data_dir] if data_dir else [])
+    h = hashlib.sha256(json.dumps(key).encode())
     if os.path.isdir(hub_id):
         files = sorted(os.path.join(root, f) for root, _, fs in os.walk(hub_id) for f in fs)
         h.update(files_digest(files).encode())
