@@ -52,5 +52,9 @@ setup(
         ],
         "gpu": ["jax[cuda12]>=0.10,<0.11"],
         "tpu": ["jax[tpu]>=0.10,<0.11"],
+        # train.wandb_project: the optional Weights & Biases writer (dil_jax/metrics.py)
+        "wandb": ["wandb>=0.17"],
+        # gs:// workdirs and caches: epath's fsspec backend (gcsfs) and orbax's bucket queries
+        "gcs": ["gcsfs", "google-cloud-storage"],
     },
 )

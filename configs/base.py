@@ -171,6 +171,14 @@ def get_config() -> ConfigDict:
     config.train.log_every = 1  # metrics.jsonl every step; raise to cut host syncs on big runs
     config.train.progress_bar = True
     config.train.tensorboard = True
+    # Weights & Biases beside metrics.jsonl and TensorBoard (pip install 'dil_jax[wandb]'):
+    # '' = off. Process 0 logs every logged step; the run id is kept in <workdir>/wandb_run_id,
+    # so a resumed (e.g. preempted) run continues the same W&B run. entity '' = the account's
+    # default; mode '' = wandb's default (or $WANDB_MODE), 'offline' writes under $WANDB_DIR
+    # for a later `wandb sync`, 'disabled' turns it off without editing the project.
+    config.train.wandb_project = ""
+    config.train.wandb_entity = ""
+    config.train.wandb_mode = ""
     # A finiteness flag is computed inside the step every step: 'halt' stops at the first
     # non-finite loss/gradient/parameter (never checkpointing it), 'skip' discards that update
     # (params and optimiser state unchanged, counted as `skipped`) and halts after

@@ -19,8 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import shutil
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -29,6 +27,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from dil_jax import paths
 from dil_jax.errors import CheckpointError, ConfigError
 
 # Config sections that must match to resume: they define shapes, data order and the objective.
@@ -42,7 +41,8 @@ DAMAGED_DIRNAME = "checkpoints.damaged"  # sibling of checkpoints/: damaged step
 
 
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+    """``<workdir>/checkpoints``, absolute; a URL workdir (``gs://``) is kept as a URL."""
+    return paths.join(paths.absolute(workdir), "checkpoints")
 
 
 def make_manager(workdir: str, ckpt_cfg) -> ocp.CheckpointManager:
@@ -113,7 +113,7 @@ def restore_latest(manager: ocp.CheckpointManager, trainer, config):
     damaged: list[tuple[int, Damage]] = []
     restored = None
     for step in sorted(manager.all_steps(), reverse=True):
-        step_dir = os.path.join(manager.directory, str(step))
+        step_dir = paths.join(str(manager.directory), str(step))
         meta, damage = _read_checked(step_dir, step, ITEMS)
         if meta is not None:  # another run's checkpoint is refused, whatever else is wrong
             _refuse_incompatible(step_dir, meta, config)
@@ -164,7 +164,7 @@ def load_params(workdir: str, abstract_params, step: int | None = None):
             raise CheckpointError(f"no checkpoint in {directory} to load params from")
         damaged = []
         for s in steps:
-            step_dir = os.path.join(directory, str(s))
+            step_dir = paths.join(directory, str(s))
             _, damage = _read_checked(step_dir, s, ("params", "meta"))
             if damage is None:
                 _refuse_misfit(step_dir, "params", abstract_params)
@@ -203,7 +203,7 @@ def read_meta(workdir: str, step: int | None = None) -> dict:
         )
     damaged = []
     for s in [step] if step is not None else steps:
-        meta, damage = _read_checked(os.path.join(directory, str(s)), s, ("params", "meta"))
+        meta, damage = _read_checked(paths.join(directory, str(s)), s, ("params", "meta"))
         if damage is None:
             return meta
         logging.warning("checkpoint step %d in %s is damaged (%s)", s, directory, damage.reason)
@@ -237,15 +237,15 @@ def check_step(step_dir: str, step: int, items: Sequence[str] = ITEMS) -> Damage
 
 def _read_checked(step_dir: str, step: int, items: Sequence[str]):
     """``(meta, Damage or None)`` for one step directory; meta is None unless it parsed."""
-    if not os.path.isdir(step_dir):
+    if not paths.isdir(step_dir):
         return None, Damage("missing", f"{step_dir} is not a directory")
-    if not os.listdir(step_dir):
+    if not paths.listdir(step_dir):
         return None, Damage("empty", "the step directory is empty (an interrupted copy?)")
     for item in items:
-        item_dir = os.path.join(step_dir, item)
-        if not os.path.isdir(item_dir):
+        item_dir = paths.join(step_dir, item)
+        if not paths.isdir(item_dir):
             return None, Damage(f"no-{item}", f"item {item}/ is missing")
-        if not os.path.exists(os.path.join(item_dir, COMMIT_MARKER)):
+        if not paths.exists(paths.join(item_dir, COMMIT_MARKER)):
             return None, Damage(
                 f"uncommitted-{item}", f"{item}/ has no {COMMIT_MARKER}: its save never finished"
             )
@@ -253,14 +253,13 @@ def _read_checked(step_dir: str, step: int, items: Sequence[str]):
             damage = _check_array_item(item_dir, item)
             if damage is not None:
                 return None, damage
-    if not os.path.exists(os.path.join(step_dir, COMMIT_MARKER)):
+    if not paths.exists(paths.join(step_dir, COMMIT_MARKER)):
         return None, Damage("uncommitted", f"no {COMMIT_MARKER}: the save never finished")
     meta = None
     if "meta" in items:
-        meta_file = os.path.join(step_dir, "meta", "metadata")
+        meta_file = paths.join(step_dir, "meta", "metadata")
         try:
-            with open(meta_file) as f:
-                meta = json.load(f)
+            meta = json.loads(paths.read_text(meta_file))
         except (OSError, ValueError) as e:
             return None, Damage(
                 "bad-meta",
@@ -277,24 +276,20 @@ def _read_checked(step_dir: str, step: int, items: Sequence[str]):
 
 
 def _check_array_item(item_dir: str, item: str) -> Damage | None:
-    if not os.path.exists(os.path.join(item_dir, "manifest.ocdbt")):
+    if not paths.exists(paths.join(item_dir, "manifest.ocdbt")):
         return Damage(f"no-manifest-{item}", f"{item}/manifest.ocdbt is missing")
     try:
-        with open(os.path.join(item_dir, "_METADATA")) as f:
-            json.load(f)
+        json.loads(paths.read_text(paths.join(item_dir, "_METADATA")))
     except (OSError, ValueError) as e:
         return Damage(
             f"bad-metadata-{item}",
             f"{item}/_METADATA is missing or unreadable ({type(e).__name__})",
         )
-    for root, _, files in os.walk(item_dir):
-        for name in files:
-            path = os.path.join(root, name)
-            if name != COMMIT_MARKER and os.path.getsize(path) == 0:
-                return Damage(
-                    f"empty-file-{item}",
-                    f"{os.path.relpath(path, os.path.dirname(item_dir))} is empty",
-                )
+    for path, size in paths.walk_files(item_dir):
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if name != COMMIT_MARKER and size == 0:
+            rel = path[path.rfind(f"/{item}/") + 1 :] if f"/{item}/" in path else name
+            return Damage(f"empty-file-{item}", f"{rel} is empty")
     return None
 
 
@@ -382,7 +377,7 @@ def _none_usable(directory, damaged) -> str:
 
 def damaged_dir(checkpoints: str) -> str:
     """Where damaged steps of ``<workdir>/checkpoints`` are moved: a sibling directory."""
-    return os.path.join(os.path.dirname(os.path.abspath(checkpoints)), DAMAGED_DIRNAME)
+    return paths.sibling(checkpoints, DAMAGED_DIRNAME)
 
 
 def _move_aside(manager: ocp.CheckpointManager, damaged, resumed: int) -> None:
@@ -395,14 +390,14 @@ def _move_aside(manager: ocp.CheckpointManager, damaged, resumed: int) -> None:
         multihost_utils.sync_global_devices("dil_jax.checkpointing:move_aside:pre")
     if jax.process_index() == 0:
         aside = damaged_dir(str(manager.directory))
-        os.makedirs(aside, exist_ok=True)
+        paths.makedirs(aside)
         for step, damage in damaged:
-            dest = os.path.join(aside, f"{step}-{damage.tag}")
+            dest = paths.join(aside, f"{step}-{damage.tag}")
             n = 1
-            while os.path.exists(dest):
+            while paths.exists(dest):
                 n += 1
-                dest = os.path.join(aside, f"{step}-{damage.tag}-{n}")
-            shutil.move(os.path.join(manager.directory, str(step)), dest)
+                dest = paths.join(aside, f"{step}-{damage.tag}-{n}")
+            paths.move(paths.join(str(manager.directory), str(step)), dest)
             logging.warning(
                 "checkpoint step %d in %s is damaged (%s): moved it to %s and resumed from step %d",
                 step,

@@ -20,9 +20,10 @@ config.json and its tokenizer and chat template are copied by default. The resul
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
-import os
 import pathlib
+import tempfile
 from collections.abc import Sequence
 
 import jax
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from dil_jax import checkpointing, sharding
+from dil_jax import checkpointing, paths, sharding
 from dil_jax.models import build_model, hf
 from dil_jax.runtime import exit_on_bad_input
 
@@ -49,7 +50,7 @@ def export(
     tokenizer: str | None = None,
     dtype: str | None = None,
     max_shard_bytes: int = 2**31,
-) -> pathlib.Path:
+) -> pathlib.Path | str:
     """Write the params of ``workdir``'s latest (or ``step``'s) checkpoint as a HF directory.
 
     Args:
@@ -82,15 +83,26 @@ def export(
     dtype = dtype or model_cfg.get("param_dtype") or stored.name
     if np.dtype(jnp.dtype(dtype)).itemsize < stored.itemsize:
         _warn_unchanged(meta["config"], workdir, target, params, module, dtype, stored)
-    return hf.save_pretrained(
+    save = functools.partial(
+        hf.save_pretrained,
         params,
         model_cfg.family,
         module.config,
-        out_dir,
         tokenizer_dir=tokenizer or hf_path,
         dtype=dtype,
         max_shard_bytes=max_shard_bytes,
     )
+    if paths.is_local(out_dir):
+        return save(out_dir)
+    # A URL (gs://...): safetensors are written locally, then uploaded file by file.
+    with tempfile.TemporaryDirectory(prefix="dil_jax-export-") as tmp:
+        local = save(tmp)
+        if jax.process_index() == 0:
+            for file in sorted(pathlib.Path(local).rglob("*")):
+                if file.is_file():
+                    rel = file.relative_to(local).as_posix()
+                    paths.write_atomic(paths.join(out_dir, rel), file.read_bytes())
+    return out_dir
 
 
 def base_params(config: dict, workdir: str, target, module):
@@ -108,9 +120,9 @@ def base_params(config: dict, workdir: str, target, module):
         )
     source = {
         "checkpoint": init.get("checkpoint_dir"),
-        "pretrain": os.path.join(workdir, "base"),
+        "pretrain": paths.join(workdir, "base"),
     }.get(mode)
-    if source and os.path.isdir(checkpointing.checkpoint_dir(source)):
+    if source and paths.isdir(checkpointing.checkpoint_dir(source)):
         return checkpointing.load_params(source, target)
     return None
 

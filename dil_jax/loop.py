@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import signal
 import threading
 import time
@@ -41,9 +40,9 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from dil_jax import checkpointing, sharding
+from dil_jax import checkpointing, paths, sharding
 from dil_jax import workdir as workdir_lib
-from dil_jax.metrics import MetricWriter
+from dil_jax.metrics import MetricWriter, WandbSettings
 
 NONFINITE_POLICIES = ("halt", "skip")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -227,9 +226,7 @@ def stop_requested() -> bool:
 def mark_preempted(workdir: str, step: int) -> Preempted:
     """Writes ``<workdir>/PREEMPTED`` (process 0) and returns the exception to raise."""
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, PREEMPTED_MARKER), "w") as f:
-            f.write(f"{step}\n")
+        paths.write_atomic(paths.join(workdir, PREEMPTED_MARKER), f"{step}\n")
     return Preempted(step, workdir)
 
 
@@ -237,7 +234,7 @@ def check_stop(workdir: str, phase: str) -> None:
     """Raises :class:`Preempted` at a phase boundary when SIGTERM has arrived."""
     if _STOP.is_set():
         ckpt = checkpointing.checkpoint_dir(workdir)
-        steps = [int(d) for d in os.listdir(ckpt) if d.isdigit()] if os.path.isdir(ckpt) else []
+        steps = [int(d) for d in paths.listdir(ckpt) if d.isdigit()]
         logging.warning("stopping before %s after a preemption signal", phase)
         raise mark_preempted(workdir, max(steps, default=0))
 
@@ -279,6 +276,7 @@ class LoopSettings:
     eval_every: int = 0
     on_nonfinite: str = "halt"
     max_nonfinite: int = 10  # consecutive skipped steps before 'skip' halts too
+    wandb: WandbSettings | None = None  # train.wandb_*: a W&B run beside JSONL (process 0)
 
     @classmethod
     def from_stage(cls, section, desc: str) -> LoopSettings:
@@ -366,7 +364,7 @@ def run(
       NonFiniteError: a non-finite step under 'halt' (or too many consecutive skips).
       Preempted: after saving, when SIGTERM or orbax's preemption notice arrived.
     """
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     with workdir_lib.lock(workdir):
         return _run_locked(
             task,
@@ -401,9 +399,9 @@ def _run_locked(
     on_log,
     label,
 ) -> LoopResult:
-    marker = os.path.join(workdir, PREEMPTED_MARKER)
-    if jax.process_index() == 0 and os.path.exists(marker):
-        os.remove(marker)  # this call resumes the preempted run
+    marker = paths.join(workdir, PREEMPTED_MARKER)
+    if jax.process_index() == 0 and paths.exists(marker):
+        paths.remove(marker)  # this call resumes the preempted run
     ckpt = checkpointing.make_manager(workdir, settings)
     restored = checkpointing.restore_latest(ckpt, task, resume_config)
     if restored is not None:
@@ -414,7 +412,13 @@ def _run_locked(
         state = init_state()
     start = int(state.step)
     end = settings.steps if max_steps is None else min(settings.steps, start + max_steps)
-    writer = MetricWriter(workdir, tensorboard=settings.tensorboard, resume_step=start)
+    writer = MetricWriter(
+        workdir,
+        tensorboard=settings.tensorboard,
+        resume_step=start,
+        wandb=settings.wandb,
+        config=checkpointing.config_to_dict(resume_config) if settings.wandb else None,
+    )
     bar = _progress(start, settings.steps, settings.progress_bar, settings.desc)
     abstract_params = task.abstract_state.params
     last, eval_metrics = {}, {}
@@ -422,9 +426,12 @@ def _run_locked(
     consecutive_skips = 0
     tick, tokens = time.perf_counter(), 0.0
 
-    def settle(step, metrics) -> dict:
-        """Host metrics of ``step`` with the finiteness policy applied."""
+    def settle(step, metrics) -> None:
+        """The finiteness policy for ``step`` (reads one scalar when the step is finite)."""
         nonlocal consecutive_skips
+        if "finite" in metrics and float(metrics["finite"]) == 1.0:  # one scalar off the device
+            consecutive_skips = 0
+            return
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if host.get("finite", 1.0) < 1.0:
             if settings.on_nonfinite == "skip":
@@ -445,7 +452,6 @@ def _run_locked(
                 raise NonFiniteError(nonfinite_message(host, step, abstract_params, label))
         else:
             consecutive_skips = 0
-        return host
 
     try:
         with stop_on_sigterm():
@@ -461,7 +467,8 @@ def _run_locked(
                     settle(*pending)  # the previous step, now certainly done
                     pending = None
                 if log_now or save_now or check is not None:
-                    host = settle(step, metrics)
+                    settle(step, metrics)
+                    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     if check is not None:
                         check(host, step, ckpt)
                     if log_now:

@@ -13,13 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
-from dil_jax import progress, scoring, sharding
+from dil_jax import paths, progress, scoring, sharding
 from dil_jax.logprobs import sequence_logps
 
 TOKEN_KEYS = ("input_ids", "attention_mask", "loss_mask")
@@ -74,24 +74,40 @@ def compute_reference_logps(trainer, ref_params, arrays, batch_size: int) -> np.
 
 
 def with_reference_logps(trainer, ref_params, arrays, config, workdir: str) -> dict:
-    """``arrays`` plus ``ref_logps [n, N]``, from the on-disk cache when present."""
-    cache_dir = config.reference.cache_dir or os.path.join(
-        os.path.dirname(os.path.abspath(workdir)), "reference_cache"
-    )
+    """``arrays`` plus ``ref_logps [n, N]``, from the on-disk cache when present.
+
+    The forward pass is one sharded computation over all processes, so hit or miss is decided
+    by process 0 and agreed by all (a cache directory not every process can read would
+    otherwise leave some in the forward pass and others not). On a miss process 0 writes the
+    file; the others then read it when they can, falling back to the values they computed.
+    """
+    cache_dir = config.reference.cache_dir or paths.sibling(workdir, "reference_cache")
     key = content_key(arrays, ref_params, config.model)
-    path = os.path.join(cache_dir, f"ref_logps-{key}.npy")
+    path = paths.join(cache_dir, f"ref_logps-{key}.npy")
     expected = arrays["input_ids"].shape[:2]
-    if os.path.exists(path):
-        ref = np.load(path)
-        if ref.shape != expected:
-            raise ValueError(f"reference cache {path} has shape {ref.shape}, expected {expected}")
+    hit = paths.exists(path)
+    if jax.process_count() > 1:
+        hit = bool(multihost_utils.broadcast_one_to_all(np.asarray(hit)))
+    ref = _load(path, expected) if hit else None
+    if hit and ref is None:  # process 0 sees it, this process does not
+        raise FileNotFoundError(
+            f"reference cache {path} exists on process 0 but process {jax.process_index()} "
+            "cannot read it: put reference.cache_dir on storage every host sees"
+        )
+    if ref is not None:
         progress.announce(f"reference log-probs: cache hit, loaded {path} (no forward pass)")
     else:
         ref = compute_reference_logps(trainer, ref_params, arrays, config.reference.batch_size)
         if jax.process_index() == 0:
-            os.makedirs(cache_dir, exist_ok=True)
-            tmp = f"{path}.tmp-{os.getpid()}.npy"
-            np.save(tmp, ref)
-            os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache
+            paths.save_npy(path, ref)  # atomic: a crash never leaves a half-written cache
         logging.info("reference log-probs computed and cached at %s", path)
     return dict(arrays, ref_logps=ref)
+
+
+def _load(path: str, expected) -> np.ndarray | None:
+    if not paths.exists(path):
+        return None
+    ref = paths.load_numpy(path)
+    if ref.shape != expected:
+        raise ValueError(f"reference cache {path} has shape {ref.shape}, expected {expected}")
+    return ref

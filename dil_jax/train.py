@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
-import os
+import logging
 from collections.abc import Callable, Mapping
 
 import jax
@@ -30,15 +30,18 @@ from dil_jax import (
     logprobs,
     loop,
     objectives,
+    paths,
     reference,
     sharding,
     spec,
+    stages,
     validation,
 )
 from dil_jax.data import pipeline
 from dil_jax.diagnostics import density_ratio_diagnostics, likelihood_collapse_alarm
 from dil_jax.errors import ConfigError
 from dil_jax.loop import TrainState
+from dil_jax.metrics import WandbSettings
 from dil_jax.models import build_model, hf, max_positions
 
 # Batch keys the step reads; segment_ids/positions [B, N, T] come with packed data, labels [B]
@@ -409,31 +412,47 @@ def loop_settings(cfg) -> loop.LoopSettings:
         eval_every=cfg.eval.every_steps,
         on_nonfinite=cfg.train.on_nonfinite,
         max_nonfinite=cfg.train.max_nonfinite,
+        wandb=WandbSettings(
+            cfg.train.get("wandb_project", ""),
+            cfg.train.get("wandb_entity", ""),
+            cfg.train.get("wandb_mode", ""),
+        ),
     )
 
 
 def train_and_evaluate(config, workdir: str, *, mesh=None, max_steps: int | None = None) -> dict:
     """Trains the policy described by ``config`` in ``workdir``, resuming if possible.
 
-    Resume order: the latest checkpoint in ``workdir``; else ``config.init.mode`` ('checkpoint':
-    params from another workdir, 'hf': Hugging Face weights from ``config.model.hf_path``,
-    'pretrain': run ``config.init.pretrain`` in ``<workdir>/base`` first, 'scratch': random init
-    by seed).
+    Multi-stage configs (``init.mode='pretrain'``) run as the explicit stage list of
+    ``stages.plan``: the base policy in ``<workdir>/base``, then this run from its checkpoint.
+    Resume order of a stage: the latest checkpoint in its workdir; else ``config.init.mode``
+    ('checkpoint': params from another workdir, 'hf': Hugging Face weights from
+    ``config.model.hf_path``, 'scratch': random init by seed).
 
     Args:
-      max_steps: stop after this many steps this call (tests simulate interruption with it); the
-        schedule still spans ``config.train.steps``.
+      max_steps: stop after this many steps of the last stage in this call (tests simulate
+        interruption with it); the schedule still spans ``config.train.steps``.
     Returns:
-      A summary: final step, last train metrics, last eval metrics, gold evaluation if run.
+      The last stage's summary: final step, last train metrics, last eval metrics, gold
+      evaluation if run.
     Raises:
       loop.Preempted after saving, when SIGTERM arrived; loop.NonFiniteError on a non-finite
       step under ``train.on_nonfinite='halt'``.
     """
+    planned = stages.plan(spec.resolve(config), workdir)
+    for stage in planned[:-1]:
+        summary = train_stage(stage.config, stage.workdir)
+        del summary["state"]
+    return train_stage(planned[-1].config, workdir, mesh=mesh, max_steps=max_steps)
+
+
+def train_stage(config, workdir: str, *, mesh=None, max_steps: int | None = None) -> dict:
+    """One stage of :func:`train_and_evaluate` (its ``init.mode`` is not 'pretrain')."""
     config = spec.resolve(config)
     sharding.maybe_initialize_distributed(
         config.mesh.coordinator_address, config.mesh.num_processes, config.mesh.process_id
     )
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     trainer = Trainer(config, mesh=mesh)
     cfg = config
     train_data, eval_data, task = pipeline.build_datasets(cfg, workdir=workdir)
@@ -466,7 +485,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None, max_steps: int | None
         workdir,
         settings=loop_settings(cfg),
         data=train_iter,
-        step_fn=lambda state, batch, step: trainer.run_step(state, batch, ref_params),
+        step_fn=_log_memory_once(trainer, ref_params),
         init_state=lambda: trainer.init_state(cfg.seed, params=init_params),
         resume_config=cfg,
         max_steps=max_steps,
@@ -478,8 +497,10 @@ def train_and_evaluate(config, workdir: str, *, mesh=None, max_steps: int | None
     summary = {"step": result.step, "train": result.train, "eval": result.eval, "workdir": workdir}
     if result.step >= cfg.train.steps and task is not None and cfg.eval.gold_prompts:
         summary["gold"] = evaluate.gold_evaluation(trainer, task, state.params, init_params, cfg)
-        with open(os.path.join(workdir, "gold_eval.json"), "w") as f:
-            json.dump(summary["gold"], f, indent=2)
+        if jax.process_index() == 0:
+            paths.write_atomic(
+                paths.join(workdir, "gold_eval.json"), json.dumps(summary["gold"], indent=2)
+            )
     summary["state"] = state
     return summary
 
@@ -491,11 +512,6 @@ def _initial_params(trainer: Trainer, workdir: str):
         return jax.jit(trainer.init_params, out_shardings=trainer.params_sharding)(
             jax.random.key(trainer.config.seed)
         )
-    if init.mode == "pretrain":
-        base_dir = os.path.join(workdir, "base")
-        base = train_and_evaluate(init.pretrain, base_dir)
-        del base["state"]
-        return checkpointing.load_params(base_dir, trainer.abstract_params())
     if init.mode == "checkpoint":
         return checkpointing.load_params(init.checkpoint_dir, trainer.abstract_params())
     if init.mode == "hf":  # streamed tensor by tensor into the target shardings
@@ -508,6 +524,40 @@ def _initial_params(trainer: Trainer, workdir: str):
             scan_layers=m.scan_layers,
         )
     raise ConfigError(f"config.init.mode={init.mode!r}: expected {validation.INIT_MODES}")
+
+
+def _log_memory_once(trainer: Trainer, ref_params) -> Callable:
+    """The loop's step function; before the first step it logs the compiled step's memory.
+
+    ``lower(...).compile()`` on the step's exact arguments is the compilation the first call
+    needs anyway: jax caches the trace and the executable, so the call after it neither
+    retraces (``trainer.trace_count`` stays 1) nor recompiles.
+    """
+    logged = []
+
+    def step_fn(state, batch, step):
+        if not logged:
+            logged.append(step)
+            with jax.set_mesh(trainer.mesh):
+                compiled = trainer.train_step.lower(
+                    state, trainer.put_batch(batch), ref_params
+                ).compile()
+            mem = compiled.memory_analysis()
+            if mem is not None:  # None on backends without the analysis
+                gib = 2.0**30
+                logging.info(
+                    "compiled train step, per device (%d devices, mesh %s): arguments %.2f GiB, "
+                    "outputs %.2f GiB (%.2f GiB aliased to arguments), temporaries %.2f GiB",
+                    trainer.mesh.size,
+                    dict(trainer.mesh.shape),
+                    mem.argument_size_in_bytes / gib,
+                    mem.output_size_in_bytes / gib,
+                    mem.alias_size_in_bytes / gib,
+                    mem.temp_size_in_bytes / gib,
+                )
+        return trainer.run_step(state, batch, ref_params)
+
+    return step_fn
 
 
 def _run_eval(trainer, state, ref_params, eval_data, cfg) -> dict[str, float]:

@@ -6,7 +6,7 @@ Unknown keys are already rejected by ``ml_collections`` (a locked ConfigDict and
 
 from __future__ import annotations
 
-from dil_jax import loop, objectives, sharding
+from dil_jax import loop, metrics, objectives, sharding
 from dil_jax.errors import ConfigError
 from dil_jax.models import DTYPES, FAMILIES
 
@@ -126,6 +126,16 @@ def _validate(config, *, num_devices: int, process_count: int) -> None:
         "train.diagnostics",
         t.diagnostics,
         "expected True or False",
+    )
+    for key in ("wandb_project", "wandb_entity", "wandb_mode"):
+        _require(
+            isinstance(t.get(key, ""), str), f"train.{key}", t.get(key, ""), "expected a string"
+        )
+    _require(
+        t.get("wandb_mode", "") in metrics.WANDB_MODES,
+        "train.wandb_mode",
+        t.get("wandb_mode", ""),
+        f"expected one of {metrics.WANDB_MODES}",
     )
     c = config.checkpoint
     _require(c.every_steps > 0, "checkpoint.every_steps", c.every_steps, "must be positive")

@@ -9,6 +9,10 @@ it). ``check_writable(workdir)`` turns a read-only, full or misnamed workdir int
 start instead of a traceback at the first save.
 
 Multi-host runs share one workdir: only process 0 takes the lock (the others get a no-op).
+
+A workdir on object storage (``gs://``, any URL :mod:`dil_jax.paths` handles) cannot be
+flocked and has no pids: ``lock`` only warns there (and ``check_writable`` writes and deletes
+one object). Two runs on one bucket path are then not detected: give each run its own workdir.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import time
 
 import jax
 
+from dil_jax import paths
 from dil_jax.errors import WorkdirError
 
 LOCK_NAME = ".lock"
@@ -41,6 +46,15 @@ def lock(workdir: str):
         host), or the lock file cannot be created.
     """
     if jax.process_index() != 0:
+        yield
+        return
+    if not paths.is_local(workdir):
+        check_writable(workdir)
+        logging.warning(
+            "workdir %s is on object storage, which has no file locks: a second run on the same "
+            "workdir would not be refused (give each run its own workdir)",
+            workdir,
+        )
         yield
         return
     workdir = os.path.abspath(workdir)
@@ -165,6 +179,14 @@ def check_writable(workdir: str, *, min_free_bytes: int = 0) -> None:
       WorkdirError: naming the workdir and what is wrong (not a directory, read-only, no
         permission, no space).
     """
+    if not paths.is_local(workdir):
+        probe = paths.join(workdir, f".write-check-{socket.gethostname()}-{os.getpid()}")
+        try:
+            paths.write_atomic(probe, b"x")
+            paths.remove(probe)
+        except OSError as e:
+            raise WorkdirError(f"workdir {workdir} is not writable: {e}") from None
+        return
     workdir = os.path.abspath(workdir)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise WorkdirError(f"workdir {workdir} is a file, expected a directory")

@@ -9,19 +9,22 @@ the key: they are applied to the cached ragged arrays at batching time.
 
 One ``.npz`` per split holds the ragged arrays and the JSON report of the build that produced
 them, so a cache hit reproduces the counts of ``data_report.json`` without re-reading anything.
-Writes are atomic (temporary file, then rename): concurrent processes may both build, never
-read a half-written file. Loads verify the file (zip CRCs, array consistency); a damaged one is
-rebuilt with a warning.
+Writes are atomic (temporary file then rename; one object upload on a URL cache_dir, through
+:mod:`dil_jax.paths`): a reader never sees a half-written file. In a multi-process run process 0
+builds and writes, the others wait for it and read the file (``pipeline._build_split``).
+Loads verify the file (zip CRCs, array consistency); a damaged one is rebuilt with a warning.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
-import os
 
 import numpy as np
+
+from dil_jax import paths
 
 CACHE_VERSION = 2  # bump when the tokenisation changes what it produces (2: long prompts cut)
 ARRAY_KEYS = ("tokens", "starts", "lengths", "prompt_lengths", "example_id")
@@ -35,7 +38,7 @@ def content_key(parts: dict) -> str:
 
 
 def path_for(cache_dir: str, split: str, key: str) -> str:
-    return os.path.join(cache_dir, f"tokens-{split}-{key}.npz")
+    return paths.join(cache_dir, f"tokens-{split}-{key}.npz")
 
 
 def load(cache_dir: str, split: str, key: str) -> tuple[dict, dict] | None:
@@ -46,10 +49,10 @@ def load(cache_dir: str, split: str, key: str) -> tuple[dict, dict] | None:
     cache file never blocks the runs that share it.
     """
     path = path_for(cache_dir, split, key)
-    if not os.path.exists(path):
+    if not paths.exists(path):
         return None
     try:
-        with np.load(path, allow_pickle=False) as f:
+        with paths.load_numpy(path) as f:
             present = tuple(k for k in OPTIONAL_KEYS if k in f.files)
             arrays = {k: f[k] for k in ARRAY_KEYS + present}
             report = json.loads(str(f["report"]))
@@ -89,13 +92,11 @@ def _check(arrays: dict, report) -> None:
 
 
 def save(cache_dir: str, split: str, key: str, arrays: dict, report: dict) -> str:
-    os.makedirs(cache_dir, exist_ok=True)
     path = path_for(cache_dir, split, key)
-    tmp = f"{path}.tmp-{os.getpid()}.npz"
+    buf = io.BytesIO()
     np.savez(
-        tmp,
+        buf,
         report=np.array(json.dumps(report)),
         **{k: arrays[k] for k in ARRAY_KEYS + OPTIONAL_KEYS if k in arrays},
     )
-    os.replace(tmp, path)
-    return path
+    return paths.write_atomic(path, buf.getvalue())

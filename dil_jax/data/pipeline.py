@@ -24,9 +24,11 @@ truncations, EOS appends, token-boundary repairs, the HH quirks met, token stati
 cache file; and for the run, the padding fraction of exactly the batches its steps will
 consume (per bucket and overall), which is also logged.
 
-Multi-process runs: every process builds (or loads from the shared cache) the same tokenised
-data, so all of them compute the same batch plan; each then materialises only its own rows of
-each global batch (``jax.process_index`` / ``jax.process_count``).
+Multi-process runs: process 0 tokenises and writes the cache while the others wait at a
+barrier, then every process loads the same arrays from it (a cache directory that the others
+cannot see is warned about, and they tokenise too), so all of them compute the same batch
+plan; each then materialises only its own rows of each global batch (``jax.process_index``
+/ ``jax.process_count``).
 """
 
 from __future__ import annotations
@@ -34,15 +36,15 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import os
 import string
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
-from dil_jax import models, objectives, progress, validation
+from dil_jax import models, objectives, paths, progress, validation
 from dil_jax.data import cache, formats, sources, tokenize
 from dil_jax.data.batching import TokenizedDataset, kto_pairs, normalise_buckets
 from dil_jax.data.gold_task import GoldTask
@@ -73,18 +75,10 @@ def build_datasets(config, workdir: str | None = None):
     if data.source == "gold_task":
         return _gold_task(config)
     validate_data_config(config)
-    tok = tokenize.load_tokenizer(data.tokenizer, data.eos_token)
-    # The model's own vocabulary: with config.model.hf_path it is that model's config.json's.
-    vocab_size = models.architecture_config(config.model).vocab_size
-    if len(tok) > vocab_size:
-        raise DataError(
-            f"the model's vocabulary ({vocab_size}, config.model.vocab_size or "
-            f"hf_path's config.json) is smaller than the tokenizer's ({len(tok)} "
-            f"tokens, {data.tokenizer})"
-        )
-    cache_dir = data.cache_dir or (
-        os.path.join(os.path.dirname(os.path.abspath(workdir)), "data_cache") if workdir else ""
-    )
+    tok_name = tokenizer_name(config)
+    tok = tokenize.load_tokenizer(tok_name, data.eos_token)
+    check_tokenizer_fits(tok, tok_name, config)
+    cache_dir = data.cache_dir or (paths.sibling(workdir, "data_cache") if workdir else "")
     tok_digest = tokenize.tokenizer_digest(tok)
     buckets = normalise_buckets(data.buckets, data.max_length)
 
@@ -114,7 +108,7 @@ def build_datasets(config, workdir: str | None = None):
         if eval_report
         else {"held_out_from_train": 0 if held_out is None else len(held_out)},
         "tokenizer": {
-            "name": data.tokenizer,
+            "name": tok_name,
             "vocab": len(tok),
             "eos_id": tok.eos_token_id,
             "pad_id": train.pad_id,
@@ -279,6 +273,67 @@ def _template_fields(template: str) -> set[str]:
     return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
 
 
+def tokenizer_name(config) -> str:
+    """The tokenizer a real-data run loads: ``config.data.tokenizer``, else the model's own.
+
+    With ``config.data.tokenizer`` empty and ``config.model.hf_path`` set, the model directory's
+    tokenizer (``tokenizer.json`` / ``tokenizer_config.json`` next to its ``config.json``) is
+    the one whose ids the model's embedding rows were trained on.
+    """
+    return config.data.tokenizer or config.model.get("hf_path", "") or ""
+
+
+def _own_tokenizer(hf_path: str, eos_token: str):
+    """The model directory's own tokenizer, or ``None`` when it ships none (weights only)."""
+    names = ("tokenizer.json", "tokenizer_config.json")
+    if not hf_path or not any(paths.exists(paths.join(hf_path, n)) for n in names):
+        return None
+    try:
+        return tokenize.load_tokenizer(hf_path, eos_token)
+    except DataError:
+        return None  # unreadable: nothing to compare against, the id checks still apply
+
+
+def check_tokenizer_fits(tok, name: str, config) -> None:
+    """Refuses a tokenizer whose ids the model cannot read, in one line naming both.
+
+    The model's vocabulary is the resolved one (with ``config.model.hf_path``, that model's
+    ``config.json``, never the stale ``config.model.vocab_size``). Checked: every token id and
+    the EOS/BOS/pad ids are below the model's vocabulary size; and, when ``name`` is not the
+    model directory itself but the directory ships its own tokenizer, that the two map the
+    same strings to the same ids (a foreign tokenizer of a smaller vocabulary fits the
+    embedding table and would train the model on meaningless ids without a word).
+
+    Raises:
+      DataError naming the tokenizer and the model.
+    """
+    hf_path = config.model.get("hf_path", "") or ""
+    vocab_size = models.architecture_config(config.model).vocab_size
+    model = (
+        f"model {hf_path!r} (vocab_size {vocab_size})"
+        if hf_path
+        else f"the model (config.model.vocab_size={vocab_size})"
+    )
+    who = f"tokenizer {name!r}"
+    fix = "; set config.data.tokenizer to the model's own tokenizer" + (
+        " (or leave it empty: the default with config.model.hf_path)" if hf_path else ""
+    )
+    if len(tok) > vocab_size:
+        raise DataError(f"{who} has {len(tok)} tokens, more than {model} can embed{fix}")
+    specials = {"EOS": tok.eos_token_id, "BOS": tok.bos_token_id, "pad": tok.pad_token_id}
+    for kind, token_id in specials.items():
+        if token_id is not None and token_id >= vocab_size:
+            raise DataError(f"{who}'s {kind} id {token_id} is outside {model}'s vocabulary{fix}")
+    same_dir = hf_path and paths.absolute(name) == paths.absolute(hf_path)
+    if hf_path and not same_dir:
+        own = _own_tokenizer(hf_path, config.data.eos_token)
+        if own is not None and own.get_vocab() != tok.get_vocab():
+            raise DataError(
+                f"{who} ({len(tok)} tokens) does not match the vocabulary of {model}, whose "
+                f"own tokenizer has {len(own)} tokens{fix}"
+            )
+
+
 def validate_data_config(config) -> None:
     """Checks ``config.data`` for a real-data run; raises ValueError naming the field."""
     d = config.data
@@ -306,7 +361,12 @@ def validate_data_config(config) -> None:
         require(
             not d.eval_files, "eval_files", "'demonstration_pairs' holds out num_eval pairs instead"
         )
-    require(bool(d.tokenizer), "tokenizer", "name a tokenizer directory, file or hub id")
+    require(
+        bool(tokenizer_name(config)),
+        "tokenizer",
+        "name a tokenizer directory, file or hub id (or set config.model.hf_path: its "
+        "directory's own tokenizer is the default)",
+    )
     require(d.max_length > 1, "max_length", "must be > 1")
     require(
         0 < d.max_prompt_length < d.max_length,
@@ -521,7 +581,10 @@ def _build_split(split: str, config, tok, tok_digest: str, cache_dir: str):
         }
     )
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    hit = cache.load(cache_dir, split, key) if cache_dir else None
+    hit = None
+    if cache_dir:
+        build = lambda: _build_and_save(read, config, tok, split, key, cache_dir, description)  # noqa: E731
+        hit = _load_shared(cache_dir, split, key, description, build)
     if hit is not None:
         arrays, report_dict = hit
         report = SplitReport.from_dict(split, d.on_bad_record, report_dict)
@@ -555,6 +618,44 @@ def _build_split(split: str, config, tok, tok_digest: str, cache_dir: str):
     return TokenizedDataset(**arrays, pad_id=int(pad_id), extras=extras, digest=key), report
 
 
+def _load_shared(cache_dir: str, split: str, key: str, description: str, build):
+    """The split from the cache; in a multi-process run, process 0 builds it first (``build``,
+    which writes the cache) while the others wait at a barrier, then read what it wrote.
+
+    None means this process must tokenise itself: a single-process miss, or a cache directory
+    the other processes cannot see (not shared storage; warned, since every host then
+    tokenises the whole split).
+    """
+    if jax.process_count() == 1:
+        return cache.load(cache_dir, split, key)
+    if jax.process_index() == 0:
+        hit = cache.load(cache_dir, split, key)
+        if hit is None:
+            build()
+    multihost_utils.sync_global_devices(f"dil_jax.data:{split}:{key}")
+    hit = cache.load(cache_dir, split, key)
+    if hit is None and jax.process_index() != 0:
+        logging.warning(
+            "%s data: process %d cannot read the tokenised-data cache process 0 wrote in %s "
+            "(not shared storage?); tokenising %s here too. Put data.cache_dir on storage "
+            "every host sees (a gs:// bucket or a shared mount).",
+            split,
+            jax.process_index(),
+            cache_dir,
+            description,
+        )
+    return hit
+
+
+def _build_and_save(read, config, tok, split, key, cache_dir, description) -> None:
+    """Tokenises a split and writes its cache file (process 0 of a multi-process run)."""
+    report = SplitReport(split, config.data.on_bad_record)
+    arrays = _tokenise_split(read, config, tok, report, key)
+    report.info.update(sources=description, **_token_stats(arrays))
+    if len(arrays["example_id"]):
+        cache.save(cache_dir, split, key, arrays, report.to_dict())
+
+
 def _tokenise_split(read, config, tok, report: SplitReport, key: str) -> dict:
     d = config.data
     records = read(report)
@@ -562,7 +663,7 @@ def _tokenise_split(read, config, tok, report: SplitReport, key: str) -> dict:
     fmt = formats.resolve_format(d.format, first, bool(d.rejected_files))
     report.info["format"] = fmt
     renderer = tokenize.Renderer(
-        tok, d.chat_template, fmt, d.prompt_template, d.response_template, d.tokenizer
+        tok, d.chat_template, fmt, d.prompt_template, d.response_template, tokenizer_name(config)
     )
     report.info["rendering"] = renderer.mode
     field_map = {k: v for k, v in d.field_map.items() if v}

@@ -13,8 +13,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import os
 
+from dil_jax import paths
 from dil_jax.errors import ConfigError, DataError
 
 BAD_RECORD_POLICIES = ("error", "skip")
@@ -115,10 +115,5 @@ class SplitReport:
 
 def write_report(workdir: str, report: dict) -> str:
     """Writes ``<workdir>/data_report.json`` atomically; returns its path."""
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "data_report.json")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
-    return path
+    path = paths.join(workdir, "data_report.json")
+    return paths.write_atomic(path, json.dumps(report, indent=2, sort_keys=True, default=str))
