@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from dil_jax import checkpointing, paths, sharding
@@ -223,6 +224,27 @@ def stop_requested() -> bool:
     return _STOP.is_set()
 
 
+# Multi-host: SIGTERM may reach one host only (a single VM preempted, `kill` on one node). The
+# stop is then agreed: every STOP_SYNC_EVERY steps (and at each phase boundary) the processes
+# all-gather their local flags (one int32 scalar each) and all stop at that step if any of them
+# was asked to, so every host saves the same step. Orbax's `reached_preemption` (the distributed
+# runtime's own notice, already agreed) is honoured every step as well. Between agreements a
+# process that got SIGTERM keeps stepping with the others (a few steps at most).
+STOP_SYNC_EVERY = 5
+
+
+def agreed_stop(local: bool | None = None) -> bool:
+    """Whether any process has a stop request (this process's alone when single-process).
+
+    Every process must call it at the same point (a collective when ``process_count > 1``).
+    """
+    local = _STOP.is_set() if local is None else local
+    if jax.process_count() == 1:
+        return local
+    flags = multihost_utils.process_allgather(np.asarray(local, np.int32))
+    return bool(np.max(flags))
+
+
 def mark_preempted(workdir: str, step: int) -> Preempted:
     """Writes ``<workdir>/PREEMPTED`` (process 0) and returns the exception to raise."""
     if jax.process_index() == 0:
@@ -232,7 +254,7 @@ def mark_preempted(workdir: str, step: int) -> Preempted:
 
 def check_stop(workdir: str, phase: str) -> None:
     """Raises :class:`Preempted` at a phase boundary when SIGTERM has arrived."""
-    if _STOP.is_set():
+    if agreed_stop():
         ckpt = checkpointing.checkpoint_dir(workdir)
         steps = [int(d) for d in paths.listdir(ckpt) if d.isdigit()]
         logging.warning("stopping before %s after a preemption signal", phase)
@@ -461,7 +483,11 @@ def _run_locked(
                 if "attention_mask" in batch:
                     tokens += float(np.sum(batch["attention_mask"]))
                 log_now = step % settings.log_every == 0 or step == end
-                preempted = _STOP.is_set() or ckpt.reached_preemption(step)
+                if jax.process_count() == 1:
+                    stop = _STOP.is_set()
+                else:  # agreed, so that every host stops (and saves) at the same step
+                    stop = step % STOP_SYNC_EVERY == 0 and agreed_stop()
+                preempted = stop or ckpt.reached_preemption(step)
                 save_now = step % settings.checkpoint_every == 0 or step == end or preempted
                 if pending is not None:
                     settle(*pending)  # the previous step, now certainly done
