@@ -48,6 +48,9 @@ from dil_jax.afd import extrapolation as afd
 from dil_jax.data.gold_task import GoldTask
 from dil_jax.runtime import exit_on_bad_input
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from stats import fmt, mean_ci  # noqa: E402  (experiments/stats.py)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RMS = ("init_sft", "init_demo", "sft_demo", "bt", "log_ratio")
 RM_LABELS = {
@@ -57,7 +60,6 @@ RM_LABELS = {
     "bt": "Bradley–Terry RM (prefs)",
     "log_ratio": "log π_SFT − log π_0",
 }
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -310,18 +312,7 @@ def run_seed(seed: int, reduced: bool, workroot: str, base_dir: str) -> dict:
 # ----------------------------------------------------------------------------- statistics
 
 
-def mean_ci(values) -> tuple[float, float]:
-    """Mean and the half-width of the 95% Student-t interval over seeds."""
-    x = np.asarray(values, np.float64)
-    if len(x) < 2:
-        return float(x.mean()), float("nan")
-    half = T_975.get(len(x) - 1, 1.96) * x.std(ddof=1) / np.sqrt(len(x))
-    return float(x.mean()), float(half)
-
-
-def fmt(values, digits=3) -> str:
-    m, h = mean_ci(values)
-    return f"{m:.{digits}f}" if not np.isfinite(h) else f"{m:.{digits}f} ± {h:.{digits}f}"
+# mean_ci / fmt: experiments/stats.py, shared with collect_table.py and dil_claims.py
 
 
 def bon_series(runs, rm, key):
