@@ -140,3 +140,80 @@ def test_plot_dynamics_one_stated_reduction(runs, tmp_path):
         PLOT, str(runs["dpo_s0"]), f"dil={runs['dil']}", f"--out={out_sum}", "--reduction=sum"
     )
     assert out_sum.stat().st_size > 10_000 and "left out" not in proc.stderr, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def sweep_runs(tmp_path_factory):
+    """A tiny Table-2-shaped sweep on the gold task: DPO at two learning rates x two seeds, DIL at
+    one; held-out metrics every 3 steps; one run carries a leaderboard.json as evaluate_run.py
+    writes it."""
+    root = tmp_path_factory.mktemp("sweep")
+    dirs = []
+    for loss, lr, seed in (
+        ("dpo", 1e-3, 0),
+        ("dpo", 1e-3, 1),
+        ("dpo", 3e-2, 0),
+        ("dpo", 3e-2, 1),
+        ("dil_lsif", 1e-3, 0),
+        ("dil_lsif", 1e-3, 1),
+    ):
+        config = make_tiny_config(
+            **{
+                "loss.name": loss,
+                "optim.learning_rate": lr,
+                "seed": seed,
+                "eval.every_steps": 3,
+                "eval.num_batches": 1,
+            }
+        )
+        workdir = root / loss / f"lr={lr},seed={seed}"
+        train.train_and_evaluate(config, str(workdir))
+        dirs.append(workdir)
+    (dirs[-1] / "leaderboard.json").write_text(
+        json.dumps({"v1": {"ARC": 0.5, "GSM8K": 0.25, "Average": 0.375}})
+    )
+    return dirs
+
+
+def test_collect_table_paper_layout(sweep_runs, tmp_path):
+    sys.path.insert(0, str(REPO / "experiments"))
+    import collect_table
+
+    table = collect_table.paper_table(
+        sweep_runs, "table2", published={"table2": {"dil_lsif": {"v1.ARC": 61.0}}}
+    )
+    assert [r["method"] for r in table["rows"]] == ["dpo", "dil_lsif"]  # the paper's order
+    headers = [h for _, h in table["columns"]]
+    assert headers[:2] == ["pref. acc.", "log p(chosen)"] and "ARC" in headers
+    assert "MMLU" not in headers  # no run has it
+    dpo, dil = table["rows"]
+    # DPO: the learning rate with the best mean held-out preference accuracy over its seeds.
+    sel = dpo["selection"]
+    assert set(sel) == {"0.001", "0.03"} and dpo["setting"] == max(sel, key=sel.get)
+    assert dpo["seeds"] == 2 and "±" in dpo["cells"]["eval.rewards/accuracies"]["text"]
+    acc = [
+        collect_table.Run(w).metric("eval.rewards/accuracies")
+        for w in sweep_runs
+        if f"lr={float(dpo['setting'])}," in w.name and w.parent.name == "dpo"
+    ]
+    mean, half = collect_table.mean_ci(acc)
+    assert dpo["cells"]["eval.rewards/accuracies"]["mean"] == pytest.approx(mean)
+    arc = dil["cells"]["v1.ARC"]
+    assert (arc["mean"], arc["n"], arc["paper"]) == (0.5, 1, 61.0)
+    assert dpo["cells"]["v1.ARC"] is None
+    out = tmp_path / "t2"
+    proc = _script(COLLECT, *map(str, sweep_runs), "--layout=table2", f"--out={out}")
+    md = proc.stdout.splitlines()
+    assert md[0].startswith("| method | optim.learning_rate | seeds | pref. acc. |")
+    assert md[2].startswith("| DPO | ") and md[3].startswith("| DIL (LSIF) | ")
+    assert "—" in md[2]  # DPO has no ARC
+    assert (out.with_suffix(".md")).read_text().splitlines()[:4] == md[:4]
+    csv_lines = out.with_suffix(".csv").read_text().splitlines()
+    assert csv_lines[0].startswith("method,optim.learning_rate,seeds,pref. acc. mean,")
+    assert len(csv_lines) == 3
+    tex = out.with_suffix(".tex").read_text()
+    assert r"\begin{tabular}" in tex and r"DIL (LSIF)" in tex and r"$\pm$" in tex
+    # A loss as the validation metric, lowest wins.
+    low = collect_table.paper_table(sweep_runs, "table2", select="eval.loss", select_mode="min")
+    sel = low["rows"][0]["selection"]
+    assert low["rows"][0]["setting"] == min(sel, key=sel.get)
