@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 from collections.abc import Callable, Mapping
 
 import jax
@@ -31,6 +30,7 @@ from dil_jax import (
     loop,
     objectives,
     paths,
+    progress,
     reference,
     sharding,
     spec,
@@ -545,15 +545,13 @@ def _log_memory_once(trainer: Trainer, ref_params) -> Callable:
             mem = compiled.memory_analysis()
             if mem is not None:  # None on backends without the analysis
                 gib = 2.0**30
-                logging.info(
-                    "compiled train step, per device (%d devices, mesh %s): arguments %.2f GiB, "
-                    "outputs %.2f GiB (%.2f GiB aliased to arguments), temporaries %.2f GiB",
-                    trainer.mesh.size,
-                    dict(trainer.mesh.shape),
-                    mem.argument_size_in_bytes / gib,
-                    mem.output_size_in_bytes / gib,
-                    mem.alias_size_in_bytes / gib,
-                    mem.temp_size_in_bytes / gib,
+                progress.announce(
+                    f"compiled train step, per device ({trainer.mesh.size} devices, mesh "
+                    f"{dict(trainer.mesh.shape)}): arguments "
+                    f"{mem.argument_size_in_bytes / gib:.2f} GiB, outputs "
+                    f"{mem.output_size_in_bytes / gib:.2f} GiB "
+                    f"({mem.alias_size_in_bytes / gib:.2f} GiB aliased to arguments), "
+                    f"temporaries {mem.temp_size_in_bytes / gib:.2f} GiB"
                 )
         return trainer.run_step(state, batch, ref_params)
 

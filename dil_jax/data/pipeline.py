@@ -283,15 +283,24 @@ def tokenizer_name(config) -> str:
     return config.data.tokenizer or config.model.get("hf_path", "") or ""
 
 
-def _own_tokenizer(hf_path: str, eos_token: str):
-    """The model directory's own tokenizer, or ``None`` when it ships none (weights only)."""
-    names = ("tokenizer.json", "tokenizer_config.json")
-    if not hf_path or not any(paths.exists(paths.join(hf_path, n)) for n in names):
+def _own_vocabulary(hf_path: str) -> dict[str, int] | None:
+    """The model directory's own token -> id map, or ``None`` when it ships no tokenizer
+    (weights only) or one that does not load (nothing to compare against)."""
+    if not hf_path:
         return None
-    try:
-        return tokenize.load_tokenizer(hf_path, eos_token)
-    except DataError:
-        return None  # unreadable: nothing to compare against, the id checks still apply
+    if paths.exists(paths.join(hf_path, "tokenizer.json")):
+        from tokenizers import Tokenizer  # noqa: PLC0415 (heavy import)
+
+        try:  # the vocabulary alone: no EOS or template needed to compare ids
+            return Tokenizer.from_file(paths.join(hf_path, "tokenizer.json")).get_vocab(True)
+        except Exception:  # noqa: BLE001 (a malformed file: the id checks still apply)
+            return None
+    if paths.exists(paths.join(hf_path, "tokenizer_config.json")):
+        try:
+            return tokenize.load_tokenizer(hf_path).get_vocab()
+        except DataError:
+            return None
+    return None
 
 
 def check_tokenizer_fits(tok, name: str, config) -> None:
@@ -326,8 +335,8 @@ def check_tokenizer_fits(tok, name: str, config) -> None:
             raise DataError(f"{who}'s {kind} id {token_id} is outside {model}'s vocabulary{fix}")
     same_dir = hf_path and paths.absolute(name) == paths.absolute(hf_path)
     if hf_path and not same_dir:
-        own = _own_tokenizer(hf_path, config.data.eos_token)
-        if own is not None and own.get_vocab() != tok.get_vocab():
+        own = _own_vocabulary(hf_path)
+        if own is not None and own != tok.get_vocab():
             raise DataError(
                 f"{who} ({len(tok)} tokens) does not match the vocabulary of {model}, whose "
                 f"own tokenizer has {len(own)} tokens{fix}"
