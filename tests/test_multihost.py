@@ -124,6 +124,12 @@ def capturing(split, *a, **k):
     built[split] = ds
     return ds, report
 pipeline._build_split = capturing
+tokenised = []
+tokenise_split = pipeline._tokenise_split
+def counting_tokenise(read, config, tok, report, key):
+    tokenised.append(key)
+    return tokenise_split(read, config, tok, report, key)
+pipeline._tokenise_split = counting_tokenise
 config = files_config([sys.argv[5]], sys.argv[6], **{{
     "mesh.shape": (8, 1, 1), "train.global_batch_size": 16, "train.steps": 2,
     "reference.mode": "precomputed", "reference.batch_size": 8,
@@ -131,7 +137,8 @@ config = files_config([sys.argv[5]], sys.argv[6], **{{
 train.train_and_evaluate(distributed(config), workdir)
 ds = built["train"]
 np.savez(out + f".{{pid}}.npz", tokens=ds.tokens, starts=ds.starts, lengths=ds.lengths)
-print("SAVES", json.dumps({{"data": saves, "reference": len(ref_saves)}}))
+print("SAVES", json.dumps({{"data": saves, "reference": len(ref_saves),
+                           "tokenised": len(tokenised)}}))
 """
 )
 
@@ -141,9 +148,9 @@ def test_one_process_tokenises_and_the_other_reads_its_cache(tmp_path):
     """Process 0 tokenises and writes the data cache while process 1 waits at a barrier and
     loads it (no second tokenisation, no second write); the reference log-probs are written once;
     both processes end with the same arrays."""
-    from data_testing import make_tokenizer, pairs, write_jsonl
+    from data_testing import CHAT_TEMPLATE, make_tokenizer, pairs, write_jsonl
 
-    tok = make_tokenizer(tmp_path / "tok")
+    tok = make_tokenizer(tmp_path / "tok", chat_template=CHAT_TEMPLATE)
     data = write_jsonl(tmp_path / "train.jsonl", pairs(64))
     script = tmp_path / "worker.py"
     script.write_text(DATA_WORKER.format(tests=str(REPO / "tests")))
@@ -164,7 +171,7 @@ def test_one_process_tokenises_and_the_other_reads_its_cache(tmp_path):
     saves = [json.loads(log.split("SAVES ")[-1].splitlines()[0]) for log in logs]
     assert saves[0]["data"] == ["train"] and saves[1]["data"] == []  # written once, by 0
     assert saves[0]["reference"] >= 1 and saves[1]["reference"] == 0
-    assert "tokenised-data cache hit" in logs[1] and "tokenised-data cache hit" in logs[0]
+    assert saves[0]["tokenised"] == 1 and saves[1]["tokenised"] == 0  # 1 read 0's file
     assert len(list(data_cache.glob("tokens-train-*.npz"))) == 1
     a, b = (np.load(f"{out}.{i}.npz") for i in range(2))
     for k in ("tokens", "starts", "lengths"):
