@@ -111,10 +111,17 @@ def _tensorboard(logdir: str):
         logging.warning("TensorBoard cannot write %s (scheme %s://); disabled", logdir, scheme)
         return None
     needs = {"gs": "google.cloud.storage", "s3": "boto3"}.get(scheme)
-    if needs and importlib.util.find_spec(needs.split(".")[0]) is None:
+    if needs and not _importable(needs):
         logging.warning("TensorBoard disabled: writing %s needs %s", logdir, needs)
         return None
     return SummaryWriter(logdir)
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a missing parent package (google.cloud)
+        return False
 
 
 def _wandb_run(workdir: str, settings: WandbSettings, config: Mapping | None):
