@@ -30,6 +30,18 @@ wrecks this model in one update), 10 % warmup then cosine decay, global batch 32
 ``experiments/plot_dynamics.py`` has the held-out curves of Figure 2). float32 parameters with
 bfloat16 compute; the LM head is chunked over tokens so no ``[B, N, T, V]`` logits exist. One
 accelerator (``mesh.shape=(1, -1, 1)`` shards parameters over whatever devices there are).
+
+On a CPU, run it with one device: leave ``XLA_FLAGS`` unset (the tests' 8 simulated devices,
+``--xla_force_host_platform_device_count=8``, give every simulated device its own gathered
+copy of each layer and of the 49,152 x 576 embedding, its own buffers, and an 8-pair minimum
+batch: above 8 GB of host memory where one device needs under 4 GB at 2 pairs x 256 tokens;
+``experiments/measure_smollm2_memory.py`` measures it). A small CPU debug run:
+
+  python -m dil_jax.main --config=configs/dil_smollm2_ultrafeedback.py \
+      --workdir=runs/smollm2_debug \
+      --config.train.steps=2 --config.train.global_batch_size=2 --config.data.max_length=256 \
+      --config.data.max_prompt_length=128 --config.data.buckets='(256,)' \
+      --config.data.max_records=8 --config.eval.every_steps=0
 """
 
 import pathlib
@@ -66,9 +78,13 @@ def get_config(hf_dir: str = ""):
     d.on_bad_record = "skip"  # 2 empty replies, 5 pairs with chosen == rejected (counted)
 
     config.loss.name = "dil_lsif"  # defaults: beta = 1.0, reduction = 'mean' (the DIL code's)
+    # Memory (README "Memory"): the reference is precomputed once (no second model in the
+    # step), in passes of 8 pairs; layers are recomputed in the backward pass (remat); the LM
+    # head runs over 256-token chunks, so at most [256, 49152] logits exist at a time.
     config.reference.mode = "precomputed"
-    config.reference.batch_size = 32
-    config.logprobs.seq_chunk = 1024
+    config.reference.batch_size = 8
+    config.model.remat = True
+    config.logprobs.seq_chunk = 256
 
     o = config.optim
     o.learning_rate = 1e-6
