@@ -8,6 +8,7 @@ tensorstore's kvstore (orbax's arrays), so a whole run writes to and resumes fro
 
 import json
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -117,3 +118,26 @@ def test_run_on_a_gs_workdir_writes_there_and_resumes(tiny_config, tmp_path, fak
     assert checkpointing.read_meta(workdir)["step"] == 6
     # TensorBoard cannot write gs:// without google-cloud-storage: disabled, not a local "gs:"
     assert not (tmp_path / "gs:").exists() and not any("gs:" in p for p in os.listdir(tmp_path))
+
+
+def test_real_data_from_a_bucket(tmp_path, fake_gcs):
+    """Data files read from gs://, the tokenised-data cache written beside a gs:// workdir and
+    data_report.json in it; a second build is a cache hit."""
+    from data_testing import CHAT_TEMPLATE, files_config, make_tokenizer, pairs, write_jsonl
+
+    from dil_jax.data import pipeline
+
+    os.makedirs(os.path.join(fake_gcs, "bucket", "data"))
+    write_jsonl(pathlib.Path(fake_gcs, "bucket", "data", "train.jsonl"), pairs(32))
+    tok = make_tokenizer(tmp_path / "tok", chat_template=CHAT_TEMPLATE)
+    config = files_config(["gs://bucket/data/train.jsonl"], tok)
+    train_ds, _, _ = pipeline.build_datasets(config, workdir="gs://bucket/runs/r")
+    assert len(train_ds) == 32
+    cached = os.listdir(os.path.join(fake_gcs, "bucket", "runs", "data_cache"))
+    assert len(cached) == 1 and cached[0].startswith("tokens-train-")
+    report = json.load(open(os.path.join(fake_gcs, "bucket", "runs", "r", "data_report.json")))
+    assert report["train"]["cache"]["hit"] is False
+    again, _, _ = pipeline.build_datasets(config, workdir="gs://bucket/runs/r")
+    np.testing.assert_array_equal(again.tokens, train_ds.tokens)
+    assert again.report["train"]["cache"]["hit"] is True
+    assert not (tmp_path / "gs:").exists()

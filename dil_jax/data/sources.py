@@ -21,6 +21,7 @@ import json
 import os
 from collections.abc import Iterator
 
+from dil_jax import paths as fs  # `paths` is a common argument name here
 from dil_jax.data.report import BadRecord, DataError, Location, SplitReport
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -40,21 +41,20 @@ def file_kind(path: str) -> str:
 
 def require_file(path: str) -> None:
     """DataError saying what is wrong with a data file path: missing, a directory, special."""
-    if os.path.isdir(path):
+    if fs.isdir(path):
         raise DataError(
             f"data file {path} is a directory, expected a file (list the files "
             "inside it, e.g. data.train_files=('dir/a.jsonl', 'dir/b.jsonl'))"
         )
-    if not os.path.exists(path):
+    if not fs.exists(path):
         raise DataError(f"data file {path} does not exist")
-    if not os.path.isfile(path):
+    if fs.is_local(path) and not os.path.isfile(path):
         raise DataError(f"data file {path} is not a regular file")
 
 
 def _read_bytes(path: str) -> bytes:
     require_file(path)
-    with open(path, "rb") as f:
-        raw = f.read()
+    raw = fs.read_bytes(path)  # local paths and gs:// URLs (dil_jax.paths)
     if path.endswith(".gz"):
         try:
             raw = gzip.decompress(raw)
@@ -231,7 +231,7 @@ def files_digest(paths) -> str:
     for path in paths:
         h.update(os.path.basename(path).encode() + b"\0")
         require_file(path)
-        with open(path, "rb") as f:
+        with fs.open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
