@@ -52,6 +52,8 @@ setup(
         ],
         "gpu": ["jax[cuda12]>=0.10,<0.11"],
         "tpu": ["jax[tpu]>=0.10,<0.11"],
+        # experiments/evaluate_run.py: lm-evaluation-harness with its Hugging Face backend
+        "eval": ["lm-eval[hf]>=0.4.5"],
         # train.wandb_project: the optional Weights & Biases writer (dil_jax/metrics.py)
         "wandb": ["wandb>=0.17"],
         # gs:// workdirs and caches: epath's fsspec backend (gcsfs) and orbax's bucket queries
