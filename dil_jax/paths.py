@@ -185,3 +185,37 @@ def move(src, dst) -> None:
         shutil.move(_local(src), _local(dst))
     else:
         _epath(src).rename(_epath(dst))
+
+
+def local_copy(path) -> str:
+    """A local path holding the file or directory ``path``: itself when local, else a copy
+    downloaded once into ``$DIL_JAX_CACHE`` (default ``~/.cache/dil_jax``)``/remote/<hash>/``.
+
+    For readers that need real files (safetensors memory maps, ``transformers`` tokenizers):
+    ``model.hf_path``, ``data.tokenizer``. Files already there with the same size are not
+    fetched again; each file is written to a temporary name and renamed, so processes sharing
+    a host may copy concurrently.
+    """
+    p = os.fspath(path)
+    if is_local(p):
+        return _local(p)
+    import hashlib  # noqa: PLC0415
+
+    root = os.environ.get("DIL_JAX_CACHE") or os.path.expanduser("~/.cache/dil_jax")
+    url = p.rstrip("/")
+    dest = os.path.join(
+        root, "remote", hashlib.sha256(url.encode()).hexdigest()[:16], url.rsplit("/", 1)[-1]
+    )
+    files = list(walk_files(url)) if isdir(url) else [(url, _epath(url).stat().length)]
+    for src, size in files:
+        rel = src[len(url) :].lstrip("/")
+        target = os.path.join(dest, rel) if rel else dest
+        if os.path.isfile(target) and os.path.getsize(target) == size:
+            continue
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        tmp = f"{target}.tmp-{os.getpid()}"
+        with open(src, "rb") as fin, builtins.open(tmp, "wb") as fout:
+            while chunk := fin.read(1 << 24):
+                fout.write(chunk)
+        os.replace(tmp, target)
+    return dest

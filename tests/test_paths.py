@@ -141,3 +141,21 @@ def test_real_data_from_a_bucket(tmp_path, fake_gcs):
     np.testing.assert_array_equal(again.tokens, train_ds.tokens)
     assert again.report["train"]["cache"]["hit"] is True
     assert not (tmp_path / "gs:").exists()
+
+
+def test_hf_and_tokenizer_directories_from_a_bucket(tmp_path, fake_gcs, monkeypatch):
+    """A gs:// model/tokenizer directory is copied once into $DIL_JAX_CACHE and read there."""
+    from data_testing import CHAT_TEMPLATE, make_tokenizer
+
+    from dil_jax.data import tokenize
+    from dil_jax.models import hf
+
+    monkeypatch.setenv("DIL_JAX_CACHE", str(tmp_path / "cache"))
+    make_tokenizer(pathlib.Path(fake_gcs, "bucket", "tok"), chat_template=CHAT_TEMPLATE)
+    tok = tokenize.load_tokenizer("gs://bucket/tok")
+    assert tok.eos_token_id is not None
+    local = hf.resolve("gs://bucket/tok")
+    assert str(local).startswith(str(tmp_path / "cache")) and (local / "tokenizer.json").is_file()
+    assert sorted(p.name for p in local.iterdir()) == sorted(
+        os.listdir(os.path.join(fake_gcs, "bucket", "tok"))
+    )

@@ -44,7 +44,7 @@ import os
 
 import numpy as np
 
-from dil_jax import progress
+from dil_jax import paths, progress
 from dil_jax.data.formats import CHAT_FORMATS, Example
 from dil_jax.data.report import BadRecord, DataError, SplitReport
 
@@ -74,6 +74,7 @@ def load_tokenizer(spec: str, eos_token: str = ""):
             "config.data.tokenizer is empty: name a tokenizer directory, "
             "tokenizer.json file or hub id"
         )
+    spec = paths.local_copy(spec) if not paths.is_local(spec) else spec  # gs://: local copy
     _check_local_tokenizer(spec)
     try:
         has_json = os.path.exists(os.path.join(spec, "tokenizer.json"))

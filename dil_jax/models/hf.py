@@ -29,6 +29,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from dil_jax import paths
 from dil_jax.errors import WeightsError
 from dil_jax.models.family import HFParam, identity, transpose
 from dil_jax.models.registry import HF_MODEL_TYPES, get_family
@@ -81,7 +82,8 @@ def resolve(
     revision: str | None = None,
     allow_patterns: Sequence[str] | None = None,
 ) -> pathlib.Path:
-    """A local directory as is, else a Hugging Face Hub repo downloaded to the local cache.
+    """A local directory as is, a URL directory (``gs://``) copied to a local cache
+    (:func:`dil_jax.paths.local_copy`), else a Hugging Face Hub repo downloaded to its cache.
 
     Args:
       path_or_id: a directory, or a hub id like 'Qwen/Qwen2.5-0.5B'.
@@ -92,6 +94,8 @@ def resolve(
       FileNotFoundError naming `path_or_id` when it is neither (strings that can only be paths,
       e.g. absolute or with more than one '/', are not tried on the hub).
     """
+    if not paths.is_local(str(path_or_id)):  # gs://...: copied once into a local cache
+        return pathlib.Path(paths.local_copy(str(path_or_id)))
     path = pathlib.Path(path_or_id).expanduser()
     if path.is_dir():
         return path
