@@ -10,7 +10,16 @@ replies and the few pairs whose chosen equals rejected are skipped; all of it is
 ``<workdir>/data_report.json``. A tiny 1-layer Llama
 (width 32, vocabulary = the tokenizer's 32,768) trains a few steps: this checks the plumbing,
 not the method. For a real run, point ``config.model`` at a pretrained model and raise
-``data.max_length`` and ``train.steps``.
+``data.max_length`` and ``train.steps``; the Mistral tokenizer named here is then refused
+unless the model reads Mistral's ids, so give the model's own (empty: the default with
+``hf_path``):
+
+  python -m dil_jax.main --config=configs/dil_ultrafeedback_debug.py --workdir=/tmp/dil_uf_smol \
+      --config.model.hf_path=runs/smollm2_hf --config.init.mode=hf --config.data.tokenizer= \
+      --config.reference.mode=precomputed --config.model.remat=True
+
+(runs/smollm2_hf from ``python -m dil_jax.models.gguf --smollm2 runs/smollm2_hf``; run it on one
+CPU device, ``XLA_FLAGS`` unset: README "Memory").
 """
 
 import pathlib

@@ -16,7 +16,7 @@ The rows isolate the levers (see README "Memory"):
   every simulated device holds its own all-gathered copy of each layer and of the 49,152 x 576
   embedding / LM head and its own buffers, and the smallest batch is 8 pairs;
 - ``after``: today's defaults on one CPU device (``XLA_FLAGS`` unset), 2 pairs;
-- ``after, 8 pairs``: the same at the ``before`` row's batch.
+- ``after 8 pairs``: the same at the ``before`` row's batch.
 
 From the repository root, after ``python -m dil_jax.models.gguf --smollm2 runs/smollm2_hf``:
 
@@ -69,7 +69,7 @@ ROWS = {  # name -> (XLA_FLAGS, pairs per step, extra overrides)
     # cannot split SmolLM2's 9 heads / 3 kv heads over 2, 4 or 8 devices).
     "before": (EIGHT, 8, BEFORE),
     "after": ("", 2, ()),
-    "after, 8 pairs": ("", 8, ()),
+    "after 8 pairs": ("", 8, ()),
 }
 
 
