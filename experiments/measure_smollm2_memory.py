@@ -15,6 +15,7 @@ The rows isolate the levers (see README "Memory"):
   1024-token LM-head chunks) on 8 simulated CPU devices, as the tests and the issue's run used:
   every simulated device holds its own all-gathered copy of each layer and of the 49,152 x 576
   embedding / LM head and its own buffers, and the smallest batch is 8 pairs;
+- ``before 1 device``: those old defaults on one CPU device, 2 pairs;
 - ``after``: today's defaults on one CPU device (``XLA_FLAGS`` unset), 2 pairs;
 - ``after 8 pairs``: the same at the ``before`` row's batch.
 
@@ -68,6 +69,9 @@ ROWS = {  # name -> (XLA_FLAGS, pairs per step, extra overrides)
     # 8 pairs: the smallest batch 8 simulated devices take (mesh (1, 8, 1); tensor parallelism
     # cannot split SmolLM2's 9 heads / 3 kv heads over 2, 4 or 8 devices).
     "before": (EIGHT, 8, BEFORE),
+    # The old config defaults on one device: the config levers alone (today's code, which drops
+    # the initial params after the policy's copy, is in every row).
+    "before 1 device": ("", 2, BEFORE),
     "after": ("", 2, ()),
     "after 8 pairs": ("", 8, ()),
 }
