@@ -4,6 +4,7 @@ every debug row trains two steps with the unchanged code (slow)."""
 
 import importlib.util
 import json
+import os
 import pathlib
 
 import pytest
@@ -185,9 +186,24 @@ def _losses(workdir):
     return [r["loss"] for r in records if "loss" in r]
 
 
+# Every row builds above; two real steps for a representative pair per table keep CI inside its
+# time budget (a SmolLM2 row costs minutes on 2 cores). DIL_ALL_TABLE_ROWS=1 trains every row.
+ALL_ROWS = os.environ.get("DIL_ALL_TABLE_ROWS") == "1"
+TRAINED = ("dpo", "dil_lsif")
+
+
+def _maybe_skip(row):
+    if not ALL_ROWS and row not in TRAINED:
+        pytest.skip(
+            f"row {row!r}: built as abstract state above; set DIL_ALL_TABLE_ROWS=1 to "
+            f"also train it (CI trains {TRAINED})"
+        )
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("row", T2.ROWS)
 def test_table2_debug_row_trains_two_steps(row, smollm2_dir, shared_data, tmp_path):
+    _maybe_skip(row)
     config = _two_steps(T2.get_config(f"debug,{row},{smollm2_dir}"), tmp_path)
     config.data.cache_dir = str(tmp_path / "cache")
     train.train_and_evaluate(config, str(tmp_path / "run"))
@@ -198,6 +214,7 @@ def test_table2_debug_row_trains_two_steps(row, smollm2_dir, shared_data, tmp_pa
 @pytest.mark.slow
 @pytest.mark.parametrize("row", T3.ROWS)
 def test_table3_debug_row_trains_two_steps(row, shared_data, tmp_path):
+    _maybe_skip(row)
     config = _two_steps(T3.get_config(f"debug,{row}"), tmp_path)
     train.train_and_evaluate(config, str(tmp_path / "run"))
     losses = _losses(tmp_path / "run")
