@@ -99,9 +99,15 @@ def get_config() -> ConfigDict:
     config.data.on_bad_record = "error"  # 'error' (stop, naming file:line field) | 'skip'
     # batching: padded lengths (each batch uses the smallest that fits; max_length is always
     # the last), so the step compiles at most len(buckets) times; or pack examples into rows of
-    # max_length tokens with segment_ids/positions (sft losses only).
+    # max_length tokens with segment_ids/positions; every loss but KTO's reads per-example sums
+    # from segment reductions in the step, and train.global_batch_size then counts rows.
     config.data.buckets = (128, 256, 512)
     config.data.packing = False
+    # Prefix sharing: an example's N sequences as one [prompt | response_1 | ... | response_N]
+    # row, each response attending to the prompt and itself only (positions restart at the
+    # prompt's end), so a prompt is computed once per example. Rows of N * max_length tokens
+    # (bucketed as before, or packed with data.packing).
+    config.data.prefix_sharing = False
     config.data.cache_dir = ""  # tokenised-data cache; '' -> <workdir>/../data_cache
     config.data.num_proc = 1  # tokenisation processes (datasets.map)
 

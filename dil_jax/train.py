@@ -44,7 +44,8 @@ from dil_jax.loop import TrainState
 from dil_jax.metrics import WandbSettings
 from dil_jax.models import build_model, hf, max_positions
 
-# Batch keys the step reads; segment_ids/positions [B, N, T] come with packed data, labels [B]
+# Batch keys the step reads; segment_ids/positions/pair_index [B, R, T] and slot_mask [B, S, N]
+# come with packed and prefix-shared data (branch_ids [B, 1, T] with the latter), labels [B]
 # with KTO's unpaired data (1 desirable, 0 undesirable).
 STEP_KEYS = (
     "input_ids",
@@ -53,8 +54,18 @@ STEP_KEYS = (
     "ref_logps",
     "segment_ids",
     "positions",
+    "pair_index",
+    "slot_mask",
+    "branch_ids",
     "labels",
 )
+
+
+def num_examples(batch) -> jax.Array | int:
+    """Examples in a batch: its rows, or the real slots of a packed / prefix-shared batch."""
+    if "slot_mask" in batch:
+        return jnp.sum(batch["slot_mask"][..., 0], dtype=jnp.float32)
+    return batch["input_ids"].shape[0]
 
 
 def make_optimizer(optim_cfg, total_steps: int):
@@ -87,11 +98,11 @@ def _pair_stats(
     ``[B]`` arrays as they are, their batch scalars broadcast to ``[B]`` so that the step's
     average over rows returns them (under accumulation: their mean over micro-batches).
     """
-    pol = logprobs.sequence_logps(model, family, params, batch, **chunks)
+    pol = logprobs.sequence_logps(model, family, params, batch, **chunks)  # [B(·S), N]
     reference = None
     if objectives.needs_reference(terms):
         if "ref_logps" in batch:  # precomputed once, cached on disk
-            reference = batch["ref_logps"].astype(jnp.float32)
+            reference = batch["ref_logps"].astype(jnp.float32).reshape(pol.sum_logps.shape)
         else:  # frozen reference evaluated in the step; never differentiated
             ref = logprobs.sequence_logps(
                 model, family, jax.lax.stop_gradient(ref_params), batch, **chunks
@@ -115,6 +126,10 @@ def _pair_stats(
         rows = losses.shape[0]
         diag = density_ratio_diagnostics(terms, seqs)  # scalars and [B] arrays
         metrics.update({k: jnp.broadcast_to(v, (rows,)) for k, v in diag.items()})
+    if "slot_mask" in batch:  # packed / prefix-shared: empty slots count for nothing
+        real = batch["slot_mask"][..., 0].reshape(-1).astype(jnp.float32)  # [B·S]
+        losses = losses * real
+        metrics = {k: v * real for k, v in metrics.items()}
     return losses, metrics, jnp.sum(pol.n_tokens)
 
 
@@ -153,7 +168,7 @@ def train_step(
     Returns:
       The updated state and scalar float32 metrics (docs/objectives.md §5 names).
     """
-    global_batch = batch["input_ids"].shape[0]
+    global_batch = num_examples(batch)  # rows, or real examples of packed rows
 
     def micro_loss(params, micro):
         losses, metrics, n_tok = _pair_stats(
@@ -206,7 +221,8 @@ def eval_step(params, batch, ref_params, *, model, family, terms, chunks) -> dic
     losses, metrics, _ = _pair_stats(
         model, family, params, batch, ref_params, terms=terms, chunks=chunks
     )
-    return dict({k: jnp.mean(v) for k, v in metrics.items()}, loss=jnp.mean(losses))
+    count = num_examples(batch)
+    return dict({k: jnp.sum(v) / count for k, v in metrics.items()}, loss=jnp.sum(losses) / count)
 
 
 # ----------------------------------------------------------------------------- setup

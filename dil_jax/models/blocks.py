@@ -193,6 +193,21 @@ def default_attention_mask(input_ids: jax.Array, segment_ids: jax.Array | None) 
     return (segment_ids > 0).astype(jnp.int32)
 
 
+class Segments(NamedTuple):
+    """Packed rows with prefix sharing: what `segment_ids` may be instead of an array.
+
+    ids: [B, T] example per token (0 = padding), as plain `segment_ids`;
+    branch: [B, T] 0 on an example's shared prefix, j + 1 on its response j: a token attends
+      to keys of its own example on the prefix or on its own branch;
+    positions: [B, T] the tokens' positions, which restart at the prefix's end in every
+      branch, so the sliding window is measured in positions, not slots.
+    """
+
+    ids: jax.Array
+    branch: jax.Array
+    positions: jax.Array
+
+
 class Masks(NamedTuple):
     """Attention masks for one call; full/local: [B, T, S] bool (True = may attend)."""
 
@@ -216,8 +231,9 @@ def make_masks(
 
     Args:
       attention_mask: [B, T], 1 = real token.
-      segment_ids: [B, T] or None; tokens attend only to keys with an equal id. Not
-        supported together with a cache (packing is a training-time layout).
+      segment_ids: [B, T] or None; tokens attend only to keys with an equal id. Or a
+        `Segments` (prefix sharing; the window then counts positions). Not supported
+        together with a cache (packing is a training-time layout).
       cache: None or a KVCache; its mask gets this call's `attention_mask` written in.
       sliding_window: if given, also build the local mask.
     """
@@ -235,11 +251,18 @@ def make_masks(
     S = key_mask.shape[1]
     distance = index + jnp.arange(T)[:, None] - jnp.arange(S)[None, :]  # [T, S] q slot - k slot
     full = (distance >= 0)[None] & (key_mask[:, None, :] > 0)  # [B, T, S]
-    if segment_ids is not None:
+    if isinstance(segment_ids, Segments):  # prefix sharing: own example, prefix or own branch
+        seg, branch = segment_ids.ids, segment_ids.branch  # [B, T]
+        full = full & (seg[:, :, None] == seg[:, None, :])
+        full = full & ((branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :]))
+        pos = segment_ids.positions
+        distance = pos[:, :, None] - pos[:, None, :]  # [B, T, S]: positions, not slots
+    elif segment_ids is not None:
         full = full & (segment_ids[:, :, None] == segment_ids[:, None, :])
     local = None
     if sliding_window is not None:
-        local = full & (distance < sliding_window)[None]
+        window = distance < sliding_window  # [T, S], or [B, T, S] by positions
+        local = full & (window if window.ndim == 3 else window[None])
     return Masks(full, local, key_mask, index)
 
 
