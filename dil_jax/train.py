@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 from dil_jax import (
     checkpointing,
     evaluate,
+    flops,
     logprobs,
     loop,
     objectives,
@@ -270,6 +271,7 @@ class Trainer:
         self.params_sharding = self.state_sharding.params
         self.replicated = NamedSharding(self.mesh, P())
         self.trace_count = 0  # recompile guard: incremented each time the step is traced
+        self._n_matmul = None  # matmul parameters, for step_flops
         self._train_step = None
         self._eval_step = None
 
@@ -304,6 +306,32 @@ class Trainer:
         opt_init = jax.jit(self.tx.init, out_shardings=self.state_sharding.opt_state)
         step = jax.device_put(jnp.zeros((), jnp.int32), self.replicated)
         return TrainState(step=step, params=params, opt_state=opt_init(params))
+
+    def step_flops(self, batch) -> float:
+        """Model FLOPs of a train step on host ``batch`` (``dil_jax.flops``: real tokens,
+        attention at the layout's mask density; policy forward + backward, and the inline
+        reference's forward)."""
+        if self._n_matmul is None:
+            m = self.model.config
+            self._n_matmul = flops.matmul_params(
+                self.abstract_state.params,
+                tied_embeddings=bool(m.tie_word_embeddings),
+                vocab_size=m.vocab_size,
+                hidden_size=m.hidden_size,
+            )
+        m = self.model.config
+        return flops.batch_flops(
+            batch,
+            n_matmul=self._n_matmul,
+            layers=m.num_hidden_layers,
+            heads=m.num_attention_heads,
+            head_dim=m.head_dim,
+            passes=3 + int(self.reference_inline),
+        )
+
+    def peak_flops(self) -> float:
+        """Peak FLOP/s of this run's devices in its compute dtype (measured once on CPU)."""
+        return flops.device_peak(str(self.config.model.dtype))[0]
 
     def batch_sharding(self, batch):
         return {
