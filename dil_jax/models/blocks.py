@@ -19,6 +19,7 @@ einsums).
 
 from __future__ import annotations
 
+import contextvars
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple
@@ -274,6 +275,70 @@ def update_cache(cache_k, cache_v, k, v, index):
     return cache_k, cache_v
 
 
+# `config.model.attention`: which attention kernel runs the core (`attention` below).
+#   'xla': the float32 einsum (the reference; every mask, Gemma 2's score softcap);
+#   'dot_product': jax.nn.dot_product_attention's XLA implementation (any backend);
+#   'cudnn': jax.nn.dot_product_attention's cuDNN flash attention (GPU, bf16/fp16);
+#   'auto': cudnn on a GPU in bf16/fp16, else xla.
+# Every mask (causal, padding, packed segments, prefix-sharing branches, sliding window) reaches
+# the fused kernels as the same dense [B, T, S] boolean, so none has to express it itself; the
+# score softcap has no fused form, so a softcapped model (Gemma 2) always runs 'xla'.
+# (Pallas splash attention on TPU is not wired in: 'auto' runs 'xla' there.)
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "dot_product", "cudnn")
+_ATTENTION = contextvars.ContextVar("dil_jax_attention", default="xla")
+
+
+def resolve_attention(requested: str, dtype, logit_softcap: float | None) -> str:
+    """The kernel that runs for `requested` on this backend: 'xla', 'dot_product' or 'cudnn'."""
+    if requested not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"config.model.attention={requested!r}: expected one of {ATTENTION_IMPLEMENTATIONS}"
+        )
+    if logit_softcap is not None:  # no fused kernel takes a softcap on the scores
+        return "xla"
+    low_precision = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if requested == "auto":
+        return "cudnn" if jax.default_backend() == "gpu" and low_precision else "xla"
+    if requested == "cudnn" and (jax.default_backend() != "gpu" or not low_precision):
+        raise ValueError(
+            "config.model.attention='cudnn' needs a GPU and model.dtype bfloat16/float16 "
+            f"(backend {jax.default_backend()!r}, dtype {jnp.dtype(dtype).name})"
+        )
+    return requested
+
+
+class use_attention:  # noqa: N801 (a context manager, used like a function)
+    """Within the block, `attention` runs the kernel `name` (`config.model.attention`)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        self._token = _ATTENTION.set(self.name)
+
+    def __exit__(self, *exc):
+        _ATTENTION.reset(self._token)
+
+
+def _fused_attention(q, k, v, mask, *, scale: float, implementation: str, dtype) -> jax.Array:
+    """jax.nn.dot_product_attention on q [B, T, H, Dh], k, v [B, S, K, Dh], mask [B, T, S]."""
+    B, T, H, Dh = q.shape
+    # A query with no allowed key (padding) attends to its own slot instead: its output is
+    # ignored, and no row of the softmax is empty (NaN-free in every implementation).
+    empty = ~jnp.any(mask, axis=-1, keepdims=True)  # [B, T, 1]
+    own = jnp.arange(T)[:, None] == jnp.arange(mask.shape[-1])[None, :]  # [T, S]
+    mask = mask | (empty & own[None])
+    out = jax.nn.dot_product_attention(
+        q.astype(dtype),
+        k.astype(dtype),
+        v.astype(dtype),
+        mask=mask[:, None],  # [B, 1, T, S]
+        scale=scale,
+        implementation="cudnn" if implementation == "cudnn" else "xla",
+    )  # [B, T, H, Dh]
+    return out.reshape(B, T, H * Dh).astype(dtype)
+
+
 def attention(
     q, k, v, mask, *, scale: float, logit_softcap: float | None = None, dtype=jnp.float32
 ) -> jax.Array:
@@ -281,8 +346,12 @@ def attention(
 
     q [B, T, H, Dh]; k, v [B, S, K, Dh]; mask [B, T, S] bool. Returns [B, T, H * Dh] in dtype.
     Scores, softcap and softmax run in float32; a finite large negative (not -inf) keeps fully
-    masked rows (queries at padding) NaN-free.
+    masked rows (queries at padding) NaN-free. The kernel is the one `use_attention` selected
+    (`resolve_attention`); this einsum is 'xla'.
     """
+    impl = resolve_attention(_ATTENTION.get(), dtype, logit_softcap)
+    if impl != "xla":
+        return _fused_attention(q, k, v, mask, scale=scale, implementation=impl, dtype=dtype)
     B, T, H, Dh = q.shape
     K = k.shape[2]
     q = q.reshape(B, T, K, H // K, Dh)
@@ -381,6 +450,7 @@ class CausalLM(nn.Module):
     param_dtype: Any = jnp.float32  # storage dtype
     remat: bool = False  # jax.checkpoint each layer
     scan_layers: bool = True  # nn.scan over layers: params get a leading [L] axis
+    attention: str = "xla"  # the attention kernel (ATTENTION_IMPLEMENTATIONS)
 
     backbone: ClassVar[type[nn.Module]]
     backbone_name: ClassVar[str] = "model"
@@ -433,9 +503,15 @@ class CausalLM(nn.Module):
             attention_mask = default_attention_mask(input_ids, segment_ids)
         if positions is None:
             positions = default_positions(attention_mask, segment_ids, cache)
-        h, new_cache = self.backbone(
-            cfg, self.dtype, self.param_dtype, self.remat, self.scan_layers, name=self.backbone_name
-        )(input_ids, attention_mask, positions, cache, segment_ids)
+        with use_attention(self.attention):  # read by `attention` while the layers trace
+            h, new_cache = self.backbone(
+                cfg,
+                self.dtype,
+                self.param_dtype,
+                self.remat,
+                self.scan_layers,
+                name=self.backbone_name,
+            )(input_ids, attention_mask, positions, cache, segment_ids)
         # The head's params must exist after init even when init is traced with output='hidden'.
         if output == "hidden" and not self.is_initializing():
             return h, new_cache
