@@ -14,8 +14,8 @@ built. Two layouts turn examples into the trainer's ``[B, N, T]`` arrays:
 - **Packed** (``config.data.packing``): several examples share a row of ``max(buckets)`` tokens,
   with ``segment_ids`` (1, 2, … per example, 0 on padding) and ``positions`` restarting at 0 for
   every example; the pair axis stays aligned (an example's chosen and rejected sequences sit in
-  the same row and segment of ``N = 0`` and ``N = 1``). :func:`pack_plan` fills rows greedily in
-  the epoch's order.
+  the same row and segment of ``N = 0`` and ``N = 1``). :func:`pack_plan` fills rows first-fit
+  in the epoch's order.
 - **Prefix-shared** (``config.data.prefix_sharing``, bucketed or packed): an example's ``N``
   sequences become one ``[prompt | response_1 | … | response_N]`` stretch of a single row
   (``R = 1``), each response attending to the prompt and to itself (``branch_ids``), with
@@ -311,24 +311,46 @@ def bucket_plan(
 
 
 def pack_plan(
-    lengths: np.ndarray, order: np.ndarray, row_length: int, batch_size: int
+    lengths: np.ndarray,
+    order: np.ndarray,
+    row_length: int,
+    batch_size: int,
+    open_rows: int = 64,
 ) -> list[list[np.ndarray]]:
     """One epoch of packed global batches: each a list of ``B`` rows of example indices.
 
-    Next-fit in the epoch's order: an example joins the open row when every one of its ``N``
-    sequences still fits beside that row's sequences on the same pair index; else a new row
-    starts. The last incomplete batch of rows is dropped.
+    First fit over a bounded set of open rows, in the epoch's order: an example joins the first
+    open row where every one of its ``R`` sequences still fits beside that row's sequences on
+    the same index; else it opens a new row. When ``open_rows`` rows are open, the fullest is
+    closed (emitted) first. Short examples so fill the gaps long ones leave, and the plan stays
+    a pure function of (lengths, order). The last incomplete batch of rows is dropped.
+
+    Args:
+      lengths: [n, R] tokens each example takes on each of a row's R sequences.
+      order: [n] the epoch's example order.
+      row_length: tokens per row.
+      batch_size: rows per global batch.
+      open_rows: rows kept open at once (1: next fit).
     """
-    rows, current, used = [], [], np.zeros(lengths.shape[1], np.int64)
+    num = lengths.shape[1]
+    used = np.zeros((0, num), np.int64)  # [open, R] tokens used per open row
+    members: list[list[int]] = []
+    rows: list[np.ndarray] = []
     for e in order:
         need = lengths[e]
-        if current and np.any(used + need > row_length):
-            rows.append(np.asarray(current))
-            current, used = [], np.zeros_like(used)
-        current.append(e)
-        used = used + need
-    if current:
-        rows.append(np.asarray(current))
+        fits = np.flatnonzero(np.all(used + need <= row_length, axis=1))
+        if len(fits):
+            i = fits[0]
+            used[i] += need
+            members[i].append(e)
+            continue
+        if len(members) >= open_rows:  # close the fullest open row
+            i = int(np.argmax(used.sum(axis=1)))
+            rows.append(np.asarray(members.pop(i)))
+            used = np.delete(used, i, axis=0)
+        used = np.concatenate([used, need[None].astype(np.int64)])
+        members.append([e])
+    rows += [np.asarray(m) for m in members]
     full = len(rows) // batch_size * batch_size
     return [rows[i : i + batch_size] for i in range(0, full, batch_size)]
 
