@@ -58,5 +58,7 @@ setup(
         "wandb": ["wandb>=0.17"],
         # gs:// workdirs and caches: epath's fsspec backend (gcsfs) and orbax's bucket queries
         "gcs": ["gcsfs", "google-cloud-storage"],
+        # experiments/bench_vs_trl.py: TRL's DPOTrainer beside dil_jax (torch as in 'test')
+        "bench": ["trl==1.16.0", "torch==2.13.0"],
     },
 )

@@ -35,8 +35,9 @@ def get_config() -> ConfigDict:
     config.model.remat = False  # recompute each layer in the backward pass (memory for FLOPs)
     config.model.scan_layers = True  # one compiled layer body: fast compiles for deep models
     # Attention kernel (dil_jax/models/blocks.py): 'auto' (cuDNN flash attention on a GPU in
-    # bf16/fp16, else the einsum), 'xla' (float32 einsum, the reference), 'dot_product'
-    # (jax.nn.dot_product_attention's XLA path), 'cudnn'. Softcapped Gemma 2 always runs 'xla'.
+    # bf16/fp16, 'chunked' on TPU, else the einsum), 'xla' (float32 einsum, the reference),
+    # 'dot_product' (jax.nn.dot_product_attention's XLA path), 'cudnn', 'chunked' (the einsum
+    # over query blocks recomputed in the backward: memory). Softcapped Gemma 2: no cudnn.
     config.model.attention = "auto"
     # A Hugging Face model directory or hub id: its config.json defines the architecture (the
     # fields above are then ignored) and init.mode='hf' loads its weights.

@@ -175,6 +175,7 @@ class Setup:
     vocab_chunk: int = 16384
     mesh: tuple[int, int, int] | None = None  # default (1, devices, 1): pure FSDP
     num_layers: int | None = None  # override (cheap tests: a full-width model with few layers)
+    attention: str = "xla"  # config.model.attention ('chunked': one query block's scores live)
 
 
 # ----------------------------------------------------------------------------- in the worker
@@ -202,6 +203,7 @@ def build_config(setup: Setup, hf_dir: str):
     config.model.param_dtype = setup.param_dtype
     config.model.remat = setup.remat
     config.model.scan_layers = True
+    config.model.attention = setup.attention
     config.loss.name = "dil_lsif"
     config.reference.mode = setup.reference
     config.logprobs.seq_chunk = setup.seq_chunk
@@ -326,6 +328,7 @@ def format_table(rows: list[tuple[dict, float, str]]) -> str:
             f"{s['param_dtype'][:4]}/{s['dtype'][:4]} ref={s['reference'][:6]}"
             + (f" acc{s['grad_accum']}" if s["grad_accum"] > 1 else "")
             + ("" if s["remat"] else " noremat")
+            + (f" {s['attention']}" if s.get("attention", "xla") != "xla" else "")
         )
         if "error" in r:
             lines.append(
@@ -358,6 +361,7 @@ def main():
     p.add_argument("--param_dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--reference", default="inline", choices=["inline", "precomputed"])
     p.add_argument("--no_remat", action="store_true")
+    p.add_argument("--attention", default="xla", help="config.model.attention (e.g. chunked)")
     p.add_argument("--json", default="", help="also write the raw measurements here")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -386,6 +390,7 @@ def main():
             param_dtype=args.param_dtype,
             reference=args.reference,
             remat=not args.no_remat,
+            attention=args.attention,
         )
         print(f"compiling {name} on {devices} simulated devices ...", file=sys.stderr, flush=True)
         rows.append((run_case(setup), target, hw))

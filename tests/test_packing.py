@@ -249,12 +249,17 @@ def test_packed_step_accumulates_exactly(ultrafeedback):
         np.testing.assert_allclose(two[key], one[key], rtol=1e-5, err_msg=key)
 
 
+@pytest.mark.parametrize("impl", ["dot_product", "chunked"])
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
-def test_fused_attention_matches_the_einsum_on_every_mask(name):
-    """model.attention='dot_product' (jax.nn.dot_product_attention, XLA path: runs on CPU)
-    gives the einsum's log-probs and gradients on packed prefix-shared rows (causal, padding,
-    segment and branch masks at once)."""
+def test_fused_attention_matches_the_einsum_on_every_mask(name, impl, monkeypatch):
+    """model.attention='dot_product' (jax.nn.dot_product_attention, XLA path: runs on CPU) and
+    'chunked' (blocks of 8 queries here) give the einsum's log-probs and gradients on packed
+    prefix-shared rows (causal, padding, segment and branch masks at once)."""
     import family_checks as fc
+
+    from dil_jax.models import blocks
+
+    monkeypatch.setattr(blocks, "ATTENTION_BLOCK", 8)  # rows of 48 tokens: 6 blocks
 
     model_cls, cfg, family = FAMILIES[name]
     data = synthetic_pairs(vocab=cfg.vocab_size)
@@ -264,14 +269,14 @@ def test_fused_attention_matches_the_einsum_on_every_mask(name):
     }
     params = fc.random_params(model_cls(cfg))
     results = {}
-    for impl in ("xla", "dot_product"):
-        model = model_cls(cfg, attention=impl)
+    for kind in ("xla", impl):
+        model = model_cls(cfg, attention=kind)
 
         def total(p, model=model):
             return jnp.sum(logprobs.sequence_logps(model, family, p, batch).sum_logps)
 
-        results[impl] = jax.jit(jax.value_and_grad(total))(params)
-    (want, want_g), (got, got_g) = results["xla"], results["dot_product"]
+        results[kind] = jax.jit(jax.value_and_grad(total))(params)
+    (want, want_g), (got, got_g) = results["xla"], results[impl]
     np.testing.assert_allclose(got, want, rtol=1e-5)
     for g, w in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g), strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
@@ -282,6 +287,7 @@ def test_attention_choice_resolves_per_backend():
 
     assert blocks.resolve_attention("auto", jnp.float32, None) == "xla"  # CPU
     assert blocks.resolve_attention("dot_product", jnp.float32, 5.0) == "xla"  # softcap
+    assert blocks.resolve_attention("chunked", jnp.float32, 5.0) == "chunked"
     with pytest.raises(ValueError, match="needs a GPU"):
         blocks.resolve_attention("cudnn", jnp.bfloat16, None)
     with pytest.raises(ValueError, match="config.model.attention='flash'"):

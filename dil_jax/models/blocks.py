@@ -279,27 +279,35 @@ def update_cache(cache_k, cache_v, k, v, index):
 #   'xla': the float32 einsum (the reference; every mask, Gemma 2's score softcap);
 #   'dot_product': jax.nn.dot_product_attention's XLA implementation (any backend);
 #   'cudnn': jax.nn.dot_product_attention's cuDNN flash attention (GPU, bf16/fp16);
-#   'auto': cudnn on a GPU in bf16/fp16, else xla.
+#   'chunked': the einsum over blocks of ATTENTION_BLOCK queries, each recomputed in the
+#     backward pass: one block's scores live at a time (memory; any backend, any mask);
+#   'auto': cudnn on a GPU in bf16/fp16, chunked on TPU, else xla.
 # Every mask (causal, padding, packed segments, prefix-sharing branches, sliding window) reaches
 # the fused kernels as the same dense [B, T, S] boolean, so none has to express it itself; the
-# score softcap has no fused form, so a softcapped model (Gemma 2) always runs 'xla'.
-# (Pallas splash attention on TPU is not wired in: 'auto' runs 'xla' there.)
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "dot_product", "cudnn")
+# score softcap has no fused form, so a softcapped model (Gemma 2) runs 'xla' (or 'chunked').
+# (Pallas splash attention on TPU is not wired in: 'auto' runs 'chunked' there.)
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "dot_product", "cudnn", "chunked")
+ATTENTION_BLOCK = 512  # queries per block of 'chunked'
 _ATTENTION = contextvars.ContextVar("dil_jax_attention", default="xla")
 
 
 def resolve_attention(requested: str, dtype, logit_softcap: float | None) -> str:
-    """The kernel that runs for `requested` on this backend: 'xla', 'dot_product' or 'cudnn'."""
+    """The kernel that runs for `requested` on this backend: 'xla', 'dot_product', 'cudnn' or
+    'chunked'."""
     if requested not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(
             f"config.model.attention={requested!r}: expected one of {ATTENTION_IMPLEMENTATIONS}"
         )
-    if logit_softcap is not None:  # no fused kernel takes a softcap on the scores
-        return "xla"
-    low_precision = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    backend = jax.default_backend()
     if requested == "auto":
-        return "cudnn" if jax.default_backend() == "gpu" and low_precision else "xla"
-    if requested == "cudnn" and (jax.default_backend() != "gpu" or not low_precision):
+        low_precision = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        if backend == "gpu" and low_precision and logit_softcap is None:
+            return "cudnn"
+        return "chunked" if backend == "tpu" else "xla"
+    if logit_softcap is not None and requested in ("dot_product", "cudnn"):
+        return "xla"  # no fused kernel takes a softcap on the scores
+    low_precision = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if requested == "cudnn" and (backend != "gpu" or not low_precision):
         raise ValueError(
             "config.model.attention='cudnn' needs a GPU and model.dtype bfloat16/float16 "
             f"(backend {jax.default_backend()!r}, dtype {jnp.dtype(dtype).name})"
@@ -350,8 +358,42 @@ def attention(
     (`resolve_attention`); this einsum is 'xla'.
     """
     impl = resolve_attention(_ATTENTION.get(), dtype, logit_softcap)
+    if impl == "chunked":
+        return _chunked_attention(
+            q, k, v, mask, scale=scale, logit_softcap=logit_softcap, dtype=dtype
+        )
     if impl != "xla":
         return _fused_attention(q, k, v, mask, scale=scale, implementation=impl, dtype=dtype)
+    return _einsum_attention(q, k, v, mask, scale=scale, logit_softcap=logit_softcap, dtype=dtype)
+
+
+def _chunked_attention(q, k, v, mask, *, scale, logit_softcap, dtype) -> jax.Array:
+    """The einsum over blocks of `ATTENTION_BLOCK` queries, one at a time, each block
+    recomputed in the backward pass (`jax.checkpoint`): only one block's float32 scores
+    [B, K, G, Tq, S] are ever live, instead of the whole [B, K, G, T, S]. Same numbers as
+    'xla'; a sequence that is not a multiple of the block (or is one block) runs the einsum."""
+    B, T, H, Dh = q.shape
+    n = T // ATTENTION_BLOCK
+    if n < 2 or T % ATTENTION_BLOCK:
+        return _einsum_attention(
+            q, k, v, mask, scale=scale, logit_softcap=logit_softcap, dtype=dtype
+        )
+    qb = q.reshape(B, n, ATTENTION_BLOCK, H, Dh).swapaxes(0, 1)  # [n, B, Tq, H, Dh]
+    mb = mask.reshape(B, n, ATTENTION_BLOCK, mask.shape[-1]).swapaxes(0, 1)  # [n, B, Tq, S]
+
+    @jax.checkpoint
+    def block(xs):
+        q_c, m_c = xs
+        return _einsum_attention(
+            q_c, k, v, m_c, scale=scale, logit_softcap=logit_softcap, dtype=dtype
+        )  # [B, Tq, H * Dh]
+
+    out = jax.lax.map(block, (qb, mb))  # [n, B, Tq, H * Dh]
+    return out.swapaxes(0, 1).reshape(B, T, H * Dh)
+
+
+def _einsum_attention(q, k, v, mask, *, scale, logit_softcap, dtype) -> jax.Array:
+    """The float32 einsum core ('xla'): q [B, T, H, Dh]; k, v [B, S, K, Dh]; mask [B, T, S]."""
     B, T, H, Dh = q.shape
     K = k.shape[2]
     q = q.reshape(B, T, K, H // K, Dh)
