@@ -90,6 +90,7 @@ def make_config(args, buckets=None):
     config.logprobs.seq_chunk = 512  # no [rows, T, 50257] logits
     config.mesh.shape = (1, 1, 1)
     config.eval.every_steps = 0
+    config.train.global_batch_size = args.pairs
     return config
 
 

@@ -40,6 +40,8 @@ PLACEHOLDERS = {"(N, 8, 1)": "(2, 8, 1)"}
 FLAGS_ONLY = (
     "experiments/afd_claims.py",
     "experiments/bench_step.py",
+    "experiments/bench_layouts.py",
+    "experiments/bench_vs_trl.py",
     "experiments/bench_tokenize.py",
     "experiments/scale_check.py",
     "experiments/bench_logprobs_memory.py",
