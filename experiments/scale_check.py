@@ -42,6 +42,23 @@ Measured at commit c482616 (XLA:CPU, GiB per device, seq 2048, one pair per devi
 The largest temporaries are the float32 attention scores/probabilities [B, K, G, T, S] (1 GiB
 each at T = 2048 for 32 heads, several live in the backward pass) and the gathered float32
 layer weights; without remat Llama-3-8B needs 137 GiB.
+
+With ``--attention chunked`` (``config.model.attention``: the same einsum over blocks of 512
+queries, each block recomputed in the backward pass, so one block's scores are live; 'auto'
+picks it on TPU) the inline-reference 8B fits (issue 11):
+
+  python experiments/scale_check.py --cases llama3_8b --attention chunked
+  python experiments/scale_check.py --cases llama3_70b --attention chunked
+
+  model        params  mesh     reference    args   temp  total  target
+  llama3_8b     8.03B  1x16x1   inline       7.48   6.42  13.91  16  fits (2.1 GiB spare)
+  llama3_70b   70.55B  1x64x1   inline      16.45  21.70  38.14  95  fits
+
+70B plan: FSDP over 64 chips of 95 GiB (v5p-64), one pair per chip at T = 2048, inline
+reference (a second sharded copy of the params), remat, chunked attention:
+38.1 GiB per chip as compiled above. Its float32 params, gradients and two Adam moments are
+16 bytes per parameter (1.13 TB), so 16 GiB chips would need more than 66 of them before any
+activation; the 64 x 95 GiB mesh is the plan.
 """
 
 from __future__ import annotations
