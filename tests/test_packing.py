@@ -311,3 +311,27 @@ def test_cudnn_attention_matches_the_einsum_on_gpu():
         model = model_cls(cfg, dtype=jnp.bfloat16, attention=impl)
         out[impl] = np.asarray(logprobs.sequence_logps(model, family, params, batch).sum_logps)
     np.testing.assert_allclose(out["cudnn"], out["xla"], rtol=2e-2)
+
+
+def test_layouts_refuse_what_they_cannot_express():
+    """KTO pairs completions across rows and the diagnostics' quantiles assume one example per
+    row: both are refused with packing or prefix sharing, naming the field."""
+    from dil_jax.errors import ConfigError
+
+    files = {
+        "data.source": "files",
+        "data.train_files": ("unused.jsonl",),
+        "data.tokenizer": "unused",
+        "data.max_length": 64,
+        "data.max_prompt_length": 32,
+    }
+    kto = make_tiny_config(
+        **files, **{"loss.name": "kto", "data.format": "prompt_completion_label"}
+    )
+    kto.data.prefix_sharing = True
+    with pytest.raises(ConfigError, match="config.data.prefix_sharing=True: KTO"):
+        pipeline.validate_data_config(kto)
+    diag = make_tiny_config(**files, **{"data.packing": True, "train.diagnostics": True})
+    with pytest.raises(ConfigError, match="config.data.packing=True: train.diagnostics"):
+        pipeline.validate_data_config(diag)
+    pipeline.validate_data_config(make_tiny_config(**files, **{"data.packing": True}))
