@@ -316,6 +316,7 @@ def test_cudnn_attention_matches_the_einsum_on_gpu():
 def test_layouts_refuse_what_they_cannot_express():
     """KTO pairs completions across rows and the diagnostics' quantiles assume one example per
     row: both are refused with packing or prefix sharing, naming the field."""
+    from dil_jax import spec
     from dil_jax.errors import ConfigError
 
     files = {
@@ -330,8 +331,8 @@ def test_layouts_refuse_what_they_cannot_express():
     )
     kto.data.prefix_sharing = True
     with pytest.raises(ConfigError, match="config.data.prefix_sharing=True: KTO"):
-        pipeline.validate_data_config(kto)
+        spec.build(kto)
     diag = make_tiny_config(**files, **{"data.packing": True, "train.diagnostics": True})
     with pytest.raises(ConfigError, match="config.data.packing=True: train.diagnostics"):
-        pipeline.validate_data_config(diag)
-    pipeline.validate_data_config(make_tiny_config(**files, **{"data.packing": True}))
+        spec.build(diag)
+    spec.build(make_tiny_config(**files, **{"data.packing": True}))
