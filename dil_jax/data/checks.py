@@ -114,7 +114,7 @@ def validate_data_config(config) -> None:
         )
     terms = config.terms
     for field in ("packing", "prefix_sharing"):
-        if not d[field]:
+        if not getattr(d, field):
             continue
         require(
             objectives.data_layout(terms) != "unpaired",
