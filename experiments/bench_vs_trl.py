@@ -160,12 +160,11 @@ def main():
     rates = {"trl": []} | {name: [] for name in ours}
     for r in range(args.rounds):
         rates["trl"].append(trl_round(r * (args.steps + 1)))
-        line = f"round {r}: trl {rates['trl'][-1]:8.0f} tok/s"
+        print(f"round {r}: trl {rates['trl'][-1]:8.0f} tok/s", flush=True)
         for name, (d, batch_size) in ours.items():
             _, tok_s, _ = bench_layouts.time_layout(trainer, d, batch_size, args.steps)
             rates[name].append(tok_s)
-            line += f" | {name} {tok_s:8.0f}"
-        print(line, flush=True)
+            print(f"round {r}: {name} {tok_s:8.0f} tok/s", flush=True)
     base = statistics.median(rates["trl"])
     print(f"{'side':16s} {'median tok/s':>13s} {'x TRL':>7s}")
     for name, values in rates.items():
