@@ -299,7 +299,11 @@ def verdicts(runs) -> dict[str, tuple[str, str]]:
     d, h = diff_ci(spin[:, -1], spin[:, 0])
     d1 = float(np.mean(spin[:, 1] - spin[:, 0]))
     v["O2 SPIN improves over rounds"] = (
-        "reproduced" if d - h > 0 else "partially reproduced" if d > 0 or d1 > 0 else "not reproduced",
+        "reproduced"
+        if d - h > 0
+        else "partially reproduced"
+        if d > 0 or d1 > 0
+        else "not reproduced",
         "gold by round: " + ", ".join(f"{i}: {m:.3f}" for i, m in enumerate(spin.mean(0)))
         + f"; last − round 0 = {d:+.3f} ± {h:.3f}",
     )  # fmt: skip
@@ -345,7 +349,8 @@ def write_report(runs, out_dir: str, reduced: bool) -> str:
         "",
         "## Policies",
         "",
-        "| policy | gold reward | win rate vs π_0 | KL to π_0 | response length | mode A | mode B |",
+        "| policy | gold reward | win rate vs π_0 | KL to π_0 | response length | mode A "
+        "| mode B |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     names = {

@@ -125,3 +125,52 @@ def test_mirror_descent_moves_towards_the_better_policy():
 
     w, history = mixing.fit_weights(sample, 2, steps=20, lr=0.1)
     assert w[0] > 0.8 and history[-1]["objective"] > history[0]["objective"]
+
+
+@pytest.mark.slow
+def test_mixing_two_gold_task_policies_trades_off_their_modes(tmp_path):
+    """Two policies trained towards the gold task's two modes (SFT on the mode-A and mode-B
+    experts): the mixture's weights move samples between the modes, and mirror descent on a
+    mode-A reward raises the mode-A policy's weight."""
+    from dil_jax import sharding
+    from dil_jax import train as core
+    from dil_jax.data.gold_task import EOS, PAD, GoldTask
+
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    params = []
+    for source in ("expert_a", "expert_b"):
+        c = config_files.load(os.path.join(REPO, "configs", "base.py")).get_config()
+        m = c.model
+        m.num_hidden_layers, m.hidden_size, m.intermediate_size = 1, 32, 64
+        m.num_attention_heads, m.num_key_value_heads = 2, 1
+        c.loss.name, c.data.format, c.data.response_source = "sft", "sft", source
+        c.data.num_train, c.data.num_eval = 2048, 8
+        c.train.steps, c.train.global_batch_size, c.optim.learning_rate = 150, 32, 3e-3
+        c.train.progress_bar = c.train.tensorboard = c.checkpoint.async_save = False
+        c.eval.every_steps = c.eval.gold_prompts = 0
+        c.mesh.shape, c.checkpoint.every_steps = (1, 1, 1), 150
+        params.append(core.train_and_evaluate(c, str(tmp_path / source), mesh=mesh)["state"].params)
+    model, _ = build_model(c.model)
+    stacked = mixing.stack_params(params)
+    task = GoldTask()
+    prompts = task.sample_prompts(128, seed=9)
+
+    def run(w, seed=0):
+        out = mixing.generate_mixture(
+            model, stacked, w, prompts, np.ones_like(prompts), jax.random.key(seed),
+            max_new_tokens=task.max_response_len, eos_id=EOS, pad_id=PAD,
+        )  # fmt: skip
+        modes = task.mode_of(prompts, np.asarray(out.tokens))
+        return np.mean(modes == 1), np.mean(modes == 2), out
+
+    a1, b1, _ = run([1.0, 0.0])
+    a0, b0, _ = run([0.0, 1.0])
+    assert a1 > a0 + 0.2 and b0 > b1 + 0.2, (a1, b1, a0, b0)
+
+    def sample(w, step):
+        _, _, out = run(w, seed=100 + step)
+        score_a = task.mode_scores(prompts, np.asarray(out.tokens))[:, 0]
+        return score_a, np.asarray(out.scores)
+
+    w, _ = mixing.fit_weights(sample, 2, steps=3, lr=2.0)
+    assert w[0] > 0.6, w
