@@ -1,4 +1,4 @@
-"""Sampler throughput: generated tokens/s of dil_jax's KV-cache sampler vs ``transformers.generate``.
+"""Sampler throughput: generated tokens/s of our KV-cache sampler vs ``transformers.generate``.
 
   python experiments/bench_sampler.py                         # 'small' Llama, CPU, batch 8
   python experiments/bench_sampler.py --size=base --batch=32 --new=128   # on an accelerator
