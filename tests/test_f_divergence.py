@@ -86,3 +86,20 @@ def test_rewards_finite_for_sure_discriminators():
     ell = jnp.array([-80.0, 80.0])
     for name in f_divergence.DIVERGENCES:
         assert np.all(np.isfinite(f_divergence.reward(ell, name))), name
+
+
+def test_adversarial_config_accepts_f_rewards_and_refuses_unknown():
+    from conftest import make_tiny_config
+
+    from dil_jax.afd import extrapolation
+    from dil_jax.errors import ConfigError
+
+    config = make_tiny_config()
+    config.afd = extrapolation.default_config()
+    config.afd.adversarial.prompts_per_step = 8
+    config.afd.adversarial.reward = "f_hellinger"
+    run = adversarial.AdversarialImitation(config)
+    assert run.trace_count == 0  # built, nothing compiled
+    config.afd.adversarial.reward = "f_wasserstein"
+    with pytest.raises(ConfigError, match="afd.adversarial.reward='f_wasserstein'"):
+        adversarial.AdversarialImitation(config)
