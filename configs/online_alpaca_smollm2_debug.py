@@ -7,13 +7,17 @@
 
 Data: ``../shared/data/alpaca-eval-outputs/gpt4.model_outputs.json.gz`` as ``prompt_response``
 demonstrations rendered with SmolLM2's chat template (as ``dil_smollm2_ultrafeedback.py``
-renders UltraFeedback). Two rounds on the first 4 demonstrations: 2 samples of at most 32 new
-tokens each per prompt from the current policy (temperature 1), the demonstrations cut to the
-same budget, 2 DPO steps (β = 0.1, AdamW 1e-6) per round, the reference fixed at the initial
-weights. There is no gold reward on real data: the per-round rows report KL to π_0 and response
-length (``<workdir>/rounds.jsonl``). Another converted directory is given as
-``--config=configs/online_alpaca_smollm2_debug.py:/path/to/hf_dir``. On a CPU use one device
-(leave ``XLA_FLAGS`` unset, see ``dil_smollm2_ultrafeedback.py``).
+renders UltraFeedback), 128 tokens with prompts kept to their last 96. Two rounds on the first
+4 demonstrations: 2 samples of at most 24 new tokens each per prompt from the current policy
+(temperature 1), the demonstrations cut to the same budget, 2 DPO steps (β = 0.1, AdamW 1e-6)
+per round, the reference fixed at the initial weights. There is no gold reward on real data:
+the per-round rows report KL to π_0 and response length (``<workdir>/rounds.jsonl``). Another
+converted directory is given as ``--config=configs/online_alpaca_smollm2_debug.py:/path``.
+
+On a CPU use one device (leave ``XLA_FLAGS`` unset, see ``dil_smollm2_ultrafeedback.py``).
+Memory: policy, reference and two Adam moments in float32 are 4 × 0.54 GB; with the compiled
+step and the sampler the process needs several GB (a 256-token variant was OOM-killed at
+4.4 GB resident on a shared 23 GB machine).
 """
 
 from dil_jax import config_files
@@ -33,9 +37,9 @@ def get_config(hf_dir: str = ""):
     d.eval_files = ()
     d.num_eval = 0
     d.max_records = 32
-    d.max_length = 256
-    d.max_prompt_length = 128
-    d.buckets = (256,)
+    d.max_length = 128
+    d.max_prompt_length = 96
+    d.buckets = (128,)
     config.loss.name = "dpo"
     config.loss.beta = 0.1
     config.loss.reduction = None
@@ -54,7 +58,7 @@ def get_config(hf_dir: str = ""):
     o.num_prompts = 4
     o.samples_per_prompt = 2
     o.eval_prompts = 4
-    o.sampling.max_new_tokens = 32
+    o.sampling.max_new_tokens = 24
     o.sampling.max_batch = 8
     o.sampling.eos_id = SMOLLM2_EOS
     o.sampling.pad_id = SMOLLM2_PAD
