@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dil_jax import config_files
+from dil_jax import config_files, sharding
 from dil_jax.errors import ConfigError
 from dil_jax.online import iterative, refresh
 
@@ -118,3 +118,33 @@ def test_rounds_resume_bit_identical(tmp_path):
             not np.array_equal(a, b)
             for a, b in zip(_leaves(full["reference"]), _leaves(full["params"]), strict=True)
         )
+
+
+@pytest.mark.slow
+def test_ditto_round_on_real_demonstrations(tmp_path, shared_data):
+    """The loop on tokenised real data: AlpacaEval GPT-4 demonstrations (right-padded) against
+    samples of left-padded prompts, GPT-2 tokenizer, a tiny Llama; one DITTO round."""
+    alpaca = config_files.load(os.path.join(REPO, "configs", "sft_alpaca_gpt4_debug.py"))
+    config = alpaca.get_config()
+    config.data.packing = False
+    config.data.max_records = 24
+    config.data.num_eval = 0
+    config.data.cache_dir = str(tmp_path / "cache")
+    config.loss.name, config.loss.beta = "dpo", 0.1
+    config.train.progress_bar = config.train.tensorboard = False
+    config.checkpoint.async_save = False
+    config.eval.every_steps = 0
+    config.mesh.shape = (1, 1, 1)  # one device: a 50k vocabulary copied 8 times is slow
+    o = config.online
+    o.rounds, o.steps_per_round, o.num_prompts, o.samples_per_prompt = 1, 2, 8, 2
+    o.eval_prompts = 8
+    o.sampling.max_new_tokens, o.sampling.eos_id, o.sampling.pad_id = 8, 50256, 50256
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    out = iterative.run_online(config, str(tmp_path / "run"), mesh=mesh)
+    assert out["complete"]
+    (initial, after) = out["rounds"]
+    assert "gold_reward" not in after  # no gold reward on real data
+    assert np.isfinite(after["kl"]) and 0 < after["response_length"] <= 8
+    with np.load(os.path.join(iterative.round_dir(str(tmp_path / "run"), 0), "samples.npz")) as f:
+        mask = f["attention_mask"]
+        assert (mask[:, :, 0] == 0).any()  # some prompts are left-padded
