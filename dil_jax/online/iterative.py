@@ -45,7 +45,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dil_jax import checkpointing, loop, paths, sharding, spec, stages
+from dil_jax import checkpointing, loop, paths, sharding, spec
 from dil_jax import train as core
 from dil_jax.afd import extrapolation, reward_model, rollouts
 from dil_jax.data import pipeline
@@ -401,10 +401,14 @@ def run_online(config, workdir: str, *, mesh=None, max_steps: int | None = None)
       ``{'rounds': [row per evaluated round, row 0 = π_0], 'params': final policy params,
       'complete': bool}``.
     """
-    planned = stages.plan(spec.resolve(config), workdir)
-    for stage in planned[:-1]:
-        del core.train_and_evaluate(stage.config, stage.workdir)["state"]
-    config = planned[-1].config
+    config = spec.resolve(config)
+    if config.init.mode == "pretrain":  # π_0 first, in <workdir>/base (stages.plan's layout)
+        base_dir = os.path.join(workdir, "base")
+        if config.init.pretrain is None:
+            raise ConfigError("config.init.pretrain=None: init.mode='pretrain' needs its config")
+        del core.train_and_evaluate(config.init.pretrain, base_dir)["state"]
+        config.init.mode, config.init.checkpoint_dir = "checkpoint", base_dir
+        config.init.pretrain = None
     run = OnlineRun(config, mesh=mesh)
     s, cfg = run.spec, run.config
     paths.makedirs(workdir)
