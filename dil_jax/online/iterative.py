@@ -172,6 +172,7 @@ class OnlineRun:
         cfg = ml_collections.ConfigDict(config.to_dict())
         cfg.train.steps = self.spec.steps_per_round
         cfg.reference.mode = "inline"  # the reference lives in the state (refreshable)
+        cfg.data.format = "preference"  # the step trains on the built pairs [B, 2, T]
         self.config = cfg
         self.trainer = core.Trainer(cfg, mesh=mesh)
         t = self.trainer
@@ -268,17 +269,20 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
 def prompt_source(config, spec_: OnlineSpec):
     """``(demonstrations [n, 1, T], task or None)``: the prompts of every round with their
     demonstration / SFT responses (``online.num_prompts`` of them). The gold task generates them
-    from ``online.demo_source``; real data reads ``config.data`` as an SFT source."""
+    from ``online.demo_source``; real data reads ``config.data`` as it is (demonstrations, or
+    preference pairs whose chosen response serves as the demonstration)."""
     c = ml_collections.ConfigDict(config.to_dict())
-    c.data.format = "sft"
     c.loss.name = "sft"
     for key in ("beta", "reduction"):
         c.loss[key] = None
+    c.loss.extra_terms, c.loss.sft_weight = (), 0.0
     if c.data.source == "gold_task":
+        c.data.format = "sft"
         c.data.response_source = spec_.demo_source
         c.data.num_train = spec_.num_prompts
     train, _, task = pipeline.build_datasets(c)
     demos = extrapolation.dense(train)
+    demos = {k: v[:, :1] for k, v in demos.items() if k in pair_builders.PAIR_KEYS}  # chosen
     n = len(demos["input_ids"])
     if n < spec_.num_prompts:
         raise ConfigError(
@@ -413,7 +417,7 @@ def run_online(config, workdir: str, *, mesh=None, max_steps: int | None = None)
     s, cfg = run.spec, run.config
     paths.makedirs(workdir)
     initial = core._initial_params(run.trainer, workdir)  # π_0 (noqa: the one init reader)
-    demos, task = prompt_source(cfg, s)
+    demos, task = prompt_source(config, s)  # the data section as the user wrote it
     prompts, prompt_mask = rollouts.prompts_from_arrays(demos)
     e_prompts, e_mask = eval_prompts(run, task, demos, cfg.data.seed)
     eval_seed = cfg.seed + 101
