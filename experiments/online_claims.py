@@ -47,7 +47,7 @@ from dil_jax.online import iterative, mixing
 from dil_jax.runtime import exit_on_bad_input
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from stats import diff_ci, fmt, mean_ci  # noqa: E402  (experiments/stats.py)
+from stats import diff_ci, fmt, mean_ci, run_seeds  # noqa: E402  (experiments/stats.py)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIX_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -441,18 +441,9 @@ def main(argv=None) -> int:
     if args.fresh:
         shutil.rmtree(args.workdir, ignore_errors=True)
     base_dir = pretrain_base(args.workdir, args.reduced)
-    runs = []
-    for seed in range(args.seeds):
-        path = os.path.join(args.workdir, f"seed{seed}", "result.json")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        if os.path.exists(path):  # resumable: finished seeds are not recomputed
-            with open(path) as f:
-                runs.append(json.load(f))
-            continue
-        result = run_seed(seed, args.reduced, args.workdir, base_dir)
-        with open(path, "w") as f:
-            json.dump(result, f)
-        runs.append(result)
+    runs = run_seeds(
+        args.seeds, args.workdir, lambda seed: run_seed(seed, args.reduced, args.workdir, base_dir)
+    )
     print(write_report(runs, args.out, args.reduced))
     return 0
 
