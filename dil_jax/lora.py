@@ -298,7 +298,7 @@ def dense_kernel_paths(module, max_len: int = 8) -> tuple[str, ...]:
     return tuple(seen)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a static jit argument
 class AdapterPlan:
     """Which kernels carry adapters and which are stored quantised, with their shapes."""
 
@@ -412,6 +412,78 @@ def merge_adapters(plan_: AdapterPlan, base, adapters, dtype) -> dict:
         w = jnp.asarray(out[path], jnp.float32)
         out[path] = w + plan_.settings.scale * jnp.einsum("...ir,...ro->...io", a, b)
     return nest({k: jnp.asarray(v).astype(dtype) for k, v in out.items()})
+
+
+# ----------------------------------------------------------------------------- PEFT format
+
+
+def peft_adapter(plan_: AdapterPlan, adapters, family, arch_config, scan_layers: bool, dtype):
+    """Adapters in PEFT's layout: ``(tensors, target_modules, fan_in_fan_out)``.
+
+    Tensors are keyed ``base_model.model.<HF module>.lora_A.weight`` ([r, I]) and
+    ``...lora_B.weight`` ([O, r]), the HF module being the one whose ``.weight`` the family's
+    tensor map gives for the kernel. ``target_modules`` are the modules' last names when they
+    pick out exactly the adapted modules, else their full names. ``fan_in_fan_out`` is True for
+    GPT-2's Conv1D (weights stored [I, O], the identity map).
+
+    Raises:
+      ConfigError when a targeted kernel maps to HF tensors by anything but a transpose or the
+      identity (a fused or reordered projection PEFT could not address).
+    """
+    from dil_jax.models.family import identity, transpose  # noqa: PLC0415
+
+    tensor_map = family.hf_tensor_map(arch_config, scan_layers=scan_layers)
+    ad = {k: np.asarray(jax.device_get(v), np.float32) for k, v in flat(adapters).items()}
+    tensors, modules, kinds = {}, [], set()
+    for path in plan_.targets:
+        hp = tensor_map[path]
+        if hp.to_hf not in (transpose, identity):
+            raise ConfigError(
+                f"config.lora.targets: {path} is stored in Hugging Face checkpoints through a "
+                "reordering transform; PEFT adapters cannot express it (export merged instead)"
+            )
+        kinds.add(hp.to_hf is identity)
+        mp = module_path(path)
+        a, b = ad[f"{mp}/lora_a"], ad[f"{mp}/lora_b"]  # [(L,) I, r], [(L,) r, O]
+        if not hp.stacked:
+            a, b = a[None], b[None]
+        for i, key in enumerate(hp.hf_keys):
+            if not key.endswith(".weight"):
+                raise ConfigError(f"config.lora.targets: {path} maps to {key}, not a .weight")
+            module = key[: -len(".weight")]
+            modules.append(module)
+            tensors[f"base_model.model.{module}.lora_A.weight"] = a[i].T.astype(dtype)
+            tensors[f"base_model.model.{module}.lora_B.weight"] = b[i].T.astype(dtype)
+    all_modules = {
+        k[: -len(".weight")]
+        for hp in tensor_map.values()
+        for k in hp.hf_keys
+        if k.endswith(".weight")
+    }
+    short = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    covered = {m for m in all_modules if m.rsplit(".", 1)[-1] in short}
+    targets = short if covered == set(modules) else sorted(modules)
+    return tensors, targets, kinds == {True}
+
+
+def peft_config(settings: LoraSettings, targets, fan_in_fan_out: bool, base: str) -> dict:
+    """``adapter_config.json`` for ``peft.PeftModel.from_pretrained``."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base,
+        "r": settings.rank,
+        "lora_alpha": settings.alpha,
+        "lora_dropout": settings.dropout,
+        "target_modules": list(targets),
+        "fan_in_fan_out": fan_in_fan_out,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
 
 
 # ----------------------------------------------------------------------------- sharding
