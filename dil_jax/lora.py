@@ -391,6 +391,35 @@ def quantize_base(plan_: AdapterPlan, params) -> dict:
     return nest(out)
 
 
+def quantizer(plan_: AdapterPlan, base_shardings):
+    """``(path, array) -> array or {'kernel_q', 'kernel_scale'}``: one param of the full model
+    as the base stores it (``hf.load_params``'s ``on_param``), quantised on its devices."""
+    kind, block = plan_.settings.quantize, plan_.settings.block_size
+    shardings = flat(base_shardings)
+    quantized = set(plan_.quantized)
+
+    def on_param(path, x):
+        if path not in quantized:
+            return x
+        mp = module_path(path)
+        out = {n: shardings[f"{mp}/{n}"] for n in QUANT_LEAVES}
+        return jax.jit(lambda w: quantize_kernel(w, kind, block), out_shardings=out)(x)
+
+    return on_param
+
+
+def fold_quantized(tree) -> dict:
+    """The tree ``hf.load_params(on_param=quantizer(...))`` returns, in the base's layout:
+    ``.../kernel/{kernel_q, kernel_scale}`` -> ``.../{kernel_q, kernel_scale}``."""
+    out = {}
+    for path, leaf in flat(tree).items():
+        parts = path.split("/")
+        if len(parts) >= 2 and parts[-2] == "kernel" and parts[-1] in QUANT_LEAVES:
+            parts = parts[:-2] + parts[-1:]
+        out["/".join(parts)] = leaf
+    return nest(out)
+
+
 def merge_adapters(plan_: AdapterPlan, base, adapters, dtype) -> dict:
     """A full params tree with ``W + scale · A B`` in every targeted kernel (for export).
 

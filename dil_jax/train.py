@@ -333,9 +333,10 @@ class Trainer:
         )
 
     def base_params(self, params):
-        """The step's frozen base from full params: quantised per ``config.lora`` (sharded)."""
+        """The step's frozen base from full params: quantised per ``config.lora`` (sharded);
+        params already quantised (loaded with ``lora.quantizer``) are returned as they are."""
         plan = self.adapted.plan
-        if not plan.quantized:
+        if not plan.quantized or plan.quantized[0] not in lora.flat(params):
             return params
         fn = jax.jit(lambda p: lora.quantize_base(plan, p), out_shardings=self.base_sharding)
         return fn(params)
@@ -619,13 +620,19 @@ def _initial_params(trainer: Trainer, workdir: str):
         return checkpointing.load_params(init.checkpoint_dir, trainer.abstract_params())
     if init.mode == "hf":  # streamed tensor by tensor into the target shardings
         m = trainer.config.model
-        return hf.load_params(
+        quantize = trainer.adapted is not None and trainer.adapted.plan.quantized
+        params = hf.load_params(
             m.hf_path,
             m.family,
             trainer.model.config,
             trainer.abstract_params(),
             scan_layers=m.scan_layers,
+            # QLoRA: each kernel quantised as it arrives (never the whole model in bf16/f32)
+            on_param=lora.quantizer(trainer.adapted.plan, trainer.base_sharding)
+            if quantize
+            else None,
         )
+        return lora.fold_quantized(params) if quantize else params
     raise ConfigError(f"config.init.mode={init.mode!r}: expected {validation.INIT_MODES}")
 
 

@@ -176,10 +176,36 @@ def _hf_base(tmp_path, seed):
     """A tiny llama written as a HF directory (the base a LoRA run starts from)."""
     config = make_tiny_config()
     model, _ = build_model(config.model)
-    params = model.init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))["params"]
+    params = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))["params"]
     params = jax.tree.map(lambda x: x * 4.0 if x.ndim > 1 else x, params)  # confident outputs
     hf.save_pretrained(params, "llama", model.config, tmp_path)
     return params
+
+
+def test_qlora_base_is_quantised_while_streaming_from_hf(tmp_path):
+    """init.mode=hf with NF4: each kernel is quantised as it is loaded; the result equals
+    loading the whole model first and quantising it after."""
+    _hf_base(tmp_path / "base", seed=0)
+    config = lora_config(
+        **{
+            "model.hf_path": str(tmp_path / "base"),
+            "init.mode": "hf",
+            "lora.quantize": "nf4",
+            "lora.quant_block_size": 32,
+        }
+    )
+    trainer = train.Trainer(config)
+    streamed = train._initial_params(trainer, str(tmp_path / "run"))
+    full = hf.load_params(
+        str(tmp_path / "base"), "llama", trainer.model.config, trainer.abstract_params()
+    )
+    after = trainer.base_params(full)
+    assert trainer.base_params(streamed) is streamed  # already the base's layout
+    got, want = lora.flat(streamed), lora.flat(after)
+    assert sorted(got) == sorted(want)
+    for k in want:
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]))
+        assert got[k].sharding == want[k].sharding, k
 
 
 def _losses(workdir):
