@@ -481,8 +481,12 @@ def peft_adapter(plan_: AdapterPlan, adapters, family, arch_config, scan_layers:
                 raise ConfigError(f"config.lora.targets: {path} maps to {key}, not a .weight")
             module = key[: -len(".weight")]
             modules.append(module)
-            tensors[f"base_model.model.{module}.lora_A.weight"] = a[i].T.astype(dtype)
-            tensors[f"base_model.model.{module}.lora_B.weight"] = b[i].T.astype(dtype)
+            tensors[f"base_model.model.{module}.lora_A.weight"] = np.ascontiguousarray(
+                a[i].T, dtype
+            )
+            tensors[f"base_model.model.{module}.lora_B.weight"] = np.ascontiguousarray(
+                b[i].T, dtype
+            )
     all_modules = {
         k[: -len(".weight")]
         for hp in tensor_map.values()
