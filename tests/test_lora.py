@@ -276,11 +276,13 @@ def test_qlora_training_matches_across_meshes():
 
 @pytest.mark.slow
 @pytest.mark.torch
-def test_peft_and_merged_exports_load_in_transformers_with_our_logits(tmp_path):
+def test_peft_and_merged_exports_load_in_transformers_with_our_logits(tmp_path, shared_data):
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
     _hf_base(tmp_path / "base", seed=0)
+    # The merged export copies the base's tokenizer (any will do for this check).
+    hf.copy_tokenizer_files(shared_data / "tokenizers" / "gpt2", tmp_path / "base")
     config = lora_config(
         **{
             "model.hf_path": str(tmp_path / "base"),
