@@ -3,7 +3,7 @@ held-out preference accuracy of SmolLM2-135M on the UltraFeedback subset before/
 LoRA DIL-LSIF run.
 
   python experiments/lora_claims.py --part=gold --seeds=3          # ~15 min on 2 CPU cores
-  python experiments/lora_claims.py --part=smollm2 --steps=16      # needs runs/smollm2_hf
+  python experiments/lora_claims.py --part=smollm2                 # needs runs/smollm2_hf
   python experiments/lora_claims.py                                # both, -> experiments/results/
 
 Gold task (dil_jax/data/gold_task.py, the machinery of experiments/dil_claims.py): one base
@@ -15,8 +15,9 @@ adapters take a larger step). Statistic per run: the policy's gold reward minus 
 on the same held-out prompts (``gold_eval.json``); reported as mean ± 95 % Student-t half-width
 over seeds (experiments/stats.py). Learning rates are not tuned (one value per method).
 
-SmolLM2 (configs/dil_smollm2_ultrafeedback_lora.py, one CPU device): a short run on the
-UltraFeedback subset with 256-token pairs; before (adapters at B = 0: the base) and after,
+SmolLM2 (configs/dil_smollm2_ultrafeedback_lora.py, one CPU device): a short run (6 steps of
+4 pairs, lr 5e-4, inline reference) on the UltraFeedback subset cut to 128 tokens (prompts
+to their last 64); on the first 32 held-out pairs, before (adapters at B = 0: the base) and after,
 every held-out pair is scored and two accuracies reported: the share of pairs whose chosen
 response has the higher mean per-token log-likelihood under the policy ("likelihood
 accuracy"), and DIL's implicit-reward accuracy (mean log-ratio to the reference of chosen >
@@ -105,15 +106,18 @@ def gold_part(work: str, seeds: int) -> dict:
 # ----------------------------------------------------------------------------- SmolLM2
 
 
-def smollm2_config(hf_dir: str, steps: int):
+def smollm2_config(hf_dir: str, steps: int, batch: int, max_length: int):
     mod = config_files.load(os.path.join(REPO, "configs", "dil_smollm2_ultrafeedback_lora.py"))
     config = mod.get_config(hf_dir)
     d = config.data
-    d.max_length, d.max_prompt_length, d.buckets = 256, 128, (256,)
+    d.max_length, d.max_prompt_length, d.buckets = max_length, max_length // 2, (max_length,)
     config.train.steps = steps
-    config.train.global_batch_size = 8
+    config.train.global_batch_size = batch
+    # Inline reference (the base through the same params, adapters off): a short run would
+    # otherwise spend most of its time precomputing the reference over all 994 pairs.
+    config.reference.mode = "inline"
     config.optim.warmup_ratio = 0.1
-    config.optim.learning_rate = 2e-4
+    config.optim.learning_rate = 5e-4
     config.eval.every_steps = 0
     config.eval.batch_size = 8
     config.checkpoint.every_steps = steps
@@ -135,8 +139,9 @@ def pair_scores(trainer, params, batches) -> np.ndarray:
     return np.concatenate(out)
 
 
-def smollm2_part(work: str, hf_dir: str, steps: int) -> dict:
-    config = smollm2_config(hf_dir, steps)
+def smollm2_part(args, work: str) -> dict:
+    steps, eval_pairs = args.steps, args.eval_pairs
+    config = smollm2_config(args.hf_dir, steps, args.batch, args.max_length)
     workdir = os.path.join(work, "smollm2_lora")
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     t0 = time.time()
@@ -145,7 +150,8 @@ def smollm2_part(work: str, hf_dir: str, steps: int) -> dict:
     trainer = core.Trainer(config, mesh=mesh)
     _, eval_data, _ = pipeline.build_datasets(config, workdir=workdir)
     it = pipeline.make_iterator(eval_data, config.eval.batch_size, shuffle=False)
-    batches = [next(it) for _ in range(it.batches_per_epoch)]
+    n_batches = min(it.batches_per_epoch, -(-eval_pairs // config.eval.batch_size))
+    batches = [next(it) for _ in range(n_batches)]
     base = trainer.base_params(core._initial_params(trainer, workdir))
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -159,6 +165,8 @@ def smollm2_part(work: str, hf_dir: str, steps: int) -> dict:
     return {
         "pairs": int(len(before)),
         "steps": steps,
+        "pairs_per_step": args.batch,
+        "max_length": args.max_length,
         "train_seconds": train_s,
         "likelihood_accuracy_before": float(np.mean(before[:, 0] > before[:, 1])),
         "likelihood_accuracy_after": float(np.mean(after[:, 0] > after[:, 1])),
@@ -214,7 +222,10 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default="", help="run directories (default <out>/lora_runs)")
     p.add_argument("--part", default="all", choices=("all", "gold", "smollm2"))
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=16, help="SmolLM2 run length")
+    p.add_argument("--steps", type=int, default=6, help="SmolLM2 run length")
+    p.add_argument("--batch", type=int, default=4, help="SmolLM2 pairs per step")
+    p.add_argument("--max_length", type=int, default=128, help="SmolLM2 tokens per response")
+    p.add_argument("--eval_pairs", type=int, default=32, help="SmolLM2 held-out pairs scored")
     p.add_argument("--hf_dir", default=os.path.join(REPO, "runs", "smollm2_hf"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -224,7 +235,7 @@ def main(argv=None) -> int:
     if args.part in ("all", "gold"):
         results["gold"] = gold_part(work, args.seeds)
     if args.part in ("all", "smollm2"):
-        results["smollm2"] = smollm2_part(work, args.hf_dir, args.steps)
+        results["smollm2"] = smollm2_part(args, work)
     write_report(results, args.out)
     return 0
 
