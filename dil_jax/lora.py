@@ -111,8 +111,8 @@ def settings_from_config(section) -> LoraSettings | None:
     """
     if section is None or not section.get("enabled", False):
         return None
-    rank, alpha, dropout = section.rank, section.alpha, section.dropout
-    targets = section.targets
+    rank, alpha, dropout = section.get("rank"), section.get("alpha"), section.get("dropout")
+    targets = section.get("targets")
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     if not isinstance(rank, int) or rank < 1:
         raise ConfigError(f"config.lora.rank={rank!r}: expected a positive integer")
@@ -127,9 +127,10 @@ def settings_from_config(section) -> LoraSettings | None:
             re.compile(pattern)
         except re.error as e:
             raise ConfigError(f"config.lora.targets: {pattern!r} is not a regex ({e})") from e
-    if section.quantize not in QUANTIZE:
-        raise ConfigError(f"config.lora.quantize={section.quantize!r}: expected one of {QUANTIZE}")
-    block = section.quant_block_size
+    quantize = section.get("quantize")
+    if quantize not in QUANTIZE:
+        raise ConfigError(f"config.lora.quantize={quantize!r}: expected one of {QUANTIZE}")
+    block = section.get("quant_block_size")
     if not isinstance(block, int) or block < 2 or block % 2:
         raise ConfigError(f"config.lora.quant_block_size={block!r}: expected an even integer >= 2")
     return LoraSettings(
@@ -137,7 +138,7 @@ def settings_from_config(section) -> LoraSettings | None:
         alpha=float(alpha),
         dropout=float(dropout),
         targets=targets,
-        quantize=section.quantize,
+        quantize=quantize,
         block_size=block,
     )
 
@@ -577,17 +578,18 @@ def base_rules(family, plan_: AdapterPlan, mesh=None) -> tuple[tuple[str, P], ..
 
 
 def with_base_fingerprint(config, base):
-    """A copy of ``config`` whose ``lora.base_fingerprint`` identifies the base weights.
+    """A copy of the run spec ``config`` whose ``lora.base_fingerprint`` identifies ``base``.
 
     Recorded in every checkpoint (the resume config); ``checkpointing.restore_latest`` refuses
     adapters whose fingerprint differs from the base this run loaded.
     """
-    from dil_jax.reference import params_fingerprint  # reference imports scoring, not lora
+    from dil_jax.reference import params_fingerprint  # noqa: PLC0415 (no import cycle)
 
-    out = config.copy_and_resolve_references()
-    with out.unlocked():
-        out.lora.base_fingerprint = params_fingerprint(base)
-    return out
+    fingerprint = params_fingerprint(base)
+    recorded = dict(config.recorded)
+    recorded["lora"] = {**dict(recorded.get("lora", {})), "base_fingerprint": fingerprint}
+    lora = dataclasses.replace(config.lora, base_fingerprint=fingerprint)
+    return dataclasses.replace(config, lora=lora, recorded=recorded)
 
 
 @dataclasses.dataclass
