@@ -39,6 +39,24 @@ Measured at commit c482616 (XLA:CPU, GiB per device, seq 2048, one pair per devi
   gemma_2b      2.51B  1x16x1   inline       2.34   3.87   6.21  16  fits
   llama3_70b   70.55B  1x64x1   inline      16.45  25.28  41.73  95  fits
 
+LoRA / QLoRA rows (``--param_dtype bfloat16 --cases llama3_8b_lora_1x16,...``; rank 16 on all
+seven projections of every layer, 42M float32 adapters + Adam moments; the frozen base in
+bfloat16 or NF4 is the step's reference argument, the reference = the base with adapters off),
+XLA:CPU, GiB per device, seq 2048:
+
+  case                  base  mesh    pairs  args   temp   total  target
+  llama3_8b_lora_1x16   bf16  1x1x1   1     15.43  34.31  49.73  16  NO
+  llama3_8b_qlora_1x16  nf4   1x1x1   1      6.08   8.31  14.39  16  fits
+  llama3_8b_lora_1x80   bf16  1x1x1   4     15.43  54.62  70.05  80  fits
+  llama3_8b_qlora_1x80  nf4   1x1x1   4      6.08  28.62  34.71  80  fits
+  llama3_8b_lora_8x16   bf16  1x8x1   8      2.34   9.97  12.31  16  fits
+  llama3_8b_qlora_8x16  nf4   1x8x1   8      1.17   6.72   7.89  16  fits
+
+The bf16 base alone (15 GiB) rules out one 16 GiB device; its 34 GiB of temporaries on one
+device (against 8.3 GiB with NF4, which is dequantised one layer at a time inside the layer
+scan) are consistent with XLA:CPU holding float32 copies of the bfloat16 kernels (8B x 4 bytes
+= 30 GiB; the caveat above), not verified on an accelerator.
+
 The largest temporaries are the float32 attention scores/probabilities [B, K, G, T, S] (1 GiB
 each at T = 2048 for 32 heads, several live in the backward pass) and the gathered float32
 layer weights; without remat Llama-3-8B needs 137 GiB.
