@@ -5,8 +5,8 @@ Launch (any derived file works the same way):
   python -m dil_jax.main --config=configs/base.py --workdir=/tmp/dil_base \
       --config.loss.name=dil_lsif --config.train.steps=200
 
-Fields are grouped as model, data, loss, reference, lora, optim, mesh, checkpoint, train, eval,
-init.
+Fields are grouped as model, data, loss, reference, lora, optim, mesh, checkpoint, train,
+eval, online, init.
 A field left at ``None`` means "the component's documented default" (e.g. a loss's own β).
 """
 
@@ -218,6 +218,39 @@ def get_config() -> ConfigDict:
     config.eval.temperature = 1.0  # 1.0 so the KL estimate is of the policy itself
     config.eval.top_p = 1.0
     config.eval.top_k = 0
+
+    # ---- iterative / online alignment (dil_jax/online/iterative.py; read by online_spec) ----
+    # Rounds of: sample k responses per prompt from the current policy, build pairs, train
+    # steps_per_round steps of config.loss on them. Used by `python -m dil_jax.online.main`.
+    config.online = ConfigDict()
+    config.online.rounds = 3
+    config.online.steps_per_round = 50  # optimiser steps per round (train.steps is ignored)
+    config.online.num_prompts = 64  # prompts (with their demonstrations) sampled every round
+    config.online.samples_per_prompt = 4  # k
+    # 'ditto' (demonstration > samples, replay, later > earlier round), 'spin' (SFT response >
+    # current sample) or 'ranked' (best > worst of the k samples by online.rank_by).
+    config.online.pairs = "ditto"
+    config.online.ditto_mix = (0.7, 0.2, 0.1)  # DITTO shares: online, replay, intermodel pairs
+    config.online.num_pairs = 0  # pairs per round; 0 -> num_prompts * samples_per_prompt
+    config.online.rank_by = "gold"  # 'gold' (gold task) | 'reward_model' (reward_model_dir)
+    config.online.reward_model_dir = ""  # workdir of a trained reward model (dil_jax.afd)
+    config.online.reward_model_level = "sequence"  # that reward model's level
+    config.online.demo_source = "expert"  # gold task: the demonstrations' response source
+    config.online.match_lengths = True  # cut demonstrations to sampling.max_new_tokens
+    # Reference: 'fixed' (pi_0 throughout), 'hard' (the current policy at each round start,
+    # SPIN / iterative DPO) or 'soft' (TR-DPO: ref <- a*policy + (1-a)*ref every tau steps).
+    config.online.reference = "fixed"
+    config.online.soft_alpha = 0.5  # a
+    config.online.soft_every = 10  # tau, optimiser steps
+    config.online.eval_prompts = 128  # held-out prompts evaluated after every round; 0: none
+    config.online.sampling = ConfigDict()  # the round sampler (dil_jax/afd/rollouts.py)
+    config.online.sampling.temperature = 1.0
+    config.online.sampling.top_p = 1.0
+    config.online.sampling.top_k = 0
+    config.online.sampling.max_new_tokens = 12  # the gold task's response budget
+    config.online.sampling.max_batch = 512  # most sequences in one sampler call
+    config.online.sampling.eos_id = 2  # gold task EOS; real data: the tokenizer's EOS id
+    config.online.sampling.pad_id = 0
 
     # ---- where the initial policy (and the reference) come from ----
     # Resume order: latest checkpoint in the workdir, else init.mode:

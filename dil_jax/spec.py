@@ -565,7 +565,8 @@ _SECTIONS = {
 def _freeze_run(config, field: str = "config") -> RunSpec:
     """A resolved ``ConfigDict`` -> :class:`RunSpec` (types checked, values not yet)."""
     top = set(config.keys())
-    known = {"seed", "model", "init", "afd", "lora", *_SECTIONS}
+    # 'online': the iterative loop's section, read by dil_jax.online.iterative.online_spec.
+    known = {"seed", "model", "init", "afd", "lora", "online", *_SECTIONS}
     unknown = sorted(top - known)
     if unknown:
         raise ConfigError(f"{field}.{unknown[0]}: not a section of a run config ({sorted(known)})")
