@@ -44,6 +44,7 @@ setup(
             "pytest>=8",
             "ruff>=0.6",
             "torch==2.13.0",
+            "peft>=0.13",  # tests/test_lora.py loads the LoRA export onto the transformers base
             "gguf>=0.17",
             "nbclient>=0.10",
             "nbformat>=5.10",

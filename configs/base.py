@@ -5,8 +5,8 @@ Launch (any derived file works the same way):
   python -m dil_jax.main --config=configs/base.py --workdir=/tmp/dil_base \
       --config.loss.name=dil_lsif --config.train.steps=200
 
-Fields are grouped as model, data, loss, reference, optim, mesh, checkpoint, train, eval,
-online, init.
+Fields are grouped as model, data, loss, reference, lora, optim, mesh, checkpoint, train,
+eval, online, init.
 A field left at ``None`` means "the component's documented default" (e.g. a loss's own β).
 """
 
@@ -144,6 +144,23 @@ def get_config() -> ConfigDict:
     config.reference.mode = "inline"
     config.reference.cache_dir = ""  # '' -> <workdir>/../reference_cache
     config.reference.batch_size = 64  # global batch of the precompute pass
+
+    # ---- LoRA / QLoRA adapters (dil_jax/lora.py; read by lora.settings_from_config) ----
+    # enabled: train low-rank adapters on a frozen base (the start of the run, per config.init);
+    # only the adapters are in the optimiser state and the checkpoints, and the reference is
+    # the base with the adapters off (no second copy of the weights).
+    config.lora = ConfigDict()
+    config.lora.enabled = False
+    config.lora.rank = 8  # r: at most the smaller side of every targeted kernel
+    config.lora.alpha = 16.0  # the update is (alpha / rank) * x A B
+    config.lora.dropout = 0.0  # on the adapter's input only, during training steps
+    # Regexes searched in the '/'-joined kernel paths, as in the partition rules; each must
+    # match at least one dense kernel. Default: attention and MLP projections of every family.
+    config.lora.targets = (r"att.*/kernel$", r"mlp/.*kernel$")
+    # The base's layer kernels stored quantised (QLoRA): 'none', 'int8' or 'nf4' (4-bit
+    # NormalFloat, two codes a byte), with one float32 absmax per quant_block_size input rows.
+    config.lora.quantize = "none"
+    config.lora.quant_block_size = 64
 
     # ---- log-prob computation ----
     config.logprobs = ConfigDict()

@@ -47,6 +47,7 @@ FLAGS_ONLY = (
     "experiments/bench_logprobs_memory.py",
     "experiments/measure_smollm2_memory.py",
     "experiments/evaluate_run.py",
+    "experiments/lora_claims.py",  # seeds of gold-task runs and a SmolLM2 run: minutes
     "dil_jax.export",
 )
 # Scripts whose --dry-run prints what they would run (a sweep of training runs).

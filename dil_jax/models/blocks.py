@@ -439,7 +439,7 @@ def layer_stack(
         stack = nn.scan(
             layer_cls,
             variable_axes={"params": 0},
-            split_rngs={"params": True},
+            split_rngs={"params": True, "dropout": True},  # dropout: LoRA (dil_jax/lora.py)
             in_axes=(0, 0, *[0] * len(per_layer), *[nn.broadcast] * len(shared)),
             length=num_layers,
         )(*layer_args, name=name, **kw)
