@@ -44,7 +44,7 @@ task and model size, which a larger model, other data or tuned rates might still
 
 Outputs: ``<out>/dil_claims.md`` (verdicts and tables), ``dil_claims.json`` (every number),
 ``dil_claims_dynamics.png`` and ``dil_claims_frontier.png``. Run directories go to
-``--workdir`` (default ``<out>/runs``; ``--fresh`` starts over, otherwise finished runs are
+``--workdir`` (default ``runs/dil_claims``; ``--fresh`` starts over, otherwise finished runs are
 reused).
 """
 
@@ -395,7 +395,7 @@ def main(argv=None) -> int:
     if DIL_LRS[0] != DEFAULT_LR:
         p.error(f"--dil-lrs must start with the shared default {DEFAULT_LR}")
     logging.basicConfig(level=logging.WARNING)
-    work = args.workdir or os.path.join(args.out, "dil_claims_runs")
+    work = args.workdir or os.path.join(REPO, "runs", "dil_claims")  # runs/ is not committed
     if args.fresh and os.path.isdir(work):
         shutil.rmtree(work)
     t0 = time.time()
