@@ -399,9 +399,10 @@ def main(argv=None) -> int:
     if args.fresh and os.path.isdir(work):
         shutil.rmtree(work)
     t0 = time.time()
-    # Seeds of one setting compile the same programs: keep them across runs (results unchanged).
-    jax.config.update("jax_compilation_cache_dir", os.path.join(work, "jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    if argv is None:  # as a script (not inside a test process, whose JAX config it would keep)
+        # Seeds of one setting compile the same programs: keep them across runs (same results).
+        jax.config.update("jax_compilation_cache_dir", os.path.join(work, "jax_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     quick, pre = base_config(args.reduced)
     base_dir = os.path.join(work, "base")
     if not os.path.isdir(os.path.join(base_dir, "checkpoints")):
