@@ -235,12 +235,12 @@ def test_dil_claims_reduced_writes_verdicts_figures_and_json(tmp_path):
 
     out = tmp_path / "out"
     argv = ["--reduced", f"--out={out}", f"--workdir={tmp_path / 'runs'}", "--seeds=2"]
-    argv += ["--methods=dpo,dil_lsif", "--betas=0.1", "--dil-lrs=1e-4"]
+    argv += ["--methods=dpo,dil_lsif", "--betas=0.1", "--dil-lrs=3e-4"]
     try:
         assert dil_claims.main(argv) == 0
     finally:
         dil_claims.D1_METHODS = ("dpo", "simpo", "dil_lsif", "dil_ukl", "dil_bce")
-        dil_claims.DPO_BETAS, dil_claims.DIL_LRS = (0.03, 0.1, 0.3), (1e-4, 3e-4)
+        dil_claims.DPO_BETAS, dil_claims.DIL_LRS = (0.03, 0.1, 0.3), (3e-4, 1e-3)
     result = json.loads((out / "dil_claims.json").read_text())
     v = result["verdicts"]
     assert v["D1"]["verdict"] in ("PASS", "FAIL", "INCONCLUSIVE")

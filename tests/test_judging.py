@@ -192,7 +192,7 @@ def test_win_rate_cli_on_a_tiny_run(tmp_path):
     import jax
     import win_rate
 
-    from dil_jax import train
+    from dil_jax import sharding, train
     from dil_jax.models import hf
 
     rm = _tiny_reward_model(tmp_path / "rm")
@@ -204,13 +204,14 @@ def test_win_rate_cli_on_a_tiny_run(tmp_path):
         tok,
         **{"data.eval_files": (eval_file,), "mesh.shape": (1, 1, 1), "loss.name": "dpo"},
     )
-    trainer = train.Trainer(config)
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    trainer = train.Trainer(config, mesh=mesh)
     params = jax.device_get(trainer.init_params(jax.random.key(0)))
     hf.save_pretrained(params, "llama", trainer.model.config, tmp_path / "sft")
     config.model.hf_path, config.init.mode = str(tmp_path / "sft"), "hf"
     config.train.steps = config.checkpoint.every_steps = 2
     run = tmp_path / "run"
-    train.train_and_evaluate(config, str(run), mesh=trainer.mesh)
+    train.train_and_evaluate(config, str(run), mesh=mesh)
     argv = [f"--workdir={run}", f"--judge=hf:{rm}", "--num-prompts=5", "--max-new-tokens=6"]
     assert win_rate.main([*argv, "--batch-size=4"]) == 0
     result = json.loads((run / "winrate.json").read_text())

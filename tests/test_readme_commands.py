@@ -45,6 +45,8 @@ FLAGS_ONLY = (
     "experiments/bench_logprobs_memory.py",
     "experiments/measure_smollm2_memory.py",
     "experiments/evaluate_run.py",
+    "experiments/win_rate.py",  # needs a finished run and a judge (tests/test_judging.py)
+    "experiments/dil_claims.py",
     "dil_jax.export",
 )
 # Scripts whose --dry-run prints what they would run (a sweep of training runs).
