@@ -235,6 +235,14 @@ def verdicts(runs: dict) -> dict:
     }
 
 
+def direction(values) -> str:
+    """'falls' / 'rises' when the 95 % interval of the slopes excludes 0, else 'level'."""
+    m, h = mean_ci(values)
+    if not np.isfinite(h):
+        return "?"
+    return "falls" if m + h < 0 else "rises" if m - h > 0 else "level (interval spans 0)"
+
+
 def reading(verdict: str, expressible: bool) -> str:
     """What a verdict means at this budget (the module doc's rule)."""
     if not expressible:
@@ -258,7 +266,9 @@ def write_report(runs: dict, out: str, reduced: bool, seconds: float, command: s
         "",
         f"Regenerate: `{command}`. "
         f"Seeds: {len(seeds)} ({', '.join(map(str, seeds))}); mean ± 95 % Student-t interval "
-        f"(experiments/stats.py); {seconds / 60:.0f} min wall. Pass rules: the script's "
+        f"(experiments/stats.py); this invocation took {seconds / 60:.0f} min wall (runs "
+        "finished by an earlier invocation of the same command are reused, not counted). "
+        "Pass rules: the script's "
         f"docstring, fixed before running. One shared learning rate ({DEFAULT_LR:g}, "
         f"{STEPS} steps of {BATCH} pairs from one SFT base), not tuned per method (the paper "
         "tunes each; a budget limit).",
@@ -275,12 +285,14 @@ def write_report(runs: dict, out: str, reduced: bool, seconds: float, command: s
         "",
         f"## D1, training dynamics: **{v['D1']['verdict']}**",
         "",
-        "| method | slope of chosen mean log-lik (per 100 steps) | margin start | margin end |",
-        "| --- | --- | --- | --- |",
+        "| method | slope of chosen mean log-lik (per 100 steps) | chosen likelihood | "
+        "margin start | margin end |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for m in D1_METHODS:
+        slope = [runs[s][m]["chosen_slope_per_100"] for s in seeds]
         lines.append(
-            f"| {m} | {fmt([runs[s][m]['chosen_slope_per_100'] for s in seeds])} | "
+            f"| {m} | {fmt(slope)} | {direction(slope)} | "
             f"{fmt([runs[s][m]['margin_start'] for s in seeds])} | "
             f"{fmt([runs[s][m]['margin_end'] for s in seeds])} |"
         )
@@ -290,6 +302,16 @@ def write_report(runs: dict, out: str, reduced: bool, seconds: float, command: s
         f"DIL-LSIF slope − DPO slope: {d:.4f} ± {h:.4f} (Welch); DPO margin change: "
         f"{v['D1']['dpo_margin_change']:+.4f}. Figure: dil_claims_dynamics.png (seed "
         f"{seeds[0]}).",
+        "",
+        "The pass rule (fixed before running) compares DIL-LSIF with DPO; the claim also names "
+        'SimPO, whose chosen likelihood reads "'
+        + (
+            direction([runs[s]["simpo"]["chosen_slope_per_100"] for s in seeds])
+            if "simpo" in D1_METHODS
+            else "was not run"
+        )
+        + "\" here (the table's third column), so that part is read from the table, not the "
+        "verdict.",
         "",
         "Can the task express D1 (some DPO setting lowers the chosen likelihood)? "
         f"**{'yes' if v['D1']['expressible'] else 'no'}**. Chosen slope (per 100 steps) over "
