@@ -312,7 +312,7 @@ class LoopSettings:
             async_save=section.async_save,
             tensorboard=False,
             desc=desc,
-            on_nonfinite=section.get("on_nonfinite", "halt"),
+            on_nonfinite=getattr(section, "on_nonfinite", "halt"),
         )
 
 

@@ -17,11 +17,14 @@ function here takes and returns plain strings, so callers keep ``str`` paths:
 from __future__ import annotations
 
 import builtins
+import hashlib
 import io
 import os
 import posixpath
+import shutil
 from collections.abc import Iterator
 
+import numpy as np
 from etils import epath
 
 
@@ -144,8 +147,6 @@ def write_atomic(path, data: bytes | str) -> str:
 
 def save_npy(path, array) -> str:
     """``np.save`` through :func:`write_atomic`."""
-    import numpy as np  # noqa: PLC0415
-
     buf = io.BytesIO()
     np.save(buf, array)
     return write_atomic(path, buf.getvalue())
@@ -153,8 +154,6 @@ def save_npy(path, array) -> str:
 
 def load_numpy(path):
     """``np.load`` of a ``.npy``/``.npz`` file anywhere (URLs are read into memory first)."""
-    import numpy as np  # noqa: PLC0415
-
     if is_local(path):
         return np.load(_local(path), allow_pickle=False)
     return np.load(io.BytesIO(read_bytes(path)), allow_pickle=False)
@@ -180,8 +179,6 @@ def walk_files(path) -> Iterator[tuple[str, int]]:
 def move(src, dst) -> None:
     """Moves a file or directory tree (local: ``shutil.move``; URL: epath rename)."""
     if is_local(src) and is_local(dst):
-        import shutil  # noqa: PLC0415
-
         shutil.move(_local(src), _local(dst))
     else:
         _epath(src).rename(_epath(dst))
@@ -199,8 +196,6 @@ def local_copy(path) -> str:
     p = os.fspath(path)
     if is_local(p):
         return _local(p)
-    import hashlib  # noqa: PLC0415
-
     root = os.environ.get("DIL_JAX_CACHE") or os.path.expanduser("~/.cache/dil_jax")
     url = p.rstrip("/")
     dest = os.path.join(

@@ -13,38 +13,30 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import ml_collections
-
-from dil_jax.errors import ConfigError
+from dil_jax.spec import RunSpec
 
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
     name: str  # 'base' (a pretraining stage) or 'train' (the run asked for)
-    config: ml_collections.ConfigDict  # its own complete config (init.mode never 'pretrain')
+    config: RunSpec  # its own complete spec (init.mode never 'pretrain')
     workdir: str
 
 
-def plan(config, workdir: str) -> list[Stage]:
+def plan(config: RunSpec, workdir: str) -> list[Stage]:
     """The stages of ``config`` in the order they run; the last one is the run itself."""
     if config.init.mode != "pretrain":
         return [Stage("train", config, workdir)]
-    pre = config.init.pretrain
-    if pre is None:
-        raise ConfigError(
-            "config.init.pretrain=None: init.mode='pretrain' needs the pretraining run's config"
-        )
-    if pre.model.to_dict() != config.model.to_dict():
-        raise ConfigError(
-            "config.init.pretrain.model differs from config.model: the "
-            "pretrained params become the policy"
-        )
+    # spec.build has checked that init.pretrain exists and trains the same architecture.
     base_dir = os.path.join(workdir, "base")
     earlier = plan(config.init.pretrain, base_dir)
     earlier = [dataclasses.replace(s, name="base") if s.workdir == base_dir else s for s in earlier]
-    after = ml_collections.ConfigDict(config.to_dict())
-    after.init.mode = "checkpoint"  # start from the base stage's latest checkpoint
-    after.init.checkpoint_dir = base_dir
-    after.init.pretrain = None
-    after.lock()
+    # Start from the base stage's latest checkpoint; the recorded config says so too.
+    recorded = config.to_dict()
+    recorded["init"] = dict(recorded["init"], mode="checkpoint", checkpoint_dir=base_dir)
+    recorded["init"]["pretrain"] = None
+    init = dataclasses.replace(
+        config.init, mode="checkpoint", checkpoint_dir=base_dir, pretrain=None
+    )
+    after = dataclasses.replace(config, init=init, recorded=recorded)
     return [*earlier, Stage("train", after, workdir)]

@@ -220,16 +220,12 @@ class Trainer:
     """
 
     def __init__(self, config, *, mesh=None, total_steps: int | None = None):
-        config = spec.resolve(config)  # one architecture: hf_path's config.json wins
-        validation.validate_config(
-            config,
-            num_devices=len(jax.devices()) if mesh is None else mesh.size,
-            process_count=jax.process_count(),
-        )
+        # The resolved, validated spec (a ConfigDict is built into one here).
+        config = spec.build(config, num_devices=len(jax.devices()) if mesh is None else mesh.size)
         self.config = config
         self.mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh.shape)
         self.model, self.family = build_model(config.model)
-        self.terms = validation.loss_terms(config.loss)
+        self.terms = config.terms
         self.needs_reference = objectives.needs_reference(self.terms)
         self.layout = objectives.data_layout(self.terms)  # 'single' | 'pair' | 'list' | 'unpaired'
         # Density-ratio diagnostics: KTO's index 1 is a mismatched completion, no sample of
@@ -412,11 +408,7 @@ def loop_settings(cfg) -> loop.LoopSettings:
         eval_every=cfg.eval.every_steps,
         on_nonfinite=cfg.train.on_nonfinite,
         max_nonfinite=cfg.train.max_nonfinite,
-        wandb=WandbSettings(
-            cfg.train.get("wandb_project", ""),
-            cfg.train.get("wandb_entity", ""),
-            cfg.train.get("wandb_mode", ""),
-        ),
+        wandb=WandbSettings(cfg.train.wandb_project, cfg.train.wandb_entity, cfg.train.wandb_mode),
     )
 
 
@@ -439,7 +431,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None, max_steps: int | None
       loop.Preempted after saving, when SIGTERM arrived; loop.NonFiniteError on a non-finite
       step under ``train.on_nonfinite='halt'``.
     """
-    planned = stages.plan(spec.resolve(config), workdir)
+    planned = stages.plan(spec.as_spec(config), workdir)
     for stage in planned[:-1]:
         summary = train_stage(stage.config, stage.workdir)
         del summary["state"]
@@ -448,12 +440,13 @@ def train_and_evaluate(config, workdir: str, *, mesh=None, max_steps: int | None
 
 def train_stage(config, workdir: str, *, mesh=None, max_steps: int | None = None) -> dict:
     """One stage of :func:`train_and_evaluate` (its ``init.mode`` is not 'pretrain')."""
-    config = spec.resolve(config)
+    config = spec.as_spec(config)
     sharding.maybe_initialize_distributed(
         config.mesh.coordinator_address, config.mesh.num_processes, config.mesh.process_id
     )
     paths.makedirs(workdir)
     trainer = Trainer(config, mesh=mesh)
+    config = trainer.config  # validated for the mesh
     cfg = config
     train_data, eval_data, task = pipeline.build_datasets(cfg, workdir=workdir)
     loop.check_stop(workdir, "loading the initial policy")

@@ -1,12 +1,14 @@
-"""Config checks that run before anything is compiled, each error naming the offending field.
+"""Value checks of a run spec, before anything is compiled; each error names the field.
 
-Unknown keys are already rejected by ``ml_collections`` (a locked ConfigDict and the
+``dil_jax.spec.build`` calls :func:`validate` once per run spec: unknown keys and wrong types
+are already refused there (and by ``ml_collections``' locked ConfigDicts and the
 ``--config.a.b=value`` flag parser); this module checks values and their combinations.
 """
 
 from __future__ import annotations
 
 from dil_jax import loop, metrics, objectives, sharding
+from dil_jax.data import checks
 from dil_jax.errors import ConfigError
 from dil_jax.models import DTYPES, FAMILIES
 
@@ -26,7 +28,9 @@ def loss_terms(loss_cfg) -> tuple[objectives.LossTerm, ...]:
       combination ``objectives.check_combination`` refuses.
     """
     primary = {"name": loss_cfg.name, "weight": loss_cfg.weight}
-    primary.update({k: loss_cfg[k] for k in LOSS_PARAM_KEYS if loss_cfg.get(k) is not None})
+    primary.update(
+        {k: getattr(loss_cfg, k) for k in LOSS_PARAM_KEYS if getattr(loss_cfg, k, None) is not None}
+    )
     terms, fields = [primary], ["config.loss"]
     if loss_cfg.sft_weight:
         terms.append({"name": "sft", "weight": loss_cfg.sft_weight})
@@ -45,25 +49,40 @@ def _require(ok: bool, field: str, value, expected: str) -> None:
         raise ValueError(f"config.{field}={value!r}: {expected}")
 
 
-def validate_config(config, *, num_devices: int, process_count: int = 1) -> None:
-    """Raises ConfigError (a ValueError) naming the field of the first invalid value."""
+def validate(run, *, num_devices: int | None, process_count: int = 1) -> None:
+    """Checks a ``spec.RunSpec``; raises ConfigError naming the field of the first bad value.
+
+    ``num_devices=None`` skips what depends on the mesh (host-side uses such as the data
+    pipeline); the trainer checks again with its mesh's size.
+    """
     try:
-        _validate(config, num_devices=num_devices, process_count=process_count)
+        _validate(run, num_devices=num_devices, process_count=process_count)
     except ConfigError:
         raise
     except ValueError as e:
         raise ConfigError(str(e)) from e
 
 
-def _validate(config, *, num_devices: int, process_count: int) -> None:
+def _validate(config, *, num_devices: int | None, process_count: int) -> None:
     m = config.model
     _require(m.family in FAMILIES, "model.family", m.family, f"expected one of {sorted(FAMILIES)}")
     for key in ("dtype", "param_dtype"):
-        _require(m[key] in DTYPES, f"model.{key}", m[key], f"expected one of {sorted(DTYPES)}")
-    terms = loss_terms(config.loss)
-    mesh_shape = sharding.resolve_mesh_shape(config.mesh.shape, num_devices)
-    dp = mesh_shape[0] * mesh_shape[1]
+        value = getattr(m, key)
+        _require(value in DTYPES, f"model.{key}", value, f"expected one of {sorted(DTYPES)}")
+    terms = config.terms
+    dp = 1  # data-parallel size: checked against the mesh when the device count is known
+    if num_devices is not None:
+        mesh_shape = sharding.resolve_mesh_shape(config.mesh.shape, num_devices)
+        dp = mesh_shape[0] * mesh_shape[1]
 
+    _require(
+        config.data.source in checks.SOURCES,
+        "data.source",
+        config.data.source,
+        f"expected one of {checks.SOURCES}",
+    )
+    if config.data.source != "gold_task":
+        checks.validate_data_config(config)
     t, o = config.train, config.optim
     _require(t.steps > 0, "train.steps", t.steps, "must be positive")
     _require(o.grad_accum_steps >= 1, "optim.grad_accum_steps", o.grad_accum_steps, "must be >= 1")
@@ -113,7 +132,8 @@ def _validate(config, *, num_devices: int, process_count: int) -> None:
             f"must be a multiple of data-parallel size {dp}",
         )
     for key in ("seq_chunk", "vocab_chunk"):
-        _require(config.logprobs[key] >= 0, f"logprobs.{key}", config.logprobs[key], "must be >= 0")
+        value = getattr(config.logprobs, key)
+        _require(value >= 0, f"logprobs.{key}", value, "must be >= 0")
     _require(
         t.on_nonfinite in loop.NONFINITE_POLICIES,
         "train.on_nonfinite",
@@ -127,14 +147,10 @@ def _validate(config, *, num_devices: int, process_count: int) -> None:
         t.diagnostics,
         "expected True or False",
     )
-    for key in ("wandb_project", "wandb_entity", "wandb_mode"):
-        _require(
-            isinstance(t.get(key, ""), str), f"train.{key}", t.get(key, ""), "expected a string"
-        )
     _require(
-        t.get("wandb_mode", "") in metrics.WANDB_MODES,
+        t.wandb_mode in metrics.WANDB_MODES,
         "train.wandb_mode",
-        t.get("wandb_mode", ""),
+        t.wandb_mode,
         f"expected one of {metrics.WANDB_MODES}",
     )
     c = config.checkpoint
@@ -161,16 +177,16 @@ def _validate(config, *, num_devices: int, process_count: int) -> None:
         )
         _validate(i.pretrain, num_devices=num_devices, process_count=process_count)
         _require(
-            i.pretrain.model.to_dict() == m.to_dict(),
+            i.pretrain.model == m,
             "init.pretrain.model",
             "(differs)",
             "must equal config.model: the pretrained params become the policy",
         )
     if i.mode == "hf":
         _require(
-            bool(m.get("hf_path")),
+            bool(m.hf_path),
             "model.hf_path",
-            m.get("hf_path"),
+            m.hf_path,
             "init.mode='hf' needs a Hugging Face model directory or hub id",
         )
     if i.mode == "checkpoint":

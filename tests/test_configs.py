@@ -58,7 +58,7 @@ def models_of(config):
     """Every model a config trains: (label, builder of its abstract state)."""
     mesh = sharding.make_mesh(config.mesh.shape)
     yield "policy", lambda: train.Trainer(config, mesh=mesh)
-    if "afd" in config:
+    if config.afd is not None:
         rm = config.afd.reward_model
         yield "reward_model", lambda: reward_model.RewardModel(config.model, rm, mesh=mesh)
         yield "adversarial", lambda: adversarial.AdversarialImitation(config, mesh=mesh)
@@ -79,7 +79,7 @@ def test_every_config_variant_resolves_and_builds_every_model(item, tmp_path):
         top.model.hf_path = tiny_hf_dir(tmp_path, top.model.family)
     elif top.model.get("hf_path") and not pathlib.Path(top.model.hf_path).is_dir():
         pytest.skip(f"{path.name} needs the Hugging Face directory {top.model.hf_path}")
-    resolved = spec.resolve(top)
+    resolved = spec.build(top)  # resolved, typed and validated
     if top.model.get("hf_path"):  # the architecture is the directory's, not base.py's
         hf_cfg = json.loads((pathlib.Path(top.model.hf_path) / "config.json").read_text())
         assert resolved.model.vocab_size == hf_cfg["vocab_size"]
@@ -105,7 +105,7 @@ def test_every_config_builds_its_data_pipeline(item, tmp_path, shared_data):
     top = load_variant(path, variant)
     if top.model.get("hf_path") and not pathlib.Path(top.model.hf_path).is_dir():
         pytest.skip(f"{path.name} needs the Hugging Face directory {top.model.hf_path}")
-    for config in nested_configs(spec.resolve(top)):
+    for config in nested_configs(spec.build(top)):
         config = ml_collections.ConfigDict(config.to_dict())
         if config.data.source != "gold_task":
             config.data.max_records = 64

@@ -179,7 +179,7 @@ def test_training_command_parses_and_builds(command, monkeypatch, tmp_path_facto
     from test_dil_tables import published_hf_dir
 
     from dil_jax import spec, train
-    from dil_jax.data import pipeline
+    from dil_jax.data import checks
 
     monkeypatch.chdir(REPO)  # the README's paths are relative to the repository root
     module, args = training_args(command)
@@ -192,13 +192,15 @@ def test_training_command_parses_and_builds(command, monkeypatch, tmp_path_facto
             section.hf_path = published_hf_dir(root, HUB_STANDINS[hub])
     if kind(command) == "launch":
         config.mesh.shape = (1, -1, 1)  # the pod's mesh, on this machine's devices
-    resolved = spec.resolve(config)
     if module == "dil_jax.main":
-        trainer = train.Trainer(resolved)  # abstract: batch, mesh and shardings checked
+        # Spec built and validated (data section included); abstract state, batch, mesh and
+        # shardings checked.
+        trainer = train.Trainer(config)
         assert trainer.trace_count == 0
-        if resolved.data.source != "gold_task":
-            pipeline.validate_data_config(resolved)
-            assert pipeline.tokenizer_name(resolved)
+        if trainer.config.data.source != "gold_task":
+            assert checks.tokenizer_name(trainer.config)
+    else:
+        spec.resolve(config)
 
 
 def _redirect(args: list[str], tmp) -> list[str]:

@@ -1,5 +1,7 @@
 """dil_jax/spec.py: one architecture per run, whatever the family or the source of weights."""
 
+import pathlib
+
 import jax
 import ml_collections
 import pytest
@@ -69,3 +71,68 @@ def test_unknown_family_field_is_named(tiny_config):
     bad.rope_scalingz = 1
     with pytest.raises(ConfigError, match="config.model.rope_scalingz"):
         models.family_kwargs(bad)
+
+
+def test_build_gives_frozen_typed_sections(tiny_config):
+    run = spec.build(tiny_config(**{"loss.name": "dpo", "loss.beta": 0.2}))
+    assert isinstance(run, spec.RunSpec)
+    assert isinstance(run.model, spec.ModelSpec) and isinstance(run.optim, spec.OptimSpec)
+    assert run.data.buckets == tuple(run.data.buckets) and run.data.field_map["prompt"] == ""
+    assert [(t.name, t.params["beta"]) for t in run.terms] == [("dpo", 0.2)]
+    with pytest.raises(AttributeError):
+        run.optim.learning_rate = 1.0  # frozen: nothing downstream can drift from the config
+    with pytest.raises(TypeError):
+        run.data.field_map["prompt"] = "q"
+    assert spec.build(run) is run and spec.as_spec(run) is run
+    # The recorded form is the resolved ConfigDict's (checkpoint metadata, resume checks).
+    assert (
+        run.to_dict()
+        == spec.resolve(tiny_config(**{"loss.name": "dpo", "loss.beta": 0.2})).to_dict()
+    )
+
+
+def test_build_names_unknown_fields_wrong_types_and_unused_loss_params(tiny_config):
+    config = tiny_config()
+    config.unlock()
+    config.train.stepz = 3
+    with pytest.raises(ConfigError, match=r"config\.train\.stepz: not a field"):
+        spec.build(config)
+    config = tiny_config()
+    config.unlock()
+    config.optimiser = ml_collections.ConfigDict({"lr": 1.0})
+    with pytest.raises(ConfigError, match=r"config\.optimiser: not a section"):
+        spec.build(config)
+    config = tiny_config()
+    config.unlock()
+    config.data.buckets = "64"
+    with pytest.raises(ConfigError, match=r"config\.data\.buckets='64': expected tuple"):
+        spec.build(config)
+    with pytest.raises(ConfigError, match="gamma"):  # simpo's margin on a DPO run
+        spec.build(tiny_config(**{"loss.name": "dpo", "loss.gamma": 0.5}))
+
+
+def test_build_checks_mesh_dependent_fields_only_with_a_device_count(tiny_config):
+    config = tiny_config(**{"train.global_batch_size": 12})
+    spec.build(config)  # host-side (data pipeline): no mesh to divide by
+    with pytest.raises(ConfigError, match="train.global_batch_size=12"):
+        spec.build(config, num_devices=8)
+
+
+def _afd_gold():
+    from dil_jax import config_files
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    return config_files.load(root / "configs" / "afd_gold.py").get_config()
+
+
+def test_afd_sections_are_typed():
+    run = spec.build(_afd_gold())
+    assert isinstance(run.afd, spec.AfdSpec)
+    assert isinstance(run.afd.adversarial.disc, spec.ClassifierSpec)
+    assert run.afd.bon.n_values == (1, 5, 10, 30, 50)
+    assert run.afd.demonstrations["response_source"] == "expert"
+    config = _afd_gold()
+    config.afd.sampling.unlock()
+    config.afd.sampling.top_q = 0.9
+    with pytest.raises(ConfigError, match=r"config\.afd\.sampling\.top_q"):
+        spec.build(config)

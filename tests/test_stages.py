@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from dil_jax import checkpointing, metrics, stages, train
+from dil_jax import checkpointing, metrics, spec, stages, train
 from dil_jax.errors import ConfigError
 
 
@@ -18,7 +18,7 @@ def pretrain_config(tiny_config):
 
 def test_plan_unrolls_pretrain_into_stages(tiny_config, tmp_path):
     config = pretrain_config(tiny_config)
-    planned = stages.plan(config, str(tmp_path))
+    planned = stages.plan(spec.build(config), str(tmp_path))
     assert [(s.name, s.workdir) for s in planned] == [
         ("base", str(tmp_path / "base")),
         ("train", str(tmp_path)),
@@ -28,8 +28,8 @@ def test_plan_unrolls_pretrain_into_stages(tiny_config, tmp_path):
     assert (last.init.mode, last.init.checkpoint_dir) == ("checkpoint", str(tmp_path / "base"))
     assert stages.plan(last, str(tmp_path)) == [stages.Stage("train", last, str(tmp_path))]
     config.init.pretrain.model.hidden_size = 32
-    with pytest.raises(ConfigError, match="config.init.pretrain.model differs"):
-        stages.plan(config, str(tmp_path))
+    with pytest.raises(ConfigError, match="config.init.pretrain.model.*must equal config.model"):
+        spec.build(config)
 
 
 @pytest.mark.slow

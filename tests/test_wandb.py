@@ -35,8 +35,8 @@ def test_a_run_and_its_resume_write_to_one_wandb_run(tiny_config, tmp_path, monk
 
 
 def test_wandb_mode_is_validated(tiny_config):
-    from dil_jax import validation
+    from dil_jax import spec
     from dil_jax.errors import ConfigError
 
     with pytest.raises(ConfigError, match="train.wandb_mode"):
-        validation.validate_config(tiny_config(**{"train.wandb_mode": "sometimes"}), num_devices=8)
+        spec.build(tiny_config(**{"train.wandb_mode": "sometimes"}), num_devices=8)

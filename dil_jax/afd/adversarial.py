@@ -54,6 +54,7 @@ that state: the workdir's latest checkpoint is the last good one.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping
 
@@ -272,7 +273,7 @@ class AdversarialImitation:
     """
 
     def __init__(self, config, *, mesh=None):
-        config = spec.resolve(config)
+        config = spec.as_spec(config)
         adv = config.afd.adversarial
         if adv.reward not in REWARDS:
             raise ConfigError(f"afd.adversarial.reward={adv.reward!r}: expected one of {REWARDS}")
@@ -300,14 +301,14 @@ class AdversarialImitation:
                 f"multiple of the data-parallel size {dp}"
             )
         self.policy_model, self.family = build_model(config.model)
-        disc_model_cfg = adv.get("disc_model") or config.model
+        disc_model_cfg = adv.disc_model or config.model
         reward_model.check_compatible(
             config.model, disc_model_cfg, field="afd.adversarial.disc_model"
         )
         self.disc_model_cfg = disc_model_cfg
-        disc_cfg = ml_collections.ConfigDict(adv.disc.to_dict())
-        disc_cfg.global_batch_size = adv.prompts_per_step
-        disc_cfg.steps = adv.steps
+        disc_cfg = dataclasses.replace(
+            adv.disc, global_batch_size=adv.prompts_per_step, steps=adv.steps
+        )
         self.disc = reward_model.RewardModel(
             disc_model_cfg, disc_cfg, mesh=self.mesh, seed=adv.seed, field="afd.adversarial.disc"
         )

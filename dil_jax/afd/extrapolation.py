@@ -29,6 +29,7 @@ for real data the candidates and each reward's choices are saved for an external
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -393,7 +394,7 @@ def run_extrapolation(
       ``{'reward_models': {name: held-out metrics}, 'bon': {name: [per-N metrics]},
       'demo_gold', 'sft_gold'}`` (also written to ``<workdir>/afd_results.json``).
     """
-    config = spec.resolve(config)
+    config = spec.build(config)
     afd = config.afd
     unknown = sorted(set(afd.reward_models) - set(REWARD_MODELS))
     if unknown:
@@ -477,9 +478,9 @@ def run_extrapolation(
     backbone = init_params if afd.rm_backbone == "init" else sft_params
     rm_results, rms, rm_params = {}, {}, {}
     for name in [m for m in afd.reward_models if m in LEARNED]:
-        rm_cfg = ml_collections.ConfigDict(afd.reward_model.to_dict())
+        rm_cfg = afd.reward_model
         if name == "bt":
-            rm_cfg.loss = "bradley_terry"
+            rm_cfg = dataclasses.replace(rm_cfg, loss="bradley_terry")
         rm = reward_model.RewardModel(config.model, rm_cfg, mesh=mesh, seed=config.seed)
         out = reward_model.train_reward_model(
             rm,

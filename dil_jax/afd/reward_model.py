@@ -346,6 +346,8 @@ class RewardModel:
     """
 
     def __init__(self, model_cfg, rm_cfg, *, mesh, seed: int = 0, field: str = "reward_model"):
+        if not isinstance(rm_cfg, spec.ClassifierSpec):
+            rm_cfg = spec.freeze_section(spec.ClassifierSpec, rm_cfg, field)
         if rm_cfg.level not in LEVELS:
             raise ConfigError(f"{field}.level={rm_cfg.level!r}: expected one of {LEVELS}")
         if rm_cfg.loss not in RM_LOSSES:
@@ -358,7 +360,7 @@ class RewardModel:
                 f"{field}.global_batch_size={rm_cfg.global_batch_size} must be "
                 f"a positive multiple of the data-parallel size {dp}"
             )
-        model_cfg = spec.resolve_model(model_cfg, f"{field}.model")
+        model_cfg = spec.model_spec(model_cfg, f"{field}.model")
         self.model_cfg, self.cfg, self.mesh, self.seed = model_cfg, rm_cfg, mesh, seed
         self.model, self.family = build_model(model_cfg)
         self.tx = make_optimizer(rm_cfg, rm_cfg.steps)

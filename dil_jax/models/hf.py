@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from dil_jax import paths
 from dil_jax.errors import WeightsError
@@ -639,8 +640,6 @@ def _to_host(x) -> np.ndarray:
         return np.asarray(x)
     if x.is_fully_addressable:
         return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
