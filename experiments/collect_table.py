@@ -79,8 +79,9 @@ ROW_NAMES = {
 LAYOUTS = {
     "table2": (
         ("eval.rewards/accuracies", "pref. acc."),
-        ("eval.logps/chosen", "log p(chosen)"),
-        ("eval.logps/rejected", "log p(rejected)"),
+        # per token: comparable across rows (eval/logps/* follow each loss's own reduction)
+        ("eval.logps_mean/chosen", "log p(chosen)/tok"),
+        ("eval.logps_mean/rejected", "log p(rejected)/tok"),
         ("vs_sft.win_rate", "win vs SFT"),
         ("vs_sft.lc_win_rate", "LC win vs SFT"),
         ("v1.ARC", "ARC"),

@@ -188,7 +188,7 @@ def test_collect_table_paper_layout(sweep_runs, tmp_path):
     )
     assert [r["method"] for r in table["rows"]] == ["dpo", "dil_lsif"]  # the paper's order
     headers = [h for _, h in table["columns"]]
-    assert headers[:2] == ["pref. acc.", "log p(chosen)"] and "ARC" in headers
+    assert headers[:2] == ["pref. acc.", "log p(chosen)/tok"] and "ARC" in headers
     assert "MMLU" not in headers  # no run has it
     dpo, dil = table["rows"]
     # DPO: the learning rate with the best mean held-out preference accuracy over its seeds.
@@ -202,7 +202,7 @@ def test_collect_table_paper_layout(sweep_runs, tmp_path):
     ]
     mean, half = collect_table.mean_ci(acc)
     assert dpo["cells"]["eval.rewards/accuracies"]["mean"] == pytest.approx(mean)
-    assert headers[2:5] == ["log p(rejected)", "win vs SFT", "LC win vs SFT"]
+    assert headers[2:5] == ["log p(rejected)/tok", "win vs SFT", "LC win vs SFT"]
     assert dil["cells"]["vs_sft.win_rate"]["mean"] == 0.625
     arc = dil["cells"]["v1.ARC"]
     assert (arc["mean"], arc["n"], arc["paper"]) == (0.5, 1, 61.0)
