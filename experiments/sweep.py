@@ -139,8 +139,13 @@ def expand(config: str, axes: list, fixed: dict, root: str, prefix: str) -> list
 
 
 def run_one(i: int, n: int, run: Run, log) -> bool:
-    """Runs one undone run (its command in its own process); True when it succeeded."""
-    print(f"[{i}/{n}] {run.state()}: {run.command()}", file=log, flush=True)
+    """Runs one undone run (its command in its own process); True when it succeeded. A run
+    that another sweep finished meanwhile is skipped."""
+    state = run.state()
+    if state == "done":
+        print(f"[{i}/{n}] done meanwhile, skipped: {run.workdir}", file=log, flush=True)
+        return True
+    print(f"[{i}/{n}] {state}: {run.command()}", file=log, flush=True)
     t0 = time.time()
     rc = subprocess.run(shlex.split(run.command()), cwd=REPO).returncode
     if rc == 0:
