@@ -460,7 +460,6 @@ class AdversarialSpec(Section):
     seed: int
     disc: ClassifierSpec
     disc_model: ModelSpec | None = None  # None: the discriminator has the policy's architecture
-    on_nonfinite: str = "halt"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -287,7 +287,7 @@ def run_seed(seed: int, reduced: bool, workroot: str, base_dir: str) -> dict:
             steps=1,
             learning_rate=1e-3,
             batch_size=8,
-            init_dir="",
+            init_dir=base_dir,  # unused: only the data section is read
         )
     )
     adv_dir = os.path.join(wd, "adversarial")

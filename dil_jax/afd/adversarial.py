@@ -422,7 +422,11 @@ class AdversarialImitation:
         c.model = ml_collections.ConfigDict(self.config.model.to_dict())
         c.data = ml_collections.ConfigDict(self.config.data.to_dict())
         # Fields that may change on resume (length, logging, the guard) are left out.
-        fixed = {k: v for k, v in self.cfg.to_dict().items() if k not in RESUMABLE_FIELDS}
+        fixed = {
+            k: v
+            for k, v in self.cfg.to_dict().items()
+            if k not in RESUMABLE_FIELDS and not (k == "disc_model" and v is None)
+        }
         c.loss = ml_collections.ConfigDict({"name": "adversarial_imitation", **fixed})
         c.seed = self.cfg.seed
         c.train = ml_collections.ConfigDict({"global_batch_size": self.cfg.prompts_per_step})
