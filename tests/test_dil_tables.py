@@ -149,9 +149,16 @@ def test_bad_row_arguments_name_the_choices():
         T3.get_config("nope,dpo")
 
 
+def _on_test_devices(config):
+    """The debug rows' 2-pair batch is for one CPU device; the tests' 8 simulated devices need
+    a multiple of 8 (mesh (1, -1, 1): FSDP over all of them)."""
+    config.train.global_batch_size = 8
+    return config
+
+
 def test_debug_rows_build_as_abstract_state(smollm2_dir, shared_data):
     for row in T2.ROWS:
-        config = T2.get_config(f"debug,{row},{smollm2_dir}")
+        config = _on_test_devices(T2.get_config(f"debug,{row},{smollm2_dir}"))
         trainer, n = _abstract(config)
         assert trainer.model.config.num_hidden_layers == 30 and 1e8 < n < 2e8
     for row in T3.ROWS:
@@ -196,7 +203,7 @@ def _maybe_skip(row):
 @pytest.mark.parametrize("row", T2.ROWS)
 def test_table2_debug_row_trains_two_steps(row, smollm2_dir, shared_data, tmp_path):
     _maybe_skip(row)
-    config = _two_steps(T2.get_config(f"debug,{row},{smollm2_dir}"), tmp_path)
+    config = _two_steps(_on_test_devices(T2.get_config(f"debug,{row},{smollm2_dir}")), tmp_path)
     config.data.cache_dir = str(tmp_path / "cache")
     train.train_and_evaluate(config, str(tmp_path / "run"))
     losses = _losses(tmp_path / "run")
