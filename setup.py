@@ -44,6 +44,7 @@ setup(
             "pytest>=8",
             "ruff>=0.6",
             "torch==2.13.0",
+            "peft>=0.13",  # tests/test_lora.py loads the LoRA export onto the transformers base
             "gguf>=0.17",
             "nbclient>=0.10",
             "nbformat>=5.10",
@@ -58,5 +59,7 @@ setup(
         "wandb": ["wandb>=0.17"],
         # gs:// workdirs and caches: epath's fsspec backend (gcsfs) and orbax's bucket queries
         "gcs": ["gcsfs", "google-cloud-storage"],
+        # experiments/bench_vs_trl.py: TRL's DPOTrainer beside dil_jax (torch as in 'test')
+        "bench": ["trl==1.16.0", "torch==2.13.0"],
     },
 )

@@ -5,7 +5,8 @@ Launch (any derived file works the same way):
   python -m dil_jax.main --config=configs/base.py --workdir=/tmp/dil_base \
       --config.loss.name=dil_lsif --config.train.steps=200
 
-Fields are grouped as model, data, loss, reference, optim, mesh, checkpoint, train, eval, init.
+Fields are grouped as model, data, loss, reference, lora, optim, mesh, checkpoint, train,
+eval, online, init.
 A field left at ``None`` means "the component's documented default" (e.g. a loss's own β).
 """
 
@@ -34,6 +35,11 @@ def get_config() -> ConfigDict:
     config.model.param_dtype = "float32"  # ... with float32 master weights
     config.model.remat = False  # recompute each layer in the backward pass (memory for FLOPs)
     config.model.scan_layers = True  # one compiled layer body: fast compiles for deep models
+    # Attention kernel (dil_jax/models/blocks.py): 'auto' (cuDNN flash attention on a GPU in
+    # bf16/fp16, 'chunked' on TPU, else the einsum), 'xla' (float32 einsum, the reference),
+    # 'dot_product' (jax.nn.dot_product_attention's XLA path), 'cudnn', 'chunked' (the einsum
+    # over query blocks recomputed in the backward: memory). Softcapped Gemma 2: no cudnn.
+    config.model.attention = "auto"
     # A Hugging Face model directory or hub id: its config.json defines the architecture (the
     # fields above are then ignored) and init.mode='hf' loads its weights.
     config.model.hf_path = placeholder(str)
@@ -99,9 +105,15 @@ def get_config() -> ConfigDict:
     config.data.on_bad_record = "error"  # 'error' (stop, naming file:line field) | 'skip'
     # batching: padded lengths (each batch uses the smallest that fits; max_length is always
     # the last), so the step compiles at most len(buckets) times; or pack examples into rows of
-    # max_length tokens with segment_ids/positions (sft losses only).
+    # max_length tokens with segment_ids/positions; every loss but KTO's reads per-example sums
+    # from segment reductions in the step, and train.global_batch_size then counts rows.
     config.data.buckets = (128, 256, 512)
     config.data.packing = False
+    # Prefix sharing: an example's N sequences as one [prompt | response_1 | ... | response_N]
+    # row, each response attending to the prompt and itself only (positions restart at the
+    # prompt's end), so a prompt is computed once per example. Rows of N * max_length tokens
+    # (bucketed as before, or packed with data.packing).
+    config.data.prefix_sharing = False
     config.data.cache_dir = ""  # tokenised-data cache; '' -> <workdir>/../data_cache
     config.data.num_proc = 1  # tokenisation processes (datasets.map)
 
@@ -132,6 +144,23 @@ def get_config() -> ConfigDict:
     config.reference.mode = "inline"
     config.reference.cache_dir = ""  # '' -> <workdir>/../reference_cache
     config.reference.batch_size = 64  # global batch of the precompute pass
+
+    # ---- LoRA / QLoRA adapters (dil_jax/lora.py; read by lora.settings_from_config) ----
+    # enabled: train low-rank adapters on a frozen base (the start of the run, per config.init);
+    # only the adapters are in the optimiser state and the checkpoints, and the reference is
+    # the base with the adapters off (no second copy of the weights).
+    config.lora = ConfigDict()
+    config.lora.enabled = False
+    config.lora.rank = 8  # r: at most the smaller side of every targeted kernel
+    config.lora.alpha = 16.0  # the update is (alpha / rank) * x A B
+    config.lora.dropout = 0.0  # on the adapter's input only, during training steps
+    # Regexes searched in the '/'-joined kernel paths, as in the partition rules; each must
+    # match at least one dense kernel. Default: attention and MLP projections of every family.
+    config.lora.targets = (r"att.*/kernel$", r"mlp/.*kernel$")
+    # The base's layer kernels stored quantised (QLoRA): 'none', 'int8' or 'nf4' (4-bit
+    # NormalFloat, two codes a byte), with one float32 absmax per quant_block_size input rows.
+    config.lora.quantize = "none"
+    config.lora.quant_block_size = 64
 
     # ---- log-prob computation ----
     config.logprobs = ConfigDict()
@@ -200,6 +229,39 @@ def get_config() -> ConfigDict:
     config.eval.temperature = 1.0  # 1.0 so the KL estimate is of the policy itself
     config.eval.top_p = 1.0
     config.eval.top_k = 0
+
+    # ---- iterative / online alignment (dil_jax/online/iterative.py; read by online_spec) ----
+    # Rounds of: sample k responses per prompt from the current policy, build pairs, train
+    # steps_per_round steps of config.loss on them. Used by `python -m dil_jax.online.main`.
+    config.online = ConfigDict()
+    config.online.rounds = 3
+    config.online.steps_per_round = 50  # optimiser steps per round (train.steps is ignored)
+    config.online.num_prompts = 64  # prompts (with their demonstrations) sampled every round
+    config.online.samples_per_prompt = 4  # k
+    # 'ditto' (demonstration > samples, replay, later > earlier round), 'spin' (SFT response >
+    # current sample) or 'ranked' (best > worst of the k samples by online.rank_by).
+    config.online.pairs = "ditto"
+    config.online.ditto_mix = (0.7, 0.2, 0.1)  # DITTO shares: online, replay, intermodel pairs
+    config.online.num_pairs = 0  # pairs per round; 0 -> num_prompts * samples_per_prompt
+    config.online.rank_by = "gold"  # 'gold' (gold task) | 'reward_model' (reward_model_dir)
+    config.online.reward_model_dir = ""  # workdir of a trained reward model (dil_jax.afd)
+    config.online.reward_model_level = "sequence"  # that reward model's level
+    config.online.demo_source = "expert"  # gold task: the demonstrations' response source
+    config.online.match_lengths = True  # cut demonstrations to sampling.max_new_tokens
+    # Reference: 'fixed' (pi_0 throughout), 'hard' (the current policy at each round start,
+    # SPIN / iterative DPO) or 'soft' (TR-DPO: ref <- a*policy + (1-a)*ref every tau steps).
+    config.online.reference = "fixed"
+    config.online.soft_alpha = 0.5  # a
+    config.online.soft_every = 10  # tau, optimiser steps
+    config.online.eval_prompts = 128  # held-out prompts evaluated after every round; 0: none
+    config.online.sampling = ConfigDict()  # the round sampler (dil_jax/afd/rollouts.py)
+    config.online.sampling.temperature = 1.0
+    config.online.sampling.top_p = 1.0
+    config.online.sampling.top_k = 0
+    config.online.sampling.max_new_tokens = 12  # the gold task's response budget
+    config.online.sampling.max_batch = 512  # most sequences in one sampler call
+    config.online.sampling.eos_id = 2  # gold task EOS; real data: the tokenizer's EOS id
+    config.online.sampling.pad_id = 0
 
     # ---- where the initial policy (and the reference) come from ----
     # Resume order: latest checkpoint in the workdir, else init.mode:

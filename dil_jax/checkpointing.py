@@ -116,6 +116,7 @@ def restore_latest(manager: ocp.CheckpointManager, trainer, config):
         step_dir = paths.join(str(manager.directory), str(step))
         meta, damage = _read_checked(step_dir, step, ITEMS)
         if meta is not None:  # another run's checkpoint is refused, whatever else is wrong
+            _refuse_other_base(step_dir, meta, config)
             _refuse_incompatible(step_dir, meta, config)
         if damage is None:
             target = jax.tree.map(_abstract, trainer.abstract_state, trainer.state_sharding)
@@ -300,6 +301,21 @@ def _refuse_incompatible(step_dir: str, meta: Mapping, config) -> None:
             f"refusing to resume from {step_dir}: it was written by an incompatible config ("
             + "; ".join(diffs)
             + "). Use a new --workdir, or restore the original values."
+        )
+
+
+def _refuse_other_base(step_dir: str, meta: Mapping, config) -> None:
+    """CheckpointError when adapters (``config.lora``) were trained on other base weights:
+    the run's config carries ``lora.base_fingerprint`` (``dil_jax.lora.with_base_fingerprint``)."""
+    want = _get(config_to_dict(config), "lora.base_fingerprint")
+    if want is None:
+        return
+    have = _get(meta["config"], "lora.base_fingerprint")
+    if have != want:
+        raise CheckpointError(
+            f"refusing to resume from {step_dir}: lora.base_fingerprint differs (its adapters "
+            f"were trained on base weights {str(have)[:12]}, this run's base, per config.init and "
+            f"config.model, is {want[:12]}). Use a new --workdir, or the original base."
         )
 
 

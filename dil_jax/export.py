@@ -1,7 +1,14 @@
 """Export a run's checkpoint as a Hugging Face model directory.
 
   python -m dil_jax.export --workdir=/tmp/run --out=/tmp/run_hf [--step=N] \
-      [--tokenizer=<dir or hub id>] [--dtype=bfloat16]
+      [--tokenizer=<dir or hub id>] [--dtype=bfloat16] [--adapter]
+
+A LoRA / QLoRA run (``config.lora.enabled``) checkpoints only its adapters. By default they are
+merged into the base (``W + (alpha / r) A B``, a quantised base dequantised first, so the
+export is the model that was trained) and written as a full HF model; ``--adapter`` writes a
+PEFT directory instead (``adapter_config.json``, ``adapter_model.safetensors``) that
+``peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out)`` loads. A
+merged export checks the base it loads against the fingerprint recorded in the checkpoint.
 
 ``--dtype`` defaults to the training dtype (``config.model.param_dtype``, the stored params'):
 a preference run's updates are small (learning rates near 1e-6), and in a lower precision many
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import logging
 import pathlib
 import tempfile
@@ -31,8 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from dil_jax import checkpointing, paths, sharding
-from dil_jax.models import build_model, hf
+from dil_jax import checkpointing, lora, paths, reference, sharding
+from dil_jax.errors import CheckpointError
+from dil_jax.models import build_model, get_family, hf
 from dil_jax.runtime import exit_on_bad_input
 
 
@@ -50,6 +59,7 @@ def export(
     tokenizer: str | None = None,
     dtype: str | None = None,
     max_shard_bytes: int = 2**31,
+    adapter: bool = False,
 ) -> pathlib.Path | str:
     """Write the params of ``workdir``'s latest (or ``step``'s) checkpoint as a HF directory.
 
@@ -62,6 +72,7 @@ def export(
       dtype: storage dtype ('bfloat16', 'float16', 'float32'); default the training dtype
         (``config.model.param_dtype``). Below it, a warning gives the fraction of weights left
         bit-identical to the base.
+      adapter: a LoRA run's adapters as a PEFT directory instead of a merged model.
     """
     meta = read_meta(workdir, step)
     model_cfg = ConfigDict(meta["config"]["model"])
@@ -78,17 +89,40 @@ def export(
         abstract,
         sharding.shardings_from_specs(mesh, specs),
     )
+    settings = lora.settings_from_config(ConfigDict(meta["config"].get("lora", {})))
+    if settings is not None:
+        return _export_lora(
+            meta,
+            settings,
+            module,
+            mesh,
+            target,
+            workdir,
+            out_dir,
+            adapter,
+            dtype,
+            tokenizer or hf_path,
+            max_shard_bytes,
+        )
+    if adapter:
+        raise CheckpointError(
+            f"--adapter: {workdir} is not a LoRA run (its config.lora.enabled is false)"
+        )
     params = checkpointing.load_params(workdir, target, meta["step"])
     stored = np.dtype(jax.tree.leaves(params)[0].dtype)
     dtype = dtype or model_cfg.get("param_dtype") or stored.name
     if np.dtype(jnp.dtype(dtype)).itemsize < stored.itemsize:
         _warn_unchanged(meta["config"], workdir, target, params, module, dtype, stored)
+    return _write(params, model_cfg, module, out_dir, tokenizer or hf_path, dtype, max_shard_bytes)
+
+
+def _write(params, model_cfg, module, out_dir, tokenizer, dtype, max_shard_bytes):
     save = functools.partial(
         hf.save_pretrained,
         params,
         model_cfg.family,
         module.config,
-        tokenizer_dir=tokenizer or hf_path,
+        tokenizer_dir=tokenizer,
         dtype=dtype,
         max_shard_bytes=max_shard_bytes,
     )
@@ -102,6 +136,68 @@ def export(
                 if file.is_file():
                     rel = file.relative_to(local).as_posix()
                     paths.write_atomic(paths.join(out_dir, rel), file.read_bytes())
+    return out_dir
+
+
+def _export_lora(
+    meta, settings, module, mesh, target, workdir, out_dir, adapter, dtype, tokenizer, shard
+):
+    """A LoRA run's export: its adapters merged into the base, or (``adapter``) PEFT files."""
+    model_cfg = ConfigDict(meta["config"]["model"])
+    family = get_family(model_cfg.family)
+    adapted = lora.setup(settings, module, family, mesh)
+    abstract = jax.eval_shape(lambda: lora.init_adapters(adapted.plan, jax.random.key(0)))
+    specs = sharding.match_partition_rules(adapted.adapter_rules, abstract, mesh)
+    ad_target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract,
+        sharding.shardings_from_specs(mesh, specs),
+    )
+    adapters = checkpointing.load_params(workdir, ad_target, meta["step"])
+    dtype = dtype or model_cfg.get("param_dtype") or "float32"
+    if adapter:
+        tensors, targets, fan_in_fan_out = lora.peft_adapter(
+            adapted.plan,
+            adapters,
+            family,
+            module.config,
+            model_cfg.get("scan_layers", True),
+            np.dtype(jnp.dtype(dtype)),
+        )
+        config = lora.peft_config(settings, targets, fan_in_fan_out, model_cfg.get("hf_path") or "")
+        return _write_peft(out_dir, tensors, config)
+    base = base_params(meta["config"], workdir, target, module)
+    if base is None:
+        raise CheckpointError(
+            f"{workdir}: the run's base weights (config.init.mode="
+            f"{meta['config'].get('init', {}).get('mode')!r}) are not on disk to merge into; "
+            "export the adapters alone with --adapter"
+        )
+    base_sharding = sharding.shardings_from_specs(mesh, adapted.base_specs)
+    base = jax.jit(lambda p: lora.quantize_base(adapted.plan, p), out_shardings=base_sharding)(base)
+    recorded = meta["config"].get("lora", {}).get("base_fingerprint")
+    if recorded is not None and recorded != reference.params_fingerprint(base):
+        raise CheckpointError(
+            f"{workdir}: lora.base_fingerprint differs: the base loaded per config.init is not "
+            "the one the adapters were trained on"
+        )
+    merged = jax.jit(lambda b, a: lora.merge_adapters(adapted.plan, b, a, jnp.dtype(dtype)))(
+        base, adapters
+    )
+    return _write(merged, model_cfg, module, out_dir, tokenizer, dtype, shard)
+
+
+def _write_peft(out_dir, tensors, config) -> pathlib.Path | str:
+    from safetensors.numpy import save_file  # noqa: PLC0415
+
+    if jax.process_index() != 0:
+        return out_dir
+    with tempfile.TemporaryDirectory(prefix="dil_jax-peft-") as tmp:
+        save_file(tensors, str(pathlib.Path(tmp) / "adapter_model.safetensors"))
+        (pathlib.Path(tmp) / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            data = (pathlib.Path(tmp) / name).read_bytes()
+            paths.write_atomic(paths.join(out_dir, name), data)
     return out_dir
 
 
@@ -191,6 +287,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         "left bit-identical to the base)",
     )
     parser.add_argument("--max_shard_bytes", type=int, default=2**31)
+    parser.add_argument(
+        "--adapter",
+        action="store_true",
+        help="LoRA runs: write the adapters as a PEFT directory (default: merged into the base)",
+    )
     args = parser.parse_args(argv)
     out = export(
         args.workdir,
@@ -199,6 +300,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         tokenizer=args.tokenizer,
         dtype=args.dtype,
         max_shard_bytes=args.max_shard_bytes,
+        adapter=args.adapter,
     )
     if jax.process_index() == 0:
         print(f"wrote {out}")

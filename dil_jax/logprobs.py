@@ -46,6 +46,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from dil_jax.models import blocks
+
 Array = jax.Array
 
 
@@ -76,6 +78,16 @@ def _project(h: Array, w: Array) -> Array:
     return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
 
 
+def _masked_sum(x: Array, mask: Array, segments: Array | None, num_segments: int, axes) -> Array:
+    """Σ of x where mask over `axes`; with `segments` (same shape, −1 = none) one sum per
+    segment id in [0, num_segments), as a new last axis (a one-hot contraction, float32)."""
+    x = jnp.where(mask, x.astype(jnp.float32), 0.0)
+    if segments is None:
+        return jnp.sum(x, axis=axes)
+    onehot = (segments[..., None] == jnp.arange(num_segments)).astype(jnp.float32)  # [..., S]
+    return jnp.sum(x[..., None] * onehot, axis=axes)
+
+
 def naive_response_logprobs(
     hidden: Array,
     lm_head: Array,
@@ -85,6 +97,8 @@ def naive_response_logprobs(
     seq_chunk: int | None = None,
     vocab_chunk: int | None = None,
     logit_softcap: float | None = None,
+    segments: Array | None = None,
+    num_segments: int = 0,
 ) -> ResponseLogprobs:
     """Reference implementation: materialises the full float32 logits `[..., T−1, V]`.
 
@@ -93,14 +107,16 @@ def naive_response_logprobs(
     """
     del seq_chunk, vocab_chunk
     h, targets, mask = _shift(hidden, input_ids, loss_mask)
+    seg = None if segments is None else segments[..., 1:]  # [..., T-1], aligned with targets
     logits = _softcap(_project(h, lm_head), logit_softcap)  # [..., T-1, V] f32
     logp = jax.nn.log_softmax(logits, axis=-1)  # [..., T-1, V]
     token_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [..., T-1]
     mean_logit = lax.stop_gradient(jnp.mean(logits, axis=-1))  # [..., T-1]
+    ax = -2 if seg is not None else -1  # the token axis (before a segment axis)
     return ResponseLogprobs(
-        sum_logps=jnp.sum(jnp.where(mask, token_logp, 0.0), axis=-1),
-        n_tokens=jnp.sum(mask, axis=-1, dtype=jnp.float32),
-        sum_mean_logits=jnp.sum(jnp.where(mask, mean_logit, 0.0), axis=-1),
+        sum_logps=_masked_sum(token_logp, mask, seg, num_segments, ax),
+        n_tokens=_masked_sum(jnp.ones_like(token_logp), mask, seg, num_segments, ax),
+        sum_mean_logits=_masked_sum(mean_logit, mask, seg, num_segments, ax),
     )
 
 
@@ -246,6 +262,8 @@ def response_logprobs(
     seq_chunk: int | None = None,
     vocab_chunk: int | None = None,
     logit_softcap: float | None = None,
+    segments: Array | None = None,
+    num_segments: int = 0,
 ) -> ResponseLogprobs:
     """Sums of response-token log-probs, chunked over sequence and/or vocabulary.
 
@@ -264,14 +282,24 @@ def response_logprobs(
       seq_chunk: token positions per chunk, over all leading dims at once (None: one chunk).
       vocab_chunk: vocabulary entries per online log-sum-exp step (None: whole vocabulary).
       logit_softcap: Gemma-2 style `cap·tanh(logits/cap)` before the log-softmax, if given.
+      segments: optional [..., T] int: packed rows, one sum per segment id in
+        [0, num_segments) instead of one per row (token t counts for `segments[t]`; −1: none).
+      num_segments: S, the number of sums per row with `segments`.
 
     Returns:
-      `ResponseLogprobs`, each field shaped like `input_ids.shape[:-1]`, float32. With neither
-      chunk size set this is `naive_response_logprobs` (plain autodiff, full logits).
+      `ResponseLogprobs`, each field shaped like `input_ids.shape[:-1]` (`+ (S,)` with
+      `segments`), float32. With neither chunk size set this is `naive_response_logprobs`
+      (plain autodiff, full logits).
     """
     if seq_chunk is None and vocab_chunk is None:
         return naive_response_logprobs(
-            hidden, lm_head, input_ids, loss_mask, logit_softcap=logit_softcap
+            hidden,
+            lm_head,
+            input_ids,
+            loss_mask,
+            logit_softcap=logit_softcap,
+            segments=segments,
+            num_segments=num_segments,
         )
     h, targets, mask = _shift(hidden, input_ids, loss_mask)
     lead = h.shape[:-2]
@@ -296,7 +324,9 @@ def response_logprobs(
     )
     token_logp, logit_sum = _token_logps(to_chunks(h), lm_head, to_chunks(targets), cfg)
     mask_chunks = to_chunks(mask)  # [nC, M, C]
-    sum_logps = jnp.sum(jnp.where(mask_chunks, token_logp, 0.0), axis=(0, 2))  # [M]
+    seg = None if segments is None else segments[..., 1:].reshape(m, t)  # [M, T-1]
+    seg_chunks = None if seg is None else to_chunks(seg)  # [nC, M, C]
+    sum_logps = _masked_sum(token_logp, mask_chunks, seg_chunks, num_segments, (0, 2))  # [M(,S)]
 
     if logit_softcap is None:
         # Without a softcap the mean logit is linear in h: mean_v(h·W) = h·(Σ_v W)/V.
@@ -304,34 +334,49 @@ def response_logprobs(
         mean_logit = jnp.einsum(
             "mtd,d->mt", lax.stop_gradient(h).astype(jnp.float32), w_mean
         )  # [M, T-1]
-        sum_mean_logits = jnp.sum(jnp.where(mask, mean_logit, 0.0), axis=-1)  # [M]
+        sum_mean_logits = _masked_sum(mean_logit, mask, seg, num_segments, 1)  # [M(, S)]
     else:
         logit_sum = lax.stop_gradient(logit_sum)  # [nC, M, C]
-        sum_mean_logits = jnp.sum(jnp.where(mask_chunks, logit_sum, 0.0), axis=(0, 2)) / v
+        sum_mean_logits = _masked_sum(logit_sum, mask_chunks, seg_chunks, num_segments, (0, 2)) / v
+    out = lead if segments is None else (*lead, num_segments)
     return ResponseLogprobs(
-        sum_logps=sum_logps.reshape(lead),
-        n_tokens=jnp.sum(mask, axis=-1, dtype=jnp.float32).reshape(lead),
-        sum_mean_logits=sum_mean_logits.reshape(lead),
+        sum_logps=sum_logps.reshape(out),
+        n_tokens=_masked_sum(jnp.ones(mask.shape), mask, seg, num_segments, 1).reshape(out),
+        sum_mean_logits=sum_mean_logits.reshape(out),
     )
 
 
 def sequence_logps(
     model, family, params, batch, *, seq_chunk: int = 0, vocab_chunk: int = 0
 ) -> ResponseLogprobs:
-    """Response log-probs of every sequence of a ``[B, N, T]`` batch in one forward pass."""
-    ids = batch["input_ids"]  # [B, N, T]
-    b, n, t = ids.shape
-    # Packed rows: per-example segments (attention stays inside one) and restarting positions.
-    packed = {k: batch[k].reshape(b * n, t) for k in ("segment_ids", "positions") if k in batch}
+    """Response log-probs of every sequence of a batch in one forward pass.
+
+    Bucketed batches are ``[B, N, T]`` (one example per row) and give ``[B, N]`` sums. Packed
+    and prefix-shared batches (``dil_jax.data.batching``) hold ``S`` example slots per row,
+    ``[B, R, T]`` tokens (R = N packed, 1 prefix-shared) with ``pair_index`` naming the
+    (slot, response) each token scores for; their sums come back per example, ``[B·S, N]``
+    (empty slots: zeros; ``slot_mask [B, S, N]`` says which are real).
+    """
+    ids = batch["input_ids"]  # [B, R, T]
+    b, r, t = ids.shape
+    flat = {k: batch[k].reshape(b * r, t) for k in ("segment_ids", "positions") if k in batch}
+    if "branch_ids" in batch:  # prefix sharing: branch masks and position-measured windows
+        flat["segment_ids"] = blocks.Segments(
+            flat["segment_ids"], batch["branch_ids"].reshape(b * r, t), flat["positions"]
+        )
     hidden, _ = model.apply(
         {"params": params},
-        ids.reshape(b * n, t),
-        batch["attention_mask"].reshape(b * n, t),
+        ids.reshape(b * r, t),
+        batch["attention_mask"].reshape(b * r, t),
         output="hidden",
-        **packed,
+        **flat,
     )
-    hidden = hidden.reshape(b, n, t, -1)  # [B, N, T, D]
-    return response_logprobs(
+    hidden = hidden.reshape(b, r, t, -1)  # [B, R, T, D]
+    segments = {}
+    if "pair_index" in batch:
+        slots, num = batch["slot_mask"].shape[1:]  # S, N
+        segments = {"segments": batch["pair_index"], "num_segments": slots * num}
+    out = response_logprobs(
         hidden,
         family.lm_head_kernel(params).astype(hidden.dtype),
         ids,
@@ -339,4 +384,9 @@ def sequence_logps(
         seq_chunk=seq_chunk or None,
         vocab_chunk=vocab_chunk or None,
         logit_softcap=getattr(model, "logit_softcap", None),
+        **segments,
     )
+    if not segments:
+        return out
+    # [B, R, S·N] -> per example [B·S, N]: a row's R sequences hold disjoint segments.
+    return ResponseLogprobs(*(x.sum(axis=1).reshape(b * slots, -1) for x in out))

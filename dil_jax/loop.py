@@ -19,7 +19,11 @@ and what must match to resume. This module owns everything around the step, once
 
 The loop fetches each step's finiteness flag one step late (after the next step is
 dispatched), so checking every step does not serialise the device; at a checkpoint the flag of
-the step being saved is read first.
+the step being saved is read first. Logged metrics are fetched the same way: a logged step's
+record is written after the next step is dispatched (``log_every=1`` keeps the device busy),
+except at a checkpoint or the last step. Each record carries ``tokens_per_second`` (real,
+non-padding tokens) and, for tasks that count their FLOPs (``Task``), ``flops_per_second`` and
+``mfu`` (model FLOPs utilisation against ``dil_jax.flops.device_peak``).
 """
 
 from __future__ import annotations
@@ -274,6 +278,8 @@ class Task(Protocol):
     state_sharding: Any  # TrainState of NamedShardings
     replicated: Any
     trace_count: int
+    # Optional, for `mfu` in the metrics: `step_flops(host batch) -> model FLOPs of the step`
+    # (dil_jax.flops, computed on the host) and `peak_flops() -> FLOP/s of all devices`.
 
 
 # (state, host batch, 1-based step) -> (state, device metrics); jitted inside (counted_jit,
@@ -447,7 +453,38 @@ def _run_locked(
     last, eval_metrics = {}, {}
     pending = None  # (step, device metrics) whose finiteness is not yet checked
     consecutive_skips = 0
-    tick, tokens = time.perf_counter(), 0.0
+    tick, tokens, flops = time.perf_counter(), 0.0, 0.0
+    step_flops = getattr(task, "step_flops", None)
+    peak = task.peak_flops() if step_flops is not None else None
+    to_log = None  # (step, device metrics, tokens, flops): written after the next dispatch
+
+    def write_log(step, metrics, host, step_tokens, step_flops_sum) -> None:
+        """Writes the record of logged ``step``; rates cover the steps since the last record."""
+        nonlocal last, tick, tokens, flops
+        host = {k: v for k, v in host.items() if k not in ("finite", "nonfinite_param")}
+        elapsed = max(time.perf_counter() - tick, 1e-9)
+        host["tokens_per_second"] = step_tokens / elapsed
+        if step_flops is not None:
+            host["flops_per_second"] = step_flops_sum / elapsed
+            host["mfu"] = step_flops_sum / elapsed / peak
+        if schedule is not None:
+            host["lr"] = float(schedule(step - 1))
+        if on_log is not None:
+            host.update(on_log(host, step))
+        writer.write(step, host)
+        last = host
+        tick, tokens, flops = time.perf_counter(), tokens - step_tokens, flops - step_flops_sum
+        if bar is not None and "loss" in host:
+            bar.set_postfix(loss=f"{host['loss']:.4f}")
+
+    def flush_log() -> None:
+        nonlocal to_log
+        if to_log is not None:
+            step, metrics, step_tokens, step_flops_sum = to_log
+            to_log = None
+            settle(step, metrics)
+            host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            write_log(step, metrics, host, step_tokens, step_flops_sum)
 
     def settle(step, metrics) -> None:
         """The finiteness policy for ``step`` (reads one scalar when the step is finite)."""
@@ -483,6 +520,8 @@ def _run_locked(
                 state, metrics = step_fn(state, batch, step)
                 if "attention_mask" in batch:
                     tokens += float(np.sum(batch["attention_mask"]))
+                if step_flops is not None:
+                    flops += step_flops(batch)
                 log_now = step % settings.log_every == 0 or step == end
                 if jax.process_count() == 1:
                     stop = _STOP.is_set()
@@ -493,32 +532,23 @@ def _run_locked(
                 if pending is not None:
                     settle(*pending)  # the previous step, now certainly done
                     pending = None
-                if log_now or save_now or check is not None:
+                flush_log()  # the previous logged step, fetched while this one runs
+                if save_now or check is not None:
                     settle(step, metrics)
                     host = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     if check is not None:
                         check(host, step, ckpt)
                     if log_now:
-                        host = {
-                            k: v for k, v in host.items() if k not in ("finite", "nonfinite_param")
-                        }
-                        elapsed = time.perf_counter() - tick
-                        host["tokens_per_second"] = tokens / max(elapsed, 1e-9)
-                        if schedule is not None:
-                            host["lr"] = float(schedule(step - 1))
-                        if on_log is not None:
-                            host.update(on_log(host, step))
-                        writer.write(step, host)
-                        last = host
-                        tick, tokens = time.perf_counter(), 0.0
-                        if bar is not None and "loss" in host:
-                            bar.set_postfix(loss=f"{host['loss']:.4f}")
+                        write_log(step, metrics, host, tokens, flops)
+                elif log_now:
+                    to_log = (step, metrics, tokens, flops)
                 else:
                     pending = (step, metrics)
                 if bar is not None:
                     bar.update(1)
                 final = step == settings.steps  # the finished run is always evaluated
                 if settings.eval_every and (step % settings.eval_every == 0 or final) and evaluate:
+                    flush_log()  # the step's record before its evaluation's
                     eval_metrics = evaluate(state)
                     writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
                 if save_now:
@@ -531,6 +561,7 @@ def _run_locked(
                     raise mark_preempted(workdir, step)
             if pending is not None:
                 settle(*pending)
+            flush_log()
     finally:
         ckpt.wait_until_finished()
         ckpt.close()

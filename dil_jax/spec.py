@@ -206,6 +206,7 @@ class ModelSpec(Section):
     remat: bool = False
     scan_layers: bool = True
     hf_path: str | None = None
+    attention: str = "auto"  # the attention kernel (models/blocks.ATTENTION_IMPLEMENTATIONS)
     # generic architecture fields (family-independent names); None: not given
     vocab_size: int | None = None
     hidden_size: int | None = None
@@ -289,6 +290,7 @@ class DataSpec(Section):
     packing: bool
     cache_dir: str
     num_proc: int
+    prefix_sharing: bool = False  # [prompt | chosen | rejected] rows (data/batching.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,6 +319,23 @@ class ReferenceSpec(Section):
     mode: str
     cache_dir: str
     batch_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec(Section):
+    """``config.lora`` (values checked by ``dil_jax.lora.settings_from_config``)."""
+
+    enabled: bool = False
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple = ()
+    quantize: str = "none"
+    quant_block_size: int = 64
+    base_fingerprint: str | None = None  # set by a LoRA run (the base it trains on)
+
+    def get(self, key: str, default=None):
+        return getattr(self, key, default)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -518,6 +537,7 @@ class RunSpec(Section):
     eval: EvalSpec
     init: InitSpec
     afd: AfdSpec | None = None  # the AfD pipeline's sections; None for a preference run
+    lora: LoraSpec = dataclasses.field(default_factory=LoraSpec)  # adapters (dil_jax/lora.py)
     # Derived once: the validated loss terms (objectives.LossTerm) and the resolved config's
     # plain-dict form (checkpoint metadata, the resume check).
     terms: tuple = dataclasses.field(default=(), compare=False)
@@ -547,7 +567,8 @@ _SECTIONS = {
 def _freeze_run(config, field: str = "config") -> RunSpec:
     """A resolved ``ConfigDict`` -> :class:`RunSpec` (types checked, values not yet)."""
     top = set(config.keys())
-    known = {"seed", "model", "init", "afd", *_SECTIONS}
+    # 'online': the iterative loop's section, read by dil_jax.online.iterative.online_spec.
+    known = {"seed", "model", "init", "afd", "lora", "online", *_SECTIONS}
     unknown = sorted(top - known)
     if unknown:
         raise ConfigError(f"{field}.{unknown[0]}: not a section of a run config ({sorted(known)})")
@@ -567,7 +588,11 @@ def _freeze_run(config, field: str = "config") -> RunSpec:
     afd = None
     if config.get("afd") is not None:
         afd = AfdSpec.from_config(config.afd, f"{field}.afd")
+    lora = LoraSpec()
+    if config.get("lora") is not None:
+        lora = freeze_section(LoraSpec, config.lora, f"{field}.lora")
     return RunSpec(
+        lora=lora,
         seed=int(config.seed),
         model=ModelSpec.from_config(config.model, f"{field}.model"),
         init=init,

@@ -26,8 +26,10 @@ from jax.sharding import PartitionSpec as P
 from dil_jax import (
     checkpointing,
     evaluate,
+    flops,
     logprobs,
     loop,
+    lora,
     objectives,
     paths,
     progress,
@@ -44,7 +46,8 @@ from dil_jax.loop import TrainState
 from dil_jax.metrics import WandbSettings
 from dil_jax.models import build_model, hf, max_positions
 
-# Batch keys the step reads; segment_ids/positions [B, N, T] come with packed data, labels [B]
+# Batch keys the step reads; segment_ids/positions/pair_index [B, R, T] and slot_mask [B, S, N]
+# come with packed and prefix-shared data (branch_ids [B, 1, T] with the latter), labels [B]
 # with KTO's unpaired data (1 desirable, 0 undesirable).
 STEP_KEYS = (
     "input_ids",
@@ -53,8 +56,18 @@ STEP_KEYS = (
     "ref_logps",
     "segment_ids",
     "positions",
+    "pair_index",
+    "slot_mask",
+    "branch_ids",
     "labels",
 )
+
+
+def num_examples(batch) -> jax.Array | int:
+    """Examples in a batch: its rows, or the real slots of a packed / prefix-shared batch."""
+    if "slot_mask" in batch:
+        return jnp.sum(batch["slot_mask"][..., 0], dtype=jnp.float32)
+    return batch["input_ids"].shape[0]
 
 
 def make_optimizer(optim_cfg, total_steps: int):
@@ -78,20 +91,37 @@ def make_optimizer(optim_cfg, total_steps: int):
 
 
 def _pair_stats(
-    model, family, params, batch, ref_params, *, terms, chunks, diagnostics: bool = False
+    model,
+    family,
+    params,
+    batch,
+    ref_params,
+    *,
+    terms,
+    chunks,
+    diagnostics: bool = False,
+    adapters: bool = False,
+    dropout_rng=None,
 ):
     """Policy (and reference) statistics of a batch -> per-example losses [B] and metrics.
+
+    With ``adapters`` (LoRA, ``dil_jax.lora``), ``params`` are the adapters and ``ref_params``
+    the frozen base: the policy is their combination, the reference the base alone (the adapter
+    path off), and ``dropout_rng`` (when given) drives the adapters' dropout.
 
     With ``diagnostics`` (``config.train.diagnostics``), a reference and N >= 2 responses, the
     density-ratio diagnostics of the batch (``dil_jax.diagnostics``) join the metrics: their
     ``[B]`` arrays as they are, their batch scalars broadcast to ``[B]`` so that the step's
     average over rows returns them (under accumulation: their mean over micro-batches).
     """
-    pol = logprobs.sequence_logps(model, family, params, batch, **chunks)
+    policy_model = model if dropout_rng is None else model.with_dropout_rng(dropout_rng)
+    if adapters:
+        params = lora.combine(ref_params, params)
+    pol = logprobs.sequence_logps(policy_model, family, params, batch, **chunks)  # [B(·S), N]
     reference = None
     if objectives.needs_reference(terms):
         if "ref_logps" in batch:  # precomputed once, cached on disk
-            reference = batch["ref_logps"].astype(jnp.float32)
+            reference = batch["ref_logps"].astype(jnp.float32).reshape(pol.sum_logps.shape)
         else:  # frozen reference evaluated in the step; never differentiated
             ref = logprobs.sequence_logps(
                 model, family, jax.lax.stop_gradient(ref_params), batch, **chunks
@@ -115,6 +145,10 @@ def _pair_stats(
         rows = losses.shape[0]
         diag = density_ratio_diagnostics(terms, seqs)  # scalars and [B] arrays
         metrics.update({k: jnp.broadcast_to(v, (rows,)) for k, v in diag.items()})
+    if "slot_mask" in batch:  # packed / prefix-shared: empty slots count for nothing
+        real = batch["slot_mask"][..., 0].reshape(-1).astype(jnp.float32)  # [B·S]
+        losses = losses * real
+        metrics = {k: v * real for k, v in metrics.items()}
     return losses, metrics, jnp.sum(pol.n_tokens)
 
 
@@ -140,6 +174,8 @@ def train_step(
     accum_steps,
     chunks,
     diagnostics: bool = False,
+    adapters: bool = False,
+    dropout_seed: int | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimiser update on a global batch, accumulating gradients over micro-batches.
 
@@ -150,12 +186,18 @@ def train_step(
       ref_params: frozen reference parameters (ignored when ``ref_logps`` is given or no loss
         term needs a reference).
       diagnostics: add the density-ratio diagnostics to the metrics (see ``_pair_stats``).
+      adapters: ``state.params`` are LoRA adapters on the base ``ref_params`` (``_pair_stats``);
+      dropout_seed: with adapters, adapter dropout keyed by (seed, step, micro-batch).
     Returns:
       The updated state and scalar float32 metrics (docs/objectives.md §5 names).
     """
-    global_batch = batch["input_ids"].shape[0]
+    global_batch = num_examples(batch)  # rows, or real examples of packed rows
 
-    def micro_loss(params, micro):
+    def micro_loss(params, micro, index=0):
+        rng = None
+        if dropout_seed is not None:
+            rng = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
+            rng = jax.random.fold_in(rng, index)
         losses, metrics, n_tok = _pair_stats(
             model,
             family,
@@ -165,6 +207,8 @@ def train_step(
             terms=terms,
             chunks=chunks,
             diagnostics=diagnostics,
+            adapters=adapters,
+            dropout_rng=rng,
         )
         # Sum over this micro-batch, normalised by the global batch: exact under accumulation.
         loss = jnp.sum(losses) / global_batch
@@ -173,9 +217,10 @@ def train_step(
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
-    def accumulate(carry, micro):
+    def accumulate(carry, xs):
+        micro, index = xs
         grads, loss, sums, n_tok = carry
-        (l, (s, n)), g = grad_fn(state.params, micro)
+        (l, (s, n)), g = grad_fn(state.params, micro, index)
         grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
         sums = jax.tree.map(jnp.add, sums, s)
         return (grads, loss + l, sums, n_tok + n), None
@@ -186,7 +231,8 @@ def train_step(
     metric_shapes = jax.eval_shape(micro_loss, state.params, first)[1][0]
     zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), metric_shapes)
     init = (zero_grads, jnp.float32(0), zero_sums, jnp.float32(0))
-    (grads, loss, sums, n_tok), _ = jax.lax.scan(accumulate, init, micro)
+    xs = (micro, jnp.arange(accum_steps))
+    (grads, loss, sums, n_tok), _ = jax.lax.scan(accumulate, init, xs)
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = loop.cast_like(optax.apply_updates(state.params, updates), state.params)
@@ -201,12 +247,15 @@ def train_step(
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params, batch, ref_params, *, model, family, terms, chunks) -> dict[str, jax.Array]:
+def eval_step(
+    params, batch, ref_params, *, model, family, terms, chunks, adapters: bool = False
+) -> dict[str, jax.Array]:
     """Loss and reward metrics on a held-out batch, means over its examples."""
     losses, metrics, _ = _pair_stats(
-        model, family, params, batch, ref_params, terms=terms, chunks=chunks
+        model, family, params, batch, ref_params, terms=terms, chunks=chunks, adapters=adapters
     )
-    return dict({k: jnp.mean(v) for k, v in metrics.items()}, loss=jnp.mean(losses))
+    count = num_examples(batch)
+    return dict({k: jnp.sum(v) / count for k, v in metrics.items()}, loss=jnp.sum(losses) / count)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -225,6 +274,13 @@ class Trainer:
         self.config = config
         self.mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh.shape)
         self.model, self.family = build_model(config.model)
+        # LoRA: the state holds the adapters; the frozen (maybe quantised) base is the step's
+        # ref_params in every reference mode (dil_jax/lora.py).
+        self.adapted = None
+        lora_settings = lora.settings_from_config(config.lora)
+        if lora_settings is not None:
+            self.adapted = lora.setup(lora_settings, self.model, self.family, self.mesh)
+            self.model = self.adapted.model
         self.terms = config.terms
         self.needs_reference = objectives.needs_reference(self.terms)
         self.layout = objectives.data_layout(self.terms)  # 'single' | 'pair' | 'list' | 'unpaired'
@@ -243,18 +299,37 @@ class Trainer:
             "vocab_chunk": config.logprobs.vocab_chunk,
         }
         self.abstract_state = jax.eval_shape(self._init_state, jax.random.key(0))
-        specs = sharding.match_partition_rules(
-            self.family.partition_rules(), self.abstract_state, self.mesh
+        rules = (
+            self.family.partition_rules() if self.adapted is None else self.adapted.adapter_rules
         )
+        specs = sharding.match_partition_rules(rules, self.abstract_state, self.mesh)
         self.state_sharding = sharding.shardings_from_specs(self.mesh, specs)
         self.params_sharding = self.state_sharding.params
+        # The full-precision model's params (checkpoint and HF restore target) and, with
+        # adapters, the base as the step holds it (quantised under QLoRA).
+        self._full_abstract, self.full_params_sharding = (
+            self.abstract_state.params,
+            self.params_sharding,
+        )
+        self.base_sharding = None
+        if self.adapted is not None:
+            self._full_abstract = jax.eval_shape(self.init_params, jax.random.key(0))
+            full_specs = sharding.match_partition_rules(
+                self.family.partition_rules(), self._full_abstract, self.mesh
+            )
+            self.full_params_sharding = sharding.shardings_from_specs(self.mesh, full_specs)
+            self.base_sharding = sharding.shardings_from_specs(self.mesh, self.adapted.base_specs)
         self.replicated = NamedSharding(self.mesh, P())
         self.trace_count = 0  # recompile guard: incremented each time the step is traced
+        self._n_matmul = None  # matmul parameters, for step_flops
         self._train_step = None
         self._eval_step = None
 
     def _init_state(self, rng) -> TrainState:
-        params = self.init_params(rng)
+        if self.adapted is None:
+            params = self.init_params(rng)
+        else:  # fresh adapters (B = 0: the policy starts as the base)
+            params = lora.init_adapters(self.adapted.plan, rng)
         return TrainState(
             step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params)
         )
@@ -267,9 +342,18 @@ class Trainer:
         """ShapeDtypeStructs with shardings: the restore target for checkpoints and HF weights."""
         return jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            self.abstract_state.params,
-            self.params_sharding,
+            self._full_abstract,
+            self.full_params_sharding,
         )
+
+    def base_params(self, params):
+        """The step's frozen base from full params: quantised per ``config.lora`` (sharded);
+        params already quantised (loaded with ``lora.quantizer``) are returned as they are."""
+        plan = self.adapted.plan
+        if not plan.quantized or plan.quantized[0] not in lora.flat(params):
+            return params
+        fn = jax.jit(lambda p: lora.quantize_base(plan, p), out_shardings=self.base_sharding)
+        return fn(params)
 
     def init_state(self, seed: int, params=None) -> TrainState:
         """Sharded initial state, never materialised on one device (jit with out_shardings)."""
@@ -284,6 +368,32 @@ class Trainer:
         opt_init = jax.jit(self.tx.init, out_shardings=self.state_sharding.opt_state)
         step = jax.device_put(jnp.zeros((), jnp.int32), self.replicated)
         return TrainState(step=step, params=params, opt_state=opt_init(params))
+
+    def step_flops(self, batch) -> float:
+        """Model FLOPs of a train step on host ``batch`` (``dil_jax.flops``: real tokens,
+        attention at the layout's mask density; policy forward + backward, and the inline
+        reference's forward)."""
+        if self._n_matmul is None:
+            m = self.model.config
+            self._n_matmul = flops.matmul_params(
+                self.abstract_state.params,
+                tied_embeddings=bool(m.tie_word_embeddings),
+                vocab_size=m.vocab_size,
+                hidden_size=m.hidden_size,
+            )
+        m = self.model.config
+        return flops.batch_flops(
+            batch,
+            n_matmul=self._n_matmul,
+            layers=m.num_hidden_layers,
+            heads=m.num_attention_heads,
+            head_dim=m.head_dim,
+            passes=3 + int(self.reference_inline),
+        )
+
+    def peak_flops(self) -> float:
+        """Peak FLOP/s of this run's devices in its compute dtype (measured once on CPU)."""
+        return flops.device_peak(str(self.config.model.dtype))[0]
 
     def batch_sharding(self, batch):
         return {
@@ -307,6 +417,8 @@ class Trainer:
                 accum_steps=self.config.optim.grad_accum_steps,
                 chunks=self.chunks,
                 diagnostics=self.diagnostics,
+                adapters=self.adapted is not None,
+                dropout_seed=self._dropout_seed,
             )
 
             self._train_step = loop.counted_jit(
@@ -327,6 +439,7 @@ class Trainer:
                 family=self.family,
                 terms=self.terms,
                 chunks=self.chunks,
+                adapters=self.adapted is not None,
             )
             self._eval_step = jax.jit(
                 step,
@@ -337,7 +450,19 @@ class Trainer:
 
     @property
     def _ref_sharding(self):
+        if self.adapted is not None:  # the base enters every step
+            return self.base_sharding
         return self.params_sharding if self.reference_inline else None
+
+    @property
+    def _dropout_seed(self) -> int | None:
+        if self.adapted is None or self.adapted.plan.settings.dropout == 0:
+            return None
+        return int(self.config.seed)
+
+    def policy_params(self, params, base):
+        """The policy's full params tree: ``params`` itself, or base and adapters combined."""
+        return params if self.adapted is None else lora.combine(base, params)
 
     def run_step(self, state, batch, ref_params):
         with jax.set_mesh(self.mesh):
@@ -453,6 +578,11 @@ def train_stage(config, workdir: str, *, mesh=None, max_steps: int | None = None
 
     init_params = _initial_params(trainer, workdir)  # the reference, and the policy's start
     ref_params = init_params if trainer.reference_inline else None
+    resume_config = cfg
+    if trainer.adapted is not None:  # the frozen base: the step's ref_params in every mode
+        init_params = trainer.base_params(init_params)
+        ref_params = init_params
+        resume_config = lora.with_base_fingerprint(cfg, init_params)
     if trainer.needs_reference and not trainer.reference_inline:
 
         def add_reference(arrays):
@@ -473,11 +603,16 @@ def train_stage(config, workdir: str, *, mesh=None, max_steps: int | None = None
     # With a precomputed reference (and no gold evaluation) the initial params are needed only
     # to start the policy, which takes its own copy: drop them then, not after the loop (one
     # model's worth of host/device memory, 0.5 GB for a 135M model in float32).
-    keep_init = trainer.reference_inline or (task is not None and bool(cfg.eval.gold_prompts))
+    keep_init = (
+        trainer.reference_inline
+        or trainer.adapted is not None
+        or (task is not None and bool(cfg.eval.gold_prompts))
+    )
 
     def init_state():
         nonlocal init_params
-        state = trainer.init_state(cfg.seed, params=init_params)
+        start = None if trainer.adapted is not None else init_params  # fresh adapters
+        state = trainer.init_state(cfg.seed, params=start)
         if not keep_init:
             init_params = None
         return state
@@ -492,7 +627,7 @@ def train_stage(config, workdir: str, *, mesh=None, max_steps: int | None = None
         data=train_iter,
         step_fn=_log_memory_once(trainer, ref_params),
         init_state=init_state,
-        resume_config=cfg,
+        resume_config=resume_config,
         max_steps=max_steps,
         evaluate=run_eval if eval_data else None,
         schedule=trainer.schedule,
@@ -501,7 +636,8 @@ def train_stage(config, workdir: str, *, mesh=None, max_steps: int | None = None
     state = result.state
     summary = {"step": result.step, "train": result.train, "eval": result.eval, "workdir": workdir}
     if result.step >= cfg.train.steps and task is not None and cfg.eval.gold_prompts:
-        summary["gold"] = evaluate.gold_evaluation(trainer, task, state.params, init_params, cfg)
+        policy = trainer.policy_params(state.params, init_params)
+        summary["gold"] = evaluate.gold_evaluation(trainer, task, policy, init_params, cfg)
         if jax.process_index() == 0:
             paths.write_atomic(
                 paths.join(workdir, "gold_eval.json"), json.dumps(summary["gold"], indent=2)
@@ -514,20 +650,26 @@ def _initial_params(trainer: Trainer, workdir: str):
     """The run's starting policy params (also the frozen reference), per ``config.init``."""
     init = trainer.config.init
     if init.mode == "scratch":
-        return jax.jit(trainer.init_params, out_shardings=trainer.params_sharding)(
+        return jax.jit(trainer.init_params, out_shardings=trainer.full_params_sharding)(
             jax.random.key(trainer.config.seed)
         )
     if init.mode == "checkpoint":
         return checkpointing.load_params(init.checkpoint_dir, trainer.abstract_params())
     if init.mode == "hf":  # streamed tensor by tensor into the target shardings
         m = trainer.config.model
-        return hf.load_params(
+        quantize = trainer.adapted is not None and trainer.adapted.plan.quantized
+        params = hf.load_params(
             m.hf_path,
             m.family,
             trainer.model.config,
             trainer.abstract_params(),
             scan_layers=m.scan_layers,
+            # QLoRA: each kernel quantised as it arrives (never the whole model in bf16/f32)
+            on_param=lora.quantizer(trainer.adapted.plan, trainer.base_sharding)
+            if quantize
+            else None,
         )
+        return lora.fold_quantized(params) if quantize else params
     raise ConfigError(f"config.init.mode={init.mode!r}: expected {validation.INIT_MODES}")
 
 

@@ -49,7 +49,7 @@ from dil_jax.data.gold_task import GoldTask
 from dil_jax.runtime import exit_on_bad_input
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from stats import fmt, mean_ci  # noqa: E402  (experiments/stats.py)
+from stats import fmt, mean_ci, run_seeds  # noqa: E402  (experiments/stats.py)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RMS = ("init_sft", "init_demo", "sft_demo", "bt", "log_ratio")
@@ -591,19 +591,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     if args.fresh:
         shutil.rmtree(args.workdir, ignore_errors=True)
-    runs = []
     base_dir = pretrain_base(args.workdir, args.reduced)
-    for seed in range(args.seeds):
-        path = os.path.join(args.workdir, f"seed{seed}", "result.json")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        if os.path.exists(path):  # resumable: finished seeds are not recomputed
-            with open(path) as f:
-                runs.append(json.load(f))
-            continue
-        result = run_seed(seed, args.reduced, args.workdir, base_dir)
-        with open(path, "w") as f:
-            json.dump(result, f)
-        runs.append(result)
+    runs = run_seeds(
+        args.seeds, args.workdir, lambda seed: run_seed(seed, args.reduced, args.workdir, base_dir)
+    )
     print(write_report(runs, args.out, args.reduced))
     return 0
 

@@ -39,9 +39,44 @@ Measured at commit c482616 (XLA:CPU, GiB per device, seq 2048, one pair per devi
   gemma_2b      2.51B  1x16x1   inline       2.34   3.87   6.21  16  fits
   llama3_70b   70.55B  1x64x1   inline      16.45  25.28  41.73  95  fits
 
+LoRA / QLoRA rows (``--param_dtype bfloat16 --cases llama3_8b_lora_1x16,...``; rank 16 on all
+seven projections of every layer, 42M float32 adapters + Adam moments; the frozen base in
+bfloat16 or NF4 is the step's reference argument, the reference = the base with adapters off),
+XLA:CPU, GiB per device, seq 2048:
+
+  case                  base  mesh    pairs  args   temp   total  target
+  llama3_8b_lora_1x16   bf16  1x1x1   1     15.43  34.31  49.73  16  NO
+  llama3_8b_qlora_1x16  nf4   1x1x1   1      6.08   8.31  14.39  16  fits
+  llama3_8b_lora_1x80   bf16  1x1x1   4     15.43  54.62  70.05  80  fits
+  llama3_8b_qlora_1x80  nf4   1x1x1   4      6.08  28.62  34.71  80  fits
+  llama3_8b_lora_8x16   bf16  1x8x1   8      2.34   9.97  12.31  16  fits
+  llama3_8b_qlora_8x16  nf4   1x8x1   8      1.17   6.72   7.89  16  fits
+
+The bf16 base alone (15 GiB) rules out one 16 GiB device; its 34 GiB of temporaries on one
+device (against 8.3 GiB with NF4, which is dequantised one layer at a time inside the layer
+scan) are consistent with XLA:CPU holding float32 copies of the bfloat16 kernels (8B x 4 bytes
+= 30 GiB; the caveat above), not verified on an accelerator.
+
 The largest temporaries are the float32 attention scores/probabilities [B, K, G, T, S] (1 GiB
 each at T = 2048 for 32 heads, several live in the backward pass) and the gathered float32
 layer weights; without remat Llama-3-8B needs 137 GiB.
+
+With ``--attention chunked`` (``config.model.attention``: the same einsum over blocks of 512
+queries, each block recomputed in the backward pass, so one block's scores are live; 'auto'
+picks it on TPU) the inline-reference 8B fits (issue 11):
+
+  python experiments/scale_check.py --cases llama3_8b --attention chunked
+  python experiments/scale_check.py --cases llama3_70b --attention chunked
+
+  model        params  mesh     reference    args   temp  total  target
+  llama3_8b     8.03B  1x16x1   inline       7.48   6.42  13.91  16  fits (2.1 GiB spare)
+  llama3_70b   70.55B  1x64x1   inline      16.45  21.70  38.14  95  fits
+
+70B plan: FSDP over 64 chips of 95 GiB (v5p-64), one pair per chip at T = 2048, inline
+reference (a second sharded copy of the params), remat, chunked attention:
+38.1 GiB per chip as compiled above. Its float32 params, gradients and two Adam moments are
+16 bytes per parameter (1.13 TB), so 16 GiB chips would need more than 66 of them before any
+activation; the 64 x 95 GiB mesh is the plan.
 """
 
 from __future__ import annotations
@@ -148,14 +183,25 @@ HF_CONFIGS = {
     },
 }
 
-# name -> (model, devices, per-device target GiB, hardware the target stands for)
+# name -> (model, devices, per-device target GiB, hardware the target stands for[, Setup
+# overrides]). The LoRA rows: rank-16 adapters on every attention and MLP projection, the base
+# frozen in bfloat16 ('bf16') or NF4 (QLoRA, block 64), adapters and Adam moments float32.
+LORA_BF16 = {"lora": "bf16", "param_dtype": "bfloat16"}
+LORA_NF4 = {"lora": "nf4", "param_dtype": "bfloat16"}
 CASES = {
     "llama3_8b": ("llama3_8b", 16, 16.0, "v5e-16"),
     "mistral_7b": ("mistral_7b", 16, 16.0, "v5e-16"),
     "pythia_2_8b": ("pythia_2_8b", 16, 16.0, "v5e-16"),
     "gemma_2b": ("gemma_2b", 16, 16.0, "v5e-16"),
     "llama3_70b": ("llama3_70b", 64, 95.0, "v5p-64"),
+    "llama3_8b_lora_1x16": ("llama3_8b", 1, 16.0, "1x16 GiB", LORA_BF16),
+    "llama3_8b_qlora_1x16": ("llama3_8b", 1, 16.0, "1x16 GiB", LORA_NF4),
+    "llama3_8b_lora_1x80": ("llama3_8b", 1, 80.0, "1x80 GiB", {**LORA_BF16, "pairs_per_device": 4}),
+    "llama3_8b_qlora_1x80": ("llama3_8b", 1, 80.0, "1x80 GiB", {**LORA_NF4, "pairs_per_device": 4}),
+    "llama3_8b_lora_8x16": ("llama3_8b", 8, 16.0, "8x16 GiB", LORA_BF16),
+    "llama3_8b_qlora_8x16": ("llama3_8b", 8, 16.0, "8x16 GiB", LORA_NF4),
 }
+DEFAULT_CASES = ("llama3_8b", "mistral_7b", "pythia_2_8b", "gemma_2b", "llama3_70b")
 
 
 @dataclasses.dataclass
@@ -175,6 +221,9 @@ class Setup:
     vocab_chunk: int = 16384
     mesh: tuple[int, int, int] | None = None  # default (1, devices, 1): pure FSDP
     num_layers: int | None = None  # override (cheap tests: a full-width model with few layers)
+    attention: str = "xla"  # config.model.attention ('chunked': one query block's scores live)
+    lora: str = ""  # '' full fine-tuning | 'bf16' LoRA on the param_dtype base | 'nf4' QLoRA
+    lora_rank: int = 16
 
 
 # ----------------------------------------------------------------------------- in the worker
@@ -202,6 +251,7 @@ def build_config(setup: Setup, hf_dir: str):
     config.model.param_dtype = setup.param_dtype
     config.model.remat = setup.remat
     config.model.scan_layers = True
+    config.model.attention = setup.attention
     config.loss.name = "dil_lsif"
     config.reference.mode = setup.reference
     config.logprobs.seq_chunk = setup.seq_chunk
@@ -212,6 +262,11 @@ def build_config(setup: Setup, hf_dir: str):
     config.train.global_batch_size = dp * setup.pairs_per_device * setup.grad_accum
     config.reference.batch_size = dp
     config.eval.every_steps = 0
+    if setup.lora:
+        config.lora.enabled = True
+        config.lora.rank = setup.lora_rank
+        config.lora.alpha = 2.0 * setup.lora_rank
+        config.lora.quantize = "nf4" if setup.lora == "nf4" else "none"
     return config
 
 
@@ -239,6 +294,8 @@ def measure(setup: Setup) -> dict:
     state = jax.tree.map(sds, trainer.abstract_state, trainer.state_sharding)
     # The frozen reference is a step argument only in inline mode (None otherwise).
     ref = trainer.abstract_params() if trainer.reference_inline else None
+    if trainer.adapted is not None:  # LoRA: the frozen (quantised) base is the step's argument
+        ref = jax.tree.map(sds, trainer.adapted.abstract_base, trainer.base_sharding)
     b, t = config.train.global_batch_size, setup.seq
     batch_sharding = {r: NamedSharding(trainer.mesh, sharding.batch_spec(r)) for r in (2, 3)}
     batch = {
@@ -259,8 +316,12 @@ def measure(setup: Setup) -> dict:
         sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state.params))
     )
     state_bytes = int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state)))
+    base_bytes = 0
+    if ref is not None:
+        base_bytes = int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(ref)))
     out = {
         "setup": dataclasses.asdict(setup),
+        "base_bytes_per_device": base_bytes / setup.devices,
         "family": config.model.family,
         "mesh": list(trainer.mesh.devices.shape),
         "global_batch": b,
@@ -315,7 +376,7 @@ def _gib(x: float) -> str:
 
 def format_table(rows: list[tuple[dict, float, str]]) -> str:
     head = (
-        f"{'model':<12} {'family':<9} {'params':>7} {'mesh':<10} {'batch':>5} {'levers':<26} "
+        f"{'model':<12} {'family':<9} {'params':>7} {'mesh':<10} {'batch':>5} {'levers':<36} "
         f"{'args':>7} {'out':>7} {'alias':>7} {'temp':>7} {'total':>7} {'target':>7}  "
         f"{'fits':<4} {'compile':>7}"
     )
@@ -326,16 +387,18 @@ def format_table(rows: list[tuple[dict, float, str]]) -> str:
             f"{s['param_dtype'][:4]}/{s['dtype'][:4]} ref={s['reference'][:6]}"
             + (f" acc{s['grad_accum']}" if s["grad_accum"] > 1 else "")
             + ("" if s["remat"] else " noremat")
+            + (f" {s['attention']}" if s.get("attention", "xla") != "xla" else "")
+            + (f" lora{s.get('lora_rank', '')}:{s['lora']}" if s.get("lora") else "")
         )
         if "error" in r:
             lines.append(
                 f"{s['model']:<12} {'':<9} {'':>7} {'x'.join([str(s['devices'])]):<10} "
-                f"{'':>5} {levers:<26} FAILED: {r['error'].splitlines()[-1][:90]}"
+                f"{'':>5} {levers:<36} FAILED: {r['error'].splitlines()[-1][:90]}"
             )
             continue
         lines.append(
             f"{s['model']:<12} {r['family']:<9} {r['n_params'] / 1e9:6.2f}B "
-            f"{'x'.join(map(str, r['mesh'])):<10} {r['global_batch']:>5} {levers:<26} "
+            f"{'x'.join(map(str, r['mesh'])):<10} {r['global_batch']:>5} {levers:<36} "
             f"{_gib(r['argument'])} {_gib(r['output'])} {_gib(r['alias'])} {_gib(r['temp'])} "
             f"{_gib(r['total'])} {target:7.1f}  {'yes' if r['total'] <= target * GIB else 'NO':<4} "
             f"{r['compile_s']:6.0f}s"
@@ -351,13 +414,16 @@ def format_table(rows: list[tuple[dict, float, str]]) -> str:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--cases", default=",".join(CASES), help=f"comma list of {sorted(CASES)}")
+    p.add_argument(
+        "--cases", default=",".join(DEFAULT_CASES), help=f"comma list of {sorted(CASES)}"
+    )
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--pairs_per_device", type=int, default=1)
     p.add_argument("--grad_accum", type=int, default=1)
     p.add_argument("--param_dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--reference", default="inline", choices=["inline", "precomputed"])
     p.add_argument("--no_remat", action="store_true")
+    p.add_argument("--attention", default="xla", help="config.model.attention (e.g. chunked)")
     p.add_argument("--json", default="", help="also write the raw measurements here")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -376,8 +442,8 @@ def main():
 
     rows = []
     for name in args.cases.split(","):
-        model, devices, target, hw = CASES[name]
-        setup = Setup(
+        model, devices, target, hw, *extra = CASES[name]
+        fields = dict(
             model=model,
             devices=devices,
             seq=args.seq,
@@ -386,7 +452,9 @@ def main():
             param_dtype=args.param_dtype,
             reference=args.reference,
             remat=not args.no_remat,
+            attention=args.attention,
         )
+        setup = Setup(**{**fields, **(extra[0] if extra else {})})
         print(f"compiling {name} on {devices} simulated devices ...", file=sys.stderr, flush=True)
         rows.append((run_case(setup), target, hw))
     print(format_table(rows))

@@ -7,7 +7,10 @@ the same runs agree to the last digit.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+from collections.abc import Callable
 
 import numpy as np
 
@@ -51,3 +54,21 @@ def fmt(values, digits: int = 3) -> str:
     """``'mean ± half'`` (or just the mean for one value)."""
     m, h = mean_ci(values)
     return f"{m:.{digits}f}" if not np.isfinite(h) else f"{m:.{digits}f} ± {h:.{digits}f}"
+
+
+def run_seeds(seeds: int, workdir: str, run_one: Callable[[int], dict]) -> list[dict]:
+    """``run_one(seed)`` for seeds ``0 .. seeds-1``, each result kept in
+    ``<workdir>/seed<k>/result.json``: a rerun reads finished seeds instead of recomputing them."""
+    runs = []
+    for seed in range(seeds):
+        path = os.path.join(workdir, f"seed{seed}", "result.json")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if os.path.exists(path):
+            with open(path) as f:
+                runs.append(json.load(f))
+            continue
+        result = run_one(seed)
+        with open(path, "w") as f:
+            json.dump(result, f)
+        runs.append(result)
+    return runs

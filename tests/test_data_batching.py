@@ -9,7 +9,9 @@ from dil_jax.data import pipeline
 from dil_jax.data.batching import TokenizedDataset, bucket_plan, normalise_buckets
 
 
-def synthetic(n=203, num=2, max_length=64, buckets=(16, 32), packing=False, seed=0):
+def synthetic(
+    n=203, num=2, max_length=64, buckets=(16, 32), packing=False, seed=0, prefix_sharing=False
+):
     """n examples with N sequences of random lengths; token t of example e is 1000 e + t."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(4, max_length + 1, size=(n, num)).astype(np.int32)
@@ -28,6 +30,7 @@ def synthetic(n=203, num=2, max_length=64, buckets=(16, 32), packing=False, seed
         pad_id=7,
         buckets=normalise_buckets(buckets, max_length),
         packing=packing,
+        prefix_sharing=prefix_sharing,
     )
 
 
@@ -108,9 +111,13 @@ def consume(data, batch_size, num_procs, steps, interrupt_at=None):
     return ids, shapes
 
 
-@pytest.mark.parametrize("packing", [False, True], ids=["bucketed", "packed"])
-def test_resume_equals_uninterrupted_for_one_and_two_processes(packing):
-    data = synthetic(packing=packing)
+@pytest.mark.parametrize(
+    "packing, shared",
+    [(False, False), (True, False), (False, True), (True, True)],
+    ids=["bucketed", "packed", "shared", "packed_shared"],
+)
+def test_resume_equals_uninterrupted_for_one_and_two_processes(packing, shared):
+    data = synthetic(packing=packing, prefix_sharing=shared)
     steps = (
         3
         * pipeline.make_iterator(
@@ -123,9 +130,9 @@ def test_resume_equals_uninterrupted_for_one_and_two_processes(packing):
             ids, resumed_shapes = consume(data, 8, num_procs, steps, interrupt_at)
             assert ids == reference, (num_procs, interrupt_at)
             assert resumed_shapes == shapes
-    assert set(shapes) <= set(data.buckets)
+    assert set(shapes) <= set(data.row_buckets)
     if not packing:
-        assert len(set(shapes)) == 3  # all buckets in use, yet only three shapes
+        assert len(set(shapes)) == len(data.row_buckets)  # all buckets in use, no more shapes
         per_epoch = len(reference) // 3
         first = sum(reference[:per_epoch], [])
         assert len(set(first)) == len(first)  # no example twice within an epoch
@@ -157,3 +164,5 @@ def test_padding_stats_follow_the_run():
     assert 0 < stats["padding_fraction"] < stats["padding_fraction_unbucketed"]
     packed = pipeline.padding_stats(synthetic(packing=True), 8, 10, seed=5)
     assert 0 < packed["padding_fraction"] < packed["padding_fraction_unbucketed"]
+    shared = pipeline.padding_stats(synthetic(packing=True, prefix_sharing=True), 8, 10, seed=5)
+    assert shared["layout"] == "packed_shared" and 0 < shared["padding_fraction"] < 0.5

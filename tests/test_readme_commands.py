@@ -40,6 +40,8 @@ PLACEHOLDERS = {"(N, 8, 1)": "(2, 8, 1)"}
 FLAGS_ONLY = (
     "experiments/afd_claims.py",
     "experiments/bench_step.py",
+    "experiments/bench_layouts.py",
+    "experiments/bench_vs_trl.py",
     "experiments/bench_tokenize.py",
     "experiments/scale_check.py",
     "experiments/bench_logprobs_memory.py",
@@ -47,6 +49,7 @@ FLAGS_ONLY = (
     "experiments/evaluate_run.py",
     "experiments/win_rate.py",  # needs a finished run and a judge (tests/test_judging.py)
     "experiments/dil_claims.py",
+    "experiments/lora_claims.py",  # seeds of gold-task runs and a SmolLM2 run: minutes
     "dil_jax.export",
 )
 # Scripts whose --dry-run prints what they would run (a sweep of training runs).

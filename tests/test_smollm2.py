@@ -319,3 +319,25 @@ def test_ready_config_builds_on_the_converted_model(hf_dir, shared_data, tmp_pat
     assert set(report["train"]["bad_records"]) == {"empty_response", "identical_responses"}
     assert len(train_data) // config.train.global_batch_size * 2 >= config.train.steps
     assert len(eval_data) >= config.eval.batch_size * config.eval.num_batches
+
+
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_lora_config_builds_on_the_converted_model(hf_dir, quantize):
+    """configs/dil_smollm2_ultrafeedback_lora.py: adapters on all 30 layers' seven projections,
+    only they (and their moments) in the state; the NF4 base shards like the model."""
+    from conftest import REPO
+
+    from dil_jax import config_files
+
+    config = config_files.load(REPO / "configs" / "dil_smollm2_ultrafeedback_lora.py").get_config(
+        str(hf_dir)
+    )
+    config.lora.quantize = quantize
+    trainer = train.Trainer(config)
+    assert len(trainer.adapted.plan.targets) == 7 and trainer.trace_count == 0
+    n = sum(x.size for x in jax.tree.leaves(trainer.abstract_state.params))
+    # rank 16 on q,k,v,o (576->576/192) and gate,up,down (576<->1536), 30 layers
+    per_layer = 16 * ((576 + 576) * 2 + (576 + 192) * 2 + (576 + 1536) * 3)
+    assert n == 30 * per_layer
+    if quantize == "nf4":
+        assert len(trainer.adapted.plan.quantized) == 7

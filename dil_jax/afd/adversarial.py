@@ -37,6 +37,10 @@ Reward choices (``adversarial.reward``), all functions of the same discriminator
   bonus); it saturates weakly where the discriminator is sure a sample is fake.
 * ``'log_d'`` — ``r = log D = −softplus(−f)``: the non-saturating generator loss of GANs for the
   same JS game; always negative.
+* ``'f_kl'``, ``'f_reverse_kl'``, ``'f_js'``, ``'f_chi2'``, ``'f_hellinger'``, ``'f_tv'`` — the
+  variational f-GAN rewards ``f*(f'(e^f))`` (f-GAIL / f-MAX): the policy then minimises that
+  f-divergence between the expert's and its own response distributions
+  (dil_jax/afd/f_divergence.py).
 
 The whole update (discriminator step, rewards, policy step) is one jitted, sharded function of
 ``(state, demo batch, sample batch, ref params)`` with the state donated; the policy and the
@@ -67,12 +71,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dil_jax import checkpointing, logprobs, loop, sharding, spec
-from dil_jax.afd import reward_model, rollouts
+from dil_jax.afd import f_divergence, reward_model, rollouts
 from dil_jax.data import pipeline
 from dil_jax.errors import ConfigError, DataError
 from dil_jax.models import build_model
 
-REWARDS = ("logit", "gail", "log_d")
+# 'f_<name>': the f-GAN reward of divergence <name> (dil_jax/afd/f_divergence.py).
+REWARDS = ("logit", "gail", "log_d") + tuple(f"f_{d}" for d in f_divergence.DIVERGENCES)
 RESUMABLE_FIELDS = ("steps", "max_abs_logit", "log_every", "checkpoint_every", "keep", "async_save")
 
 
@@ -86,7 +91,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.steps = 200  # alternating iterations (one discriminator and one policy update each)
     c.prompts_per_step = 32  # B demonstration prompts per iteration
     c.samples_per_prompt = 4  # k >= 2 policy samples per prompt (RLOO needs a baseline)
-    c.reward = "logit"  # 'logit' (reverse KL / AIRL), 'gail' (−log(1−D)), 'log_d' (log D)
+    # 'logit' (reverse KL / AIRL), 'gail' (−log(1−D)), 'log_d' (log D), or an f-divergence
+    # 'f_kl' | 'f_reverse_kl' | 'f_js' | 'f_chi2' | 'f_hellinger' | 'f_tv' (f_divergence.py)
+    c.reward = "logit"
     c.beta = 0.0  # weight of the KL(π || π_ref) penalty folded into the reward
     c.learning_rate = 1e-4  # policy AdamW (warmup + cosine over `steps`)
     c.warmup_ratio = 0.05
@@ -115,6 +122,8 @@ def rl_reward(logits: jax.Array, kind: str) -> jax.Array:
         return jax.nn.softplus(f)  # −log(1 − σ(f))
     if kind == "log_d":
         return -jax.nn.softplus(-f)  # log σ(f)
+    if kind.startswith("f_") and kind[2:] in f_divergence.DIVERGENCES:
+        return f_divergence.reward(f, kind[2:])
     raise ValueError(f"adversarial.reward={kind!r}: expected one of {REWARDS}")
 
 

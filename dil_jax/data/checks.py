@@ -113,19 +113,25 @@ def validate_data_config(config) -> None:
             f"the model's maximum sequence length {max_positions(config)}"
         )
     terms = config.terms
-    if d.packing:
+    for field in ("packing", "prefix_sharing"):
+        if not getattr(d, field):
+            continue
         require(
-            not objectives.needs_pairs(terms) and not objectives.needs_reference(terms),
-            "packing",
-            "a packed row sums several examples, which only per-token losses "
-            "(loss.name='sft', no pair or reference terms) allow",
+            objectives.data_layout(terms) != "unpaired",
+            field,
+            "KTO's unpaired batches pair completions across rows (bucketed layout only)",
         )
         require(
             _accepts_segment_ids(config.model.family),
-            "packing",
+            field,
             f"model family {config.model.family!r} takes no segment_ids, so packed "
             "examples would attend to each other",
         )
+    require(
+        not (d.packing or d.prefix_sharing) or not config.train.diagnostics,
+        "packing",
+        "train.diagnostics' batch quantiles assume one example per row (bucketed layout)",
+    )
     check_layout(config, d.format, None, error=ValueError)
 
 

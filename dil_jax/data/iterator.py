@@ -145,7 +145,7 @@ class BucketIterator(Iterator[dict[str, np.ndarray]]):
 
     @property
     def layout(self) -> str:
-        return "packed" if self.data.packing else "bucketed"
+        return self.data.layout
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """[n] permutation of example indices for ``epoch`` (a pure function of seed and epoch)."""
@@ -159,12 +159,15 @@ class BucketIterator(Iterator[dict[str, np.ndarray]]):
             order = self.epoch_order(epoch)
             if self.data.packing:
                 plan = pack_plan(
-                    self.data.lengths, order, self.data.buckets[-1], self.global_batch_size
+                    self.data.row_lengths(),
+                    order,
+                    self.data.row_buckets[-1],
+                    self.global_batch_size,
                 )
             else:
                 rng = np.random.default_rng([self.seed, epoch, 1]) if self.shuffle else None
                 plan = bucket_plan(
-                    self._natural, len(self.data.buckets), order, self.global_batch_size, rng
+                    self._natural, len(self.data.row_buckets), order, self.global_batch_size, rng
                 )
             self._plans = {epoch: plan}  # keep one epoch: plans are cheap to rebuild
         return self._plans[epoch]
@@ -176,10 +179,7 @@ class BucketIterator(Iterator[dict[str, np.ndarray]]):
         self.position += 1
         local = self.global_batch_size // self.process_count
         mine = slice(self.process_index * local, (self.process_index + 1) * local)
-        if self.data.packing:
-            return self.data.packed(item[mine], self.data.buckets[-1])
-        bucket, rows = item
-        return self.data.padded(rows[mine], self.data.buckets[bucket])
+        return self.data.batch(item, mine)
 
     def get_state(self) -> dict:
         """JSON-serialisable position, stored in every checkpoint."""

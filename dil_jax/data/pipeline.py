@@ -92,9 +92,10 @@ def build_datasets(config, workdir: str | None = None):
         train, held_out = _hold_out(train, data.num_eval, data.seed)
         eval_report = None
     train.buckets = buckets
-    train.packing = data.packing
+    train.packing, train.prefix_sharing = data.packing, data.prefix_sharing
     if held_out is not None:
         held_out.buckets, held_out.packing = buckets, data.packing
+        held_out.prefix_sharing = data.prefix_sharing
         if config.eval.every_steps and len(held_out) < config.eval.batch_size:
             raise DataError(
                 f"the evaluation split has {len(held_out)} examples, fewer than "
@@ -114,6 +115,7 @@ def build_datasets(config, workdir: str | None = None):
         },
         "buckets": list(buckets),
         "packing": bool(data.packing),
+        "prefix_sharing": bool(data.prefix_sharing),
     }
     report["train"]["examples"] = len(train)
     if held_out is not None:
@@ -212,12 +214,9 @@ def with_reference(data, compute: Callable[[dict], dict]):
     """
     if not isinstance(data, TokenizedDataset):
         return compute(data)
-    if data.packing:
-        raise DataError(
-            "config.data.packing cannot be combined with precomputed reference "
-            "log-probs (a packed row holds several examples)"
-        )
-    natural = data.natural_buckets()
+    # Per-example log-probs do not depend on the layout: computed on padded sequences, then
+    # laid out per slot by the packed / prefix-shared layouts (``TokenizedDataset.batch``).
+    natural = np.searchsorted(np.asarray(data.buckets), data.lengths.max(axis=1), side="left")
     ref = np.zeros(data.lengths.shape, np.float32)  # [n, N]
     for k, length in enumerate(data.buckets):
         rows = np.flatnonzero(natural == k)
@@ -231,7 +230,8 @@ def with_reference(data, compute: Callable[[dict], dict]):
 def padding_stats(data: TokenizedDataset, global_batch_size: int, steps: int, *, seed: int) -> dict:
     """Padding of exactly the batches a run of ``steps`` steps consumes, from the batch plan."""
     it = BucketIterator(data, global_batch_size, seed=seed)
-    num = data.num_responses
+    row_lengths = data.row_lengths()  # [n, R]
+    num = row_lengths.shape[1]
     slots, real = {}, {}
     epoch, position = 0, 0
     for _ in range(steps):  # the iterator's walk, without materialising any batch
@@ -240,16 +240,16 @@ def padding_stats(data: TokenizedDataset, global_batch_size: int, steps: int, *,
         item = it.plan(epoch)[position]
         position += 1
         if data.packing:
-            length = data.buckets[-1]
-            used = sum(int(data.lengths[rows].sum()) for rows in item)
+            length = data.row_buckets[-1]
+            used = sum(int(row_lengths[rows].sum()) for rows in item)
         else:
-            length = data.buckets[item[0]]
-            used = int(data.lengths[item[1]].sum())
+            length = data.row_buckets[item[0]]
+            used = int(row_lengths[item[1]].sum())
         slots[length] = slots.get(length, 0) + global_batch_size * num * length
         real[length] = real.get(length, 0) + used
     total = sum(slots.values())
     return {
-        "layout": "packed" if data.packing else "bucketed",
+        "layout": data.layout,
         "batches": steps,
         "padding_fraction": 1.0 - sum(real.values()) / max(total, 1),
         "per_bucket": {

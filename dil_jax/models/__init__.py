@@ -40,7 +40,7 @@ __all__ = [
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 # config.model keys that are not architecture fields
-RUNTIME_KEYS = ("family", "dtype", "param_dtype", "remat", "scan_layers", "hf_path")
+RUNTIME_KEYS = ("family", "dtype", "param_dtype", "remat", "scan_layers", "hf_path", "attention")
 
 
 def family_kwargs(model_cfg, field: str = "config.model") -> dict:
@@ -137,6 +137,7 @@ def build_model(model_cfg) -> tuple[Any, Family]:
         param_dtype=DTYPES[model_cfg.param_dtype],
         remat=model_cfg.remat,
         scan_layers=model_cfg.scan_layers,
+        attention=model_cfg.get("attention", "auto"),
     )
     return module, family
 

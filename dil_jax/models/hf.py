@@ -502,6 +502,7 @@ def load_params(
     *,
     scan_layers: bool = True,
     revision: str | None = None,
+    on_param=None,
 ):
     """Stream a HF checkpoint into sharded params, one param at a time.
 
@@ -513,6 +514,9 @@ def load_params(
         `train.Trainer.abstract_params()`); the result has exactly these shapes, dtypes (the
         checkpoint's are cast) and shardings. A leaf without a sharding goes to one device.
       scan_layers: the layout of `abstract_params` (scanned [L, ...] or `layers_<i>`).
+      on_param: optional `(path, array) -> value` applied to each param as soon as it is
+        loaded (QLoRA quantises kernels here, so the full-precision model never exists whole);
+        its value takes the param's place in the returned tree.
 
     Returns:
       The params pytree of `jax.Array`s. Each process reads only the slices its addressable
@@ -552,7 +556,8 @@ def load_params(
                     blocks[key] = np.ascontiguousarray(x, dtype=leaf.dtype)
                 return blocks[key]
 
-            return jax.make_array_from_callback(tuple(leaf.shape), sharding, block)
+            array = jax.make_array_from_callback(tuple(leaf.shape), sharding, block)
+            return array if on_param is None else on_param(path_str(key_path), array)
 
         return jax.tree_util.tree_map_with_path(fill, abstract_params)
     finally:
