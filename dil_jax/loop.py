@@ -378,7 +378,8 @@ def run(
       resume_config: a ConfigDict recorded in every checkpoint; a resume must match its
         ``checkpointing.RESUME_MUST_MATCH`` fields.
       max_steps: stop after this many steps in this call (tests simulate interruption).
-      evaluate: ``state -> metrics`` run every ``settings.eval_every`` steps (``eval/`` prefix).
+      evaluate: ``state -> metrics`` run every ``settings.eval_every`` steps and at the run's
+        last step, ``settings.steps`` (``eval/`` prefix).
       schedule: learning-rate schedule, logged as ``lr``.
       check: ``(host metrics, step, manager)`` called on every step's metrics (fetched every
         step when given); raise to stop before that step is saved.
@@ -545,7 +546,8 @@ def _run_locked(
                     pending = (step, metrics)
                 if bar is not None:
                     bar.update(1)
-                if settings.eval_every and step % settings.eval_every == 0 and evaluate:
+                final = step == settings.steps  # the finished run is always evaluated
+                if settings.eval_every and (step % settings.eval_every == 0 or final) and evaluate:
                     flush_log()  # the step's record before its evaluation's
                     eval_metrics = evaluate(state)
                     writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})

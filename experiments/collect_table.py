@@ -24,8 +24,9 @@ and ``--out=PREFIX`` writes PREFIX.md, PREFIX.csv and PREFIX.tex:
   python experiments/collect_table.py runs/t2_debug/*/* --layout=table2 --out=runs/t2_debug/table
 
 Benchmarks come from the files ``experiments/evaluate_run.py`` writes into the run directory:
-``leaderboard.json`` (``v1.ARC`` ... ``v2.MuSR``) and ``winrate.json`` (``vs_sft.win_rate``,
-``vs_chosen.win_rate``, ``average.win_rate``).
+``leaderboard.json`` (``v1.ARC`` ... ``v2.MuSR``) and ``winrate.json`` from
+``experiments/win_rate.py`` (``vs_sft.win_rate``, ``vs_sft.lc_win_rate``, ``vs_chosen.win_rate``,
+``average.win_rate``).
 
 A run that lacks a metric leaves it out of that row's mean (the cell shows how many seeds had
 it) and is named on stderr; nothing raises. A run is grouped by its stored config
@@ -78,7 +79,11 @@ ROW_NAMES = {
 LAYOUTS = {
     "table2": (
         ("eval.rewards/accuracies", "pref. acc."),
-        ("eval.logps/chosen", "log p(chosen)"),
+        # per token: comparable across rows (eval/logps/* follow each loss's own reduction)
+        ("eval.logps_mean/chosen", "log p(chosen)/tok"),
+        ("eval.logps_mean/rejected", "log p(rejected)/tok"),
+        ("vs_sft.win_rate", "win vs SFT"),
+        ("vs_sft.lc_win_rate", "LC win vs SFT"),
         ("v1.ARC", "ARC"),
         ("v1.HellaSwag", "HellaSwag"),
         ("v1.TruthfulQA", "TruthfulQA"),
@@ -97,6 +102,7 @@ LAYOUTS = {
     "table3": (
         ("eval.rewards/accuracies", "pref. acc."),
         ("vs_sft.win_rate", "win vs SFT"),
+        ("vs_sft.lc_win_rate", "LC win vs SFT"),
         ("vs_chosen.win_rate", "win vs chosen"),
         ("average.win_rate", "avg win"),
         ("policy.gold_reward", "gold reward"),

@@ -34,6 +34,7 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -137,25 +138,54 @@ def expand(config: str, axes: list, fixed: dict, root: str, prefix: str) -> list
     ]
 
 
-def run_all(runs: list[Run], keep_going: bool, log=sys.stderr) -> int:
-    failed = []
+def run_one(i: int, n: int, run: Run, log) -> bool:
+    """Runs one undone run (its command in its own process); True when it succeeded. A run
+    that another sweep finished meanwhile is skipped."""
+    state = run.state()
+    if state == "done":
+        print(f"[{i}/{n}] done meanwhile, skipped: {run.workdir}", file=log, flush=True)
+        return True
+    print(f"[{i}/{n}] {state}: {run.command()}", file=log, flush=True)
+    t0 = time.time()
+    rc = subprocess.run(shlex.split(run.command()), cwd=REPO).returncode
+    if rc == 0:
+        pathlib.Path(run.workdir, DONE_MARKER).write_text(
+            json.dumps({**run.manifest(), "seconds": time.time() - t0}, indent=1)
+        )
+        return True
+    print(f"[{i}/{n}] FAILED (exit {rc}): {run.workdir}", file=log, flush=True)
+    return False
+
+
+def run_all(runs: list[Run], keep_going: bool, log=sys.stderr, jobs: int = 1) -> int:
+    """Runs every undone run in order, `jobs` at a time; stops starting new ones after a
+    failure unless `keep_going`."""
+    todo = []
     for i, run in enumerate(runs, 1):
-        state = run.state()
-        if state == "done":
+        if run.state() == "done":
             print(f"[{i}/{len(runs)}] done, skipped: {run.workdir}", file=log)
-            continue
-        print(f"[{i}/{len(runs)}] {state}: {run.command()}", file=log, flush=True)
-        t0 = time.time()
-        rc = subprocess.run(shlex.split(run.command()), cwd=REPO).returncode
-        if rc == 0:
-            pathlib.Path(run.workdir, DONE_MARKER).write_text(
-                json.dumps({**run.manifest(), "seconds": time.time() - t0}, indent=1)
-            )
-            continue
-        print(f"[{i}/{len(runs)}] FAILED (exit {rc}): {run.workdir}", file=log)
-        failed.append(run.workdir)
-        if not keep_going:
-            break
+        else:
+            todo.append((i, run))
+    failed, lock = [], threading.Lock()
+    queue = iter(todo)
+
+    def worker():
+        while True:
+            with lock:
+                if failed and not keep_going:
+                    return
+                item = next(queue, None)
+            if item is None:
+                return
+            if not run_one(item[0], len(runs), item[1], log):
+                with lock:
+                    failed.append(item[1].workdir)
+
+    threads = [threading.Thread(target=worker) for _ in range(max(1, jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     if failed:
         print(f"{len(failed)} failed: {', '.join(failed)}", file=log)
     return 1 if failed else 0
@@ -176,6 +206,7 @@ def main(argv=None) -> int:
     mode.add_argument("--print", action="store_true", help="print the commands of undone runs")
     mode.add_argument("--dry-run", action="store_true", help="list each run's state and command")
     p.add_argument("--keep-going", action="store_true", help="after a failure, run the rest")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1, in order)")
     args = p.parse_args(argv)
     runs = expand(args.config, args.grid, dict(args.set), args.root, args.prefix)
     if args.print:
@@ -191,7 +222,7 @@ def main(argv=None) -> int:
     pathlib.Path(args.root, "sweep.json").write_text(
         json.dumps({"config": args.config, "runs": [r.manifest() for r in runs]}, indent=1)
     )
-    return run_all(runs, args.keep_going)
+    return run_all(runs, args.keep_going, jobs=args.jobs)
 
 
 if __name__ == "__main__":

@@ -172,6 +172,10 @@ def sweep_runs(tmp_path_factory):
     (dirs[-1] / "leaderboard.json").write_text(
         json.dumps({"v1": {"ARC": 0.5, "GSM8K": 0.25, "Average": 0.375}})
     )
+    # ... and one a winrate.json as experiments/win_rate.py writes it.
+    (dirs[-2] / "winrate.json").write_text(
+        json.dumps({"vs_sft": {"win_rate": 0.625, "lc_win_rate": 0.6}, "average": {}})
+    )
     return dirs
 
 
@@ -184,7 +188,7 @@ def test_collect_table_paper_layout(sweep_runs, tmp_path):
     )
     assert [r["method"] for r in table["rows"]] == ["dpo", "dil_lsif"]  # the paper's order
     headers = [h for _, h in table["columns"]]
-    assert headers[:2] == ["pref. acc.", "log p(chosen)"] and "ARC" in headers
+    assert headers[:2] == ["pref. acc.", "log p(chosen)/tok"] and "ARC" in headers
     assert "MMLU" not in headers  # no run has it
     dpo, dil = table["rows"]
     # DPO: the learning rate with the best mean held-out preference accuracy over its seeds.
@@ -198,6 +202,8 @@ def test_collect_table_paper_layout(sweep_runs, tmp_path):
     ]
     mean, half = collect_table.mean_ci(acc)
     assert dpo["cells"]["eval.rewards/accuracies"]["mean"] == pytest.approx(mean)
+    assert headers[2:5] == ["log p(rejected)/tok", "win vs SFT", "LC win vs SFT"]
+    assert dil["cells"]["vs_sft.win_rate"]["mean"] == 0.625
     arc = dil["cells"]["v1.ARC"]
     assert (arc["mean"], arc["n"], arc["paper"]) == (0.5, 1, 61.0)
     assert dpo["cells"]["v1.ARC"] is None
@@ -217,3 +223,35 @@ def test_collect_table_paper_layout(sweep_runs, tmp_path):
     low = collect_table.paper_table(sweep_runs, "table2", select="eval.loss", select_mode="min")
     sel = low["rows"][0]["selection"]
     assert low["rows"][0]["setting"] == min(sel, key=sel.get)
+
+
+@pytest.mark.slow
+def test_dil_claims_reduced_writes_verdicts_figures_and_json(tmp_path):
+    """experiments/dil_claims.py at its CI size (2 seeds, DPO and DIL-LSIF, a few steps): every
+    claim gets a verdict from its stated rule, the figures and the JSON are written. A smoke
+    test of the machinery; the numbers are experiments/results/dil_claims.md's business."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    import dil_claims
+
+    out = tmp_path / "out"
+    argv = ["--reduced", f"--out={out}", f"--workdir={tmp_path / 'runs'}", "--seeds=2"]
+    argv += ["--methods=dpo,dil_lsif", "--betas=0.1", "--dil-lrs=3e-4"]
+    try:
+        assert dil_claims.main(argv) == 0
+    finally:
+        dil_claims.D1_METHODS = ("dpo", "simpo", "dil_lsif", "dil_ukl", "dil_bce")
+        dil_claims.DPO_BETAS, dil_claims.DIL_LRS = (0.03, 0.1, 0.3), (3e-4, 1e-3)
+    result = json.loads((out / "dil_claims.json").read_text())
+    v = result["verdicts"]
+    assert v["D1"]["verdict"] in ("PASS", "FAIL", "INCONCLUSIVE")
+    assert v["D2"]["verdict"] in ("PASS", "FAIL", "INCONCLUSIVE")
+    assert v["D3"]["tests"] and all("test_objectives.py::" in t for t in v["D3"]["tests"])
+    assert set(result["runs"]) == {"0", "1"}
+    slope, half = v["D1"]["slopes"]["dpo"]
+    per_seed = [result["runs"][s]["dpo"]["chosen_slope_per_100"] for s in ("0", "1")]
+    assert slope == pytest.approx(sum(per_seed) / 2)
+    md = (out / "dil_claims.md").read_text()
+    assert "## D1, training dynamics: **" in md and "## D2, gold reward at matched KL: **" in md
+    assert "Can the task express D1" in md and "--reduced" in md
+    for png in ("dil_claims_dynamics.png", "dil_claims_frontier.png"):
+        assert (out / png).stat().st_size > 5_000

@@ -290,3 +290,48 @@ def test_converter_round_trip_and_errors(tiny):
 
 # PyTorch parity (logits, greedy generation, export round trip) for Llama, Mistral, Qwen2 and
 # Qwen3 lives in tests/test_hf.py, on params streamed from HF files into an 8-device mesh.
+
+
+def test_mistral_sliding_window_matches_transformers_and_cache():
+    """Mistral's window (3 < 10 tokens) changes the logits; ours equal transformers' eager
+    MistralForCausalLM on the same weights, and cached decoding agrees with the full forward.
+    A window at least as long as the sequence is a no-op."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        sliding_window=3,
+        model_type="mistral",
+    )
+    model, params = _init(cfg)
+    ids = _ids((2, 10))
+    ours, _ = fwd(model, params, ids)
+    no_window = LlamaForCausalLM(dataclasses.replace(cfg, sliding_window=None))
+    unwindowed, _ = fwd(no_window, params, ids)
+    assert not np.allclose(ours, unwindowed, atol=1e-3)  # the window matters here
+    np.testing.assert_allclose(ours[:, :3], unwindowed[:, :3], atol=1e-5)  # ... not before it
+    wide, _ = fwd(LlamaForCausalLM(dataclasses.replace(cfg, sliding_window=10)), params, ids)
+    np.testing.assert_allclose(wide, unwindowed, atol=1e-6)
+
+    hf_cfg = transformers.MistralConfig(**cfg.to_hf(), attn_implementation="eager")
+    torch_model = transformers.MistralForCausalLM(hf_cfg).eval()
+    sd = _hf_state_dict(_unstack(params, cfg.num_hidden_layers), cfg)
+    torch_model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})
+    with torch.no_grad():
+        ref = torch_model(torch.from_numpy(ids).long()).logits.numpy()
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+
+    cache = model.init_cache(2, 12)
+    out, cache = fwd(model, params, ids[:, :4], cache=cache)
+    steps = [out]
+    for t in range(4, 10):
+        out, cache = fwd(model, params, ids[:, t : t + 1], cache=cache)
+        steps.append(out)
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), ours, atol=1e-5, rtol=1e-5)

@@ -90,3 +90,14 @@ def test_one_optimiser_factory_schedule():
     )
     with pytest.raises(ValueError, match="schedule='step'"):
         loop.make_optimizer(learning_rate=1.0, total_steps=10, schedule="step")
+
+
+def test_held_out_metrics_at_the_last_step_too(tiny_config, tmp_path):
+    """eval.every_steps=4 of 6 steps: held-out preference accuracy and log-likelihoods at step
+    4 and at the finished run's step 6 (Table 2's 477 steps at every 100 end on such a step)."""
+    config = tiny_config(**{"eval.every_steps": 4, "eval.num_batches": 1})
+    train.train_and_evaluate(config, str(tmp_path))
+    records = [json.loads(x) for x in open(os.path.join(tmp_path, "metrics.jsonl"))]
+    evals = [r for r in records if "eval/rewards/accuracies" in r]
+    assert [r["step"] for r in evals] == [4, 6]
+    assert all("eval/logps/chosen" in r and "eval/logps/rejected" in r for r in evals)

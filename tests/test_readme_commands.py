@@ -47,6 +47,8 @@ FLAGS_ONLY = (
     "experiments/bench_logprobs_memory.py",
     "experiments/measure_smollm2_memory.py",
     "experiments/evaluate_run.py",
+    "experiments/win_rate.py",  # needs a finished run and a judge (tests/test_judging.py)
+    "experiments/dil_claims.py",
     "experiments/lora_claims.py",  # seeds of gold-task runs and a SmolLM2 run: minutes
     "experiments/bench_sampler.py",  # timed: ours against transformers.generate
     "dil_jax.online.main",  # rounds of sampling and training (tests/test_online_loop.py runs them)

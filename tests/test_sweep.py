@@ -1,7 +1,9 @@
 """experiments/sweep.py: grid expansion, workdir states (new / resume / done), and a real debug
 sweep that skips its finished runs when started again."""
 
+import io
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -93,3 +95,31 @@ def test_debug_sweep_runs_then_skips(tmp_path, shared_data):
     assert [line.split()[0] for line in dry.stdout.splitlines()] == ["done", "done"]
     again = _sweep(*args)
     assert again.returncode == 0 and again.stderr.count("done, skipped") == 2
+
+
+def test_run_all_runs_jobs_in_parallel_and_reports_failures(tmp_path):
+    """--jobs=2 with a stand-in trainer (a script that writes its workdir, or fails for the
+    'bad' row): finished runs get the done marker, the failure is named, exit status 1."""
+    script = tmp_path / "fake_main.py"
+    script.write_text(
+        "import pathlib, sys\n"
+        "args = dict(a[2:].split('=', 1) for a in sys.argv[1:] if '=' in a)\n"
+        "pathlib.Path(args['workdir']).mkdir(parents=True, exist_ok=True)\n"
+        "sys.exit(3 if 'bad' in args['config'] else 0)\n"
+    )
+    runs = sweep.expand(
+        "configs/dil_table3.py:debug,{row}",
+        [("row", ["dpo", "bad", "sft", "simpo"])],
+        {},
+        str(tmp_path / "root"),
+        f"{sys.executable} {script} ",
+    )
+    log = io.StringIO()
+    assert sweep.run_all(runs, keep_going=True, log=log, jobs=2) == 1
+    done = {r.row for r in runs if (pathlib.Path(r.workdir) / sweep.DONE_MARKER).is_file()}
+    assert done == {"dpo", "sft", "simpo"}
+    assert "FAILED (exit 3)" in log.getvalue() and "1 failed" in log.getvalue()
+    # A second pass skips the finished runs and retries only the failed one.
+    log = io.StringIO()
+    assert sweep.run_all(runs, keep_going=True, log=log, jobs=2) == 1
+    assert log.getvalue().count("done, skipped") == 3

@@ -5,8 +5,11 @@ with Llama 3.1 frequency scaling) everywhere; `attention_bias` (biases on q/k/v/
 Qwen3), `qkv_bias` (biases on q/k/v only, Qwen2), `qk_norm` (RMSNorm over each head's Dh
 before RoPE, Qwen3), `mlp_bias`. `model_type` records which HF architecture the weights came
 from, so `to_hf` writes a config.json that `transformers` maps back to the same class.
-Sliding-window attention (Mistral v0.1, Qwen `use_sliding_window`) is not implemented;
-`from_hf` raises when a window shorter than the context would change the outputs.
+Mistral's sliding window (every layer attends only to keys less than `sliding_window`
+positions back, HF `kv_idx > q_idx - sliding_window`) is applied through `blocks.make_masks`'
+local mask, and only when a call's key length exceeds the window (below it the two masks
+coincide). Qwen's `use_sliding_window` (a window on some layers only) is not implemented;
+`from_hf` raises when such a window is shorter than the context.
 
 The shared pieces (RMSNorm, RoPE, masks, attention core, KV cache, layer stack, the causal-LM
 wrapper) live in `blocks.py`; the family contract is written down in `family.py`.
@@ -61,8 +64,8 @@ class LlamaConfig(ArchConfig):
     hashable (it is a static jit argument); a dict is accepted and normalised. Supported:
     None, rope_type 'default' (same as None) and 'llama3'. A list `eos_token_id` (Llama 3
     instruct) becomes a tuple. `model_type=None` is inferred from the switches (qk_norm ->
-    qwen3, qkv_bias -> qwen2, else llama). `sliding_window` is kept only to be written back;
-    it must not be shorter than the context (windowed attention is not implemented).
+    qwen3, qkv_bias -> qwen2, else llama). `sliding_window` applies to every layer (Mistral);
+    for Qwen it is kept only to be written back and must not be shorter than the context.
     """
 
     vocab_size: int
@@ -81,7 +84,7 @@ class LlamaConfig(ArchConfig):
     mlp_bias: bool = False
     qkv_bias: bool = False  # biases on q/k/v only (Qwen2)
     qk_norm: bool = False  # RMSNorm on each query/key head before RoPE (Qwen3)
-    sliding_window: int | None = None  # never active: None or >= max_position_embeddings
+    sliding_window: int | None = None  # Mistral: every layer's window; Qwen: >= max positions
     model_type: str | None = None  # HF architecture: llama | mistral | qwen2 | qwen3
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
@@ -98,14 +101,20 @@ class LlamaConfig(ArchConfig):
         object.__setattr__(self, "rope_scaling", self._normalise_rope_scaling())
         if isinstance(self.eos_token_id, list | tuple):
             object.__setattr__(self, "eos_token_id", tuple(int(e) for e in self.eos_token_id))
-        if self.sliding_window is not None and self.sliding_window < self.max_position_embeddings:
-            raise ValueError(
-                f"sliding_window={self.sliding_window} < max_position_embeddings="
-                f"{self.max_position_embeddings}: sliding-window attention is not implemented"
-            )
         if self.model_type is None:
             inferred = "qwen3" if self.qk_norm else "qwen2" if self.qkv_bias else "llama"
             object.__setattr__(self, "model_type", inferred)
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window={self.sliding_window} must be >= 1 or None")
+        window_short = (
+            self.sliding_window is not None and self.sliding_window < self.max_position_embeddings
+        )
+        if window_short and self.model_type != "mistral":
+            raise ValueError(
+                f"sliding_window={self.sliding_window} < max_position_embeddings="
+                f"{self.max_position_embeddings}: only Mistral's all-layer sliding window is "
+                f"implemented (model_type={self.model_type!r})"
+            )
         if self.model_type not in _MODEL_TYPES:
             raise ValueError(f"model_type={self.model_type!r} is not one of {sorted(_MODEL_TYPES)}")
         for field, value in _MODEL_TYPES[self.model_type][1].items():
@@ -151,7 +160,7 @@ class LlamaConfig(ArchConfig):
         v4 `rope_theta`/`rope_scaling` or v5 `rope_parameters` layout).
 
         Raises:
-          ValueError naming the field for what this port does not implement: an active
+          ValueError naming the field for what this port does not implement: Qwen's active
           sliding window, rope types other than default/llama3, activations other than silu,
           quantised weights.
         """
@@ -181,11 +190,11 @@ class LlamaConfig(ArchConfig):
             )
         else:
             sliding = False
-        if sliding and window < max_pos:
+        if sliding and window < max_pos and model_type != "mistral":
             raise ValueError(
                 f"sliding_window={window} < max_position_embeddings={max_pos} (use_sliding_window"
-                f"={hf.get('use_sliding_window', True)}): sliding-window attention is not "
-                "implemented; it would change the outputs beyond the window"
+                f"={hf.get('use_sliding_window', True)}): Qwen's per-layer sliding window is "
+                "not implemented; it would change the outputs beyond the window"
             )
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
@@ -361,7 +370,10 @@ class LlamaModel(nn.Module):
         h = constrain_batch(h)  # keep activations on the batch axes (FSDP gathers weights)
         inv_freq = blocks.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         cos, sin = blocks.rope_cos_sin(positions, inv_freq)  # [B, T, Dh]
-        masks = blocks.make_masks(attention_mask, segment_ids, cache)
+        S = input_ids.shape[1] if cache is None else cache.k.shape[2]  # key slots this call
+        window = cfg.sliding_window if cfg.sliding_window and cfg.sliding_window < S else None
+        masks = blocks.make_masks(attention_mask, segment_ids, cache, window)
+        mask = masks.full if masks.local is None else masks.local  # Mistral: every layer
         h, new_k, new_v = blocks.layer_stack(
             LlamaDecoderLayer,
             (cfg,),
@@ -370,7 +382,7 @@ class LlamaModel(nn.Module):
             num_layers=cfg.num_hidden_layers,
             h=h,
             cache=cache,
-            shared=(cos, sin, masks.full, masks.index),
+            shared=(cos, sin, mask, masks.index),
             remat=self.remat,
             scan_layers=self.scan_layers,
         )
