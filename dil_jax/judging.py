@@ -28,6 +28,7 @@ Shape letters: n pairs, P prompt length, M max new tokens.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import random
@@ -37,9 +38,16 @@ import urllib.request
 from collections.abc import Sequence
 from typing import Protocol
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from ml_collections import ConfigDict
 
+from dil_jax import checkpointing, export
+from dil_jax.data.gold_task import GoldTask
 from dil_jax.errors import ConfigError, DataError
+from dil_jax.models import build_model
+from dil_jax.sampling import make_generate_fn
 
 # ----------------------------------------------------------------------------- judges
 
@@ -235,8 +243,6 @@ def make_judge(spec: str, *, model: str = "", api_key_env: str = "OPENAI_API_KEY
     if kind == "openai" and arg:
         return OpenAIJudge(arg, model, api_key_env=api_key_env, seed=seed)
     if kind == "gold":
-        from dil_jax.data.gold_task import GoldTask  # noqa: PLC0415
-
         return GoldJudge(GoldTask())
     raise ConfigError(
         f"--judge={spec!r}: expected hf:<reward-model dir>, gold, or openai:<base URL>"
@@ -333,7 +339,6 @@ def read_prompts(path: str, limit: int) -> tuple[list[str], list[str] | None]:
     """The first `limit` records of a JSONL(.gz) file: their `prompt` (a string or chat
     messages, whose last user turn is taken) and, when every record has one, their `chosen`
     reply (a string or messages, the last assistant turn) for a win rate against it."""
-    import gzip  # noqa: PLC0415
 
     opener = gzip.open if path.endswith(".gz") else open
     prompts, chosen = [], []
@@ -361,12 +366,6 @@ def load_run(workdir: str, step: int | None = None):
     """(module, policy params, starting params, config dict) of a run: the latest (or
     `step`'s) checkpoint and the params it started from (`config.init`: an HF model, a base
     checkpoint or the pretrain stage), all on one device."""
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
-    from ml_collections import ConfigDict  # noqa: PLC0415
-
-    from dil_jax import checkpointing, export  # noqa: PLC0415
-    from dil_jax.models import build_model  # noqa: PLC0415
 
     meta = export.read_meta(workdir, step)
     config = meta["config"]
@@ -424,10 +423,6 @@ def generate_texts(
     """Samples one response per prompt with the KV-cache sampler; returns the decoded texts and
     their lengths in tokens [n] (EOS excluded). Calls are `batch_size` rows each (the last one
     padded by repetition), so the sampler compiles once."""
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
-
-    from dil_jax.sampling import make_generate_fn  # noqa: PLC0415
 
     eos = tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos

@@ -54,6 +54,8 @@ from jax.sharding import PartitionSpec as P
 
 from dil_jax import sharding
 from dil_jax.errors import ConfigError
+from dil_jax.models.family import identity, transpose
+from dil_jax.reference import params_fingerprint
 
 QUANTIZE = ("none", "int8", "nf4")
 ADAPTER_LEAVES = ("lora_a", "lora_b")
@@ -460,7 +462,6 @@ def peft_adapter(plan_: AdapterPlan, adapters, family, arch_config, scan_layers:
       ConfigError when a targeted kernel maps to HF tensors by anything but a transpose or the
       identity (a fused or reordered projection PEFT could not address).
     """
-    from dil_jax.models.family import identity, transpose  # noqa: PLC0415
 
     tensor_map = family.hf_tensor_map(arch_config, scan_layers=scan_layers)
     ad = {k: np.asarray(jax.device_get(v), np.float32) for k, v in flat(adapters).items()}
@@ -583,7 +584,6 @@ def with_base_fingerprint(config, base):
     Recorded in every checkpoint (the resume config); ``checkpointing.restore_latest`` refuses
     adapters whose fingerprint differs from the base this run loaded.
     """
-    from dil_jax.reference import params_fingerprint  # noqa: PLC0415 (no import cycle)
 
     fingerprint = params_fingerprint(base)
     recorded = dict(config.recorded)
