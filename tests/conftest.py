@@ -1,24 +1,12 @@
 """Test setup: 8 simulated CPU devices, set before jax is imported anywhere."""
 
 import os
-import tempfile
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# A persistent XLA compilation cache: tests build their own trainers, so the same small
-# programs are compiled again and again (and in the CLI tests' subprocesses, which inherit
-# these variables); later compiles of an identical program load the first one's executable.
-# JAX keys entries on the program, the flags and its own version, so a stale entry is never
-# used. Set JAX_COMPILATION_CACHE_DIR to move it, or to '' to turn it off.
-os.environ.setdefault(
-    "JAX_COMPILATION_CACHE_DIR",
-    os.path.join(tempfile.gettempdir(), f"dil_jax_tests_xla_cache_{os.getuid()}"),
-)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pathlib  # noqa: E402
 
