@@ -33,6 +33,13 @@ from dil_jax.errors import CheckpointError, ConfigError
 # Config sections that must match to resume: they define shapes, data order and the objective.
 # Everything else (train.steps, eval, logging, checkpoint cadence, mesh) may change on resume.
 RESUME_MUST_MATCH = ("model", "data", "loss", "seed", "train.global_batch_size")
+# Fields added to those sections after checkpoints were first written, with the values that
+# reproduce what the older code did: a checkpoint that predates a field (it records no value)
+# resumes when the config holds one of them.
+ADDED_FIELDS = {
+    "model.attention": ("auto", "xla"),  # the einsum ('auto' picks it on CPU)
+    "data.prefix_sharing": (False,),
+}
 
 ITEMS = ("params", "opt_state", "meta")
 _ARRAY_ITEMS = ("params", "opt_state")
@@ -85,6 +92,8 @@ def incompatibilities(saved: Mapping, current: Mapping) -> list[str]:
         a, b = _get(saved, key), _get(current, key)
         if isinstance(a, Mapping) and isinstance(b, Mapping):
             for sub in sorted(set(a) | set(b)):
+                if sub not in a and b.get(sub) in ADDED_FIELDS.get(f"{key}.{sub}", ()):
+                    continue  # written before the field existed, by code that behaved so
                 if a.get(sub) != b.get(sub):
                     diffs.append(
                         f"{key}.{sub}: checkpoint has {a.get(sub)!r}, config has {b.get(sub)!r}"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from dil_jax import loop, metrics, sharding, train
+from dil_jax import checkpointing, loop, metrics, sharding, train
 
 
 def params_of(summary):
@@ -112,3 +112,17 @@ def test_sigterm_saves_a_checkpoint_before_exit(tmp_path):
     last_logged = json.loads(metrics.read_text().splitlines()[-1])["step"]
     assert steps[-1] == last_logged
     assert (workdir / loop.PREEMPTED_MARKER).read_text().strip() == str(steps[-1])
+
+
+def test_checkpoint_predating_a_field_resumes_only_with_its_old_behaviour():
+    old = {"model": {"family": "llama"}, "data": {"max_length": 64}, "seed": 0}
+    new = {
+        "model": {"family": "llama", "attention": "auto"},
+        "data": {"max_length": 64, "prefix_sharing": False},
+        "seed": 0,
+    }
+    assert checkpointing.incompatibilities(old, new) == []
+    new["data"]["prefix_sharing"] = True  # a layout the old code never trained
+    assert checkpointing.incompatibilities(old, new) == [
+        "data.prefix_sharing: checkpoint has None, config has True"
+    ]
