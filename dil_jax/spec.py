@@ -603,6 +603,15 @@ def _freeze_run(config, field: str = "config") -> RunSpec:
     )
 
 
+def _process_count(num_devices: int | None, process_count: int | None) -> int:
+    """The process count the checks divide by. A host-side build (no device count) must not
+    touch jax: the multi-host runtime is initialised after the spec is built, and any backend
+    query before ``jax.distributed.initialize`` would start a single-process backend."""
+    if process_count is not None:
+        return process_count
+    return 1 if num_devices is None else jax.process_count()
+
+
 def build(config, *, num_devices: int | None = None, process_count: int | None = None) -> RunSpec:
     """``ConfigDict`` -> resolved, frozen, validated :class:`RunSpec` (a RunSpec passes through,
     re-validated for the given device count).
@@ -610,7 +619,7 @@ def build(config, *, num_devices: int | None = None, process_count: int | None =
     Args:
       num_devices: the mesh's device count, which the batch sizes must divide into; None
         skips those checks (``train.Trainer`` makes them with its mesh).
-      process_count: default ``jax.process_count()``.
+      process_count: default ``jax.process_count()`` when ``num_devices`` is given, else 1.
     Raises:
       ConfigError naming the first bad field.
     """
@@ -618,7 +627,7 @@ def build(config, *, num_devices: int | None = None, process_count: int | None =
     validation.validate(
         run,
         num_devices=num_devices,
-        process_count=jax.process_count() if process_count is None else process_count,
+        process_count=_process_count(num_devices, process_count),
     )
     return run
 
