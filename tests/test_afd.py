@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import REPO, make_tiny_config
 
-from dil_jax import logprobs, objectives, sharding, train
+from dil_jax import logprobs, objectives, sampling, sharding, train
 from dil_jax.afd import extrapolation as afd
 from dil_jax.afd import rollouts
 from dil_jax.data.gold_task import DEMO_PAIR_SOURCES, GoldTask
@@ -124,6 +124,17 @@ def test_rollouts_layout_limits_and_bad_demonstrations():
     np.testing.assert_array_equal(out["input_ids"][:, :, :8], np.repeat(prompts[:, None], 4, 1))
     np.testing.assert_array_equal(out["loss_mask"][:, :, 8:], out["response_mask"])
     assert (out["loss_mask"].sum(-1) >= 1).all()
+    # Rollouts run on the batched scorer: call c samples prompts [2c, 2c + 2) (8 // 4 per call),
+    # each 4 times, with fold_in(key, c).
+    gen = sampling.make_generate_fn(
+        trainer.model, max_new_tokens=cfg.max_new_tokens, eos_id=cfg.eos_id, pad_id=cfg.pad_id
+    )
+    for c in range(3):
+        rows = np.repeat(np.arange(2 * c, 2 * c + 2), 4)
+        direct = gen(params, prompts[rows], mask[rows], jax.random.fold_in(jax.random.key(0), c))
+        np.testing.assert_array_equal(
+            out["tokens"][2 * c : 2 * c + 2].reshape(8, -1), np.asarray(direct.tokens)
+        )
     with pytest.raises(
         ValueError,
         match=r"afd.bon.n_values \(max N\)=9 is larger than "

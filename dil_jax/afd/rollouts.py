@@ -5,8 +5,9 @@ prompt every iteration (dil_jax/afd/adversarial.py), reward-model extrapolation 
 π_SFT on the training prompts and N candidates per prompt for Best-of-N
 (dil_jax/afd/extrapolation.py). This module
 turns prompts taken from demonstration arrays into LEFT-padded sampler inputs, runs
-``sampling.make_generate_fn`` in fixed-size calls (one compilation; the last call padded by
-repetition) of at most ``sampling.max_batch`` sequences, and lays the results out in the
+``sampling.make_generate_fn`` through the batched scorer (``dil_jax.scoring``: fixed-size
+sharded calls, one compilation, the last call padded by repetition, each process feeding its
+own rows) of at most ``sampling.max_batch`` sequences, and lays the results out in the
 trainer's ``[n, k, T]`` format: ``[left-padded prompt | response (EOS included) | PAD]`` with
 ``attention_mask`` on real tokens and ``loss_mask`` on response tokens. Positions count real
 tokens, so left padding changes nothing for the model.
@@ -19,12 +20,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding
 
-from dil_jax import sharding
+from dil_jax import scoring, sharding
 from dil_jax.errors import ConfigError, DataError
 from dil_jax.sampling import make_generate_fn
 
@@ -147,34 +146,31 @@ def sample(
         eos_id=sampling_cfg.eos_id,
         pad_id=sampling_cfg.pad_id,
     )
-    rows_sharding = (
-        NamedSharding(mesh, sharding.batch_spec(2))
-        if (per_call * k) % dp == 0
-        else NamedSharding(mesh, jax.sharding.PartitionSpec())
+    rows = {  # [n * k, P]: each prompt k times, so a call of per_call * k rows holds whole prompts
+        "prompt_ids": np.repeat(prompt_ids, k, axis=0).astype(np.int32),
+        "prompt_mask": np.repeat(prompt_mask, k, axis=0).astype(np.int32),
+    }
+
+    def generate(p, batch, key):
+        out = gen(p, batch["prompt_ids"], batch["prompt_mask"], key)
+        return out.tokens, out.mask, out.logps  # [B, M] each
+
+    tokens, mask, logps = scoring.score_in_batches(
+        generate,
+        params,
+        rows,
+        mesh=mesh,
+        batch_size=per_call * k,
+        keys=("prompt_ids", "prompt_mask"),
+        rng=rng,
     )
-    toks, masks, logps = [], [], []
-    with jax.set_mesh(mesh):
-        for c, start in enumerate(range(0, n, per_call)):
-            rows = np.arange(start, start + per_call) % n  # fixed shape: wrap the tail
-            ids = np.repeat(prompt_ids[rows], k, axis=0)  # [per_call*k, P]
-            pm = np.repeat(prompt_mask[rows], k, axis=0)
-            out = gen(
-                params,
-                jax.device_put(jnp.asarray(ids), rows_sharding),
-                jax.device_put(jnp.asarray(pm), rows_sharding),
-                jax.random.fold_in(rng, c),
-            )
-            out = jax.device_get(out)
-            take = min(per_call, n - start)
-            toks.append(np.asarray(out.tokens).reshape(per_call, k, -1)[:take])
-            masks.append(np.asarray(out.mask).reshape(per_call, k, -1)[:take])
-            logps.append(np.asarray(out.logps).reshape(per_call, k, -1)[:take].sum(-1))
-    tokens, mask = np.concatenate(toks), np.concatenate(masks)
+    tokens, mask = tokens.reshape(n, k, -1), mask.reshape(n, k, -1)
+    logps = logps.reshape(n, k, -1).sum(-1)
     arrays = layout(prompt_ids, prompt_mask, tokens, mask)
     arrays.update(
         tokens=tokens.astype(np.int32),
         response_mask=mask.astype(np.int32),
-        sample_logps=np.concatenate(logps).astype(np.float32),
+        sample_logps=logps.astype(np.float32),
     )
     return arrays
 
