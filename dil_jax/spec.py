@@ -323,7 +323,8 @@ class ReferenceSpec(Section):
 
 @dataclasses.dataclass(frozen=True)
 class LoraSpec(Section):
-    """``config.lora`` (values checked by ``dil_jax.lora.settings_from_config``)."""
+    """``config.lora`` (values checked by ``dil_jax.lora.settings_from_config``, which
+    ``validation.validate`` calls)."""
 
     enabled: bool = False
     rank: int = 8
@@ -520,6 +521,48 @@ class AfdSpec(Section):
         return freeze_section(cls, items, field)
 
 
+# ---- iterative / online alignment (config.online; dil_jax/online/iterative.py)
+
+
+@dataclasses.dataclass(frozen=True)
+class OnlineSpec(Section):
+    """``config.online``: rounds of sample -> build pairs -> train (configs/base.py)."""
+
+    rounds: int
+    steps_per_round: int
+    num_prompts: int
+    samples_per_prompt: int
+    pairs: str
+    ditto_mix: tuple
+    num_pairs: int
+    rank_by: str
+    reward_model_dir: str
+    reward_model_level: str
+    demo_source: str
+    match_lengths: bool
+    reference: str
+    soft_alpha: float
+    soft_every: int
+    eval_prompts: int
+    sampling: SamplingSpec
+
+    @property
+    def pairs_per_round(self) -> int:
+        return self.num_pairs or self.num_prompts * self.samples_per_prompt
+
+    @classmethod
+    def from_config(cls, section, field: str = "config.online") -> OnlineSpec:
+        items = dict(section.items())
+        if "sampling" in items:
+            items["sampling"] = freeze_section(SamplingSpec, items["sampling"], f"{field}.sampling")
+        out = freeze_section(cls, items, field)
+        try:  # the DITTO shares as floats, whatever numbers the config wrote
+            mix = tuple(float(x) for x in out.ditto_mix)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{field}.ditto_mix={out.ditto_mix!r}: expected numbers") from e
+        return dataclasses.replace(out, ditto_mix=mix)
+
+
 @dataclasses.dataclass(frozen=True)
 class RunSpec(Section):
     """A whole run, resolved and validated: what every component reads."""
@@ -538,6 +581,7 @@ class RunSpec(Section):
     init: InitSpec
     afd: AfdSpec | None = None  # the AfD pipeline's sections; None for a preference run
     lora: LoraSpec = dataclasses.field(default_factory=LoraSpec)  # adapters (dil_jax/lora.py)
+    online: OnlineSpec | None = None  # the iterative loop's rounds (dil_jax/online/)
     # Derived once: the validated loss terms (objectives.LossTerm) and the resolved config's
     # plain-dict form (checkpoint metadata, the resume check).
     terms: tuple = dataclasses.field(default=(), compare=False)
@@ -567,7 +611,6 @@ _SECTIONS = {
 def _freeze_run(config, field: str = "config") -> RunSpec:
     """A resolved ``ConfigDict`` -> :class:`RunSpec` (types checked, values not yet)."""
     top = set(config.keys())
-    # 'online': the iterative loop's section, read by dil_jax.online.iterative.online_spec.
     known = {"seed", "model", "init", "afd", "lora", "online", *_SECTIONS}
     unknown = sorted(top - known)
     if unknown:
@@ -591,8 +634,12 @@ def _freeze_run(config, field: str = "config") -> RunSpec:
     lora = LoraSpec()
     if config.get("lora") is not None:
         lora = freeze_section(LoraSpec, config.lora, f"{field}.lora")
+    online = None
+    if config.get("online") is not None:
+        online = OnlineSpec.from_config(config.online, f"{field}.online")
     return RunSpec(
         lora=lora,
+        online=online,
         seed=int(config.seed),
         model=ModelSpec.from_config(config.model, f"{field}.model"),
         init=init,

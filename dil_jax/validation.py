@@ -7,10 +7,12 @@ are already refused there (and by ``ml_collections``' locked ConfigDicts and the
 
 from __future__ import annotations
 
-from dil_jax import loop, metrics, objectives, sharding
+from dil_jax import loop, lora, metrics, objectives, sharding
+from dil_jax.afd import checks as afd_checks
 from dil_jax.data import checks
 from dil_jax.errors import ConfigError
 from dil_jax.models import DTYPES, FAMILIES
+from dil_jax.online import checks as online_checks
 
 # The loss hyper-parameters are declared once, in dil_jax/objectives.py (PARAMS / LOSSES);
 # configs/base.py has exactly these `config.loss` fields (tests/test_objectives_trl.py checks).
@@ -196,3 +198,8 @@ def _validate(config, *, num_devices: int | None, process_count: int) -> None:
             i.checkpoint_dir,
             "init.mode='checkpoint' needs a workdir to load params from",
         )
+    lora.settings_from_config(config.lora)  # None when off; else every field checked
+    if config.afd is not None:
+        afd_checks.check_afd(config.afd, m, "config.afd")
+    if config.online is not None:
+        online_checks.check_online(config.online, "config.online")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dil_jax import sharding
-from dil_jax.afd import reward_model
+from dil_jax.afd import checks, reward_model
 from dil_jax.data.gold_task import GoldTask
 
 TASK = GoldTask()
@@ -191,9 +191,9 @@ def test_bad_inputs_name_the_field():
     big = ml_collections.ConfigDict(small.to_dict())
     big.vocab_size = 64
     with pytest.raises(ValueError, match=r"reward_model.model.vocab_size=64"):
-        reward_model.check_compatible(small, big)
+        checks.check_compatible(small, big)
     with pytest.raises(ValueError, match="tokenizer"):
-        reward_model.check_compatible(small, small, policy_tokenizer="gpt2", rm_tokenizer="gemma")
+        checks.check_compatible(small, small, policy_tokenizer="gpt2", rm_tokenizer="gemma")
     rm = reward_model.RewardModel(big, rm_config(), mesh=mesh)
     policy = reward_model.RewardModel(small, rm_config(), mesh=mesh).abstract_state.params[
         "backbone"

@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import re
 
 import jax
 import ml_collections
@@ -136,3 +137,35 @@ def test_afd_sections_are_typed():
     config.afd.sampling.top_q = 0.9
     with pytest.raises(ConfigError, match=r"config\.afd\.sampling\.top_q"):
         spec.build(config)
+
+
+@pytest.mark.parametrize(
+    "path,value,field",
+    [
+        ("afd.reward_models", ("init_sft", "oracle"), "config.afd.reward_models"),
+        ("afd.bon.n_values", (0, 5), "config.afd.bon.n_values"),
+        ("afd.reward_model.level", "paragraph", "config.afd.reward_model.level"),
+        ("afd.adversarial.reward", "hinge", "config.afd.adversarial.reward"),
+        ("afd.adversarial.disc.loss", "bradley_terry", "config.afd.adversarial.disc.loss"),
+        ("afd.sampling.top_p", 0.0, "config.afd.sampling.top_p"),
+        ("afd.sft.reduction", "max", "config.afd.sft.reduction"),
+        ("online.pairs", "nope", "config.online.pairs"),
+        ("online.soft_alpha", 1.5, "config.online.soft_alpha"),
+        ("online.sampling.max_new_tokens", 0, "config.online.sampling.max_new_tokens"),
+        ("lora.rank", 0, "config.lora.rank"),
+    ],
+)
+def test_every_section_is_value_checked_at_build(path, value, field):
+    """AfD, online and LoRA values are refused by spec.build (validation.validate), naming the
+    field, before any component is built."""
+    config = _afd_gold()
+    if path.startswith("lora."):
+        config.lora.enabled = True
+    *parents, leaf = path.split(".")
+    section = config
+    for name in parents:
+        section = section[name]
+    section[leaf] = value
+    with pytest.raises(ConfigError, match=re.escape(field)):
+        spec.build(config)
+    assert isinstance(spec.build(_afd_gold()).online, spec.OnlineSpec)

@@ -72,12 +72,12 @@ from jax.sharding import PartitionSpec as P
 
 from dil_jax import checkpointing, logprobs, loop, sharding, spec
 from dil_jax.afd import f_divergence, reward_model, rollouts
+from dil_jax.afd.checks import REWARDS, check_adversarial, check_compatible
 from dil_jax.data import pipeline
 from dil_jax.errors import ConfigError, DataError
 from dil_jax.models import build_model
 
 # 'f_<name>': the f-GAN reward of divergence <name> (dil_jax/afd/f_divergence.py).
-REWARDS = ("logit", "gail", "log_d") + tuple(f"f_{d}" for d in f_divergence.DIVERGENCES)
 RESUMABLE_FIELDS = ("steps", "max_abs_logit", "log_every", "checkpoint_every", "keep", "async_save")
 
 
@@ -284,22 +284,7 @@ class AdversarialImitation:
     def __init__(self, config, *, mesh=None):
         config = spec.as_spec(config)
         adv = config.afd.adversarial
-        if adv.reward not in REWARDS:
-            raise ConfigError(f"afd.adversarial.reward={adv.reward!r}: expected one of {REWARDS}")
-        if adv.samples_per_prompt < 2:
-            raise ConfigError(
-                f"afd.adversarial.samples_per_prompt={adv.samples_per_prompt}: "
-                "RLOO needs at least 2 samples per prompt"
-            )
-        if adv.beta < 0:
-            raise ConfigError(f"afd.adversarial.beta={adv.beta}: must be >= 0")
-        if adv.max_abs_logit <= 0:
-            raise ConfigError(f"afd.adversarial.max_abs_logit={adv.max_abs_logit}: must be > 0")
-        if adv.disc.loss != "bce":
-            raise ConfigError(
-                f"afd.adversarial.disc.loss={adv.disc.loss!r}: the discriminator "
-                "is trained with 'bce'"
-            )
+        check_adversarial(adv)
         check_unfiltered_sampling(config.afd.sampling)
         self.config, self.cfg = config, adv
         self.mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh.shape)
@@ -311,9 +296,7 @@ class AdversarialImitation:
             )
         self.policy_model, self.family = build_model(config.model)
         disc_model_cfg = adv.disc_model or config.model
-        reward_model.check_compatible(
-            config.model, disc_model_cfg, field="afd.adversarial.disc_model"
-        )
+        check_compatible(config.model, disc_model_cfg, field="afd.adversarial.disc_model")
         self.disc_model_cfg = disc_model_cfg
         disc_cfg = dataclasses.replace(
             adv.disc, global_batch_size=adv.prompts_per_step, steps=adv.steps

@@ -44,13 +44,12 @@ import numpy as np
 from dil_jax import checkpointing, logprobs, scoring, spec
 from dil_jax import train as core
 from dil_jax.afd import adversarial, reward_model, rollouts
+from dil_jax.afd.checks import LEARNED, REWARD_MODELS
 from dil_jax.data import pipeline
 from dil_jax.data.gold_task import GoldTask
 from dil_jax.errors import ConfigError
 from dil_jax.models import hf
 
-REWARD_MODELS = ("init_sft", "init_demo", "sft_demo", "bt", "log_ratio")
-LEARNED = ("init_sft", "init_demo", "sft_demo", "bt")
 HF_INIT = "hf"  # initial_policy's marker: π_0 is the model.hf_path checkpoint
 
 
@@ -394,16 +393,8 @@ def run_extrapolation(
       ``{'reward_models': {name: held-out metrics}, 'bon': {name: [per-N metrics]},
       'demo_gold', 'sft_gold'}`` (also written to ``<workdir>/afd_results.json``).
     """
-    config = spec.build(config)
+    config = spec.build(config)  # validates config.afd too (dil_jax/afd/checks.py)
     afd = config.afd
-    unknown = sorted(set(afd.reward_models) - set(REWARD_MODELS))
-    if unknown:
-        raise ConfigError(
-            f"afd.reward_models has unknown entries {unknown}; expected a subset of {REWARD_MODELS}"
-        )
-    if not afd.bon.n_values or min(afd.bon.n_values) < 1:
-        raise ConfigError(f"afd.bon.n_values={tuple(afd.bon.n_values)}: needs N >= 1")
-    reward_model.check_compatible(config.model, config.model)
     os.makedirs(workdir, exist_ok=True)
     trainer, init_params, base_dir = initial_policy(config, workdir, mesh=mesh)
     mesh = trainer.mesh

@@ -55,6 +55,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dil_jax import loop, scoring, sharding, spec
+from dil_jax.afd.checks import LEVELS, RM_LOSSES, check_classifier
 from dil_jax.data import pipeline
 from dil_jax.errors import ConfigError, DataError
 from dil_jax.metrics import MetricWriter
@@ -62,8 +63,6 @@ from dil_jax.models import build_model
 
 HEAD = "reward_head"
 BACKBONE = "backbone"
-LEVELS = ("sequence", "token")
-RM_LOSSES = ("bce", "bradley_terry")
 BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "labels")
 
 
@@ -89,32 +88,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.log_every = 20
     c.on_nonfinite = "halt"  # 'halt' | 'skip' (dil_jax/loop.py)
     return c
-
-
-def check_compatible(
-    policy_model_cfg,
-    rm_model_cfg,
-    *,
-    policy_tokenizer: str | None = None,
-    rm_tokenizer: str | None = None,
-    field: str = "reward_model.model",
-) -> None:
-    """A reward model must read the policy's token ids: same vocabulary and tokenizer.
-
-    Raises:
-      ConfigError naming ``<field>.vocab_size`` or ``<field>.tokenizer`` on a mismatch.
-    """
-    if int(rm_model_cfg.vocab_size) != int(policy_model_cfg.vocab_size):
-        raise ConfigError(
-            f"{field}.vocab_size={rm_model_cfg.vocab_size} does not match the "
-            f"policy's model.vocab_size={policy_model_cfg.vocab_size}: the reward "
-            "model must read the policy's token ids"
-        )
-    if policy_tokenizer and rm_tokenizer and policy_tokenizer != rm_tokenizer:
-        raise ConfigError(
-            f"{field}.tokenizer={rm_tokenizer!r} does not match the policy's "
-            f"tokenizer {policy_tokenizer!r}"
-        )
 
 
 # ----------------------------------------------------------------------------- the pure losses
@@ -348,12 +321,7 @@ class RewardModel:
     def __init__(self, model_cfg, rm_cfg, *, mesh, seed: int = 0, field: str = "reward_model"):
         if not isinstance(rm_cfg, spec.ClassifierSpec):
             rm_cfg = spec.freeze_section(spec.ClassifierSpec, rm_cfg, field)
-        if rm_cfg.level not in LEVELS:
-            raise ConfigError(f"{field}.level={rm_cfg.level!r}: expected one of {LEVELS}")
-        if rm_cfg.loss not in RM_LOSSES:
-            raise ConfigError(f"{field}.loss={rm_cfg.loss!r}: expected one of {RM_LOSSES}")
-        if rm_cfg.init not in ("policy", "scratch"):
-            raise ConfigError(f"{field}.init={rm_cfg.init!r}: expected 'policy' or 'scratch'")
+        check_classifier(rm_cfg, field)
         dp = sharding.data_parallel_size(mesh)
         if rm_cfg.global_batch_size <= 0 or rm_cfg.global_batch_size % dp:
             raise ConfigError(

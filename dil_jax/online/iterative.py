@@ -51,95 +51,23 @@ from dil_jax.afd import extrapolation, reward_model, rollouts
 from dil_jax.data import pipeline
 from dil_jax.errors import ConfigError
 from dil_jax.loop import TrainState
+from dil_jax.online import checks as online_checks
 from dil_jax.online import pairs as pair_builders
 from dil_jax.online import refresh
 
-PAIR_BUILDERS = ("ditto", "spin", "ranked")
-RANK_BY = ("gold", "reward_model")
+PAIR_BUILDERS, RANK_BY = online_checks.PAIR_BUILDERS, online_checks.RANK_BY
+OnlineSpec = spec.OnlineSpec
 
 
 # ----------------------------------------------------------------------------- the config
 
 
-@dataclasses.dataclass(frozen=True)
-class OnlineSpec:
-    """``config.online``, checked: the one place its fields are read (configs/base.py)."""
-
-    rounds: int
-    steps_per_round: int
-    num_prompts: int
-    samples_per_prompt: int
-    pairs: str
-    ditto_mix: tuple[float, float, float]
-    num_pairs: int
-    rank_by: str
-    reward_model_dir: str
-    reward_model_level: str
-    demo_source: str
-    match_lengths: bool
-    reference: str
-    soft_alpha: float
-    soft_every: int
-    eval_prompts: int
-    sampling: ml_collections.ConfigDict
-
-    @property
-    def pairs_per_round(self) -> int:
-        return self.num_pairs or self.num_prompts * self.samples_per_prompt
-
-
 def online_spec(section) -> OnlineSpec:
-    """Reads and checks ``config.online``; a bad field raises ConfigError naming it."""
-    s = section
-
-    def bad(field, why):
-        return ConfigError(f"online.{field}={s[field]!r}: {why}")
-
-    for field in ("rounds", "steps_per_round", "num_prompts", "samples_per_prompt"):
-        if int(s[field]) < 1:
-            raise bad(field, "must be >= 1")
-    if s.pairs not in PAIR_BUILDERS:
-        raise bad("pairs", f"expected one of {PAIR_BUILDERS}")
-    if s.pairs == "ranked" and int(s.samples_per_prompt) < 2:
-        raise bad("samples_per_prompt", "ranked pairs need at least 2 samples per prompt")
-    if s.rank_by not in RANK_BY:
-        raise bad("rank_by", f"expected one of {RANK_BY}")
-    if s.pairs == "ranked" and s.rank_by == "reward_model" and not s.reward_model_dir:
-        raise bad(
-            "reward_model_dir", "rank_by='reward_model' needs a trained reward model's workdir"
-        )
-    mix = tuple(float(x) for x in s.ditto_mix)
-    if len(mix) != 3 or min(mix) < 0 or sum(mix) <= 0:
-        raise bad("ditto_mix", "expected three non-negative shares (online, replay, intermodel)")
-    if s.reference not in refresh.REFERENCE_MODES:
-        raise bad("reference", f"expected one of {refresh.REFERENCE_MODES}")
-    if not 0.0 <= float(s.soft_alpha) <= 1.0:
-        raise bad("soft_alpha", "must lie in [0, 1]")
-    if int(s.soft_every) < 1:
-        raise bad("soft_every", "must be >= 1")
-    if int(s.num_pairs) < 0:
-        raise bad("num_pairs", "must be >= 0 (0: num_prompts * samples_per_prompt)")
-    if int(s.eval_prompts) < 0:
-        raise bad("eval_prompts", "must be >= 0")
-    return OnlineSpec(
-        rounds=int(s.rounds),
-        steps_per_round=int(s.steps_per_round),
-        num_prompts=int(s.num_prompts),
-        samples_per_prompt=int(s.samples_per_prompt),
-        pairs=s.pairs,
-        ditto_mix=mix,
-        num_pairs=int(s.num_pairs),
-        rank_by=s.rank_by,
-        reward_model_dir=s.reward_model_dir,
-        reward_model_level=s.reward_model_level,
-        demo_source=s.demo_source,
-        match_lengths=bool(s.match_lengths),
-        reference=s.reference,
-        soft_alpha=float(s.soft_alpha),
-        soft_every=int(s.soft_every),
-        eval_prompts=int(s.eval_prompts),
-        sampling=s.sampling,
-    )
+    """``config.online`` on its own, typed and checked (``spec.build`` does the same for a
+    whole run); a bad field raises ConfigError naming it."""
+    out = section if isinstance(section, OnlineSpec) else OnlineSpec.from_config(section, "online")
+    online_checks.check_online(out, "online")
+    return out
 
 
 # ----------------------------------------------------------------------------- the task
