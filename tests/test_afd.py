@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import REPO, make_tiny_config
 
-from dil_jax import logprobs, objectives, sampling, sharding, train
+from dil_jax import config_files, logprobs, objectives, sampling, sharding, spec, train
 from dil_jax.afd import extrapolation as afd
 from dil_jax.afd import rollouts
 from dil_jax.data.gold_task import DEMO_PAIR_SOURCES, GoldTask
@@ -245,3 +245,26 @@ def test_afd_main_prints_tables_not_json():
         "| disc/auc | 0.900 |",
         "| kl | 0.250 |",
     ]
+
+
+def test_afd_runs_are_explicit_stage_lists():
+    """Both AfD methods are a list of named, resumable stages (extrapolation.plan)."""
+    config = config_files.load(str(REPO / "configs" / "afd_gold.py")).get_config()
+    config.afd.reward_models = ("init_sft", "log_ratio", "bt")
+    run = spec.build(config)
+    assert [s.name for s in afd.plan(run)] == [
+        "base",
+        "sft",
+        "samples",
+        "classifier_data",
+        "rm_init_sft",
+        "rm_bt",
+        "best_of_n",
+    ]
+    assert [s.name for s in afd.plan(run, "adversarial")] == [
+        "base",
+        "demonstrations",
+        "adversarial",
+    ]
+    with pytest.raises(ValueError, match="--method='gail'"):
+        afd.plan(run, "gail")

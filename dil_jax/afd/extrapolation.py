@@ -375,89 +375,174 @@ def _pick(arrays, rows, keys=("input_ids", "attention_mask", "loss_mask")):
     return {k: np.asarray(arrays[k])[rows] for k in keys}
 
 
-def run_extrapolation(
-    config,
-    workdir: str,
-    *,
-    mesh=None,
-    gold_fn: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
-) -> dict:
-    """The whole reward-model extrapolation pipeline (module doc); resumable stage by stage.
+# ----------------------------------------------------------------------------- the stage list
 
-    Args:
-      config: a run config with an ``afd`` section (configs/afd_gold.py).
-      gold_fn: ``(prompts [n, P], responses [n, R]) -> [n]`` gold rewards; for the gold task
-        the task's own ``gold_reward`` is used when omitted. None for real data: candidates and
-        choices are saved (``bon_candidates.npz``) instead of scored.
-    Returns:
-      ``{'reward_models': {name: held-out metrics}, 'bon': {name: [per-N metrics]},
-      'demo_gold', 'sft_gold'}`` (also written to ``<workdir>/afd_results.json``).
+
+@dataclasses.dataclass
+class PipelineState:
+    """What the stages hand on to each other (filled in stage by stage)."""
+
+    config: spec.RunSpec
+    workdir: str
+    mesh: object = None
+    gold_fn: Callable | None = None
+    trainer: core.Trainer | None = None  # π_0's trainer: model, mesh, log-prob chunks
+    init_params: object = None  # π_0
+    base_dir: str = ""  # where later stages start from: π_0's workdir, or HF_INIT
+    sft_params: object = None  # π_SFT
+    sft_cfg: object = None  # the SFT stage's run (its data are the demonstrations)
+    demos: dict | None = None  # training demonstrations [n, 1, T]
+    held_out: dict | None = None  # held-out demonstrations: Best-of-N prompts
+    init_samples: dict | None = None  # one π_0 sample per reward-model prompt
+    sft_samples: dict | None = None  # ... and one π_SFT sample
+    datasets: dict = dataclasses.field(default_factory=dict)  # classifier training sets
+    lengths: dict = dataclasses.field(default_factory=dict)  # their response lengths
+    reward_models: dict = dataclasses.field(default_factory=dict)  # name -> (model, params)
+    results: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One step of an AfD pipeline: ``run`` reads and fills the :class:`PipelineState`;
+    ``output`` is what it leaves in the workdir (how it resumes: a finished training stage
+    restores its final checkpoint, cached samples are read back)."""
+
+    name: str
+    output: str
+    run: Callable[[PipelineState], None]
+
+
+def plan(config: spec.RunSpec, method: str = "extrapolation") -> list[Stage]:
+    """The stages of an AfD run in the order they run.
+
+    ``'extrapolation'``: π_0, SFT, samples, classifier data, one stage per learned reward
+    model, Best-of-N. ``'adversarial'``: π_0, the demonstrations, adversarial imitation.
     """
-    config = spec.build(config)  # validates config.afd too (dil_jax/afd/checks.py)
-    afd = config.afd
-    os.makedirs(workdir, exist_ok=True)
-    trainer, init_params, base_dir = initial_policy(config, workdir, mesh=mesh)
-    mesh = trainer.mesh
-    sft_params, sft_cfg = train_sft(config, workdir, base_dir, mesh=mesh)
-    demos, held_out = demonstration_arrays(sft_cfg)
-    task = None
-    if config.data.source == "gold_task":
-        task = GoldTask()
-        gold_fn = gold_fn or task.gold_reward
-    sampling = afd.sampling
-    width = sampling.max_new_tokens
+    base = Stage("base", "base/ (init.mode='pretrain')", _base_stage)
+    if method == "adversarial":
+        return [
+            base,
+            Stage("demonstrations", "(data cache)", _demonstrations_stage),
+            Stage("adversarial", "adversarial/", _adversarial_stage),
+        ]
+    if method != "extrapolation":
+        raise ConfigError(f"--method={method!r}: expected 'extrapolation' or 'adversarial'")
+    learned = [m for m in config.afd.reward_models if m in LEARNED]
+    return [
+        base,
+        Stage("sft", "sft/", _sft_stage),
+        Stage("samples", "samples.npz", _samples_stage),
+        Stage("classifier_data", "(data cache)", _classifier_data_stage),
+        *[
+            Stage(f"rm_{name}", f"rm_{name}/", functools.partial(_reward_model_stage, name=name))
+            for name in learned
+        ],
+        Stage("best_of_n", "bon_candidates.npz, afd_results.json", _best_of_n_stage),
+    ]
 
-    # -- samples of π_0 and π_SFT on the training prompts (cached).
-    n_rm = min(afd.rm_prompts, len(demos["input_ids"]))
-    demos_rm = _pick(demos, np.arange(n_rm))
-    sample_path = os.path.join(workdir, "samples.npz")
+
+def run_pipeline(
+    config, workdir: str, *, method: str = "extrapolation", mesh=None, gold_fn=None
+) -> PipelineState:
+    """Runs :func:`plan`'s stages in order; each resumes from what it left in ``workdir``."""
+    config = spec.build(config)  # validates config.afd too (dil_jax/afd/checks.py)
+    os.makedirs(workdir, exist_ok=True)
+    state = PipelineState(config=config, workdir=workdir, mesh=mesh, gold_fn=gold_fn)
+    for stage in plan(config, method):
+        logging.info("AfD stage %s (-> %s)", stage.name, stage.output)
+        stage.run(state)
+    return state
+
+
+def _base_stage(st: PipelineState) -> None:
+    st.trainer, st.init_params, st.base_dir = initial_policy(st.config, st.workdir, mesh=st.mesh)
+    st.mesh = st.trainer.mesh
+
+
+def _sft_stage(st: PipelineState) -> None:
+    st.sft_params, st.sft_cfg = train_sft(st.config, st.workdir, st.base_dir, mesh=st.mesh)
+    st.demos, st.held_out = demonstration_arrays(st.sft_cfg)
+
+
+def _demonstrations_stage(st: PipelineState) -> None:
+    """The demonstrations alone (no SFT run): the adversarial method's expert data."""
+    cfg = stage_config(
+        st.config,
+        data=st.config.afd.demonstrations,
+        loss="sft",
+        steps=1,
+        learning_rate=1e-3,
+        batch_size=8,
+        init_dir=st.base_dir,
+    )
+    st.demos, st.held_out = demonstration_arrays(cfg)
+
+
+def _adversarial_stage(st: PipelineState) -> None:
+    out = adversarial.train_adversarial(
+        st.config,
+        os.path.join(st.workdir, "adversarial"),
+        init_params=st.init_params,
+        demos=st.demos,
+        mesh=st.mesh,
+    )
+    st.results = {"step": out["step"], "train": out["train"]}
+
+
+def _samples_stage(st: PipelineState) -> None:
+    """One π_0 and one π_SFT sample per reward-model prompt, cached in ``samples.npz``."""
+    n_rm = min(st.config.afd.rm_prompts, len(st.demos["input_ids"]))
+    sample_path = os.path.join(st.workdir, "samples.npz")
     if os.path.exists(sample_path):
         cached = np.load(sample_path)
-        init_samples = {k[5:]: cached[k] for k in cached.files if k.startswith("init/")}
-        sft_samples = {k[4:]: cached[k] for k in cached.files if k.startswith("sft/")}
-    else:
-        prompts, prompt_mask = rollouts.prompts_from_arrays(demos_rm)
-        key = jax.random.key(config.seed + 101)
-        init_samples = rollouts.sample(
-            trainer.model,
-            init_params,
+        st.init_samples = {k[5:]: cached[k] for k in cached.files if k.startswith("init/")}
+        st.sft_samples = {k[4:]: cached[k] for k in cached.files if k.startswith("sft/")}
+        return
+    prompts, prompt_mask = rollouts.prompts_from_arrays(_pick(st.demos, np.arange(n_rm)))
+    key = jax.random.key(st.config.seed + 101)
+    st.init_samples, st.sft_samples = (
+        rollouts.sample(
+            st.trainer.model,
+            params,
             prompts,
             prompt_mask,
             1,
-            jax.random.fold_in(key, 0),
-            sampling,
-            mesh=mesh,
+            jax.random.fold_in(key, i),
+            st.config.afd.sampling,
+            mesh=st.mesh,
         )
-        sft_samples = rollouts.sample(
-            trainer.model,
-            sft_params,
-            prompts,
-            prompt_mask,
-            1,
-            jax.random.fold_in(key, 1),
-            sampling,
-            mesh=mesh,
-        )
-        np.savez(
-            sample_path + ".tmp.npz",
-            **{f"init/{k}": v for k, v in init_samples.items()},
-            **{f"sft/{k}": v for k, v in sft_samples.items()},
-        )
-        os.replace(sample_path + ".tmp.npz", sample_path)
+        for i, params in enumerate((st.init_params, st.sft_params))
+    )
+    np.savez(
+        sample_path + ".tmp.npz",
+        **{f"init/{k}": v for k, v in st.init_samples.items()},
+        **{f"sft/{k}": v for k, v in st.sft_samples.items()},
+    )
+    os.replace(sample_path + ".tmp.npz", sample_path)
 
+
+def _rm_demos(st: PipelineState) -> dict:
+    return _pick(st.demos, np.arange(min(st.config.afd.rm_prompts, len(st.demos["input_ids"]))))
+
+
+def _classifier_data_stage(st: PipelineState) -> None:
+    afd, width = st.config.afd, st.config.afd.sampling.max_new_tokens
     pref_cfg = stage_config(
-        config,
+        st.config,
         data=afd.preferences,
         loss="dpo",
         steps=1,
         learning_rate=1e-3,
         batch_size=8,
-        init_dir=base_dir,
+        init_dir=st.base_dir,
     )
     pairs = dense(pipeline.build_datasets(pref_cfg)[0])
-    datasets = classifier_datasets(demos_rm, init_samples, sft_samples, pairs, budget=width)
-    lengths = classifier_length_stats(demos_rm, init_samples, sft_samples, width)
-    for name, stats in lengths.items():
+    demos_rm = _rm_demos(st)
+    st.datasets = classifier_datasets(
+        demos_rm, st.init_samples, st.sft_samples, pairs, budget=width
+    )
+    st.lengths = classifier_length_stats(demos_rm, st.init_samples, st.sft_samples, width)
+    for name, stats in st.lengths.items():
         logging.info(
             "AfD %s classifier, response lengths before matching to %d tokens: %s",
             name,
@@ -465,59 +550,74 @@ def run_extrapolation(
             stats,
         )
 
-    # -- reward models.
-    backbone = init_params if afd.rm_backbone == "init" else sft_params
-    rm_results, rms, rm_params = {}, {}, {}
-    for name in [m for m in afd.reward_models if m in LEARNED]:
-        rm_cfg = afd.reward_model
-        if name == "bt":
-            rm_cfg = dataclasses.replace(rm_cfg, loss="bradley_terry")
-        rm = reward_model.RewardModel(config.model, rm_cfg, mesh=mesh, seed=config.seed)
-        out = reward_model.train_reward_model(
-            rm,
-            datasets[name],
-            os.path.join(workdir, f"rm_{name}"),
-            backbone_params=backbone,
-            data_description=name,
-        )
-        rms[name], rm_params[name], rm_results[name] = rm, out["params"], out["eval"]
 
-    # -- Best-of-N from π_SFT on held-out prompts.
+def _reward_model_stage(st: PipelineState, *, name: str) -> None:
+    afd = st.config.afd
+    backbone = st.init_params if afd.rm_backbone == "init" else st.sft_params
+    rm_cfg = afd.reward_model
+    if name == "bt":
+        rm_cfg = dataclasses.replace(rm_cfg, loss="bradley_terry")
+    rm = reward_model.RewardModel(st.config.model, rm_cfg, mesh=st.mesh, seed=st.config.seed)
+    out = reward_model.train_reward_model(
+        rm,
+        st.datasets[name],
+        os.path.join(st.workdir, f"rm_{name}"),
+        backbone_params=backbone,
+        data_description=name,
+    )
+    st.reward_models[name] = (rm, out["params"])
+    st.results.setdefault("reward_models", {})[name] = out["eval"]
+
+
+def _best_of_n_stage(st: PipelineState) -> None:
+    """Best-of-N from π_SFT on held-out prompts, each reward choosing among the same
+    candidates; gold metrics when a gold reward exists, else the candidates are saved."""
+    config, afd, trainer = st.config, st.config.afd, st.trainer
+    gold_fn = st.gold_fn
+    if config.data.source == "gold_task":
+        gold_fn = gold_fn or GoldTask().gold_reward
+    width = afd.sampling.max_new_tokens
     n_max = int(max(afd.bon.n_values))
-    n_eval = min(afd.bon.num_prompts, len(held_out["input_ids"]))
-    eval_demos = _pick(held_out, np.arange(n_eval))
+    n_eval = min(afd.bon.num_prompts, len(st.held_out["input_ids"]))
+    eval_demos = _pick(st.held_out, np.arange(n_eval))
     prompts, prompt_mask = rollouts.prompts_from_arrays(eval_demos)
     key = jax.random.key(config.seed + 202)
     pool = rollouts.sample(
         trainer.model,
-        sft_params,
+        st.sft_params,
         prompts,
         prompt_mask,
         n_max,
         jax.random.fold_in(key, 0),
-        sampling,
-        mesh=mesh,
+        afd.sampling,
+        mesh=st.mesh,
         field="afd.bon.n_values (max N)",
     )
     extra = rollouts.sample(
         trainer.model,
-        sft_params,
+        st.sft_params,
         prompts,
         prompt_mask,
         1,
         jax.random.fold_in(key, 1),
-        sampling,
-        mesh=mesh,
+        afd.sampling,
+        mesh=st.mesh,
     )
     scores = {}
     for name in afd.reward_models:
         if name == "log_ratio":
-            scores[name] = log_ratio_scores(trainer, sft_params, init_params, pool)
+            scores[name] = log_ratio_scores(trainer, st.sft_params, st.init_params, pool)
         else:
-            scores[name] = rms[name].score(rm_params[name], pool)
-    results = {"reward_models": rm_results, "bon": {}, "n_prompts": int(n_eval), "lengths": lengths}
+            rm, params = st.reward_models[name]
+            scores[name] = rm.score(params, pool)
+    results = {
+        "reward_models": st.results.get("reward_models", {}),
+        "bon": {},
+        "n_prompts": int(n_eval),
+        "lengths": st.lengths,
+    }
     np.savez(
-        os.path.join(workdir, "bon_candidates.npz"),
+        os.path.join(st.workdir, "bon_candidates.npz"),
         prompts=prompts,
         tokens=pool["tokens"],
         **{f"score/{k}": v for k, v in scores.items()},
@@ -528,14 +628,11 @@ def run_extrapolation(
         random_gold = gold_fn(prompts, extra["tokens"][:, 0])
         demo_resp = response_tokens(eval_demos, width)[:, 0]
         demo_gold = float(np.mean(gold_fn(prompts, demo_resp)))
+        rm_prompts = rollouts.prompts_from_arrays(_rm_demos(st))[0]
         results.update(
             demo_gold=demo_gold,
             sft_gold=float(np.mean(gold)),
-            init_sample_gold=float(
-                np.mean(
-                    gold_fn(rollouts.prompts_from_arrays(demos_rm)[0], init_samples["tokens"][:, 0])
-                )
-            ),
+            init_sample_gold=float(np.mean(gold_fn(rm_prompts, st.init_samples["tokens"][:, 0]))),
         )
         for name, s in scores.items():
             results["bon"][name] = best_of_n_metrics(
@@ -547,9 +644,33 @@ def run_extrapolation(
                 subsets=afd.bon.subsets,
                 seed=config.seed,
             )
-    with open(os.path.join(workdir, "afd_results.json"), "w") as f:
+    with open(os.path.join(st.workdir, "afd_results.json"), "w") as f:
         json.dump(results, f)
-    logging.info("AfD results written to %s", workdir)
-    results["params"] = {"init": init_params, "sft": sft_params}
-    results["trainer"] = trainer
+    logging.info("AfD results written to %s", st.workdir)
+    st.results = results
+
+
+def run_extrapolation(
+    config,
+    workdir: str,
+    *,
+    mesh=None,
+    gold_fn: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+) -> dict:
+    """The whole reward-model extrapolation pipeline (module doc; :func:`plan`), resumable
+    stage by stage.
+
+    Args:
+      config: a run config with an ``afd`` section (configs/afd_gold.py).
+      gold_fn: ``(prompts [n, P], responses [n, R]) -> [n]`` gold rewards; for the gold task
+        the task's own ``gold_reward`` is used when omitted. None for real data: candidates and
+        choices are saved (``bon_candidates.npz``) instead of scored.
+    Returns:
+      ``{'reward_models': {name: held-out metrics}, 'bon': {name: [per-N metrics]},
+      'demo_gold', 'sft_gold'}`` (also written to ``<workdir>/afd_results.json``).
+    """
+    st = run_pipeline(config, workdir, method="extrapolation", mesh=mesh, gold_fn=gold_fn)
+    results = dict(st.results)
+    results["params"] = {"init": st.init_params, "sft": st.sft_params}
+    results["trainer"] = st.trainer
     return results

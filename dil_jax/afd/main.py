@@ -6,7 +6,8 @@
 
 ``--method=extrapolation`` (default) runs ``extrapolation.run_extrapolation`` (SFT, reward
 models, Best-of-N); ``--method=adversarial`` runs reverse-KL adversarial imitation of the
-demonstrations (dil_jax.afd.adversarial) from π_0. Both resume from the workdir.
+demonstrations (dil_jax.afd.adversarial) from π_0. Each is an explicit stage list
+(``extrapolation.plan``) and resumes from the workdir stage by stage.
 
 The results print as markdown tables; the same numbers go to ``<workdir>/afd_summary.json``
 (the extrapolation's full results, per-prompt values included, are in ``afd_results.json``).
@@ -21,7 +22,6 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from dil_jax.afd import adversarial
 from dil_jax.afd import extrapolation as afd
 from dil_jax.runtime import exit_on_bad_input, parse_flags, quiet_absl_logging
 
@@ -63,25 +63,7 @@ def main(argv) -> None:
                 },
             }
         else:
-            trainer, init_params, base = afd.initial_policy(config, workdir)
-            sft_cfg = afd.stage_config(
-                config,
-                data=config.afd.demonstrations,
-                loss="sft",
-                steps=1,
-                learning_rate=1e-3,
-                batch_size=8,
-                init_dir=base,
-            )
-            demos, _ = afd.demonstration_arrays(sft_cfg)
-            out = adversarial.train_adversarial(
-                config,
-                os.path.join(workdir, "adversarial"),
-                init_params=init_params,
-                demos=demos,
-                mesh=trainer.mesh,
-            )
-            summary = {"step": out["step"], "train": out["train"]}
+            summary = afd.run_pipeline(config, workdir, method="adversarial").results
     if jax.process_index() == 0:
         path = os.path.join(workdir, "afd_summary.json")
         with open(path, "w") as f:
