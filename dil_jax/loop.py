@@ -457,23 +457,31 @@ def _run_locked(
     step_flops = getattr(task, "step_flops", None)
     peak = task.peak_flops() if step_flops is not None else None
     to_log = None  # (step, device metrics, tokens, flops): written after the next dispatch
+    # The learning rate of every step, computed once: evaluating the (jnp) schedule while
+    # logging would queue behind the step in flight and make log_every=1 serialise the device.
+    lrs = None if schedule is None else np.asarray(jax.vmap(schedule)(jnp.arange(max(end, 1))))
 
     def write_log(step, metrics, host, step_tokens, step_flops_sum) -> None:
         """Writes the record of logged ``step``; rates cover the steps since the last record."""
         nonlocal last, tick, tokens, flops
         host = {k: v for k, v in host.items() if k not in ("finite", "nonfinite_param")}
-        elapsed = max(time.perf_counter() - tick, 1e-9)
+        # The next record's interval starts now, not after this one is written: writing (and
+        # on_log's device work, which waits for the already dispatched next step) would
+        # otherwise fall between two intervals, and the next rate would count only the time
+        # after the next step had finished (tokens/s of 1e5-1e6 on a CPU).
+        now = time.perf_counter()
+        elapsed = max(now - tick, 1e-9)
         host["tokens_per_second"] = step_tokens / elapsed
         if step_flops is not None:
             host["flops_per_second"] = step_flops_sum / elapsed
             host["mfu"] = step_flops_sum / elapsed / peak
         if schedule is not None:
-            host["lr"] = float(schedule(step - 1))
+            host["lr"] = float(lrs[step - 1])
         if on_log is not None:
             host.update(on_log(host, step))
         writer.write(step, host)
         last = host
-        tick, tokens, flops = time.perf_counter(), tokens - step_tokens, flops - step_flops_sum
+        tick, tokens, flops = now, tokens - step_tokens, flops - step_flops_sum
         if bar is not None and "loss" in host:
             bar.set_postfix(loss=f"{host['loss']:.4f}")
 

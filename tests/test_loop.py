@@ -101,3 +101,31 @@ def test_held_out_metrics_at_the_last_step_too(tiny_config, tmp_path):
     evals = [r for r in records if "eval/rewards/accuracies" in r]
     assert [r["step"] for r in evals] == [4, 6]
     assert all("eval/logps/chosen" in r and "eval/logps/rejected" in r for r in evals)
+
+
+def test_logging_every_step_puts_no_work_on_the_device(tiny_config, tmp_path, monkeypatch):
+    """log_every=1 must not serialise the device: the logged learning rate comes from a table
+    computed once (evaluating the jnp schedule per record queued behind the step in flight,
+    and the next record's rate then counted only the time after that step had finished:
+    tokens/s of ~1e6 on a CPU)."""
+    calls = []
+    real_run = loop.run
+
+    def run(*args, schedule=None, **kwargs):
+        def counted(step):
+            calls.append(step)
+            return schedule(step)
+
+        return real_run(*args, schedule=counted, **kwargs)
+
+    monkeypatch.setattr(loop, "run", run)
+    config = tiny_config(**{"train.steps": 6, "train.log_every": 1, "eval.every_steps": 0})
+    train.train_and_evaluate(config, str(tmp_path))
+    assert len(calls) == 1  # traced once under vmap, before the first step
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    records = [r for r in records if "tokens_per_second" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    _, schedule = loop.make_optimizer(learning_rate=1e-3, total_steps=6, warmup_ratio=0.1)
+    np.testing.assert_allclose(
+        [r["lr"] for r in records], [float(schedule(s)) for s in range(6)], rtol=1e-6
+    )
