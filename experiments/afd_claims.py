@@ -30,11 +30,9 @@ mean ± 95% t-interval over seeds, and a verdict per claim with its reason), and
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 
@@ -49,7 +47,7 @@ from dil_jax.data.gold_task import GoldTask
 from dil_jax.runtime import exit_on_bad_input
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from stats import fmt, mean_ci, run_seeds  # noqa: E402  (experiments/stats.py)
+from stats import claims_main, fmt, mean_ci  # noqa: E402  (experiments/stats.py)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RMS = ("init_sft", "init_demo", "sft_demo", "bt", "log_ratio")
@@ -581,22 +579,14 @@ def plot(runs, out_dir: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=os.path.join(REPO, "experiments", "results"))
-    parser.add_argument("--workdir", default="/tmp/afd_claims_runs")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--reduced", action="store_true", help="CI smoke scale (not evidence)")
-    parser.add_argument("--fresh", action="store_true", help="delete --workdir first")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    if args.fresh:
-        shutil.rmtree(args.workdir, ignore_errors=True)
-    base_dir = pretrain_base(args.workdir, args.reduced)
-    runs = run_seeds(
-        args.seeds, args.workdir, lambda seed: run_seed(seed, args.reduced, args.workdir, base_dir)
+    return claims_main(
+        argv,
+        doc=__doc__,
+        workdir="/tmp/afd_claims_runs",
+        pretrain_base=pretrain_base,
+        run_seed=run_seed,
+        write_report=write_report,
     )
-    print(write_report(runs, args.out, args.reduced))
-    return 0
 
 
 if __name__ == "__main__":

@@ -7,9 +7,12 @@ the same runs agree to the last digit.
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import math
 import os
+import shutil
 from collections.abc import Callable
 
 import numpy as np
@@ -72,3 +75,32 @@ def run_seeds(seeds: int, workdir: str, run_one: Callable[[int], dict]) -> list[
             json.dump(result, f)
         runs.append(result)
     return runs
+
+
+def claims_main(
+    argv,
+    *,
+    doc: str,
+    workdir: str,
+    pretrain_base: Callable[[str, bool], str],
+    run_seed: Callable[[int, bool, str, str], dict],
+    write_report: Callable[[list[dict], str, bool], str],
+) -> int:
+    """The command line of a claims script (afd_claims.py, online_claims.py): one shared base
+    policy, then ``run_seed`` per seed (:func:`run_seeds`), then the printed report."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--workdir", default=workdir)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--reduced", action="store_true", help="CI smoke scale (not evidence)")
+    parser.add_argument("--fresh", action="store_true", help="delete --workdir first")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.fresh:
+        shutil.rmtree(args.workdir, ignore_errors=True)
+    base_dir = pretrain_base(args.workdir, args.reduced)
+    runs = run_seeds(
+        args.seeds, args.workdir, lambda seed: run_seed(seed, args.reduced, args.workdir, base_dir)
+    )
+    print(write_report(runs, args.out, args.reduced))
+    return 0
