@@ -15,13 +15,15 @@ adapters take a larger step). Statistic per run: the policy's gold reward minus 
 on the same held-out prompts (``gold_eval.json``); reported as mean ± 95 % Student-t half-width
 over seeds (experiments/stats.py). Learning rates are not tuned (one value per method).
 
-SmolLM2 (configs/dil_smollm2_ultrafeedback_lora.py, one CPU device): a short run (6 steps of
-4 pairs, lr 5e-4, inline reference) on the UltraFeedback subset cut to 128 tokens (prompts
-to their last 64); on the first 32 held-out pairs, before (adapters at B = 0: the base) and after,
-every held-out pair is scored and two accuracies reported: the share of pairs whose chosen
-response has the higher mean per-token log-likelihood under the policy ("likelihood
-accuracy"), and DIL's implicit-reward accuracy (mean log-ratio to the reference of chosen >
-rejected; ties at the start count as misses).
+SmolLM2 (configs/dil_smollm2_ultrafeedback_lora.py, one CPU device): a short run (40 steps of
+8 pairs, lr 5e-4, inline reference) on the UltraFeedback subset cut to 128 tokens (prompts
+to their last 64); on the held-out pairs (all 200 by default), before (adapters at B = 0: the
+base) and after, every pair is scored and two accuracies reported with 95 % intervals
+(normal approximation over pairs): the share of pairs whose chosen response has the higher
+mean per-token log-likelihood under the policy ("likelihood accuracy"), and DIL's
+implicit-reward accuracy, TRL's ``rewards/accuracies`` (mean log-ratio to the reference of
+chosen > rejected). Ties count one half, so the base (every implicit reward 0) scores 0.5,
+chance, rather than TRL's 0.
 
 Outputs: ``<out>/lora_claims.json`` and ``<out>/lora_claims.md``.
 """
@@ -139,6 +141,12 @@ def pair_scores(trainer, params, batches) -> np.ndarray:
     return np.concatenate(out)
 
 
+def accuracy(margins: np.ndarray) -> tuple[float, float]:
+    """Share of pairs with a positive margin (ties one half) and its 95 % half-width."""
+    p = float(np.mean((margins > 0) + 0.5 * (margins == 0)))
+    return p, 1.96 * float(np.sqrt(max(p * (1 - p), 1e-12) / len(margins)))
+
+
 def smollm2_part(args, work: str) -> dict:
     steps, eval_pairs = args.steps, args.eval_pairs
     config = smollm2_config(args.hf_dir, steps, args.batch, args.max_length)
@@ -162,22 +170,34 @@ def smollm2_part(args, work: str) -> dict:
     before = pair_scores(trainer, base, batches)  # adapters off = B = 0: the base
     after = pair_scores(trainer, lora.combine(base, adapters), batches)
     reward = after - before  # DIL's implicit reward (mean reduction), [n, 2]
+    lik_before, lik_after = (
+        accuracy(before[:, 0] - before[:, 1]),
+        accuracy(after[:, 0] - after[:, 1]),
+    )
+    rew_before, rew_after = accuracy(np.zeros(len(before))), accuracy(reward[:, 0] - reward[:, 1])
     return {
         "pairs": int(len(before)),
         "steps": steps,
         "pairs_per_step": args.batch,
         "max_length": args.max_length,
         "train_seconds": train_s,
-        "likelihood_accuracy_before": float(np.mean(before[:, 0] > before[:, 1])),
-        "likelihood_accuracy_after": float(np.mean(after[:, 0] > after[:, 1])),
-        "implicit_reward_accuracy_before": 0.0,  # all rewards are 0 at B = 0 (ties)
-        "implicit_reward_accuracy_after": float(np.mean(reward[:, 0] > reward[:, 1])),
+        "likelihood_accuracy_before": lik_before,
+        "likelihood_accuracy_after": lik_after,
+        "implicit_reward_accuracy_before": rew_before,  # every reward is 0 at B = 0: ties
+        "implicit_reward_accuracy_after": rew_after,
+        "implicit_reward_margin_after": mean_ci(reward[:, 0] - reward[:, 1]),
         "mean_margin_before": float(np.mean(before[:, 0] - before[:, 1])),
         "mean_margin_after": float(np.mean(after[:, 0] - after[:, 1])),
     }
 
 
 # ----------------------------------------------------------------------------- report
+
+
+def ci(value) -> str:
+    """``(mean, half-width)`` as ``m ± h``."""
+    m, h = value
+    return f"{m:.3f} ± {h:.3f}"
 
 
 def write_report(results: dict, out: str) -> None:
@@ -203,12 +223,18 @@ def write_report(results: dict, out: str) -> None:
         lines += [
             f"## SmolLM2-135M LoRA DIL-LSIF, {s['steps']} steps, {s['pairs']} held-out pairs",
             "",
+            f"{s['pairs_per_step']} pairs per step, max length {s['max_length']}; "
+            "95 % intervals over pairs; ties count one half",
+            "",
             "| accuracy | before | after |",
             "|---|---|---|",
-            f"| likelihood | {s['likelihood_accuracy_before']:.3f} | "
-            f"{s['likelihood_accuracy_after']:.3f} |",
-            f"| implicit reward | {s['implicit_reward_accuracy_before']:.3f} | "
-            f"{s['implicit_reward_accuracy_after']:.3f} |",
+            f"| likelihood | {ci(s['likelihood_accuracy_before'])} | "
+            f"{ci(s['likelihood_accuracy_after'])} |",
+            f"| implicit reward | {ci(s['implicit_reward_accuracy_before'])} | "
+            f"{ci(s['implicit_reward_accuracy_after'])} |",
+            "",
+            "implicit reward margin (chosen − rejected) after: "
+            f"{ci(s['implicit_reward_margin_after'])}",
             "",
         ]
     with open(os.path.join(out, "lora_claims.md"), "w") as f:
@@ -222,10 +248,10 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default="", help="run directories (default <out>/lora_runs)")
     p.add_argument("--part", default="all", choices=("all", "gold", "smollm2"))
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=6, help="SmolLM2 run length")
-    p.add_argument("--batch", type=int, default=4, help="SmolLM2 pairs per step")
+    p.add_argument("--steps", type=int, default=40, help="SmolLM2 run length")
+    p.add_argument("--batch", type=int, default=8, help="SmolLM2 pairs per step")
     p.add_argument("--max_length", type=int, default=128, help="SmolLM2 tokens per response")
-    p.add_argument("--eval_pairs", type=int, default=32, help="SmolLM2 held-out pairs scored")
+    p.add_argument("--eval_pairs", type=int, default=200, help="SmolLM2 held-out pairs scored")
     p.add_argument("--hf_dir", default=os.path.join(REPO, "runs", "smollm2_hf"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
