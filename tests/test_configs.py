@@ -14,6 +14,7 @@ from dil_jax import config_files, sharding, spec, train
 from dil_jax.afd import adversarial, reward_model
 from dil_jax.data import pipeline
 from dil_jax.errors import ConfigError
+from dil_jax.online import iterative
 
 CONFIG_FILES = sorted((REPO / "configs").glob("*.py"))
 # Config files whose get_config takes a variant argument (`--config=file.py:variant`).
@@ -29,6 +30,18 @@ def variant_id(item):
 def load_variant(path, variant):
     module = config_files.load(path)
     return module.get_config(variant) if variant else module.get_config()
+
+
+def as_run(path, top):
+    """The training run a config file describes. ``configs/online_*.py`` are run by ``python
+    -m dil_jax.online.main``: every round trains the built pairs (``iterative.round_config``)
+    while their data section reads the prompts' demonstrations."""
+    run = iterative.round_config(top) if path.name.startswith("online_") else top
+    if run.train.global_batch_size < jax.device_count():
+        # A debug config sized for one CPU device (2-pair batches; their docstrings say so):
+        # the tests' 8 simulated devices need 8, as in tests/test_dil_tables.py.
+        run.train.global_batch_size = jax.device_count()
+    return run
 
 
 def tiny_hf_dir(tmp_path, family: str) -> str:
@@ -79,7 +92,7 @@ def test_every_config_variant_resolves_and_builds_every_model(item, tmp_path):
         top.model.hf_path = tiny_hf_dir(tmp_path, top.model.family)
     elif top.model.get("hf_path") and not pathlib.Path(top.model.hf_path).is_dir():
         pytest.skip(f"{path.name} needs the Hugging Face directory {top.model.hf_path}")
-    resolved = spec.build(top)  # resolved, typed and validated
+    resolved = spec.build(as_run(path, top))  # resolved, typed and validated
     if top.model.get("hf_path"):  # the architecture is the directory's, not base.py's
         hf_cfg = json.loads((pathlib.Path(top.model.hf_path) / "config.json").read_text())
         assert resolved.model.vocab_size == hf_cfg["vocab_size"]
@@ -105,6 +118,8 @@ def test_every_config_builds_its_data_pipeline(item, tmp_path, shared_data):
     top = load_variant(path, variant)
     if top.model.get("hf_path") and not pathlib.Path(top.model.hf_path).is_dir():
         pytest.skip(f"{path.name} needs the Hugging Face directory {top.model.hf_path}")
+    if path.name.startswith("online_"):  # the rounds read demonstrations (prompts)
+        top = iterative.demonstrations_config(top, iterative.online_spec(top.online))
     for config in nested_configs(spec.build(top)):
         config = ml_collections.ConfigDict(config.to_dict())
         if config.data.source != "gold_task":
@@ -132,7 +147,7 @@ def test_every_config_builds_its_abstract_state(path):
             "GGUF: python -m dil_jax.models.gguf --smollm2 runs/smollm2_hf); "
             "tests/test_smollm2.py builds it from a fresh conversion"
         )
-    for config in nested_configs(top):
+    for config in nested_configs(as_run(path, top)):
         trainer = train.Trainer(config)
         n_params = sum(x.size for x in jax.tree.leaves(trainer.abstract_state.params))
         assert n_params > 0

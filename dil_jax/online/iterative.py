@@ -86,6 +86,32 @@ def online_step(state: TrainState, batch, *, inner_step, reference_mode, alpha, 
     return TrainState(step=new.step, params=params, opt_state=new.opt_state), metrics
 
 
+def round_config(config) -> ml_collections.ConfigDict:
+    """The preference run one round trains: ``config`` with ``online.steps_per_round`` steps,
+    the reference inline (it lives in the state, refreshable) and ``data.format='preference'``
+    (the step trains on the built pairs ``[B, 2, T]``, whatever the data section reads)."""
+    cfg = ml_collections.ConfigDict(config.to_dict())
+    cfg.train.steps = int(cfg.online.steps_per_round)
+    cfg.reference.mode = "inline"
+    cfg.data.format = "preference"
+    return cfg
+
+
+def demonstrations_config(config, spec_: OnlineSpec) -> ml_collections.ConfigDict:
+    """How the round prompts are read: ``config.data`` as SFT data (real data as it is; the
+    gold task's ``online.num_prompts`` demonstrations from ``online.demo_source``)."""
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.loss.name = "sft"
+    for key in ("beta", "reduction"):
+        c.loss[key] = None
+    c.loss.extra_terms, c.loss.sft_weight = (), 0.0
+    if c.data.source == "gold_task":
+        c.data.format = "sft"
+        c.data.response_source = spec_.demo_source
+        c.data.num_train = spec_.num_prompts
+    return c
+
+
 class OnlineRun:
     """The per-round training task for :func:`dil_jax.loop.run` (its ``Task`` protocol).
 
@@ -97,10 +123,7 @@ class OnlineRun:
     def __init__(self, config, *, mesh=None):
         config = spec.resolve(config)
         self.spec = online_spec(config.online)
-        cfg = ml_collections.ConfigDict(config.to_dict())
-        cfg.train.steps = self.spec.steps_per_round
-        cfg.reference.mode = "inline"  # the reference lives in the state (refreshable)
-        cfg.data.format = "preference"  # the step trains on the built pairs [B, 2, T]
+        cfg = round_config(config)
         self.config = cfg
         self.trainer = core.Trainer(cfg, mesh=mesh)
         t = self.trainer
@@ -199,16 +222,7 @@ def prompt_source(config, spec_: OnlineSpec):
     demonstration / SFT responses (``online.num_prompts`` of them). The gold task generates them
     from ``online.demo_source``; real data reads ``config.data`` as it is (demonstrations, or
     preference pairs whose chosen response serves as the demonstration)."""
-    c = ml_collections.ConfigDict(config.to_dict())
-    c.loss.name = "sft"
-    for key in ("beta", "reduction"):
-        c.loss[key] = None
-    c.loss.extra_terms, c.loss.sft_weight = (), 0.0
-    if c.data.source == "gold_task":
-        c.data.format = "sft"
-        c.data.response_source = spec_.demo_source
-        c.data.num_train = spec_.num_prompts
-    train, _, task = pipeline.build_datasets(c)
+    train, _, task = pipeline.build_datasets(demonstrations_config(config, spec_))
     demos = extrapolation.dense(train)
     demos = {k: v[:, :1] for k, v in demos.items() if k in pair_builders.PAIR_KEYS}  # chosen
     n = len(demos["input_ids"])
