@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from dil_jax import paths
+from dil_jax import paths, reference
 from dil_jax.errors import CheckpointError, ConfigError
 
 # Config sections that must match to resume: they define shapes, data order and the objective.
@@ -320,6 +320,11 @@ def _refuse_other_base(step_dir: str, meta: Mapping, config) -> None:
     if want is None:
         return
     have = _get(meta["config"], "lora.base_fingerprint")
+    if have is not None and not reference.comparable_fingerprints(have, want):
+        logging.warning(
+            "%s: its lora.base_fingerprint is of an older version and is not checked", step_dir
+        )
+        return
     if have != want:
         raise CheckpointError(
             f"refusing to resume from {step_dir}: lora.base_fingerprint differs (its adapters "

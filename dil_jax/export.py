@@ -176,7 +176,8 @@ def _export_lora(
     base_sharding = sharding.shardings_from_specs(mesh, adapted.base_specs)
     base = jax.jit(lambda p: lora.quantize_base(adapted.plan, p), out_shardings=base_sharding)(base)
     recorded = meta["config"].get("lora", {}).get("base_fingerprint")
-    if recorded is not None and recorded != reference.params_fingerprint(base):
+    have = reference.params_fingerprint(base)
+    if reference.comparable_fingerprints(recorded, have) and recorded != have:
         raise CheckpointError(
             f"{workdir}: lora.base_fingerprint differs: the base loaded per config.init is not "
             "the one the adapters were trained on"

@@ -25,25 +25,35 @@ from dil_jax.logprobs import sequence_logps
 TOKEN_KEYS = ("input_ids", "attention_mask", "loss_mask")
 
 
+FINGERPRINT_VERSION = "v2"  # exact bit sums; v1 (unprefixed) rounded float moments
+
+
 @jax.jit
 def _leaf_fingerprint(x):
-    """Three float32 moments of a parameter; with its path and shape, a practical identity."""
-    x = x.astype(jnp.float32).ravel()
-    wave = jnp.sin(jnp.arange(x.shape[0], dtype=jnp.float32) * 0.61803)
-    return jnp.stack([jnp.sum(x), jnp.sum(x * x), jnp.sum(x * wave)])
+    """Two wrapping uint32 sums over a parameter's float32 bits (plain and position-weighted).
+    Integer sums are exact in any order, so every mesh (any reduction order, any compilation)
+    gives the same pair; v1's rounded float moments flipped a digit when the order changed."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32).ravel(), jnp.uint32)  # [n]
+    weights = jnp.arange(bits.shape[0], dtype=jnp.uint32) * jnp.uint32(2654435761) + 1
+    return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weights, dtype=jnp.uint32)])
 
 
 def params_fingerprint(params) -> str:
-    """Hash of the parameters computed on their devices (no host copy of the model)."""
+    """Hash of the parameters' exact values, computed on their devices (no host copy of the
+    model); ``FINGERPRINT_VERSION``-prefixed."""
     h = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        moments = np.asarray(jax.device_get(_leaf_fingerprint(leaf)), np.float64)
-        # Rounded so that a different mesh (another reduction order) finds the same cache file.
-        h.update(
-            f"{sharding.path_str(path)}:{leaf.shape}:{leaf.dtype}:"
-            f"{np.array2string(moments, precision=5)}".encode()
-        )
-    return h.hexdigest()
+        sums = np.asarray(jax.device_get(_leaf_fingerprint(leaf)), np.uint32)
+        h.update(f"{sharding.path_str(path)}:{leaf.shape}:{leaf.dtype}:{sums.tolist()}".encode())
+    return f"{FINGERPRINT_VERSION}-{h.hexdigest()}"
+
+
+def comparable_fingerprints(a: str | None, b: str | None) -> bool:
+    """Whether two recorded fingerprints can be compared: both of the current version (a
+    checkpoint written with v1 fingerprints is not checked; its rounded moments were not
+    reproducible across meshes)."""
+    prefix = f"{FINGERPRINT_VERSION}-"
+    return bool(a and b and a.startswith(prefix) and b.startswith(prefix))
 
 
 def content_key(arrays, params, model_cfg) -> str:
