@@ -15,6 +15,15 @@ if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
 
 import pathlib  # noqa: E402
 
+# XLA flags of a subprocess that runs as a user would (one CPU device) but compiles at -O0 too.
+ONE_DEVICE_XLA_FLAGS = "--xla_backend_optimization_level=0"
+
+
+def one_device_env(**extra) -> dict:
+    """os.environ for a command-line subprocess: CPU, one device, -O0, plus `extra`."""
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=ONE_DEVICE_XLA_FLAGS, **extra)
+
+
 import pytest  # noqa: E402
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -28,8 +37,34 @@ def shared_data():
     return SHARED_DATA
 
 
+# The longest test files (CPU seconds on 2 cores, heaviest first). With `--dist loadfile` each
+# file runs whole on one worker in collection order, so the long ones start first and the short
+# ones fill in behind them (a 7-minute file collected last would run alone at the end).
+LONGEST_FIRST = (
+    "test_readme_commands.py",
+    "test_dil_tables.py",
+    "test_afd.py",
+    "test_experiments.py",
+    "test_train.py",
+    "test_checkpoint.py",
+    "test_multihost.py",
+    "test_sweep.py",
+    "test_smollm2.py",
+    "test_lora.py",
+    "test_online_loop.py",
+    "test_packing.py",
+    "test_online_claims.py",
+    "test_notebooks.py",
+    "test_adversarial.py",
+    "test_train_unpaired_listwise.py",
+)
+
+
 def pytest_collection_modifyitems(config, items):
     import importlib.util
+
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
 
     has_torch = importlib.util.find_spec("torch") is not None
     # Tests force JAX_PLATFORMS=cpu unless the caller set it (e.g. JAX_PLATFORMS=cuda on a GPU).

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, make_tiny_config
+from conftest import REPO, make_tiny_config, one_device_env
 
 from dil_jax import config_files, logprobs, objectives, sampling, sharding, spec, train
 from dil_jax.afd import extrapolation as afd
@@ -200,7 +200,7 @@ def test_claims_script_reduced(tmp_path):
         text=True,
         timeout=600,
         cwd=tmp_path,
-        env={**__import__("os").environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"},
+        env=one_device_env(),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = (out / "afd_claims.md").read_text()

@@ -2,19 +2,18 @@
 SIGTERM before the step loop stops with the preemption status and marker (issue 10 §3, §5)."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-from conftest import REPO, SHARED_DATA
+from conftest import REPO, SHARED_DATA, one_device_env
 from test_data_formats import BAD_CASES, GOOD
 
 GPT2_TOKENIZER = SHARED_DATA / "tokenizers" / "gpt2"
 UF_EVAL = SHARED_DATA / "ultrafeedback-binarized-subset" / "eval_clean.jsonl.gz"
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+ENV = one_device_env()
 
 
 def run_main(tmp_path, *args, module="dil_jax.main", config=None, timeout=300):

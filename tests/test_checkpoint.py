@@ -1,7 +1,6 @@
 """The checkpointed loop: exact resume, refusal of incompatible configs, SIGTERM saves."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, one_device_env
 
 from dil_jax import checkpointing, loop, metrics, sharding, train
 
@@ -94,7 +93,7 @@ def test_sigterm_saves_a_checkpoint_before_exit(tmp_path):
         "--config.data.num_train=256",
         "--config.train.global_batch_size=16",
     ]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = one_device_env()
     proc = subprocess.Popen(
         cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )

@@ -2,13 +2,12 @@
 tokenizer whose ids the model cannot read is refused in one line naming both."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO, SHARED_DATA
+from conftest import REPO, SHARED_DATA, one_device_env
 
 from dil_jax import config_files
 from dil_jax.data import pipeline
@@ -125,7 +124,7 @@ def test_cli_refuses_the_debug_configs_tokenizer_on_another_model(shared_data, t
         capture_output=True,
         text=True,
         cwd=tmp_path,
-        env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""),
+        env=one_device_env(),
         timeout=300,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -3,7 +3,7 @@
 import os
 
 import pytest
-from conftest import REPO
+from conftest import ONE_DEVICE_XLA_FLAGS, REPO
 
 nbformat = pytest.importorskip(
     "nbformat", reason="needs nbformat/nbclient/ipykernel (pip install -e '.[test]')"
@@ -16,7 +16,7 @@ def test_divergence_ablation_notebook_reduced(tmp_path, monkeypatch):
     monkeypatch.setenv("DIL_NOTEBOOK_REDUCED", "1")
     monkeypatch.setenv("DIL_NOTEBOOK_WORKDIR", str(tmp_path / "runs"))
     monkeypatch.setenv("DIL_NOTEBOOK_CONFIG", str(REPO / "configs" / "afd_gold.py"))
-    monkeypatch.setenv("XLA_FLAGS", "")  # the kernel needs one device only
+    monkeypatch.setenv("XLA_FLAGS", ONE_DEVICE_XLA_FLAGS)  # the kernel needs one device only
     nb = nbformat.read(REPO / "notebooks" / "divergence_ablation.ipynb", as_version=4)
     client = nbclient.NotebookClient(
         nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, one_device_env
 
 
 @pytest.mark.slow
@@ -23,7 +23,7 @@ def test_online_claims_reduced(tmp_path):
         capture_output=True,
         text=True,
         cwd=REPO,
-        env={**__import__("os").environ, "XLA_FLAGS": ""},
+        env=one_device_env(),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = json.loads((out / "online_claims.json").read_text())

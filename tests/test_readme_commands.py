@@ -19,7 +19,6 @@ kinds fails ``test_every_command_is_known``, so a new example gets a check with 
 """
 
 import functools
-import os
 import re
 import shlex
 import subprocess
@@ -27,7 +26,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import REPO
+from conftest import REPO, one_device_env
 
 README = REPO / "README.md"
 TRAIN_MODULES = ("dil_jax.main", "dil_jax.afd.main")
@@ -256,7 +255,7 @@ def test_debug_commands_run_as_written(tmp_path):
     """In README order, so the table and figure commands read the runs before them. Full-size
     training runs (a hub model, in the command or in its config) are left to the parse test;
     scripts whose inputs are placeholders or runs this test does not make get a flags check."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = one_device_env()
     ran = []
     for command in COMMANDS:
         if command in ran:
