@@ -35,10 +35,11 @@ def get_config() -> ConfigDict:
     config.model.param_dtype = "float32"  # ... with float32 master weights
     config.model.remat = False  # recompute each layer in the backward pass (memory for FLOPs)
     config.model.scan_layers = True  # one compiled layer body: fast compiles for deep models
-    # Attention kernel (dil_jax/models/blocks.py): 'auto' (cuDNN flash attention on a GPU in
-    # bf16/fp16, 'chunked' on TPU, else the einsum), 'xla' (float32 einsum, the reference),
-    # 'dot_product' (jax.nn.dot_product_attention's XLA path), 'cudnn', 'chunked' (the einsum
-    # over query blocks recomputed in the backward: memory). Softcapped Gemma 2: no cudnn.
+    # Attention kernel (dil_jax/models/attention.py): 'auto' (cuDNN flash attention on a GPU
+    # in bf16/fp16, Pallas splash attention on TPU, else the einsum), 'xla' (float32 einsum,
+    # the reference), 'dot_product' (jax.nn.dot_product_attention's XLA path), 'cudnn',
+    # 'chunked' (the einsum over query blocks recomputed in the backward: memory), 'splash'
+    # (interpret mode off TPU; prefix-shared rows fall back to 'chunked'). Gemma 2: no cudnn.
     config.model.attention = "auto"
     # A Hugging Face model directory or hub id: its config.json defines the architecture (the
     # fields above are then ignored) and init.mode='hf' loads its weights.

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dil_jax.models import blocks
+from dil_jax.models import attention
 
 Array = jax.Array
 
@@ -361,7 +361,7 @@ def sequence_logps(
     b, r, t = ids.shape
     flat = {k: batch[k].reshape(b * r, t) for k in ("segment_ids", "positions") if k in batch}
     if "branch_ids" in batch:  # prefix sharing: branch masks and position-measured windows
-        flat["segment_ids"] = blocks.Segments(
+        flat["segment_ids"] = attention.Segments(
             flat["segment_ids"], batch["branch_ids"].reshape(b * r, t), flat["positions"]
         )
     hidden, _ = model.apply(

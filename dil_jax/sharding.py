@@ -138,7 +138,7 @@ def match_partition_rules(rules: Sequence[tuple[str, P]], tree, mesh: Mesh | Non
                         f"partition rule {pattern.pattern!r} -> {spec} has more "
                         f"entries than parameter {name} of shape {shape}"
                     )
-                return _fit_spec(spec, shape, mesh) if mesh is not None else spec
+                return fit_spec(spec, shape, mesh) if mesh is not None else spec
         raise ValueError(
             f"no partition rule matches parameter {name!r} (shape {shape}); add a "
             "rule to the model family's partition_rules()"
@@ -147,7 +147,9 @@ def match_partition_rules(rules: Sequence[tuple[str, P]], tree, mesh: Mesh | Non
     return jax.tree_util.tree_map_with_path(spec_for, tree)
 
 
-def _fit_spec(spec: P, shape: tuple[int, ...], mesh) -> P:
+def fit_spec(spec: P, shape: tuple[int, ...], mesh) -> P:
+    """`spec` for an array of `shape`, with each dimension its mesh axes do not divide left
+    unsplit (replicated)."""
     fitted = []
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
         names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
@@ -171,7 +173,7 @@ def constrain(x: jax.Array, spec: P) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    return jax.lax.with_sharding_constraint(x, _fit_spec(spec, x.shape, mesh))
+    return jax.lax.with_sharding_constraint(x, fit_spec(spec, x.shape, mesh))
 
 
 def constrain_batch(x: jax.Array) -> jax.Array:

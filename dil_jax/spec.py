@@ -206,7 +206,7 @@ class ModelSpec(Section):
     remat: bool = False
     scan_layers: bool = True
     hf_path: str | None = None
-    attention: str = "auto"  # the attention kernel (models/blocks.ATTENTION_IMPLEMENTATIONS)
+    attention: str = "auto"  # the attention kernel (models/attention.IMPLEMENTATIONS)
     # generic architecture fields (family-independent names); None: not given
     vocab_size: int | None = None
     hidden_size: int | None = None

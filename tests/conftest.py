@@ -69,6 +69,7 @@ def pytest_collection_modifyitems(config, items):
     has_torch = importlib.util.find_spec("torch") is not None
     # Tests force JAX_PLATFORMS=cpu unless the caller set it (e.g. JAX_PLATFORMS=cuda on a GPU).
     has_gpu = os.environ.get("JAX_PLATFORMS", "") in ("cuda", "gpu")
+    has_tpu = os.environ.get("JAX_PLATFORMS", "") == "tpu"
     for item in items:
         if "torch" in item.keywords and not has_torch:
             item.add_marker(
@@ -76,6 +77,8 @@ def pytest_collection_modifyitems(config, items):
             )
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(pytest.mark.skip(reason="no GPU visible to JAX on this machine"))
+        if "tpu" in item.keywords and not has_tpu:
+            item.add_marker(pytest.mark.skip(reason="no TPU (run with JAX_PLATFORMS=tpu)"))
 
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -7,6 +7,8 @@ tokenizer) through the train step's own statistics, and per model family on rand
 (Gemma 2's sliding window and GPT-2's learned positions included).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -257,9 +259,9 @@ def test_fused_attention_matches_the_einsum_on_every_mask(name, impl, monkeypatc
     prefix-shared rows (causal, padding, segment and branch masks at once)."""
     import family_checks as fc
 
-    from dil_jax.models import blocks
+    from dil_jax.models import attention
 
-    monkeypatch.setattr(blocks, "ATTENTION_BLOCK", 8)  # rows of 48 tokens: 6 blocks
+    monkeypatch.setattr(attention, "BLOCK", 8)  # rows of 48 tokens: 6 blocks
 
     model_cls, cfg, family = FAMILIES[name]
     data = synthetic_pairs(vocab=cfg.vocab_size)
@@ -282,16 +284,72 @@ def test_fused_attention_matches_the_einsum_on_every_mask(name, impl, monkeypatc
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
 
-def test_attention_choice_resolves_per_backend():
-    from dil_jax.models import blocks
+MISTRAL_CFG = dataclasses.replace(
+    LLAMA_CFG, model_type="mistral", sliding_window=3, attention_bias=False
+)
+SPLASH_FAMILIES = {
+    **{k: FAMILIES[k] for k in ("gpt2", "gpt_neox", "gemma2_window4")},
+    "mistral_window3": (llama.LlamaForCausalLM, MISTRAL_CFG, llama.FAMILY),
+}
 
-    assert blocks.resolve_attention("auto", jnp.float32, None) == "xla"  # CPU
-    assert blocks.resolve_attention("dot_product", jnp.float32, 5.0) == "xla"  # softcap
-    assert blocks.resolve_attention("chunked", jnp.float32, 5.0) == "chunked"
+
+@pytest.mark.parametrize("name", SPLASH_FAMILIES)
+def test_splash_attention_matches_the_einsum(name):
+    """model.attention='splash' (Pallas splash attention, interpret mode on CPU) gives the
+    einsum's log-probs and gradients on padded and packed rows (causal + padding + segment ids,
+    a sliding window by slot, Gemma 2's score softcap and its per-layer window choice, scanned
+    and unrolled), and under an 8-device mesh (shard_map: rows over the batch axes, heads over
+    'tensor'). Prefix-shared rows have no segment-id form: splash falls back to 'chunked'."""
+    import family_checks as fc
+
+    from dil_jax.models import attention
+
+    model_cls, cfg, family = SPLASH_FAMILIES[name]
+    data = synthetic_pairs(vocab=cfg.vocab_size)
+    rows = np.arange(len(data))
+    params = {scan: fc.random_params(model_cls(cfg, scan_layers=scan)) for scan in (True, False)}
+    mesh = sharding.make_mesh((2, 2, 2))
+    cases = {  # (layout, scanned layers, mesh): each code path once (interpret mode is slow)
+        "gpt2": [("packed", True, None)],
+        "gpt_neox": [("padded", True, None), ("packed", True, mesh)],
+        "gemma2_window4": [("packed", True, None), ("packed", False, None)],  # traced / static
+        "mistral_window3": [("packed", True, None)],
+    }[name]
+    for layout, scan, case_mesh in cases:
+        source = lay_out(data, rows, "bucketed" if layout == "padded" else layout, 24)
+        batch = {k: jnp.asarray(v) for k, v in source.items()}
+        results = {}
+        for kind in ("xla", "splash"):
+            model = model_cls(cfg, attention=kind, scan_layers=scan)
+
+            def total(p, model=model, batch=batch):
+                return jnp.sum(logprobs.sequence_logps(model, family, p, batch).sum_logps)
+
+            if case_mesh is None:
+                results[kind] = jax.jit(jax.value_and_grad(total))(params[scan])
+            else:
+                with jax.set_mesh(case_mesh):
+                    results[kind] = jax.jit(jax.value_and_grad(total))(params[scan])
+        (want, want_g), (got, got_g) = results["xla"], results["splash"]
+        where = f"{layout}, scan={scan}, mesh={case_mesh is not None}"
+        np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=where)
+        largest = max(float(jnp.max(jnp.abs(w))) for w in jax.tree.leaves(want_g))
+        for g, w in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g), strict=True):
+            np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * largest, err_msg=where)
+    assert attention.resolve("splash", jnp.float32, None, has_ids=False) == "chunked"
+
+
+def test_attention_choice_resolves_per_backend():
+    from dil_jax.models import attention
+
+    assert attention.resolve("auto", jnp.float32, None) == "xla"  # CPU
+    assert attention.resolve("splash", jnp.float32, 5.0) == "splash"  # softcap: in the kernel
+    assert attention.resolve("dot_product", jnp.float32, 5.0) == "xla"  # softcap
+    assert attention.resolve("chunked", jnp.float32, 5.0) == "chunked"
     with pytest.raises(ValueError, match="needs a GPU"):
-        blocks.resolve_attention("cudnn", jnp.bfloat16, None)
+        attention.resolve("cudnn", jnp.bfloat16, None)
     with pytest.raises(ValueError, match="config.model.attention='flash'"):
-        blocks.resolve_attention("flash", jnp.float32, None)
+        attention.resolve("flash", jnp.float32, None)
 
 
 @pytest.mark.gpu
@@ -311,6 +369,28 @@ def test_cudnn_attention_matches_the_einsum_on_gpu():
         model = model_cls(cfg, dtype=jnp.bfloat16, attention=impl)
         out[impl] = np.asarray(logprobs.sequence_logps(model, family, params, batch).sum_logps)
     np.testing.assert_allclose(out["cudnn"], out["xla"], rtol=2e-2)
+
+
+@pytest.mark.tpu
+def test_splash_attention_matches_the_einsum_on_tpu():
+    """On a TPU: the compiled splash kernel (bf16) == the einsum (bf16) on packed rows, and
+    'auto' picks it."""
+    import family_checks as fc
+
+    from dil_jax.models import attention
+
+    assert attention.resolve("auto", jnp.bfloat16, None) == "splash"
+    model_cls, cfg, family = FAMILIES["llama"]
+    data = synthetic_pairs(vocab=cfg.vocab_size)
+    batch = {
+        k: jnp.asarray(v) for k, v in lay_out(data, np.arange(len(data)), "packed", 24).items()
+    }
+    params = fc.random_params(model_cls(cfg))
+    out = {}
+    for impl in ("xla", "splash"):
+        model = model_cls(cfg, dtype=jnp.bfloat16, attention=impl)
+        out[impl] = np.asarray(logprobs.sequence_logps(model, family, params, batch).sum_logps)
+    np.testing.assert_allclose(out["splash"], out["xla"], rtol=2e-2)
 
 
 def test_layouts_refuse_what_they_cannot_express():

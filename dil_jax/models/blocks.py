@@ -2,11 +2,10 @@
 
 Everything here is family-agnostic: dense/RMSNorm/LayerNorm with Hugging Face parameter names,
 RoPE (HF rotate-half convention, optional Llama 3.1 frequency scaling) and default positions,
-attention masks for padded, packed (`segment_ids`), cached and sliding-window attention, the
-float32 grouped-query attention core (with Gemma 2's logit softcap), the KV cache, the
-scanned/unrolled layer stack, and `CausalLM`, the wrapper that turns a family's backbone into
-the causal LM the trainer and sampler call (defaults, tied/untied head, `output=`). A family
-file (llama.py, gpt2.py, gpt_neox.py, gemma.py) adds only its config, layers and maps.
+the KV cache, the scanned/unrolled layer stack, and `CausalLM`, the wrapper that turns a
+family's backbone into the causal LM the trainer and sampler call (defaults, tied/untied head,
+`output=`). Attention masks and kernels live in `attention.py`. A family file (llama.py,
+gpt2.py, gpt_neox.py, gemma.py) adds only its config, layers and maps.
 
 The model is a pure function of its inputs: the KV cache is an explicit pytree argument and
 return value (no flax mutable collections), so the sampler can carry it through
@@ -19,7 +18,6 @@ einsums).
 
 from __future__ import annotations
 
-import contextvars
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple
@@ -28,6 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dil_jax.models import attention
 
 # Activations by their `transformers` ACT2FN names. gelu_new / gelu_pytorch_tanh / gelu_fast
 # are the same function (tanh approximation) written three ways.
@@ -194,217 +194,12 @@ def default_attention_mask(input_ids: jax.Array, segment_ids: jax.Array | None) 
     return (segment_ids > 0).astype(jnp.int32)
 
 
-class Segments(NamedTuple):
-    """Packed rows with prefix sharing: what `segment_ids` may be instead of an array.
-
-    ids: [B, T] example per token (0 = padding), as plain `segment_ids`;
-    branch: [B, T] 0 on an example's shared prefix, j + 1 on its response j: a token attends
-      to keys of its own example on the prefix or on its own branch;
-    positions: [B, T] the tokens' positions, which restart at the prefix's end in every
-      branch, so the sliding window is measured in positions, not slots.
-    """
-
-    ids: jax.Array
-    branch: jax.Array
-    positions: jax.Array
-
-
-class Masks(NamedTuple):
-    """Attention masks for one call; full/local: [B, T, S] bool (True = may attend)."""
-
-    full: jax.Array
-    local: jax.Array | None  # full & within the sliding window; None without a window
-    key_mask: jax.Array  # [B, S] int32, 1 where a key slot holds a real token
-    index: jax.Array  # [] int32, slot of this call's first token
-
-
-def make_masks(
-    attention_mask: jax.Array,
-    segment_ids: jax.Array | None,
-    cache: KVCache | None,
-    sliding_window: int | None = None,
-) -> Masks:
-    """Causal (by slot), key-padding, packing and optional sliding-window masks.
-
-    Query t sits at slot index + t. Slot distance equals position distance for real tokens
-    (padding is only at the ends of a row or segment), so the window `q - k < sliding_window`
-    (HF's `kv_idx > q_idx - sliding_window`) is applied on slots.
-
-    Args:
-      attention_mask: [B, T], 1 = real token.
-      segment_ids: [B, T] or None; tokens attend only to keys with an equal id. Or a
-        `Segments` (prefix sharing; the window then counts positions). Not supported
-        together with a cache (packing is a training-time layout).
-      cache: None or a KVCache; its mask gets this call's `attention_mask` written in.
-      sliding_window: if given, also build the local mask.
-    """
-    B, T = attention_mask.shape
-    if cache is None:
-        index = jnp.zeros((), jnp.int32)
-        key_mask = attention_mask.astype(jnp.int32)  # [B, S=T]
-    else:
-        if segment_ids is not None:
-            raise ValueError("segment_ids (packed sequences) cannot be combined with a KV cache")
-        index = cache.index
-        key_mask = jax.lax.dynamic_update_slice(
-            cache.mask, attention_mask.astype(cache.mask.dtype), (0, index)
-        )  # [B, S]
-    S = key_mask.shape[1]
-    distance = index + jnp.arange(T)[:, None] - jnp.arange(S)[None, :]  # [T, S] q slot - k slot
-    full = (distance >= 0)[None] & (key_mask[:, None, :] > 0)  # [B, T, S]
-    if isinstance(segment_ids, Segments):  # prefix sharing: own example, prefix or own branch
-        seg, branch = segment_ids.ids, segment_ids.branch  # [B, T]
-        full = full & (seg[:, :, None] == seg[:, None, :])
-        full = full & ((branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :]))
-        pos = segment_ids.positions
-        distance = pos[:, :, None] - pos[:, None, :]  # [B, T, S]: positions, not slots
-    elif segment_ids is not None:
-        full = full & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    local = None
-    if sliding_window is not None:
-        window = distance < sliding_window  # [T, S], or [B, T, S] by positions
-        local = full & (window if window.ndim == 3 else window[None])
-    return Masks(full, local, key_mask, index)
-
-
 def update_cache(cache_k, cache_v, k, v, index):
     """Write k/v [B, T, K, Dh] at slots [index, index + T) of cache_k/v [B, S, K, Dh]."""
     start = (0, index, 0, 0)
     cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
     cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
     return cache_k, cache_v
-
-
-# `config.model.attention`: which attention kernel runs the core (`attention` below).
-#   'xla': the float32 einsum (the reference; every mask, Gemma 2's score softcap);
-#   'dot_product': jax.nn.dot_product_attention's XLA implementation (any backend);
-#   'cudnn': jax.nn.dot_product_attention's cuDNN flash attention (GPU, bf16/fp16);
-#   'chunked': the einsum over blocks of ATTENTION_BLOCK queries, each recomputed in the
-#     backward pass: one block's scores live at a time (memory; any backend, any mask);
-#   'auto': cudnn on a GPU in bf16/fp16, chunked on TPU, else xla.
-# Every mask (causal, padding, packed segments, prefix-sharing branches, sliding window) reaches
-# the fused kernels as the same dense [B, T, S] boolean, so none has to express it itself; the
-# score softcap has no fused form, so a softcapped model (Gemma 2) runs 'xla' (or 'chunked').
-# (Pallas splash attention on TPU is not wired in: 'auto' runs 'chunked' there.)
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "dot_product", "cudnn", "chunked")
-ATTENTION_BLOCK = 512  # queries per block of 'chunked'
-_ATTENTION = contextvars.ContextVar("dil_jax_attention", default="xla")
-
-
-def resolve_attention(requested: str, dtype, logit_softcap: float | None) -> str:
-    """The kernel that runs for `requested` on this backend: 'xla', 'dot_product', 'cudnn' or
-    'chunked'."""
-    if requested not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(
-            f"config.model.attention={requested!r}: expected one of {ATTENTION_IMPLEMENTATIONS}"
-        )
-    backend = jax.default_backend()
-    if requested == "auto":
-        low_precision = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-        if backend == "gpu" and low_precision and logit_softcap is None:
-            return "cudnn"
-        return "chunked" if backend == "tpu" else "xla"
-    if logit_softcap is not None and requested in ("dot_product", "cudnn"):
-        return "xla"  # no fused kernel takes a softcap on the scores
-    low_precision = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    if requested == "cudnn" and (backend != "gpu" or not low_precision):
-        raise ValueError(
-            "config.model.attention='cudnn' needs a GPU and model.dtype bfloat16/float16 "
-            f"(backend {jax.default_backend()!r}, dtype {jnp.dtype(dtype).name})"
-        )
-    return requested
-
-
-class use_attention:  # noqa: N801 (a context manager, used like a function)
-    """Within the block, `attention` runs the kernel `name` (`config.model.attention`)."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def __enter__(self):
-        self._token = _ATTENTION.set(self.name)
-
-    def __exit__(self, *exc):
-        _ATTENTION.reset(self._token)
-
-
-def _fused_attention(q, k, v, mask, *, scale: float, implementation: str, dtype) -> jax.Array:
-    """jax.nn.dot_product_attention on q [B, T, H, Dh], k, v [B, S, K, Dh], mask [B, T, S]."""
-    B, T, H, Dh = q.shape
-    # A query with no allowed key (padding) attends to its own slot instead: its output is
-    # ignored, and no row of the softmax is empty (NaN-free in every implementation).
-    empty = ~jnp.any(mask, axis=-1, keepdims=True)  # [B, T, 1]
-    own = jnp.arange(T)[:, None] == jnp.arange(mask.shape[-1])[None, :]  # [T, S]
-    mask = mask | (empty & own[None])
-    out = jax.nn.dot_product_attention(
-        q.astype(dtype),
-        k.astype(dtype),
-        v.astype(dtype),
-        mask=mask[:, None],  # [B, 1, T, S]
-        scale=scale,
-        implementation="cudnn" if implementation == "cudnn" else "xla",
-    )  # [B, T, H, Dh]
-    return out.reshape(B, T, H * Dh).astype(dtype)
-
-
-def attention(
-    q, k, v, mask, *, scale: float, logit_softcap: float | None = None, dtype=jnp.float32
-) -> jax.Array:
-    """Grouped-query attention core.
-
-    q [B, T, H, Dh]; k, v [B, S, K, Dh]; mask [B, T, S] bool. Returns [B, T, H * Dh] in dtype.
-    Scores, softcap and softmax run in float32; a finite large negative (not -inf) keeps fully
-    masked rows (queries at padding) NaN-free. The kernel is the one `use_attention` selected
-    (`resolve_attention`); this einsum is 'xla'.
-    """
-    impl = resolve_attention(_ATTENTION.get(), dtype, logit_softcap)
-    if impl == "chunked":
-        return _chunked_attention(
-            q, k, v, mask, scale=scale, logit_softcap=logit_softcap, dtype=dtype
-        )
-    if impl != "xla":
-        return _fused_attention(q, k, v, mask, scale=scale, implementation=impl, dtype=dtype)
-    return _einsum_attention(q, k, v, mask, scale=scale, logit_softcap=logit_softcap, dtype=dtype)
-
-
-def _chunked_attention(q, k, v, mask, *, scale, logit_softcap, dtype) -> jax.Array:
-    """The einsum over blocks of `ATTENTION_BLOCK` queries, one at a time, each block
-    recomputed in the backward pass (`jax.checkpoint`): only one block's float32 scores
-    [B, K, G, Tq, S] are ever live, instead of the whole [B, K, G, T, S]. Same numbers as
-    'xla'; a sequence that is not a multiple of the block (or is one block) runs the einsum."""
-    B, T, H, Dh = q.shape
-    n = T // ATTENTION_BLOCK
-    if n < 2 or T % ATTENTION_BLOCK:
-        return _einsum_attention(
-            q, k, v, mask, scale=scale, logit_softcap=logit_softcap, dtype=dtype
-        )
-    qb = q.reshape(B, n, ATTENTION_BLOCK, H, Dh).swapaxes(0, 1)  # [n, B, Tq, H, Dh]
-    mb = mask.reshape(B, n, ATTENTION_BLOCK, mask.shape[-1]).swapaxes(0, 1)  # [n, B, Tq, S]
-
-    @jax.checkpoint
-    def block(xs):
-        q_c, m_c = xs
-        return _einsum_attention(
-            q_c, k, v, m_c, scale=scale, logit_softcap=logit_softcap, dtype=dtype
-        )  # [B, Tq, H * Dh]
-
-    out = jax.lax.map(block, (qb, mb))  # [n, B, Tq, H * Dh]
-    return out.swapaxes(0, 1).reshape(B, T, H * Dh)
-
-
-def _einsum_attention(q, k, v, mask, *, scale, logit_softcap, dtype) -> jax.Array:
-    """The float32 einsum core ('xla'): q [B, T, H, Dh]; k, v [B, S, K, Dh]; mask [B, T, S]."""
-    B, T, H, Dh = q.shape
-    K = k.shape[2]
-    q = q.reshape(B, T, K, H // K, Dh)
-    scores = jnp.einsum("BTKGd,BSKd->BKGTS", q, k, preferred_element_type=jnp.float32)
-    scores = scores * scale
-    if logit_softcap is not None:
-        scores = logit_softcap * jnp.tanh(scores / logit_softcap)  # Gemma 2, before the mask
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)  # [B, K, G, T, S]
-    out = jnp.einsum("BKGTS,BSKd->BTKGd", probs, v.astype(dtype))
-    return out.reshape(B, T, H * Dh)
 
 
 def layer_stack(
@@ -461,7 +256,9 @@ def layer_stack(
     return h, jnp.stack(new_ks), jnp.stack(new_vs)
 
 
-def next_cache(cache: KVCache | None, new_k, new_v, masks: Masks, T: int) -> KVCache | None:
+def next_cache(
+    cache: KVCache | None, new_k, new_v, masks: attention.Masks, T: int
+) -> KVCache | None:
     """The cache after a call of T tokens (None without a cache): `layer_stack`'s new k/v, the
     key mask with this call written in, the index advanced by T."""
     if cache is None:
@@ -492,7 +289,7 @@ class CausalLM(nn.Module):
     param_dtype: Any = jnp.float32  # storage dtype
     remat: bool = False  # jax.checkpoint each layer
     scan_layers: bool = True  # nn.scan over layers: params get a leading [L] axis
-    attention: str = "xla"  # the attention kernel (ATTENTION_IMPLEMENTATIONS)
+    attention: str = "xla"  # the attention kernel (attention.IMPLEMENTATIONS)
 
     backbone: ClassVar[type[nn.Module]]
     backbone_name: ClassVar[str] = "model"
@@ -545,7 +342,7 @@ class CausalLM(nn.Module):
             attention_mask = default_attention_mask(input_ids, segment_ids)
         if positions is None:
             positions = default_positions(attention_mask, segment_ids, cache)
-        with use_attention(self.attention):  # read by `attention` while the layers trace
+        with attention.use(self.attention):  # read by `attention.attend` as the layers trace
             h, new_cache = self.backbone(
                 cfg,
                 self.dtype,

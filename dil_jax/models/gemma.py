@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from dil_jax.models import blocks
+from dil_jax.models import attention, blocks
 from dil_jax.models.family import ArchConfig, Family, HFParam, identity, layer_entries, transpose
 from dil_jax.sharding import constrain_batch
 
@@ -224,8 +224,9 @@ class GemmaAttention(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache_k, cache_v, index):
-        """x [B, T, D]; cos/sin [B, T, Dh]; mask [B, T, S]; cache_k/v [B, S, K, Dh] or None."""
+    def __call__(self, x, cos, sin, masks, is_sliding, cache_k, cache_v):
+        """x [B, T, D]; cos/sin [B, T, Dh]; masks: `attention.Masks`; is_sliding: [] bool, this
+        layer uses the sliding window; cache_k/v [B, S, K, Dh] or None."""
         cfg = self.config
         B, T, D = x.shape
         H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -237,11 +238,19 @@ class GemmaAttention(nn.Module):
         v = dense(K * Dh, "v_proj")(x).reshape(B, T, K, Dh)
         q, k = blocks.apply_rope(q, cos, sin), blocks.apply_rope(k, cos, sin)
         if cache_k is not None:
-            cache_k, cache_v = blocks.update_cache(cache_k, cache_v, k, v, index)
+            cache_k, cache_v = blocks.update_cache(cache_k, cache_v, k, v, masks.index)
             k, v = cache_k, cache_v  # [B, S, K, Dh]
         scale = (cfg.query_pre_attn_scalar or Dh) ** -0.5
-        out = blocks.attention(
-            q, k, v, mask, scale=scale, logit_softcap=cfg.attn_logit_softcapping, dtype=self.dtype
+        out = attention.attend(
+            q,
+            k,
+            v,
+            masks,
+            scale=scale,
+            window=cfg.sliding_window,
+            sliding=is_sliding,
+            logit_softcap=cfg.attn_logit_softcapping,
+            dtype=self.dtype,
         )
         return dense(D, "o_proj")(out), cache_k, cache_v  # [B, T, D]
 
@@ -271,12 +280,11 @@ class GemmaDecoderLayer(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, h, cache_k, cache_v, is_sliding, cos, sin, full_mask, local_mask, index):
+    def __call__(self, h, cache_k, cache_v, is_sliding, cos, sin, masks):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = lambda name: GemmaRMSNorm(cfg.rms_norm_eps, name=name, **kw)  # noqa: E731
-        mask = full_mask if local_mask is None else jnp.where(is_sliding, local_mask, full_mask)
         attn, cache_k, cache_v = GemmaAttention(cfg, name="self_attn", **kw)(
-            norm("input_layernorm")(h), cos, sin, mask, cache_k, cache_v, index
+            norm("input_layernorm")(h), cos, sin, masks, is_sliding, cache_k, cache_v
         )
         if cfg.is_gemma2:
             h = h + norm("post_attention_layernorm")(attn)
@@ -317,7 +325,7 @@ class GemmaModel(nn.Module):
             or [False] * cfg.num_hidden_layers
         )  # [L]
         window = cfg.sliding_window if is_sliding.any() else None
-        masks = blocks.make_masks(attention_mask, segment_ids, cache, window)
+        masks = attention.make_masks(attention_mask, segment_ids, cache, window)
         h, new_k, new_v = blocks.layer_stack(
             GemmaDecoderLayer,
             (cfg,),
@@ -327,7 +335,7 @@ class GemmaModel(nn.Module):
             h=h,
             cache=cache,
             per_layer=(is_sliding,),
-            shared=(cos, sin, masks.full, masks.local, masks.index),
+            shared=(cos, sin, masks),
             remat=self.remat,
             scan_layers=self.scan_layers,
         )

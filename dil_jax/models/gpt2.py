@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from dil_jax.models import blocks
+from dil_jax.models import attention, blocks
 from dil_jax.models.family import ArchConfig, Family, HFParam, identity, layer_entries, transpose
 from dil_jax.sharding import constrain_batch
 
@@ -110,17 +110,17 @@ class GPT2Attention(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, scale, mask, cache_k, cache_v, index):
-        """x [B, T, D]; scale [] (per layer); mask [B, T, S]; cache_k/v [B, S, H, Dh]."""
+    def __call__(self, x, scale, masks, cache_k, cache_v):
+        """x [B, T, D]; scale [] (per layer); masks: `attention.Masks`; cache_k/v [B, S, H, Dh]."""
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         B, T, D = x.shape
         H, Dh = cfg.n_head, cfg.head_dim
         qkv = blocks.dense(3 * D, True, name="c_attn", **kw)(x).reshape(B, T, 3, H, Dh)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, Dh]
         if cache_k is not None:
-            cache_k, cache_v = blocks.update_cache(cache_k, cache_v, k, v, index)
+            cache_k, cache_v = blocks.update_cache(cache_k, cache_v, k, v, masks.index)
             k, v = cache_k, cache_v  # [B, S, H, Dh]
-        out = blocks.attention(q, k, v, mask, scale=scale, dtype=self.dtype)  # [B, T, D]
+        out = attention.attend(q, k, v, masks, scale=scale, dtype=self.dtype)  # [B, T, D]
         return blocks.dense(D, True, name="c_proj", **kw)(out), cache_k, cache_v
 
 
@@ -147,11 +147,11 @@ class GPT2Block(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, h, cache_k, cache_v, scale, mask, index):
+    def __call__(self, h, cache_k, cache_v, scale, masks):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         eps = cfg.layer_norm_epsilon
         attn, cache_k, cache_v = GPT2Attention(cfg, name="attn", **kw)(
-            blocks.LayerNorm(eps, name="ln_1", **kw)(h), scale, mask, cache_k, cache_v, index
+            blocks.LayerNorm(eps, name="ln_1", **kw)(h), scale, masks, cache_k, cache_v
         )
         h = h + attn
         h = h + GPT2MLP(cfg, name="mlp", **kw)(blocks.LayerNorm(eps, name="ln_2", **kw)(h))
@@ -180,7 +180,7 @@ class GPT2Model(nn.Module):
         scale = np.full(cfg.n_layer, cfg.head_dim**-0.5 if cfg.scale_attn_weights else 1.0)
         if cfg.scale_attn_by_inverse_layer_idx:
             scale = scale / np.arange(1, cfg.n_layer + 1)
-        masks = blocks.make_masks(attention_mask, segment_ids, cache)
+        masks = attention.make_masks(attention_mask, segment_ids, cache)
         h, new_k, new_v = blocks.layer_stack(
             GPT2Block,
             (cfg,),
@@ -190,7 +190,7 @@ class GPT2Model(nn.Module):
             h=h,
             cache=cache,
             per_layer=(scale.astype(np.float32),),
-            shared=(masks.full, masks.index),
+            shared=(masks,),
             remat=self.remat,
             scan_layers=self.scan_layers,
         )

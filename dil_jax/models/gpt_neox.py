@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from dil_jax.models import blocks
+from dil_jax.models import attention, blocks
 from dil_jax.models.family import ArchConfig, Family, HFParam, identity, layer_entries, transpose
 from dil_jax.sharding import constrain_batch
 
@@ -133,8 +133,9 @@ class GPTNeoXAttention(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache_k, cache_v, index):
-        """x [B, T, D]; cos/sin [B, T, R]; mask [B, T, S]; cache_k/v [B, S, H, Dh] or None."""
+    def __call__(self, x, cos, sin, masks, cache_k, cache_v):
+        """x [B, T, D]; cos/sin [B, T, R]; masks: `attention.Masks`; cache_k/v [B, S, H, Dh]
+        or None."""
         cfg = self.config
         B, T, D = x.shape
         H, Dh, R = cfg.num_attention_heads, cfg.head_dim, cfg.rotary_ndims
@@ -147,9 +148,9 @@ class GPTNeoXAttention(nn.Module):
         q = jnp.concatenate([blocks.apply_rope(q[..., :R], cos, sin), q[..., R:]], axis=-1)
         k = jnp.concatenate([blocks.apply_rope(k[..., :R], cos, sin), k[..., R:]], axis=-1)
         if cache_k is not None:
-            cache_k, cache_v = blocks.update_cache(cache_k, cache_v, k, v, index)
+            cache_k, cache_v = blocks.update_cache(cache_k, cache_v, k, v, masks.index)
             k, v = cache_k, cache_v  # [B, S, H, Dh]
-        out = blocks.attention(q, k, v, mask, scale=Dh**-0.5, dtype=self.dtype)  # [B, T, D]
+        out = attention.attend(q, k, v, masks, scale=Dh**-0.5, dtype=self.dtype)  # [B, T, D]
         return dense(D, "dense")(out), cache_k, cache_v
 
 
@@ -176,17 +177,16 @@ class GPTNeoXLayer(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, h, cache_k, cache_v, cos, sin, mask, index):
+    def __call__(self, h, cache_k, cache_v, cos, sin, masks):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         eps = cfg.layer_norm_eps
         attn, cache_k, cache_v = GPTNeoXAttention(cfg, name="attention", **kw)(
             blocks.LayerNorm(eps, name="input_layernorm", **kw)(h),
             cos,
             sin,
-            mask,
+            masks,
             cache_k,
             cache_v,
-            index,
         )
         ln2 = blocks.LayerNorm(eps, name="post_attention_layernorm", **kw)
         mlp = GPTNeoXMLP(cfg, name="mlp", **kw)
@@ -220,7 +220,7 @@ class GPTNeoXModel(nn.Module):
         h = constrain_batch(h)  # keep activations on the batch axes (FSDP gathers weights)
         inv_freq = blocks.rope_inv_freq(cfg.rotary_ndims, cfg.rotary_emb_base)
         cos, sin = blocks.rope_cos_sin(positions, inv_freq)  # [B, T, R]
-        masks = blocks.make_masks(attention_mask, segment_ids, cache)
+        masks = attention.make_masks(attention_mask, segment_ids, cache)
         h, new_k, new_v = blocks.layer_stack(
             GPTNeoXLayer,
             (cfg,),
@@ -229,7 +229,7 @@ class GPTNeoXModel(nn.Module):
             num_layers=cfg.num_hidden_layers,
             h=h,
             cache=cache,
-            shared=(cos, sin, masks.full, masks.index),
+            shared=(cos, sin, masks),
             remat=self.remat,
             scan_layers=self.scan_layers,
         )

@@ -6,7 +6,7 @@ Qwen3), `qkv_bias` (biases on q/k/v only, Qwen2), `qk_norm` (RMSNorm over each h
 before RoPE, Qwen3), `mlp_bias`. `model_type` records which HF architecture the weights came
 from, so `to_hf` writes a config.json that `transformers` maps back to the same class.
 Mistral's sliding window (every layer attends only to keys less than `sliding_window`
-positions back, HF `kv_idx > q_idx - sliding_window`) is applied through `blocks.make_masks`'
+positions back, HF `kv_idx > q_idx - sliding_window`) is applied through `attention.make_masks`'
 local mask, and only when a call's key length exceeds the window (below it the two masks
 coincide). Qwen's `use_sliding_window` (a window on some layers only) is not implemented;
 `from_hf` raises when such a window is shorter than the context.
@@ -31,7 +31,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from dil_jax.models import blocks
+from dil_jax.models import attention, blocks
 from dil_jax.models.family import ArchConfig, Family, HFParam, identity, layer_entries, transpose
 from dil_jax.sharding import constrain_batch
 
@@ -284,9 +284,9 @@ class LlamaAttention(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache_k, cache_v, index):
-        """x [B, T, D]; cos/sin [B, T, Dh]; mask [B, T, S] bool (True = may attend);
-        cache_k/v [B, S, K, Dh] or None; index [] int32. Returns (out [B, T, D], k, v)."""
+    def __call__(self, x, cos, sin, masks, cache_k, cache_v):
+        """x [B, T, D]; cos/sin [B, T, Dh]; masks: `attention.Masks` (Mistral: the window on
+        every layer); cache_k/v [B, S, K, Dh] or None. Returns (out [B, T, D], k, v)."""
         cfg = self.config
         B, T, D = x.shape
         H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -301,10 +301,12 @@ class LlamaAttention(nn.Module):
             k = blocks.RMSNorm(cfg.rms_norm_eps, name="k_norm", **kw)(k)
         q, k = blocks.apply_rope(q, cos, sin), blocks.apply_rope(k, cos, sin)
         if cache_k is not None:
-            cache_k, cache_v = blocks.update_cache(cache_k, cache_v, k, v, index)
+            cache_k, cache_v = blocks.update_cache(cache_k, cache_v, k, v, masks.index)
             # Attend over all S slots in the compute dtype (whatever the cache stores).
             k, v = cache_k.astype(self.dtype), cache_v.astype(self.dtype)  # [B, S, K, Dh]
-        out = blocks.attention(q, k, v, mask, scale=Dh**-0.5, dtype=self.dtype)  # [B, T, H*Dh]
+        out = attention.attend(
+            q, k, v, masks, scale=Dh**-0.5, window=cfg.sliding_window, dtype=self.dtype
+        )  # [B, T, H*Dh]
         out = blocks.dense(D, cfg.attention_bias, name="o_proj", **kw)(out)  # [B, T, D]
         return out, cache_k, cache_v
 
@@ -335,12 +337,12 @@ class LlamaDecoderLayer(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, h, cache_k, cache_v, cos, sin, mask, index):
+    def __call__(self, h, cache_k, cache_v, cos, sin, masks):
         """h [B, T, D]; cache_k/v [B, S, K, Dh] or None. Returns (h, (cache_k, cache_v))."""
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = blocks.RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(h)
         attn, cache_k, cache_v = LlamaAttention(cfg, name="self_attn", **kw)(
-            x, cos, sin, mask, cache_k, cache_v, index
+            x, cos, sin, masks, cache_k, cache_v
         )
         h = h + attn
         x = blocks.RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(h)
@@ -372,8 +374,7 @@ class LlamaModel(nn.Module):
         cos, sin = blocks.rope_cos_sin(positions, inv_freq)  # [B, T, Dh]
         S = input_ids.shape[1] if cache is None else cache.k.shape[2]  # key slots this call
         window = cfg.sliding_window if cfg.sliding_window and cfg.sliding_window < S else None
-        masks = blocks.make_masks(attention_mask, segment_ids, cache, window)
-        mask = masks.full if masks.local is None else masks.local  # Mistral: every layer
+        masks = attention.make_masks(attention_mask, segment_ids, cache, window)
         h, new_k, new_v = blocks.layer_stack(
             LlamaDecoderLayer,
             (cfg,),
@@ -382,7 +383,7 @@ class LlamaModel(nn.Module):
             num_layers=cfg.num_hidden_layers,
             h=h,
             cache=cache,
-            shared=(cos, sin, mask, masks.index),
+            shared=(cos, sin, masks),
             remat=self.remat,
             scan_layers=self.scan_layers,
         )
