@@ -352,45 +352,35 @@ def test_attention_choice_resolves_per_backend():
         attention.resolve("flash", jnp.float32, None)
 
 
-@pytest.mark.gpu
-def test_cudnn_attention_matches_the_einsum_on_gpu():
-    """On a GPU: cuDNN flash attention (bf16) == the einsum (bf16) on packed prefix-shared rows."""
+def _bf16_kernel_matches_the_einsum(impl: str, layout: str) -> None:
+    """The compiled kernel `impl` (bf16) == the einsum (bf16) on the synthetic pairs in
+    `layout`, for the tiny Llama."""
     import family_checks as fc
 
     model_cls, cfg, family = FAMILIES["llama"]
     data = synthetic_pairs(vocab=cfg.vocab_size)
-    batch = {
-        k: jnp.asarray(v)
-        for k, v in lay_out(data, np.arange(len(data)), "packed_shared", 24).items()
-    }
+    batch = {k: jnp.asarray(v) for k, v in lay_out(data, np.arange(len(data)), layout, 24).items()}
     params = fc.random_params(model_cls(cfg))
     out = {}
-    for impl in ("xla", "cudnn"):
-        model = model_cls(cfg, dtype=jnp.bfloat16, attention=impl)
-        out[impl] = np.asarray(logprobs.sequence_logps(model, family, params, batch).sum_logps)
-    np.testing.assert_allclose(out["cudnn"], out["xla"], rtol=2e-2)
+    for kind in ("xla", impl):
+        model = model_cls(cfg, dtype=jnp.bfloat16, attention=kind)
+        out[kind] = np.asarray(logprobs.sequence_logps(model, family, params, batch).sum_logps)
+    np.testing.assert_allclose(out[impl], out["xla"], rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_cudnn_attention_matches_the_einsum_on_gpu():
+    """On a GPU: cuDNN flash attention on packed prefix-shared rows."""
+    _bf16_kernel_matches_the_einsum("cudnn", "packed_shared")
 
 
 @pytest.mark.tpu
 def test_splash_attention_matches_the_einsum_on_tpu():
-    """On a TPU: the compiled splash kernel (bf16) == the einsum (bf16) on packed rows, and
-    'auto' picks it."""
-    import family_checks as fc
-
+    """On a TPU: the compiled splash kernel on packed rows, and 'auto' picks it."""
     from dil_jax.models import attention
 
     assert attention.resolve("auto", jnp.bfloat16, None) == "splash"
-    model_cls, cfg, family = FAMILIES["llama"]
-    data = synthetic_pairs(vocab=cfg.vocab_size)
-    batch = {
-        k: jnp.asarray(v) for k, v in lay_out(data, np.arange(len(data)), "packed", 24).items()
-    }
-    params = fc.random_params(model_cls(cfg))
-    out = {}
-    for impl in ("xla", "splash"):
-        model = model_cls(cfg, dtype=jnp.bfloat16, attention=impl)
-        out[impl] = np.asarray(logprobs.sequence_logps(model, family, params, batch).sum_logps)
-    np.testing.assert_allclose(out["splash"], out["xla"], rtol=2e-2)
+    _bf16_kernel_matches_the_einsum("splash", "packed")
 
 
 def test_layouts_refuse_what_they_cannot_express():
