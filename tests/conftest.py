@@ -37,6 +37,29 @@ def shared_data():
     return SHARED_DATA
 
 
+def pytest_configure(config):
+    """Each test process keeps its own persistent XLA compilation cache for the session.
+
+    Tests build their own trainers, so the same programs are compiled again and again within a
+    worker (a new Trainer is a new jit); a later compile of an identical program loads the first
+    one's executable from disk. The directory is private to this process (set through
+    jax.config, so the command-line subprocesses the tests start do not share it: JAX writes
+    entries without a lock) and removed at exit. DIL_TEST_XLA_CACHE=0 turns it off."""
+    if os.environ.get("DIL_TEST_XLA_CACHE", "1") == "0":
+        return
+    import atexit
+    import shutil
+    import tempfile
+
+    import jax
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    path = tempfile.mkdtemp(prefix=f"dil_jax_xla_cache_{worker}_")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 # The longest test files (CPU seconds on 2 cores, heaviest first). With `--dist loadfile` each
 # file runs whole on one worker in collection order, so the long ones start first and the short
 # ones fill in behind them (a 7-minute file collected last would run alone at the end).
