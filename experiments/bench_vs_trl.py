@@ -117,6 +117,12 @@ def main():
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--attention", default="auto")
     p.add_argument("--layouts", default="padded,packed,packed_shared")
+    p.add_argument(
+        "--seq_chunk",
+        type=int,
+        default=512,
+        help="config.logprobs.seq_chunk (0: full logits, plain autodiff, no head recompute)",
+    )
     p.add_argument("--cache_dir", default=str(pathlib.Path(tempfile.gettempdir()) / "dil_bench"))
     args = p.parse_args()
     args.data = "ultrafeedback"
@@ -124,6 +130,7 @@ def main():
     config = bench_layouts.make_config(args)
     config.loss.name = "dpo"
     config.loss.beta = 0.1
+    config.logprobs.seq_chunk = args.seq_chunk
     data, _, _ = pipeline.build_datasets(config)
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     trainer = train.Trainer(config, mesh=mesh)
