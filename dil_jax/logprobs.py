@@ -10,8 +10,11 @@ log-softmax and the target gather and never holds more than one chunk of logits:
   `lax.scan`; only `[B·N, seq_chunk, V]` logits are live.
 * `vocab_chunk`: within a sequence chunk, the log-sum-exp over the vocabulary is computed online
   (a running max and a rescaled running sum, float32, as in flash attention) over vocabulary
-  chunks, and the target logit is picked from the chunk that holds it; only
-  `[B·N, seq_chunk, vocab_chunk]` logits are live.
+  chunks; only `[B·N, seq_chunk, vocab_chunk]` logits are live.
+
+The target's logit is `h · W[:, target]` from a gather of lm_head columns, not a pass over the
+logits, and the exponentials are summed with `row_sum` (on CPU, a fused exp-and-sum over the
+vocabulary was the slowest op of the step).
 
 Backward pass: a `jax.custom_vjp` that saves only the per-token log-sum-exp `[B·N, T]` and
 recomputes each chunk's logits, turning them straight into the two gradient matmuls
@@ -76,6 +79,22 @@ def _project(h: Array, w: Array) -> Array:
     # Matmul in the input dtype, accumulated and returned in float32: everything downstream
     # (softcap, log-sum-exp, gathers) must be float32.
     return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
+
+
+def row_sum(x: Array) -> Array:
+    """Σ over the last axis in float32: [..., N] -> [...].
+
+    XLA:CPU emits a reduction whose operand is fused elementwise work (`Σ_v exp(z_v − m)`) as a
+    slow loop: over the logits of bench_vs_trl's step it cost more than the LM-head matmul
+    itself (experiments/bench_logsumexp.py). On CPU the operand is therefore written out and
+    contracted with a ones vector (a matrix-vector product, vectorised and multi-threaded, at
+    full float32 precision); elsewhere this is `jnp.sum`.
+    """
+    x = x.astype(jnp.float32)
+    if jax.default_backend() != "cpu":
+        return jnp.sum(x, axis=-1)
+    ones = jnp.ones((x.shape[-1],), jnp.float32)
+    return jnp.einsum("...n,n->...", x, ones, precision=lax.Precision.HIGHEST)
 
 
 def _masked_sum(x: Array, mask: Array, segments: Array | None, num_segments: int, axes) -> Array:
@@ -144,6 +163,14 @@ def _vocab_slice(w: Array, i: Array, vocab_chunk: int) -> tuple[Array, Array, Ar
     return w_c, start, fresh
 
 
+def _target_logits(h: Array, w: Array, targets: Array, softcap: float | None) -> Array:
+    """The target's logit, `h · W[:, target]`, from a gather of lm_head columns (no pass over
+    the vocabulary): h [M, C, D], w [D, V], targets [M, C] -> [M, C] float32."""
+    w_t = jnp.take(w, targets, axis=1)  # [D, M, C]
+    z = jnp.einsum("mcd,dmc->mc", h.astype(jnp.float32), w_t.astype(jnp.float32))
+    return _softcap(z, softcap)
+
+
 def _chunk_forward(h_c: Array, w: Array, t_c: Array, cfg: _Chunking):
     """One sequence chunk, all vocabulary chunks: online log-sum-exp and target logit.
 
@@ -157,26 +184,22 @@ def _chunk_forward(h_c: Array, w: Array, t_c: Array, cfg: _Chunking):
     n_steps = -(-w.shape[1] // cfg.vocab_chunk)
 
     def step(carry, i):
-        run_max, run_sum, target_logit, logit_sum = carry  # each [M, C] f32
-        w_c, start, fresh = _vocab_slice(w, i, cfg.vocab_chunk)
+        run_max, run_sum, logit_sum = carry  # each [M, C] f32
+        w_c, _, fresh = _vocab_slice(w, i, cfg.vocab_chunk)
         logits = _softcap(_project(h_c, w_c), cfg.softcap)  # [M, C, Vc] f32
         logits = jnp.where(fresh, logits, -jnp.inf)
         new_max = jnp.maximum(run_max, jnp.max(logits, axis=-1))  # [M, C]
-        run_sum = run_sum * jnp.exp(run_max - new_max) + jnp.sum(
-            jnp.exp(logits - new_max[..., None]), axis=-1
-        )
-        local = t_c - start  # [M, C] target's index within this chunk (if it is here)
-        hit = (jnp.arange(cfg.vocab_chunk) == local[..., None]) & fresh  # [M, C, Vc]
-        target_logit = target_logit + jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
+        exp = jnp.exp(logits - new_max[..., None])  # [M, C, Vc]
+        run_sum = run_sum * jnp.exp(run_max - new_max) + row_sum(exp)
         if cfg.softcap is not None:
-            logit_sum = logit_sum + jnp.sum(jnp.where(fresh, logits, 0.0), axis=-1)
-        return (new_max, run_sum, target_logit, logit_sum), None
+            logit_sum = logit_sum + row_sum(jnp.where(fresh, logits, 0.0))
+        return (new_max, run_sum, logit_sum), None
 
     zeros = jnp.zeros((m_rows, c), jnp.float32)
-    init = (jnp.full((m_rows, c), -jnp.inf, jnp.float32), zeros, zeros, zeros)
-    (run_max, run_sum, target_logit, logit_sum), _ = lax.scan(step, init, jnp.arange(n_steps))
+    init = (jnp.full((m_rows, c), -jnp.inf, jnp.float32), zeros, zeros)
+    (run_max, run_sum, logit_sum), _ = lax.scan(step, init, jnp.arange(n_steps))
     lse = run_max + jnp.log(run_sum)  # [M, C]
-    return target_logit - lse, lse, logit_sum
+    return _target_logits(h_c, w, t_c, cfg.softcap) - lse, lse, logit_sum
 
 
 def _forward(h_chunks: Array, w: Array, t_chunks: Array, cfg: _Chunking):

@@ -10,7 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dil_jax.logprobs import ResponseLogprobs, naive_response_logprobs, response_logprobs
+from dil_jax.logprobs import (
+    ResponseLogprobs,
+    naive_response_logprobs,
+    response_logprobs,
+    row_sum,
+)
 
 B, N, T, D, V = 2, 2, 13, 8, 37  # T−1 = 12 scored positions; odd V to exercise uneven chunks
 
@@ -176,3 +181,13 @@ def test_compiled_program_never_holds_full_logits(chunks, max_fraction):
     naive_temp = naive.memory_analysis().temp_size_in_bytes
     chunked_temp = chunked.memory_analysis().temp_size_in_bytes
     assert chunked_temp * 4 < naive_temp, (chunked_temp, naive_temp)
+
+
+def test_row_sum_is_a_float32_last_axis_sum():
+    x = jax.random.normal(jax.random.key(0), (3, 5, 1001)) * 10.0
+    np.testing.assert_allclose(row_sum(x), jnp.sum(x, axis=-1), rtol=1e-6, atol=1e-4)
+    bf = x.astype(jnp.bfloat16)  # summed in float32 whatever the input dtype
+    assert row_sum(bf).dtype == jnp.float32
+    np.testing.assert_allclose(
+        row_sum(bf), jnp.sum(bf.astype(jnp.float32), axis=-1), rtol=1e-6, atol=1e-4
+    )
