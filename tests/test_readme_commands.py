@@ -45,6 +45,7 @@ FLAGS_ONLY = (
     "experiments/bench_tokenize.py",
     "experiments/scale_check.py",
     "experiments/bench_logprobs_memory.py",
+    "experiments/bench_logsumexp.py",  # timed: ~30 s
     "experiments/measure_smollm2_memory.py",
     "experiments/evaluate_run.py",
     "experiments/win_rate.py",  # needs a finished run and a judge (tests/test_judging.py)
