@@ -35,6 +35,8 @@ import numpy as np
 
 from dil_jax import sharding
 
+MASKED = -1e30  # the einsum's score for a masked key: finite, so no inf − inf in the softmax
+
 
 class Segments(NamedTuple):
     """Packed rows with prefix sharing: what `segment_ids` may be instead of an array.
@@ -264,7 +266,12 @@ def _einsum(q, k, v, mask, *, scale, logit_softcap, dtype) -> jax.Array:
     scores = scores * scale
     if logit_softcap is not None:
         scores = logit_softcap * jnp.tanh(scores / logit_softcap)  # Gemma 2, before the mask
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    # The mask as an additive bias rather than a select: the same scores where allowed and
+    # exactly −1e30 elsewhere (so exactly zero probability, and a uniform row at padding
+    # queries), with nothing saved for the backward pass, which a select of [B, K, G, T, S]
+    # needs (its mask, broadcast).
+    bias = jnp.where(mask, 0.0, MASKED).astype(jnp.float32)  # [B, T, S]
+    scores = scores + bias[:, None, None]
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)  # [B, K, G, T, S]
     out = jnp.einsum("BKGTS,BSKd->BTKGd", probs, v.astype(dtype))
     return out.reshape(B, T, H * Dh)

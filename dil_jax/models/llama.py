@@ -326,7 +326,7 @@ class LlamaMLP(nn.Module):
         )
         gate = dense(cfg.intermediate_size, "gate_proj")(x)  # [B, T, F]
         up = dense(cfg.intermediate_size, "up_proj")(x)  # [B, T, F]
-        return dense(cfg.hidden_size, "down_proj")(nn.silu(gate) * up)  # [B, T, D]
+        return dense(cfg.hidden_size, "down_proj")(blocks.silu(gate) * up)  # [B, T, D]
 
 
 class LlamaDecoderLayer(nn.Module):
