@@ -1,11 +1,14 @@
 """Train-step throughput: tokens/s, achieved FLOP/s, and the ratio to this machine's matmul peak.
 
   python experiments/bench_step.py                       # 'small' model, CPU-sized
-  python experiments/bench_step.py --size=base --batch=16 --seq=1024 --dtype=bfloat16   # GPU
+  python experiments/bench_step.py --size=1b --batch=4 --seq=2048 --dtype=bfloat16 --seq_chunk=512
+  python experiments/bench_step.py --size=8b_slice --batch=4 --seq=2048 --dtype=bfloat16 \
+      --seq_chunk=512                                    # GPU/TPU: the issue-11 MFU targets
 
 Everything is measured in one run on one machine: the DIL-LSIF train step (policy forward and
 backward on chosen and rejected, plus the in-step reference forward) is timed after compilation,
-and the matmul peak is measured with a square ``jnp.dot`` of the same dtype. FLOPs are counted
+and the matmul peak is measured with a square ``jnp.dot`` of the same dtype (on an accelerator,
+MFU against the chip's datasheet peak, ``dil_jax.flops.PEAK_FLOPS``, is printed as well). FLOPs are counted
 honestly (docs/objectives.md §5): 6·P per policy token (forward + backward), 2·P per reference
 token, plus attention scores and values (causal, counted at full T² as XLA computes them); XLA's own
 count of the compiled step is printed beside it.
@@ -24,12 +27,14 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from dil_jax import config_files, train  # noqa: E402
+from dil_jax import flops as flops_lib  # noqa: E402
 
 SIZES = {  # hidden, intermediate, layers, heads, kv heads, vocab
     "tiny": (64, 256, 2, 4, 2, 32),
     "small": (256, 1024, 4, 8, 4, 8192),
     "base": (768, 3072, 12, 12, 4, 32000),
-    "1b": (2048, 8192, 16, 32, 8, 128256),
+    "1b": (2048, 8192, 16, 32, 8, 128256),  # Llama-3.2-1B
+    "8b_slice": (4096, 14336, 2, 32, 8, 128256),  # Llama-3-8B's layer and vocabulary, 2 layers
 }
 
 
@@ -72,18 +77,6 @@ def step_flops(config, n_params, batch, seq, with_reference=True):
     policy = 6 * n_params * tokens + 3 * attn_fwd
     reference = (2 * n_params * tokens + attn_fwd) if with_reference else 0
     return policy + reference
-
-
-def matmul_peak(dtype, n, repeats=10):
-    a = jnp.ones((n, n), dtype)
-    b = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-    f(a, b).block_until_ready()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        out = f(a, b)
-    out.block_until_ready()
-    return 2 * n**3 * repeats / (time.perf_counter() - t0)
 
 
 def main():
@@ -130,7 +123,7 @@ def main():
     flops = step_flops(config, n_matmul, args.batch, args.seq)
     platform = jax.devices()[0].platform
     n = args.matmul_n or (2048 if platform == "cpu" else 8192)
-    peak = matmul_peak(jnp.dtype(args.dtype), n) * len(jax.devices())
+    peak = flops_lib.matmul_peak(jnp.dtype(args.dtype), n) * len(jax.devices())
     tokens = args.batch * 2 * args.seq
     print(f"device: {jax.devices()[0].device_kind} x{len(jax.devices())} ({platform})")
     print(
@@ -146,6 +139,9 @@ def main():
     print(f"achieved FLOP/s           {flops / step_time:10.3e}")
     print(f"matmul peak FLOP/s        {peak:10.3e}   ({n}x{n} {args.dtype} dot, all devices)")
     print(f"ratio to matmul peak      {flops / step_time / peak:10.3f}")
+    if platform != "cpu":  # MFU against the chip's datasheet peak (on CPU that is the above)
+        chip, source = flops_lib.device_peak(args.dtype)
+        print(f"MFU                       {flops / step_time / chip:10.3f}   ({source})")
 
 
 if __name__ == "__main__":

@@ -97,3 +97,56 @@ def test_metrics_carry_mfu_and_logging_does_not_wait_for_the_logged_step(
     for r in train_records[1:]:  # the first step's time includes compilation
         assert r["tokens_per_second"] > 0 and 0 < r["mfu"] < 2, r
         assert r["flops_per_second"] == pytest.approx(r["mfu"] * flops.device_peak("float32")[0])
+
+
+@pytest.mark.parametrize(
+    "size, n_params",
+    [
+        # Llama-3.2-1B: 1,235,814,400 with its tied embeddings, + 128256 x 2048 untied here.
+        ("1b", 1_235_814_400 + 128256 * 2048),
+        # Llama-3-8B: 2 layers of 218,112,000, embedding and head of 128256 x 4096, final norm.
+        ("8b_slice", 2 * 218_112_000 + 2 * 128256 * 4096 + 4096),
+    ],
+)
+def test_bench_step_sizes_are_the_published_llama_shapes(size, n_params):
+    """The accelerator MFU targets name a Llama-1B-shaped step and a 2-layer Llama-3-8B slice:
+    bench_step's sizes have exactly those parameter counts (abstract, nothing allocated)."""
+    import argparse
+    import sys
+
+    import jax
+
+    from conftest import REPO
+    from dil_jax import sharding
+
+    sys.path.insert(0, str(REPO / "experiments"))
+    import bench_step
+
+    args = argparse.Namespace(
+        size=size, seq=2048, dtype="bfloat16", remat=False, unrolled=False, batch=4, seq_chunk=512
+    )
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    trainer = train.Trainer(bench_step.build_config(args), mesh=mesh)
+    assert sum(x.size for x in jax.tree.leaves(trainer.abstract_params())) == n_params
+
+
+def test_device_check_refuses_a_machine_without_an_accelerator(tmp_path):
+    """experiments/device_check.sh (the one prepared accelerator run) parses, and on CPU says
+    there is nothing to check instead of timing CPU figures as if they were the GPU's."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, one_device_env
+
+    script = REPO / "experiments" / "device_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    out = subprocess.run(
+        ["bash", str(script), str(tmp_path / "out")],
+        cwd=REPO,
+        env=one_device_env(PYTHON=sys.executable),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 1
+    assert "no accelerator visible to JAX (cpu): nothing to check" in out.stdout
