@@ -8,10 +8,10 @@
 Everything is measured in one run on one machine: the DIL-LSIF train step (policy forward and
 backward on chosen and rejected, plus the in-step reference forward) is timed after compilation,
 and the matmul peak is measured with a square ``jnp.dot`` of the same dtype (on an accelerator,
-MFU against the chip's datasheet peak, ``dil_jax.flops.PEAK_FLOPS``, is printed as well). FLOPs are counted
-honestly (docs/objectives.md §5): 6·P per policy token (forward + backward), 2·P per reference
-token, plus attention scores and values (causal, counted at full T² as XLA computes them); XLA's own
-count of the compiled step is printed beside it.
+MFU against the chip's datasheet peak, ``dil_jax.flops.PEAK_FLOPS``, is printed as well).
+FLOPs are counted honestly (docs/objectives.md §5): 6·P per policy token (forward + backward),
+2·P per reference token, plus attention scores and values (causal, counted at full T² as XLA
+computes them); XLA's own count of the compiled step is printed beside it.
 """
 
 from __future__ import annotations

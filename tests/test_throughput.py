@@ -115,8 +115,8 @@ def test_bench_step_sizes_are_the_published_llama_shapes(size, n_params):
     import sys
 
     import jax
-
     from conftest import REPO
+
     from dil_jax import sharding
 
     sys.path.insert(0, str(REPO / "experiments"))

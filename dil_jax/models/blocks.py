@@ -29,6 +29,7 @@ import numpy as np
 
 from dil_jax.models import attention
 
+
 @jax.custom_jvp
 def silu(x: jax.Array) -> jax.Array:
     """`x·σ(x)` with its derivative written out, `σ(x)·(1 + x·(1 − σ(x)))`.
