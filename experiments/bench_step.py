@@ -1,7 +1,7 @@
 """Train-step throughput: tokens/s, achieved FLOP/s, and the ratio to this machine's matmul peak.
 
   python experiments/bench_step.py                       # 'small' model, CPU-sized
-  python experiments/bench_step.py --size=1b --batch=4 --seq=2048 --dtype=bfloat16 --seq_chunk=512
+  python experiments/bench_step.py --size=1b --batch=2 --seq=2048 --dtype=bfloat16 --seq_chunk=512
   python experiments/bench_step.py --size=8b_slice --batch=4 --seq=2048 --dtype=bfloat16 \
       --seq_chunk=512                                    # GPU/TPU: the issue-11 MFU targets
 
