@@ -167,6 +167,9 @@ def get_config() -> ConfigDict:
     config.logprobs = ConfigDict()
     config.logprobs.seq_chunk = 0  # > 0: chunk the LM head over the sequence (no [B,N,T,V] logits)
     config.logprobs.vocab_chunk = 0  # > 0: online log-sum-exp over vocabulary chunks
+    # With a chunk size: the head runs at scored (response) positions only, gathered into the
+    # smallest of this many static sizes that fits (0: at every position). dil_jax/logprobs.py
+    config.logprobs.score_buckets = 8
 
     # ---- optimiser: AdamW, warmup + decay, clipping ----
     config.optim = ConfigDict()

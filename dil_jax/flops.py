@@ -5,8 +5,10 @@ real (non-padding) tokens, and attention at the density of the mask the layout u
 row of ``n`` tokens has ``n(n+1)/2`` query-key pairs; packed examples do not attend to each
 other; a prefix-shared response attends to its prompt and itself). Per real token and layer:
 
-* matmuls: ``2·P`` forward FLOPs, ``P`` the matmul parameters (projections, MLP and the LM head;
-  the input embedding is a gather and costs none);
+* matmuls: ``2·P`` forward FLOPs, ``P`` the matmul parameters of the layers (projections and
+  MLP; the input embedding is a gather and costs none);
+* the LM head: ``2·V·D`` forward FLOPs per *scored* token only (a response token; a prompt
+  token's logits are not needed, and ``logprobs.score_buckets`` does not compute them);
 * attention: ``4·H·Dh`` forward FLOPs per allowed query-key pair (scores and values).
 
 A training step runs the policy forward and backward (3 forward-equivalents) and, with the
@@ -68,11 +70,24 @@ def real_tokens_and_pairs(batch) -> tuple[int, int]:
     return int(mask.sum()), int(np.sum(np.where(mask, positions + 1, 0), dtype=np.int64))
 
 
-def batch_flops(batch, *, n_matmul: int, layers: int, heads: int, head_dim: int, passes: int):
+def scored_tokens(batch) -> int:
+    """Tokens whose log-prob a loss reads: the loss mask, less each row's first slot (token 0
+    has no prediction)."""
+    return int(np.count_nonzero(np.asarray(batch["loss_mask"])[..., 1:]))
+
+
+def batch_flops(
+    batch, *, n_matmul: int, head_params: int, layers: int, heads: int, head_dim: int, passes: int
+):
     """Model FLOPs of one step on ``batch``: ``passes`` forward-equivalents (3 for a policy
-    forward + backward, +1 for an inline reference forward)."""
+    forward + backward, +1 for an inline reference forward). ``n_matmul`` counts every matmul
+    parameter, ``head_params`` (V·D) of them the LM head's, which is counted at scored tokens."""
     tokens, pairs = real_tokens_and_pairs(batch)
-    forward = 2.0 * n_matmul * tokens + 4.0 * layers * heads * head_dim * pairs
+    forward = (
+        2.0 * (n_matmul - head_params) * tokens
+        + 2.0 * head_params * scored_tokens(batch)
+        + 4.0 * layers * heads * head_dim * pairs
+    )
     return passes * forward
 
 

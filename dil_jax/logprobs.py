@@ -24,6 +24,13 @@ forward once more, and accumulated lm_head's gradient through a full-size `[D, V
 vocabulary step; here it accumulates in float32 in place, one chunk slice at a time, and leaves
 in lm_head's dtype. See experiments/bench_logprobs_memory.py for the compiled memory.
 
+* `score_buckets`: the head runs at scored positions only (the response tokens; a packed row's
+  prompts, padding and empty slots get no logits). Scored positions are gathered per
+  data-parallel shard into `[G, K]`, where K is the smallest of `score_buckets` static sizes
+  (even steps up to the shard's positions) that holds the shard's count, chosen in the step by
+  `lax.switch`: every size is compiled once, so no batch recompiles; log-probs are scattered
+  back afterwards. Prompts are a third to a half of UltraFeedback's pair tokens.
+
 Both chunkings combine, and uneven sizes are handled: the token axis is padded with masked
 positions, and the last vocabulary chunk is shifted back to end at V with the columns the
 previous chunk already covered masked to −inf (so lm_head is never padded or copied).
@@ -49,6 +56,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from dil_jax import sharding
 from dil_jax.models import attention
 
 Array = jax.Array
@@ -276,6 +284,71 @@ def _token_logps_bwd(cfg, residuals, cotangents):
 _token_logps.defvjp(_token_logps_fwd, _token_logps_bwd)
 
 
+def score_sizes(positions: int, buckets: int) -> tuple[int, ...]:
+    """The static numbers of scored positions the head is compiled for: `buckets` even steps
+    up to `positions`, rounded up to multiples of 8 (the last one is `positions`)."""
+    sizes = {min(positions, -(-positions * i // buckets) + 7 & ~7) for i in range(1, buckets + 1)}
+    return tuple(sorted(sizes))
+
+
+def _batch_groups(rows: int) -> int:
+    """Data-parallel shards of the active mesh that split `rows` evenly (1 without a mesh):
+    compaction gathers within a shard, so it never moves tokens between devices."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    groups = math.prod(mesh.shape.get(axis, 1) for axis in sharding.BATCH_AXES)
+    return groups if rows % groups == 0 else 1
+
+
+def _scored_token_logps(h, targets, mask, w, cfg: _Chunking, seq_chunk, buckets: int):
+    """Token log-probs and Σ_v logits `[M, T]` computed at the scored positions only.
+
+    h [M, T, D], targets/mask [M, T]. Per shard group (G, from the mesh), the L = M/G·T
+    positions' scored ones are gathered into the smallest static size K ≥ the largest group's
+    count, run through the chunked head (chunks of `seq_chunk` positions per row, as without
+    compaction: same live logits), and scattered back; unscored positions hold 0.
+    """
+    m, t, d = h.shape
+    groups = _batch_groups(m)
+    length = m // groups * t  # L
+    spec = jax.sharding.PartitionSpec(sharding.BATCH_AXES)
+    h_g = sharding.constrain(h.reshape(groups, length, d), spec)  # [G, L, D]
+    t_g = sharding.constrain(targets.reshape(groups, length), spec)  # [G, L]
+    m_g = sharding.constrain(mask.reshape(groups, length), spec)  # [G, L] bool
+    count = jnp.sum(m_g, axis=1, dtype=jnp.int32)  # [G]
+    sizes = score_sizes(length, buckets)
+    which = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), jnp.max(count))
+    per_chunk = length if seq_chunk is None else max(1, seq_chunk) * (m // groups)
+
+    def at_size(k: int):
+        def run(h_g, t_g, m_g, count):
+            idx = jax.vmap(lambda row: jnp.nonzero(row, size=k, fill_value=0)[0])(m_g)  # [G, K]
+            h_k = jnp.take_along_axis(h_g, idx[..., None], axis=1)  # [G, K, D]
+            t_k = jnp.take_along_axis(t_g, idx, axis=1)  # [G, K]
+            c = min(k, per_chunk)
+            n_chunks = -(-k // c)
+
+            def to_chunks(x):  # [G, K, ...] -> [nC, G, C, ...], padded with position 0
+                x = jnp.pad(x, [(0, 0), (0, n_chunks * c - k)] + [(0, 0)] * (x.ndim - 2))
+                return jnp.moveaxis(x.reshape(groups, n_chunks, c, *x.shape[2:]), 1, 0)
+
+            def from_chunks(x):  # [nC, G, C] -> [G, K]
+                return jnp.moveaxis(x, 0, 1).reshape(groups, n_chunks * c)[:, :k]
+
+            token_logp, logit_sum = _token_logps(to_chunks(h_k), w, to_chunks(t_k), cfg)
+            real = jnp.arange(k) < count[:, None]  # [G, K]: the fill slots hold index 0
+            scatter = jax.vmap(lambda i, x: jnp.zeros((length,), jnp.float32).at[i].add(x))
+            return tuple(
+                scatter(idx, jnp.where(real, from_chunks(x), 0.0)) for x in (token_logp, logit_sum)
+            )  # each [G, L]
+
+        return run
+
+    token_logp, logit_sum = lax.switch(which, [at_size(k) for k in sizes], h_g, t_g, m_g, count)
+    return token_logp.reshape(m, t), logit_sum.reshape(m, t)
+
+
 def response_logprobs(
     hidden: Array,
     lm_head: Array,
@@ -287,6 +360,7 @@ def response_logprobs(
     logit_softcap: float | None = None,
     segments: Array | None = None,
     num_segments: int = 0,
+    score_buckets: int = 0,
 ) -> ResponseLogprobs:
     """Sums of response-token log-probs, chunked over sequence and/or vocabulary.
 
@@ -308,6 +382,8 @@ def response_logprobs(
       segments: optional [..., T] int: packed rows, one sum per segment id in
         [0, num_segments) instead of one per row (token t counts for `segments[t]`; −1: none).
       num_segments: S, the number of sums per row with `segments`.
+      score_buckets: > 0: run the head at scored positions only, gathered into one of this
+        many static sizes (module docstring); 0: at every position. Needs a chunk size.
 
     Returns:
       `ResponseLogprobs`, each field shaped like `input_ids.shape[:-1]` (`+ (S,)` with
@@ -345,11 +421,18 @@ def response_logprobs(
         vocab_chunk=v if vocab_chunk is None else max(1, min(vocab_chunk, v)),
         softcap=None if logit_softcap is None else float(logit_softcap),
     )
-    token_logp, logit_sum = _token_logps(to_chunks(h), lm_head, to_chunks(targets), cfg)
-    mask_chunks = to_chunks(mask)  # [nC, M, C]
     seg = None if segments is None else segments[..., 1:].reshape(m, t)  # [M, T-1]
-    seg_chunks = None if seg is None else to_chunks(seg)  # [nC, M, C]
-    sum_logps = _masked_sum(token_logp, mask_chunks, seg_chunks, num_segments, (0, 2))  # [M(,S)]
+    if score_buckets:
+        token_logp, logit_sum = _scored_token_logps(
+            h, targets, mask, lm_head, cfg, seq_chunk, score_buckets
+        )  # [M, T-1] each
+        mask_chunks, seg_chunks, axes = mask, seg, 1
+    else:
+        token_logp, logit_sum = _token_logps(to_chunks(h), lm_head, to_chunks(targets), cfg)
+        mask_chunks = to_chunks(mask)  # [nC, M, C]
+        seg_chunks = None if seg is None else to_chunks(seg)  # [nC, M, C]
+        axes = (0, 2)
+    sum_logps = _masked_sum(token_logp, mask_chunks, seg_chunks, num_segments, axes)  # [M(,S)]
 
     if logit_softcap is None:
         # Without a softcap the mean logit is linear in h: mean_v(h·W) = h·(Σ_v W)/V.
@@ -360,7 +443,7 @@ def response_logprobs(
         sum_mean_logits = _masked_sum(mean_logit, mask, seg, num_segments, 1)  # [M(, S)]
     else:
         logit_sum = lax.stop_gradient(logit_sum)  # [nC, M, C]
-        sum_mean_logits = _masked_sum(logit_sum, mask_chunks, seg_chunks, num_segments, (0, 2)) / v
+        sum_mean_logits = _masked_sum(logit_sum, mask_chunks, seg_chunks, num_segments, axes) / v
     out = lead if segments is None else (*lead, num_segments)
     return ResponseLogprobs(
         sum_logps=sum_logps.reshape(out),
@@ -369,8 +452,21 @@ def response_logprobs(
     )
 
 
+def chunk_settings(logprobs_config) -> dict[str, int]:
+    """`config.logprobs` as the keyword arguments of `sequence_logps`."""
+    keys = ("seq_chunk", "vocab_chunk", "score_buckets")
+    return {k: int(getattr(logprobs_config, k)) for k in keys}
+
+
 def sequence_logps(
-    model, family, params, batch, *, seq_chunk: int = 0, vocab_chunk: int = 0
+    model,
+    family,
+    params,
+    batch,
+    *,
+    seq_chunk: int = 0,
+    vocab_chunk: int = 0,
+    score_buckets: int = 0,
 ) -> ResponseLogprobs:
     """Response log-probs of every sequence of a batch in one forward pass.
 
@@ -407,6 +503,7 @@ def sequence_logps(
         seq_chunk=seq_chunk or None,
         vocab_chunk=vocab_chunk or None,
         logit_softcap=getattr(model, "logit_softcap", None),
+        score_buckets=score_buckets if seq_chunk or vocab_chunk else 0,
         **segments,
     )
     if not segments:

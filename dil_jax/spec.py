@@ -343,6 +343,7 @@ class LoraSpec(Section):
 class LogprobsSpec(Section):
     seq_chunk: int
     vocab_chunk: int
+    score_buckets: int
 
 
 @dataclasses.dataclass(frozen=True)

@@ -294,10 +294,7 @@ class Trainer:
         self.reference_inline = self.needs_reference and config.reference.mode == "inline"
         self.tx, self.schedule = make_optimizer(config.optim, total_steps or config.train.steps)
         self.max_positions = max_positions(self.model.config)
-        self.chunks = {
-            "seq_chunk": config.logprobs.seq_chunk,
-            "vocab_chunk": config.logprobs.vocab_chunk,
-        }
+        self.chunks = logprobs.chunk_settings(config.logprobs)
         self.abstract_state = jax.eval_shape(self._init_state, jax.random.key(0))
         rules = (
             self.family.partition_rules() if self.adapted is None else self.adapted.adapter_rules
@@ -385,6 +382,7 @@ class Trainer:
         return flops.batch_flops(
             batch,
             n_matmul=self._n_matmul,
+            head_params=m.vocab_size * m.hidden_size,
             layers=m.num_hidden_layers,
             heads=m.num_attention_heads,
             head_dim=m.head_dim,

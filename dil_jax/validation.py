@@ -133,7 +133,7 @@ def _validate(config, *, num_devices: int | None, process_count: int) -> None:
             config.reference.batch_size,
             f"must be a multiple of data-parallel size {dp}",
         )
-    for key in ("seq_chunk", "vocab_chunk"):
+    for key in ("seq_chunk", "vocab_chunk", "score_buckets"):
         value = getattr(config.logprobs, key)
         _require(value >= 0, f"logprobs.{key}", value, "must be >= 0")
     _require(

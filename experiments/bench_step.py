@@ -11,7 +11,9 @@ and the matmul peak is measured with a square ``jnp.dot`` of the same dtype (on 
 MFU against the chip's datasheet peak, ``dil_jax.flops.PEAK_FLOPS``, is printed as well).
 FLOPs are counted honestly (docs/objectives.md §5): 6·P per policy token (forward + backward),
 2·P per reference token, plus attention scores and values (causal, counted at full T² as XLA
-computes them); XLA's own count of the compiled step is printed beside it.
+computes them); the LM head's V·D of P only at the response half of each sequence when the
+head runs at scored positions only (``--seq_chunk`` > 0 with ``logprobs.score_buckets``, the
+default), at every token otherwise. XLA's own count of the compiled step is printed beside it.
 """
 
 from __future__ import annotations
@@ -72,11 +74,13 @@ def random_batch(batch, seq, vocab, rng):
 def step_flops(config, n_params, batch, seq, with_reference=True):
     m = config.model
     tokens = batch * 2 * seq  # chosen and rejected
+    head = m.vocab_size * m.hidden_size
+    scored_only = config.logprobs.score_buckets and config.logprobs.seq_chunk
+    head_tokens = batch * 2 * (seq - seq // 2) if scored_only else tokens  # random_batch's mask
     head_dim = m.hidden_size // m.num_attention_heads
     attn_fwd = 4 * m.num_hidden_layers * seq * seq * m.num_attention_heads * head_dim * batch * 2
-    policy = 6 * n_params * tokens + 3 * attn_fwd
-    reference = (2 * n_params * tokens + attn_fwd) if with_reference else 0
-    return policy + reference
+    forward = 2 * (n_params - head) * tokens + 2 * head * head_tokens + attn_fwd
+    return (3 + int(with_reference)) * forward
 
 
 def main():

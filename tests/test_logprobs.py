@@ -15,6 +15,7 @@ from dil_jax.logprobs import (
     naive_response_logprobs,
     response_logprobs,
     row_sum,
+    score_sizes,
 )
 
 B, N, T, D, V = 2, 2, 13, 8, 37  # T−1 = 12 scored positions; odd V to exercise uneven chunks
@@ -62,8 +63,24 @@ def _naive_float32(softcap):
         (None, dict(seq_chunk=64, vocab_chunk=64)),  # chunks larger than the sizes
         (3.0, dict(seq_chunk=5)),
         (3.0, dict(seq_chunk=5, vocab_chunk=10)),
+        # The head at scored positions only: 4 rows of 12 positions, K in {16, 24, ...}
+        (None, dict(seq_chunk=5, score_buckets=4)),
+        (None, dict(seq_chunk=2, vocab_chunk=10, score_buckets=3)),  # several chunks of K
+        (None, dict(vocab_chunk=10, score_buckets=1)),  # K = every position
+        (3.0, dict(seq_chunk=5, score_buckets=8)),
     ],
-    ids=["seq", "vocab", "both", "oversized", "seq-softcap", "both-softcap"],
+    ids=[
+        "seq",
+        "vocab",
+        "both",
+        "oversized",
+        "seq-softcap",
+        "both-softcap",
+        "scored",
+        "scored-chunks",
+        "scored-one-size",
+        "scored-softcap",
+    ],
 )
 def test_chunked_matches_naive_float32(softcap, chunks):
     ref_out, ref_grads = _naive_float32(softcap)
@@ -90,6 +107,54 @@ def test_chunked_matches_naive_bfloat16():
         np.testing.assert_allclose(
             np.asarray(g, np.float32), np.asarray(g_ref, np.float32), rtol=2e-2, atol=2e-2
         )
+
+
+def test_score_sizes_are_even_steps_rounded_to_eight():
+    assert score_sizes(2044, 4) == (512, 1024, 1536, 2044)
+    assert score_sizes(10, 3) == (8, 10)  # ceil(10/3) = 4 -> 8; 7 -> 8; 10
+    assert score_sizes(7, 4) == (7,)
+
+
+@pytest.mark.parametrize("fill", ["empty", "full", "one-group-full"])
+def test_scored_only_head_picks_the_size_of_the_fullest_shard_on_a_mesh(fill):
+    """Under an 8-device data-parallel mesh each shard compacts its own rows: values and
+    gradients equal the naive ones whether no position, every position, or only one shard's
+    positions are scored (the largest size is then needed)."""
+    from jax.sharding import NamedSharding, PartitionSpec  # noqa: PLC0415
+
+    from dil_jax import sharding  # noqa: PLC0415
+
+    k_h, k_w, k_ids, k_m = jax.random.split(jax.random.key(3), 4)
+    rows, t = 16, 9
+    hidden = jax.random.normal(k_h, (rows, t, D))
+    lm_head = jax.random.normal(k_w, (D, V)) / math.sqrt(D) * 3
+    ids = jax.random.randint(k_ids, (rows, t), 0, V)
+    mask = jax.random.bernoulli(k_m, 0.4, (rows, t)).astype(jnp.int32)
+    if fill == "empty":
+        mask = jnp.zeros_like(mask)
+    elif fill == "full":
+        mask = jnp.ones_like(mask)
+    else:
+        mask = mask.at[:2].set(1)  # shard 0 holds rows 0-1: all 16 positions scored
+
+    def values_and_grads(fn):
+        def objective(h, w):
+            out = fn(h, w, ids, mask)
+            return jnp.sum(out.sum_logps * jnp.arange(rows)), out
+
+        return jax.jit(jax.value_and_grad(objective, argnums=(0, 1), has_aux=True))(hidden, lm_head)
+
+    mesh = sharding.make_mesh((8, 1, 1))
+    with jax.set_mesh(mesh):
+        hidden = jax.device_put(hidden, NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES)))
+        (_, ref), ref_grads = values_and_grads(naive_response_logprobs)
+        scored = functools.partial(response_logprobs, seq_chunk=3, score_buckets=4)
+        (_, out), grads = values_and_grads(scored)
+    np.testing.assert_allclose(out.sum_logps, ref.sum_logps, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out.n_tokens, ref.n_tokens)
+    np.testing.assert_allclose(out.sum_mean_logits, ref.sum_mean_logits, rtol=1e-5, atol=1e-5)
+    for g, g_ref in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5)
 
 
 def test_naive_matches_a_hand_computation():

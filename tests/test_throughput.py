@@ -43,11 +43,18 @@ def test_pairs_follow_each_layouts_mask():
     assert pairs == want_pairs - causal(3) - causal(1)
 
 
-def test_batch_flops_counts_matmuls_and_attention():
+def test_batch_flops_counts_matmuls_attention_and_the_head_at_scored_tokens():
     batch = two_pairs().padded(np.arange(2), 8)
     tokens, pairs = flops.real_tokens_and_pairs(batch)
-    got = flops.batch_flops(batch, n_matmul=1000, layers=2, heads=4, head_dim=8, passes=4)
-    assert got == 4 * (2 * 1000 * tokens + 4 * 2 * 4 * 8 * pairs)
+    scored = flops.scored_tokens(batch)
+    assert scored == 3 + 2 + 1 + 5  # the four responses
+    got = flops.batch_flops(
+        batch, n_matmul=1000, head_params=300, layers=2, heads=4, head_dim=8, passes=4
+    )
+    assert got == 4 * (2 * 700 * tokens + 2 * 300 * scored + 4 * 2 * 4 * 8 * pairs)
+    # Every layout scores the same tokens.
+    assert flops.scored_tokens(two_pairs().packed([np.arange(2)], 16)) == scored
+    assert flops.scored_tokens(two_pairs().shared([np.arange(2)], 32)) == scored
 
 
 @pytest.mark.slow

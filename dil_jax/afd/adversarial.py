@@ -310,10 +310,7 @@ class AdversarialImitation:
             warmup_ratio=adv.warmup_ratio,
             grad_clip=adv.grad_clip,
         )
-        self.chunks = {
-            "seq_chunk": config.logprobs.seq_chunk,
-            "vocab_chunk": config.logprobs.vocab_chunk,
-        }
+        self.chunks = logprobs.chunk_settings(config.logprobs)
         self.abstract_state = jax.eval_shape(self._init_state, jax.random.key(0))
         rules = tuple(self.family.partition_rules()) + reward_model.partition_rules(
             self.disc.family

@@ -282,22 +282,14 @@ def response_tokens(arrays: Mapping[str, np.ndarray], width: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=16)
-def _logp_fn(model, family, seq_chunk: int, vocab_chunk: int):
+def _logp_fn(model, family, **chunks: int):
     """Jitted summed response log-probs ``[B, N]``, cached per model (compiled once)."""
-    return jax.jit(
-        lambda p, b: (
-            logprobs.sequence_logps(
-                model, family, p, b, seq_chunk=seq_chunk, vocab_chunk=vocab_chunk
-            ).sum_logps
-        )
-    )
+    return jax.jit(lambda p, b: logprobs.sequence_logps(model, family, p, b, **chunks).sum_logps)
 
 
 def sequence_logp_scores(trainer, params, arrays, batch_size: int = 256) -> np.ndarray:
     """``log π(y|x)`` summed over response tokens for ``[n, N, T]`` arrays -> ``[n, N]``."""
-    score = _logp_fn(
-        trainer.model, trainer.family, trainer.chunks["seq_chunk"], trainer.chunks["vocab_chunk"]
-    )
+    score = _logp_fn(trainer.model, trainer.family, **trainer.chunks)
     return scoring.score_in_batches(score, params, arrays, mesh=trainer.mesh, batch_size=batch_size)
 
 
