@@ -18,7 +18,9 @@ per step, DPO (sigmoid, β = 0.1) with the reference evaluated in the step on bo
   loop around it (which only adds overhead); bf16 is torch autocast with float32 weights, as
   dil_jax's bf16 compute with float32 master weights.
 * dil_jax runs its jitted train step in three layouts: ``padded`` (bucketed, 4 pairs a step),
-  ``packed`` and ``packed_shared`` (``--rows`` rows of 512 / 1024 tokens).
+  ``packed`` and ``packed_shared`` (``--rows`` rows of 512 / 1024 tokens), with the LM head at
+  scored positions only (``--score_buckets=8``, the default config) or, for comparison in the
+  same run, at every position too (``--score_buckets=8,0``: sides named ``packed/sb8``, ...).
 
 Rounds alternate TRL and each dil_jax layout (``--rounds`` times ``--steps`` timed steps each,
 the same steps every round, after a warm-up that compiles every shape), so machine load hits
@@ -124,6 +126,12 @@ def main():
         default=512,
         help="config.logprobs.seq_chunk (0: full logits, plain autodiff, no head recompute)",
     )
+    p.add_argument(
+        "--score_buckets",
+        default="8",
+        help="config.logprobs.score_buckets, comma-separated to time several (0: the LM head at "
+        "every position)",
+    )
     p.add_argument("--cache_dir", default=str(pathlib.Path(tempfile.gettempdir()) / "dil_bench"))
     args = p.parse_args()
     args.data = "ultrafeedback"
@@ -134,7 +142,13 @@ def main():
     config.logprobs.seq_chunk = args.seq_chunk
     data, _, _ = pipeline.build_datasets(config)
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    trainer = train.Trainer(config, mesh=mesh)
+    buckets = [int(b) for b in args.score_buckets.split(",")]
+    trainers = {}
+    for b in buckets:
+        side_config = config.copy_and_resolve_references()
+        side_config.logprobs.score_buckets = b
+        trainers[b] = train.Trainer(side_config, mesh=mesh)
+    trainer = trainers[buckets[0]]
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench_vs_trl_"))
     params = trainer.init_params(jax.random.key(0))
     hf.save_pretrained(
@@ -156,11 +170,13 @@ def main():
         elapsed = time.perf_counter() - t0
         return sum(int(data.lengths[r].sum()) for r in rows) / elapsed
 
-    ours = {}
+    ours = {}  # side name -> (trainer, layout data, batch size)
     for name in args.layouts.split(","):
-        packing, shared, buckets = bench_layouts.LAYOUTS[name]
-        d = bench_layouts.layout_data(data, packing, shared, buckets)
-        ours[name] = (d, args.rows if packing else args.pairs)
+        packing, shared, layout_buckets = bench_layouts.LAYOUTS[name]
+        d = bench_layouts.layout_data(data, packing, shared, layout_buckets)
+        for b, t in trainers.items():
+            side = name if len(trainers) == 1 else f"{name}/sb{b}"
+            ours[side] = (t, d, args.rows if packing else args.pairs)
 
     print(
         f"UltraFeedback {len(data)} pairs, max_length {args.max_length}, {args.pairs} pairs/step "
@@ -171,8 +187,8 @@ def main():
     for r in range(args.rounds):
         rates["trl"].append(trl_round())
         print(f"round {r}: trl {rates['trl'][-1]:8.0f} tok/s", flush=True)
-        for name, (d, batch_size) in ours.items():
-            _, tok_s, _ = bench_layouts.time_layout(trainer, d, batch_size, args.steps)
+        for name, (t, d, batch_size) in ours.items():
+            _, tok_s, _ = bench_layouts.time_layout(t, d, batch_size, args.steps)
             rates[name].append(tok_s)
             print(f"round {r}: {name} {tok_s:8.0f} tok/s", flush=True)
     base = statistics.median(rates["trl"])

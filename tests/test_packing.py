@@ -221,6 +221,32 @@ def test_packed_and_shared_layouts_give_padded_losses_and_gradients(ultrafeedbac
             np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * scale, err_msg=layout)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_head_at_scored_positions_only_gives_every_position_losses_and_gradients(
+    ultrafeedback, layout
+):
+    """`logprobs.score_buckets` (the default, 8) against the head at every position: the same
+    DIL loss and gradients (1e-5 of the largest) on real pairs in every layout."""
+    import types  # noqa: PLC0415
+
+    from dil_jax import validation  # noqa: PLC0415
+
+    data, trainer, params, ref = ultrafeedback
+    assert trainer.chunks["score_buckets"] == 8
+    every = types.SimpleNamespace(
+        model=trainer.model, family=trainer.family, chunks={**trainer.chunks, "score_buckets": 0}
+    )
+    terms = validation.loss_terms(make_tiny_config(**{"loss.name": "dil_lsif"}).loss)
+    batch = lay_out(data, np.arange(12), layout, 128)
+    want_loss, want_grads = loss_and_grads(every, terms, params, batch, ref)
+    got_loss, got_grads = loss_and_grads(trainer, terms, params, batch, ref)
+    np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-5)
+    want = jax.tree.leaves(want_grads)
+    scale = max(float(jnp.max(jnp.abs(g))) for g in want)
+    for g, w in zip(jax.tree.leaves(got_grads), want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * scale)
+
+
 def test_packed_step_accumulates_exactly(ultrafeedback):
     """The jitted train step on packed prefix-shared rows: 2 micro-batches == 1 (loss and
     gradient norm), each normalised by the real examples of the whole global batch."""
