@@ -23,10 +23,10 @@ per step, DPO (sigmoid, β = 0.1) with the reference evaluated in the step on bo
   same run, at every position too (``--score_buckets=8,0``: sides named ``packed/sb8``, ...).
 
 Rounds alternate TRL and each dil_jax layout (``--rounds`` times ``--steps`` timed steps each,
-the same steps every round, after a warm-up that compiles every shape), so machine load hits
-both alike. Printed: real
-tokens/s (both sequences of each pair, the same count for every layout and for TRL) per round
-and the median ratio to TRL.
+the same steps every round, after a warm-up that compiles every shape and runs the timed steps
+once, ``bench_layouts.time_layout``), so machine load hits both alike. Printed: real tokens/s
+(both sequences of each pair, the same count for every layout and for TRL) per round and the
+median ratio to TRL.
 """
 
 from __future__ import annotations
