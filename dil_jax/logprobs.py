@@ -29,7 +29,7 @@ in lm_head's dtype. See experiments/bench_logprobs_memory.py for the compiled me
   data-parallel shard into `[G, K]`, where K is the smallest of `score_buckets` static sizes
   (even steps up to the shard's positions) that holds the shard's count, chosen in the step by
   `lax.switch`: every size is compiled once, so no batch recompiles; log-probs are scattered
-  back afterwards. Prompts are a third to a half of UltraFeedback's pair tokens.
+  back afterwards.
 
 Both chunkings combine, and uneven sizes are handled: the token axis is padded with masked
 positions, and the last vocabulary chunk is shifted back to end at V with the columns the
@@ -287,8 +287,8 @@ _token_logps.defvjp(_token_logps_fwd, _token_logps_bwd)
 def score_sizes(positions: int, buckets: int) -> tuple[int, ...]:
     """The static numbers of scored positions the head is compiled for: `buckets` even steps
     up to `positions`, rounded up to multiples of 8 (the last one is `positions`)."""
-    sizes = {min(positions, -(-positions * i // buckets) + 7 & ~7) for i in range(1, buckets + 1)}
-    return tuple(sorted(sizes))
+    steps = (-(-positions * i // buckets) for i in range(1, buckets + 1))  # ceil(L·i/buckets)
+    return tuple(sorted({min(positions, -(-s // 8) * 8) for s in steps}))
 
 
 def _batch_groups(rows: int) -> int:
@@ -455,7 +455,7 @@ def response_logprobs(
 def chunk_settings(logprobs_config) -> dict[str, int]:
     """`config.logprobs` as the keyword arguments of `sequence_logps`."""
     keys = ("seq_chunk", "vocab_chunk", "score_buckets")
-    return {k: int(getattr(logprobs_config, k)) for k in keys}
+    return {k: int(getattr(logprobs_config, k, 0)) for k in keys}
 
 
 def sequence_logps(

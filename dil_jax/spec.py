@@ -343,7 +343,8 @@ class LoraSpec(Section):
 class LogprobsSpec(Section):
     seq_chunk: int
     vocab_chunk: int
-    score_buckets: int
+    # configs/base.py sets 8; a config written before the field existed keeps its old head.
+    score_buckets: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
